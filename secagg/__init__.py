@@ -1,0 +1,12 @@
+"""secagg: secure aggregation for federated learning.
+
+Recipes (safe defaults): :func:`secagg.aggregate`, the ``secagg.protocol`` sessions.
+Hazardous materials (building blocks): ``secagg.prg``, ``secagg.keys``, ``secagg.shamir``,
+``secagg.encoding`` -- use them only if you know why the recipes do not fit.
+"""
+
+from secagg.api import aggregate
+from secagg.result import AggregateResult
+
+__all__ = ["aggregate", "AggregateResult"]
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""The ``secagg`` command line.
+
+Each subcommand lives in its own module under ``secagg.commands`` and exposes
+``register(subparsers)``; the module is imported lazily so that ``secagg --help`` works
+with only the core installed, and a subcommand whose extra is missing says which extra
+to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (name, module, one-line help). Modules are imported only to build their parser.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "secagg.commands.demo", "run the end-to-end demo (10 hospitals, DP-SGD + secure aggregation)"),
+    ("run", "secagg.commands.run", "run a federated experiment from a TOML config"),
+    ("bench", "secagg.commands.bench", "benchmark masking or CKKS aggregation against a plain sum"),
+    ("plan", "secagg.commands.plan", "plan a privacy budget: epsilon for given noise, or noise for a target epsilon"),
+    ("report", "secagg.commands.report", "render or verify a privacy-budget ledger (HTML/JSON)"),
+    ("certs", "secagg.commands.certs", "create a CA and issue client/server certificates for mutual TLS"),
+    ("serve", "secagg.commands.serve", "run an aggregation server over gRPC with mutual TLS"),
+    ("join", "secagg.commands.join", "join a gRPC aggregation server as a client"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secagg",
+        description=(
+            "Secure aggregation for federated learning: pairwise masking (SecAgg / SecAgg+), "
+            "CKKS homomorphic encryption, DP-SGD clients and a tamper-evident privacy ledger. "
+            "Run `secagg COMMAND --help` for each command."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # an optional extra is missing, or the command is not built
+            stub = sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]")
+            stub.set_defaults(_unavailable=str(exc))
+            continue
+        module.register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "_unavailable", None):
+        print(
+            f"secagg {args.command}: unavailable ({args._unavailable}). "
+            "Install the missing extra, e.g. `pip install secagg[dp,he,grpc,fl]`.",
+            file=sys.stderr,
+        )
+        return 2
+    from secagg.errors import SecAggError
+
+    try:
+        return int(args.func(args) or 0)
+    except SecAggError as exc:
+        print(f"secagg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
