@@ -1,0 +1,122 @@
+"""Hazardous materials -- use ``secagg.protocol`` instead.
+
+Key agreement (X25519), key derivation (HKDF-SHA256 with a domain-separation label for
+every use), authenticated encryption of secret shares (AES-256-GCM) and Ed25519 identity
+signatures. Everything comes from pyca/cryptography; nothing here is hand-rolled.
+
+Every derived key carries an ``info`` label naming its purpose, the round and the pair of
+parties, so a key agreed for one purpose can never be replayed for another (a flaw of
+HKDF without ``info``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+
+from secagg.errors import InvalidShare, InvalidSignature
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+
+LABEL_PAIRWISE_MASK = b"secagg/v1/pairwise-mask"
+LABEL_SHARE_ENCRYPTION = b"secagg/v1/share-encryption"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A fresh X25519 key pair; generate a new one for every round."""
+
+    private: X25519PrivateKey
+    public_bytes: bytes
+
+    @classmethod
+    def generate(cls, seed: bytes | None = None) -> KeyPair:
+        """A new key pair from the OS CSPRNG, or from ``seed`` (tests only: 32 bytes)."""
+        raw = os.urandom(KEY_BYTES) if seed is None else seed
+        return cls.from_private_bytes(raw)
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> KeyPair:
+        private = X25519PrivateKey.from_private_bytes(raw)
+        return cls(private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+    def private_bytes(self) -> bytes:
+        return self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, context: bytes) -> bytes:
+    """X25519 then HKDF-SHA256 into a 32-byte key bound to ``label`` and ``context``."""
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:
+        raise InvalidShare("peer public key is invalid (low-order point or wrong length)") from None
+    return derive(shared, label=label, context=context)
+
+
+def derive(secret: bytes, *, label: bytes, context: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label + b"|" + context).derive(
+        secret
+    )
+
+
+def pair_context(round_id: bytes, a: int, b: int) -> bytes:
+    """Context for a key shared by parties ``a`` and ``b`` in one round (order-independent)."""
+    lo, hi = sorted((a, b))
+    return round_id + lo.to_bytes(8, "big") + hi.to_bytes(8, "big")
+
+
+def encrypt(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """AES-256-GCM with a random nonce; output is nonce || ciphertext || tag."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def decrypt(key: bytes, blob: bytes, associated_data: bytes) -> bytes:
+    """Inverse of :func:`encrypt`; any tampering raises :class:`InvalidShare` (opaque)."""
+    if len(blob) < NONCE_BYTES + 16:
+        raise InvalidShare("encrypted share is truncated")
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data)
+    except InvalidTag:
+        raise InvalidShare("encrypted share failed authentication") from None
+
+
+class IdentityKey:
+    """A party's long-term Ed25519 signing key (its protocol identity)."""
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.public_bytes = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @classmethod
+    def generate(cls, seed: bytes | None = None) -> IdentityKey:
+        raw = os.urandom(KEY_BYTES) if seed is None else seed
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> IdentityKey:
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def private_bytes(self) -> bytes:
+        return self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def sign(self, data: bytes) -> bytes:
+        return self._private.sign(data)
+
+
+def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
+    """Raise :class:`InvalidSignature` unless ``signature`` is valid; never returns a bool."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except (_CryptoInvalidSignature, ValueError):
+        raise InvalidSignature("signature does not verify") from None

@@ -1,0 +1,213 @@
+"""Versioned, schema-checked, size-limited messages. No pickle.
+
+Every message that crosses a trust boundary is a frozen dataclass registered here with a
+stable ``TYPE`` name. On the wire it is a msgpack array::
+
+    [MAGIC, WIRE_VERSION, TYPE, {field: value, ...}]
+
+and, when it matters who sent it, wrapped in a signed envelope::
+
+    [MAGIC, WIRE_VERSION, "signed", sender_id, payload_bytes, ed25519_signature]
+
+Compatibility rule: the meaning of an existing field never changes. A new field, or a
+new meaning, is a new message ``TYPE`` or a new ``WIRE_VERSION``; decoders reject
+versions they do not know instead of guessing.
+
+Decoding checks, before anything else sees the data: the total size, the magic and
+version, that the type is known, that exactly the declared fields are present, and that
+each field has its declared type and stays within its declared size. Any failure is a
+:class:`~secagg.errors.WireError`, never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from secagg.errors import InvalidSignature, WireError
+from secagg.keys import IdentityKey, verify_signature
+
+MAGIC = "secagg"
+WIRE_VERSION = 1
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # largest message a decoder accepts unless told otherwise
+MAX_FIELD_BYTES = 64 * 1024 * 1024 * 4  # per bytes-field upper bound (a 2^26-parameter uint32 vector)
+MAX_COLLECTION = 1 << 20  # largest tuple / mapping a field may hold
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+M = TypeVar("M", bound="Message")
+
+
+class Message:
+    """Base of every wire message. Subclasses are frozen dataclasses with a ``TYPE``."""
+
+    TYPE: ClassVar[str] = ""
+    # Optional per-field byte limits (bytes fields and bytes values inside mappings).
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {}
+
+
+def message(cls: type[M]) -> type[M]:
+    """Class decorator: make ``cls`` a frozen, slotted dataclass and register its TYPE."""
+    if not cls.TYPE:
+        raise TypeError(f"{cls.__name__} needs a TYPE name")
+    if cls.TYPE in _REGISTRY:
+        raise TypeError(f"message TYPE {cls.TYPE!r} registered twice")
+    dc = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    _REGISTRY[cls.TYPE] = dc
+    return dc
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a registered message (unsigned)."""
+    if type(msg).TYPE not in _REGISTRY:
+        raise WireError(f"{type(msg).__name__} is not a registered wire message")
+    body = {f.name: _to_wire(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    return msgpack.packb([MAGIC, WIRE_VERSION, type(msg).TYPE, body], use_bin_type=True)
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expect: type[M] | None = None) -> M:
+    """Parse and schema-check one unsigned message."""
+    items = _unpack_frame(data, max_bytes)
+    if len(items) != 4:
+        raise WireError("malformed message frame: expected [magic, version, type, body]")
+    _, _, type_name, body = items
+    cls = _REGISTRY.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {type_name!r}; is the peer running a newer version?")
+    if expect is not None and cls is not expect:
+        raise WireError(f"expected a {expect.TYPE!r} message, got {type_name!r}")
+    if not isinstance(body, dict):
+        raise WireError(f"{type_name}: body must be a mapping")
+    return _build(cls, body)  # type: ignore[return-value]
+
+
+def seal(msg: Message, sender_id: int, identity: IdentityKey) -> bytes:
+    """Serialise ``msg`` and sign it with the sender's Ed25519 identity key."""
+    payload = encode(msg)
+    signature = identity.sign(_signed_bytes(sender_id, payload))
+    return msgpack.packb([MAGIC, WIRE_VERSION, "signed", sender_id, payload, signature], use_bin_type=True)
+
+
+def open_sealed(
+    data: bytes,
+    public_key_of: Callable[[int], bytes | None],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    expect: type[M] | None = None,
+) -> tuple[int, M]:
+    """Verify a sealed message and return ``(sender_id, message)``.
+
+    ``public_key_of(sender_id)`` returns the raw Ed25519 public key registered for that
+    sender, or None for an unknown sender. Unsigned, unknown-sender and badly signed
+    messages are all refused.
+    """
+    items = _unpack_frame(data, max_bytes)
+    if len(items) != 6 or items[2] != "signed":
+        raise InvalidSignature("message is not signed; every protocol message must be sealed")
+    _, _, _, sender_id, payload, signature = items
+    if type(sender_id) is not int or not isinstance(payload, bytes) or not isinstance(signature, bytes):
+        raise WireError("malformed signed envelope")
+    public_key = public_key_of(sender_id)
+    if public_key is None:
+        raise InvalidSignature(f"message signed by unknown party {sender_id}; register its identity key first")
+    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
+    return sender_id, decode(payload, max_bytes=max_bytes, expect=expect)
+
+
+def _signed_bytes(sender_id: int, payload: bytes) -> bytes:
+    return b"secagg/v1/envelope|" + sender_id.to_bytes(8, "big", signed=True) + payload
+
+
+def _unpack_frame(data: bytes, max_bytes: int) -> list:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(
+            f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit; "
+            "send large vectors in chunks or raise the limit on both sides"
+        )
+    try:
+        items = msgpack.unpackb(
+            bytes(data), raw=False, strict_map_key=False, use_list=True,
+            max_buffer_size=max_bytes, max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"malformed message: {type(exc).__name__}") from None
+    if not isinstance(items, list) or len(items) < 3 or items[0] != MAGIC:
+        raise WireError("not a secagg message (bad magic)")
+    if items[1] != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {items[1]!r}; this build speaks version {WIRE_VERSION}")
+    return items
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
+def _build(cls: type[Message], body: dict) -> Message:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if set(body) != set(names):
+        missing = sorted(set(names) - set(body))
+        extra = sorted(map(str, set(body) - set(names)))
+        raise WireError(f"{cls.TYPE}: schema mismatch (missing {missing}, unexpected {extra})")
+    limits = cls.FIELD_LIMITS
+    values = {}
+    for name in names:
+        values[name] = _check(body[name], hints[name], f"{cls.TYPE}.{name}", limits.get(name, MAX_FIELD_BYTES))
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # __post_init__ invariants
+        raise WireError(f"{cls.TYPE}: {exc}") from None
+
+
+def _check(value: Any, hint: Any, where: str, limit: int) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is int:
+        if type(value) is not int:
+            raise WireError(f"{where}: expected int, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if type(value) not in (float, int):
+            raise WireError(f"{where}: expected float, got {type(value).__name__}")
+        return float(value)
+    if hint is bool:
+        if type(value) is not bool:
+            raise WireError(f"{where}: expected bool, got {type(value).__name__}")
+        return value
+    if hint is str:
+        if not isinstance(value, str) or len(value) > 4096:
+            raise WireError(f"{where}: expected a string of at most 4096 characters")
+        return value
+    if hint is bytes:
+        if not isinstance(value, bytes):
+            raise WireError(f"{where}: expected bytes, got {type(value).__name__}")
+        if len(value) > limit:
+            raise WireError(f"{where}: {len(value)} bytes exceeds the {limit}-byte field limit")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected a sequence")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0], f"{where}[]", limit) for v in value)
+        if len(value) != len(args):
+            raise WireError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_check(v, a, f"{where}[{i}]", limit) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected a mapping")
+        key_hint, value_hint = args
+        return {
+            _check(k, key_hint, f"{where} key", limit): _check(v, value_hint, f"{where}[{k!r}]", limit)
+            for k, v in value.items()
+        }
+    raise TypeError(f"{where}: unsupported field type {hint!r} in a wire schema")
