@@ -133,7 +133,7 @@ def _unpack_frame(data: bytes, max_bytes: int) -> list:
     try:
         items = msgpack.unpackb(
             bytes(data), raw=False, strict_map_key=False, use_list=True,
-            max_buffer_size=max_bytes, max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
+            max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed message: {type(exc).__name__}") from None
