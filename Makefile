@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := dp,he,grpc,fl,dev
+EXTRAS := dp,he,grpc,fl,dev,ray
 
 .PHONY: install demo test test-slow bench clean
 
