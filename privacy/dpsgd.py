@@ -1,0 +1,319 @@
+"""DP-SGD client training with Opacus.
+
+Two entry points:
+
+* :func:`make_private` wraps a user's model, optimizer and data loader (Opacus
+  ``PrivacyEngine``: Poisson sampling, per-sample clipping, Gaussian noise) and returns a
+  :class:`PrivateTraining` with named fields -- never a tuple whose arity depends on a flag.
+  The returned objects act like their non-private counterparts; using any other model,
+  optimizer or data loader for training invalidates the stated guarantee.
+* :func:`train_private` runs one client's local training (e.g. one federated round) and
+  returns :class:`TrainStats`, including the record-level privacy event to put in a ledger.
+
+Models are checked with Opacus ``ModuleValidator`` first: BatchNorm mixes examples of a
+batch, so per-example gradients (and the guarantee) would be wrong. We refuse such a model
+with a clear error, or, with ``fix_model=True``, replace BatchNorm by GroupNorm (and
+rebuild the optimizer over the new parameters).
+
+Device: ``device="cpu"``, ``"cuda"`` (refused with a clear error when no GPU is present) or
+``"auto"`` (``cuda`` when available, else ``cpu``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from secagg.errors import ConfigError
+from privacy._checks import (
+    check_delta,
+    check_noise_multiplier,
+    check_positive,
+    check_positive_int,
+)
+from privacy.accountant import AccountantName, epsilon_of_events
+from privacy.events import SampledGaussianEvent, dpsgd_event
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda when available; ``"cuda"`` without a GPU -> ConfigError."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name!r} was asked for but no CUDA GPU is available; "
+            "use device='cpu' or device='auto'"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return dev
+
+
+def validate_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
+    """Check ``model`` is DP-SGD compatible; with ``fix=True`` return a repaired copy.
+
+    Raises :class:`ConfigError` listing every incompatible layer and why.
+    """
+    from opacus.validators import ModuleValidator
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model
+    if fix:
+        fixed = ModuleValidator.fix(model)
+        remaining = ModuleValidator.validate(fixed, strict=False)
+        if not remaining:
+            return fixed
+        errors = remaining
+    lines = "\n".join(f"  - {e}" for e in errors)
+    hint = (
+        "" if fix else
+        " Pass fix_model=True to replace BatchNorm by GroupNorm automatically, or change the model."
+    )
+    raise ConfigError(
+        f"model is not compatible with DP-SGD ({len(errors)} problem(s)): per-example gradients "
+        f"must not depend on other examples of the batch.{hint}\n{lines}"
+    )
+
+
+@dataclass
+class PrivateTraining:
+    """What :func:`make_private` returns. Train with exactly these objects."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data_loader: DataLoader
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    dataset_size: int
+    device: torch.device
+    privacy_engine: Any = field(repr=False)
+
+    @property
+    def steps(self) -> int:
+        """Number of noisy optimizer steps taken so far (not compressed runs)."""
+        return sum(int(n) for _, _, n in self.privacy_engine.accountant.history)
+
+    def event(self) -> SampledGaussianEvent:
+        """Record-level privacy event of all steps taken so far."""
+        return dpsgd_event(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            steps=self.steps, max_grad_norm=self.max_grad_norm,
+        )
+
+    def epsilon(self, delta: float, *, accountant: AccountantName = "prv") -> float:
+        """Record-level epsilon spent so far at ``delta`` (checks ``delta < 1/n``)."""
+        delta = check_delta(delta, dataset_size=self.dataset_size)
+        return epsilon_of_events([self.event()], delta=delta, accountant=accountant)
+
+    def close(self) -> None:
+        """Remove Opacus hooks so the underlying model can be reused (e.g. next round)."""
+        remove = getattr(self.model, "remove_hooks", None)
+        if callable(remove):
+            try:
+                remove()
+            except ValueError:
+                pass  # already removed
+        inner = getattr(self.model, "_module", self.model)
+        for p in inner.parameters():
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+            p.grad = None
+
+
+def _dataset_size(data_loader: DataLoader) -> int:
+    try:
+        return len(data_loader.dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ConfigError(
+            "data_loader.dataset must have a length (a map-style dataset): Poisson sampling "
+            "needs the number of records"
+        ) from exc
+
+
+def make_private(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    device: str | torch.device = "cpu",
+    secure_mode: bool = False,
+    fix_model: bool = False,
+    poisson_sampling: bool = True,
+    grad_sample_mode: str = "hooks",
+) -> PrivateTraining:
+    """Wrap ``model``, ``optimizer`` and ``data_loader`` for DP-SGD with Opacus.
+
+    Cross-checks before wrapping: the optimizer must optimize exactly the model's
+    parameters; the model must pass ``ModuleValidator`` (or ``fix_model=True``).
+
+    ``secure_mode=True`` makes Opacus draw noise from a CSPRNG (needs ``torchcsprng``);
+    without it the noise comes from torch's default generator, fine for experiments only.
+    """
+    noise_multiplier = check_noise_multiplier(noise_multiplier)
+    max_grad_norm = check_positive(max_grad_norm, name="max_grad_norm")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(data_loader, DataLoader):
+        raise ConfigError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    dev = resolve_device(device)
+
+    model_params = {id(p) for p in model.parameters() if p.requires_grad}
+    opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if model_params != opt_params:
+        raise ConfigError(
+            "the optimizer does not optimize exactly the model's trainable parameters; build it "
+            "as optimizer = SGD(model.parameters(), ...) for this model"
+        )
+    checked = validate_model(model, fix=fix_model)
+    if checked is not model:  # BatchNorm was replaced: the optimizer must follow the new params
+        defaults = {k: v for k, v in optimizer.defaults.items() if k != "params"}
+        optimizer = type(optimizer)(checked.parameters(), **defaults)
+        model = checked
+    model.to(dev)
+    n = _dataset_size(data_loader)
+    if n == 0:
+        raise ConfigError("data_loader.dataset is empty; a client needs at least one record")
+
+    from opacus import PrivacyEngine
+
+    try:
+        engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
+    except ImportError as exc:
+        raise ConfigError(
+            "secure_mode=True needs the torchcsprng package, which is not installed; install it "
+            "or use secure_mode=False for experiments"
+        ) from exc
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+        p_model, p_opt, p_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson_sampling,
+            grad_sample_mode=grad_sample_mode,
+        )
+    if not secure_mode:
+        warnings.warn(
+            "DP-SGD noise comes from torch's default (non-cryptographic) generator: fine for "
+            "experiments; use secure_mode=True before production",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    batch_size = data_loader.batch_size or 1
+    sample_rate = 1.0 / len(p_loader) if poisson_sampling else min(1.0, batch_size / n)
+    return PrivateTraining(
+        model=p_model, optimizer=p_opt, data_loader=p_loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        sample_rate=float(sample_rate), dataset_size=n, device=dev, privacy_engine=engine,
+    )
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Result of :func:`train_private` (one client's local training)."""
+
+    epochs: int
+    steps: int
+    samples: int
+    mean_loss: float
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    dataset_size: int
+    device: str
+    seconds: float
+    event: SampledGaussianEvent
+    epsilon: float | None = None
+    delta: float | None = None
+
+
+def train_private(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    device: str | torch.device = "cpu",
+    momentum: float = 0.0,
+    delta: float | None = None,
+    accountant: AccountantName = "prv",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    secure_mode: bool = False,
+    fix_model: bool = False,
+) -> TrainStats:
+    """Train ``model`` in place with DP-SGD (SGD optimizer) for ``epochs`` epochs.
+
+    The model's parameters are updated in place and Opacus hooks are removed afterwards,
+    so the same model can be trained again next round. ``loader`` yields ``(x, y)``
+    batches; ``loss_fn`` defaults to cross-entropy. With ``delta`` the record-level
+    epsilon of this call is computed by ``accountant``. Not compatible with
+    ``fix_model=True`` when the caller needs its own model object updated (the fixed
+    model is a copy); fix the model beforehand with :func:`validate_model`.
+    """
+    epochs = check_positive_int(epochs, name="epochs")
+    lr = check_positive(lr, name="lr")
+    if delta is not None:
+        delta = check_delta(delta, dataset_size=_dataset_size(loader))
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*default \\(non-cryptographic\\).*")
+        private = make_private(
+            model=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, device=device,
+            secure_mode=secure_mode, fix_model=fix_model,
+        )
+    start = time.perf_counter()
+    total_loss, samples = 0.0, 0
+    try:
+        private.model.train()
+        for _ in range(epochs):
+            for x, y in private.data_loader:
+                x, y = x.to(private.device), y.to(private.device)
+                private.optimizer.zero_grad(set_to_none=True)
+                if len(x) == 0:  # Poisson sampling can draw an empty batch; still a DP step
+                    out = private.model(x)
+                    loss = loss_fn(out, y) if out.numel() else out.sum()
+                else:
+                    out = private.model(x)
+                    loss = loss_fn(out, y)
+                    total_loss += float(loss.detach()) * len(x)
+                    samples += len(x)
+                loss.backward()
+                private.optimizer.step()
+        event = private.event()
+    finally:
+        private.close()
+    eps = (
+        epsilon_of_events([event], delta=delta, accountant=accountant)
+        if delta is not None else None
+    )
+    return TrainStats(
+        epochs=epochs, steps=event.steps, samples=samples,
+        mean_loss=total_loss / max(samples, 1), sample_rate=private.sample_rate,
+        noise_multiplier=private.noise_multiplier, max_grad_norm=private.max_grad_norm,
+        dataset_size=private.dataset_size, device=str(private.device),
+        seconds=time.perf_counter() - start, event=event, epsilon=eps, delta=delta,
+    )
