@@ -1,0 +1,306 @@
+"""Certificates for mutual TLS, and the binding of a client's TLS identity to its protocol key.
+
+Theory of operation
+-------------------
+One deployment has one certificate authority (CA). The CA signs
+
+* a **server certificate** (EKU serverAuth, DNS/IP subject alternative names), and
+* one **client certificate** per client (EKU clientAuth).
+
+TLS keys are ECDSA P-256 (supported by every TLS stack gRPC links against). The protocol
+identity of a party is a *separate* Ed25519 key (:class:`secagg.keys.IdentityKey`) that
+signs every protocol message (:func:`secagg.wire.seal`). The CA binds the two by writing
+the protocol identity into the client certificate as a URI subject alternative name::
+
+    secagg://client/<client_id>/ed25519/<64 hex digits of the raw Ed25519 public key>
+
+Because the CA signed that URI, a server that accepted the TLS handshake learns from the
+peer certificate alone both *which client id* is on the connection and *which Ed25519
+key* must have signed every message that claims that id. The server keeps no separate
+key registry: a sealed message whose sender id differs from the certificate's id, or
+whose signature does not verify under the certificate's key, is refused (identity
+mismatch). The full public key is embedded (not a fingerprint) so no hash is trusted and
+the server needs nothing else to verify signatures.
+
+The server certificate carries ``secagg://server/ed25519/<hex>`` in the same way, so
+clients can verify server-signed protocol messages against the key the CA vouched for.
+
+Files (PEM; private keys are written with mode 0600)::
+
+    CA_DIR/ca.pem  CA_DIR/ca.key                       -- ca.key never leaves the CA host
+    CA_DIR/server/{ca.pem, tls.pem, tls.key, identity.key}
+    CA_DIR/client-<id>/{ca.pem, tls.pem, tls.key, identity.key}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from secagg.errors import ConfigError, InvalidSignature
+from secagg.keys import IdentityKey
+
+CLIENT_URI = re.compile(r"^secagg://client/(?P<id>0|[1-9][0-9]{0,17})/ed25519/(?P<key>[0-9a-f]{64})$")
+SERVER_URI = re.compile(r"^secagg://server/ed25519/(?P<key>[0-9a-f]{64})$")
+DEFAULT_DAYS = 365
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who is on the other end of a TLS connection, as vouched for by the CA."""
+
+    role: str  # "client" or "server"
+    client_id: int | None
+    identity_public_key: bytes  # raw Ed25519 public key (32 bytes)
+    subject: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """PEM material one party needs for mutual TLS plus its protocol identity key."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    identity: IdentityKey
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Credentials:
+        """Load ``ca.pem``, ``tls.pem``, ``tls.key`` and ``identity.key`` from ``directory``."""
+        d = Path(directory)
+        missing = [n for n in ("ca.pem", "tls.pem", "tls.key", "identity.key") if not (d / n).is_file()]
+        if missing:
+            raise ConfigError(
+                f"credential directory {d} lacks {', '.join(missing)}; create it with "
+                "`secagg certs issue` (clients) or `secagg certs issue --server` (server)"
+            )
+        return cls(
+            ca_pem=(d / "ca.pem").read_bytes(),
+            cert_pem=(d / "tls.pem").read_bytes(),
+            key_pem=(d / "tls.key").read_bytes(),
+            identity=load_identity_key(d / "identity.key"),
+        )
+
+    def check_binding(self) -> PeerIdentity:
+        """Verify that ``identity.key`` is the key the certificate binds; raise otherwise."""
+        peer = identity_from_cert(x509.load_pem_x509_certificate(self.cert_pem))
+        if peer.identity_public_key != self.identity.public_bytes:
+            raise ConfigError(
+                "identity.key does not match the Ed25519 key bound in tls.pem; "
+                "re-issue the certificate or use the identity key it was issued for"
+            )
+        return peer
+
+
+# --------------------------------------------------------------------------- key files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _pem_private(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_identity_key(path: str | os.PathLike) -> IdentityKey:
+    """Load an Ed25519 protocol identity key from a PKCS#8 PEM file."""
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 private key")
+    return IdentityKey(key)
+
+
+def _identity_pem(identity: IdentityKey) -> bytes:
+    return _pem_private(ed25519.Ed25519PrivateKey.from_private_bytes(identity.private_bytes()))
+
+
+# --------------------------------------------------------------------------- CA
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def init_ca(directory: str | os.PathLike, *, name: str = "secagg CA", days: int = 3650, force: bool = False) -> Path:
+    """Create a CA key and self-signed certificate in ``directory``; return the cert path."""
+    d = Path(directory)
+    if (d / "ca.key").exists() and not force:
+        raise ConfigError(f"{d / 'ca.key'} exists; refusing to overwrite a CA (pass --force to replace it)")
+    d.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(d / "ca.key", _pem_private(key))
+    (d / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return d / "ca.pem"
+
+
+def _load_ca(directory: Path):
+    try:
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ConfigError(f"no CA in {directory}; run `secagg certs init --dir {directory}` first") from None
+    return cert, key
+
+
+def issue(
+    ca_dir: str | os.PathLike,
+    *,
+    client_id: int | None = None,
+    server: bool = False,
+    dns: tuple[str, ...] = ("localhost",),
+    ips: tuple[str, ...] = ("127.0.0.1",),
+    out: str | os.PathLike | None = None,
+    days: int = DEFAULT_DAYS,
+    identity: IdentityKey | None = None,
+    force: bool = False,
+) -> Path:
+    """Issue a client (``client_id``) or server (``server=True``) certificate bundle.
+
+    Writes ``ca.pem``, ``tls.pem``, ``tls.key`` and ``identity.key`` into ``out``
+    (default ``CA_DIR/client-<id>`` or ``CA_DIR/server``) and returns that directory. A fresh
+    Ed25519 identity is generated unless ``identity`` is given.
+    """
+    if server == (client_id is not None):
+        raise ConfigError("issue either a client certificate (CLIENT_ID) or a server certificate (--server)")
+    if client_id is not None and not (0 <= client_id < 10**18):
+        raise ConfigError(f"client id must be a non-negative integer below 10^18, got {client_id}")
+    d_ca = Path(ca_dir)
+    ca_cert, ca_key = _load_ca(d_ca)
+    target = Path(out) if out is not None else d_ca / ("server" if server else f"client-{client_id}")
+    if (target / "tls.key").exists() and not force:
+        raise ConfigError(f"{target} already holds credentials; pass --force to replace them")
+    target.mkdir(parents=True, exist_ok=True)
+    identity = identity or IdentityKey.generate()
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub_hex = identity.public_bytes.hex()
+    if server:
+        cn = f"secagg server {dns[0] if dns else ips[0]}"
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+        for ip in ips:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise ConfigError(f"--ip {ip!r} is not an IP address") from None
+        names.append(x509.UniformResourceIdentifier(f"secagg://server/ed25519/{pub_hex}"))
+        eku = ExtendedKeyUsageOID.SERVER_AUTH
+    else:
+        cn = f"secagg client {client_id}"
+        names = [x509.UniformResourceIdentifier(f"secagg://client/{client_id}/ed25519/{pub_hex}")]
+        eku = ExtendedKeyUsageOID.CLIENT_AUTH
+    if not names:
+        raise ConfigError("a server certificate needs at least one --dns name or --ip address")
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(target / "tls.key", _pem_private(key))
+    _write_private(target / "identity.key", _identity_pem(identity))
+    return target
+
+
+# --------------------------------------------------------------------------- peer identity
+
+
+def identity_from_cert(cert: x509.Certificate) -> PeerIdentity:
+    """Read the CA-vouched protocol identity from a (chain-verified) certificate.
+
+    Call this only on a certificate the TLS layer already verified against the CA: it
+    checks the binding, not the signature chain. Raises :class:`InvalidSignature` when
+    the certificate carries no (or more than one) secagg identity.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    found = []
+    for uri in uris:
+        m = CLIENT_URI.match(uri)
+        if m:
+            found.append(("client", int(m["id"]), bytes.fromhex(m["key"])))
+            continue
+        m = SERVER_URI.match(uri)
+        if m:
+            found.append(("server", None, bytes.fromhex(m["key"])))
+    if len(found) != 1:
+        raise InvalidSignature(
+            "certificate does not bind exactly one secagg protocol identity "
+            "(expected one secagg://client/<id>/ed25519/<hex> or secagg://server/ed25519/<hex> URI)"
+        )
+    role, cid, key = found[0]
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise InvalidSignature("certificate has no extended key usage") from None
+    wanted = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    if wanted not in eku:
+        raise InvalidSignature(f"a {role} identity in a certificate without the {role}Auth key usage")
+    return PeerIdentity(role=role, client_id=cid, identity_public_key=key, subject=cert.subject.rfc4514_string())
+
+
+def identity_from_pem(pem: bytes) -> PeerIdentity:
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise InvalidSignature("peer certificate could not be parsed") from None
+    return identity_from_cert(cert)

@@ -1,0 +1,153 @@
+"""Transport frames: what travels on one gRPC stream between a client and the server.
+
+Every gRPC message on the stream is one :mod:`secagg.wire` message of a ``transport.*``
+type (schema-checked, versioned, no pickle). Protocol payloads -- the sealed messages the
+protocol sessions produce and consume -- are opaque bytes to the transport and travel as
+a sequence of :class:`Chunk` frames, so a 100 MB masked update never has to fit in one
+gRPC message and the per-message limit (``grpc.max_receive_message_length``) stays small.
+
+Rules the receiver enforces (a violation is a :class:`~secagg.errors.WireError` and the
+peer is dropped): chunk sequence numbers strictly increase, chunks of one payload arrive
+in order, a payload never exceeds ``max_message_bytes``, and a payload has at most
+``max_message_bytes // chunk_bytes + 1`` chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from secagg import wire
+from secagg.errors import WireError
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per gRPC message
+FRAME_OVERHEAD = 1 << 12  # msgpack framing around a chunk
+SERVICE = "secagg.v1.Aggregation"
+METHOD = f"/{SERVICE}/Session"
+
+
+@wire.message
+class Hello(wire.Message):
+    """First frame from a client, sealed with its identity key: proves the key on this connection."""
+
+    TYPE = "transport.hello"
+    client_id: int
+    software: str
+
+
+@wire.message
+class RoundStart(wire.Message):
+    """Server -> client: a round begins; ``params`` is the encoded mode-specific configuration."""
+
+    TYPE = "transport.round_start"
+    round: int
+    mode: str
+    params: bytes
+    FIELD_LIMITS = {"params": 1 << 20}
+
+
+@wire.message
+class Chunk(wire.Message):
+    """One piece of an opaque protocol payload (either direction)."""
+
+    TYPE = "transport.chunk"
+    seq: int
+    index: int
+    count: int
+    data: bytes
+
+
+@wire.message
+class RoundEnd(wire.Message):
+    """Server -> client: the round finished (or failed); carries the released aggregate."""
+
+    TYPE = "transport.round_end"
+    round: int
+    ok: bool
+    reason: str
+    total: bytes  # little-endian float64 vector; empty if the round failed
+    included: tuple[int, ...]
+
+
+@wire.message
+class Dropped(wire.Message):
+    """Server -> client: you were dropped from the current round (and why)."""
+
+    TYPE = "transport.dropped"
+    round: int
+    reason: str
+
+
+@wire.message
+class Bye(wire.Message):
+    """Server -> client: no more rounds; close the stream."""
+
+    TYPE = "transport.bye"
+    reason: str
+
+
+def chunk_payload(payload: bytes, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+    """Split ``payload`` into encoded :class:`Chunk` frames."""
+    count = max(1, -(-len(payload) // chunk_bytes))
+    view = memoryview(payload)
+    return [
+        wire.encode(Chunk(seq=seq, index=i, count=count, data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes])))
+        for i in range(count)
+    ]
+
+
+@dataclass
+class Reassembler:
+    """Rebuild payloads from :class:`Chunk` frames, enforcing order and size limits."""
+
+    max_message_bytes: int
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    _seq: int = -1
+    _parts: list[bytes] = field(default_factory=list)
+    _count: int = 0
+    _size: int = 0
+
+    def feed(self, chunk: Chunk) -> bytes | None:
+        """Add one chunk; return the complete payload when its last chunk arrived."""
+        max_chunks = self.max_message_bytes // self.chunk_bytes + 1
+        if not self._parts:
+            if chunk.seq <= self._seq:
+                raise WireError(f"chunk sequence {chunk.seq} is not newer than {self._seq} (replayed payload?)")
+            if chunk.index != 0 or not (1 <= chunk.count <= max_chunks):
+                raise WireError(f"payload must start at chunk 0 and have 1..{max_chunks} chunks")
+            self._seq, self._count, self._size = chunk.seq, chunk.count, 0
+        elif chunk.seq != self._seq or chunk.index != len(self._parts) or chunk.count != self._count:
+            raise WireError("chunks arrived out of order or interleaved")
+        if len(chunk.data) > self.chunk_bytes:
+            raise WireError(f"chunk of {len(chunk.data)} bytes exceeds the {self.chunk_bytes}-byte chunk size")
+        self._size += len(chunk.data)
+        if self._size > self.max_message_bytes:
+            raise WireError(f"payload exceeds the {self.max_message_bytes}-byte message limit")
+        self._parts.append(chunk.data)
+        if len(self._parts) < self._count:
+            return None
+        payload = b"".join(self._parts)
+        self._parts = []
+        return payload
+
+
+@dataclass
+class TokenBucket:
+    """Simple rate limiter: ``rate`` tokens per second, at most ``burst`` saved up."""
+
+    rate: float
+    burst: float
+    clock: object = time.monotonic
+    _tokens: float = -1.0
+    _last: float = 0.0
+
+    def take(self, n: float = 1.0) -> bool:
+        now = self.clock()  # type: ignore[operator]
+        if self._tokens < 0:
+            self._tokens, self._last = self.burst, now
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        return True

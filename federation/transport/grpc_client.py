@@ -1,0 +1,149 @@
+"""gRPC client with mutual TLS (asyncio): one stream to the server, one protocol session per round.
+
+The client presents its CA-issued certificate, sends a :class:`Hello` sealed by its Ed25519
+identity key, then for every ``RoundStart`` builds the mode's :class:`ClientRound` from the
+parameters and its input vector, hands it every payload the server sends, and streams the
+sealed replies back in chunks. A round the client cannot take part in (its session raised,
+e.g. because the server misbehaved) is abandoned; the client waits for the next one.
+
+Many clients can share one event loop (the load benchmark does): each has its own channel,
+TLS connection and subchannel pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from federation.transport import frames
+from federation.transport.certs import Credentials
+from federation.transport.frames import Bye, Chunk, Dropped, Hello, Reassembler, RoundEnd, RoundStart
+from federation.transport.rounds import get_mode
+from secagg import __version__, wire
+from secagg.errors import SecAggError
+
+log = logging.getLogger("secagg.client")
+
+
+@dataclass
+class ClientSettings:
+    server: str = "localhost:50051"
+    server_name: str | None = None  # TLS name to check when `server` is an address not in the cert
+    chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = 256 << 20
+    connect_timeout: float = 30.0
+
+
+@dataclass
+class ClientReport:
+    """What one client saw: the released aggregate per round, and rounds it was dropped from."""
+
+    client_id: int
+    rounds: dict[int, np.ndarray | None] = field(default_factory=dict)
+    included: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    bye: str = ""
+
+
+def channel_options(settings: ClientSettings) -> list[tuple[str, object]]:
+    frame_limit = settings.chunk_bytes + frames.FRAME_OVERHEAD
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", frame_limit),
+        ("grpc.max_send_message_length", frame_limit),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.enable_retries", 0),
+    ]
+    if settings.server_name:
+        opts.append(("grpc.ssl_target_name_override", settings.server_name))
+    return opts
+
+
+def secure_channel(settings: ClientSettings, credentials: Credentials) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=credentials.ca_pem,
+        private_key=credentials.key_pem,
+        certificate_chain=credentials.cert_pem,
+    )
+    return grpc.aio.secure_channel(settings.server, creds, options=channel_options(settings))
+
+
+async def run_client(
+    settings: ClientSettings,
+    credentials: Credentials,
+    input_for_round: Callable[[int], np.ndarray],
+    *,
+    client_id: int | None = None,
+    on_round_end: Callable[[int, np.ndarray | None], None] | None = None,
+) -> ClientReport:
+    """Connect, take part in rounds until the server says goodbye, return what was released."""
+    peer = credentials.check_binding()
+    cid = peer.client_id if client_id is None else client_id
+    if cid is None:
+        raise SecAggError("the credentials are a server's, not a client's")
+    report = ClientReport(cid)
+    reassembler = Reassembler(settings.max_message_bytes, settings.chunk_bytes)
+    seq = 0
+    session = None
+    current = -1
+    async with secure_channel(settings, credentials) as channel:
+        await asyncio.wait_for(channel.channel_ready(), settings.connect_timeout)
+        call = channel.stream_stream(frames.METHOD)()
+        await call.write(wire.seal(Hello(client_id=cid, software=f"secagg {__version__}"), cid, credentials.identity))
+        while True:
+            data = await call.read()
+            if data is grpc.aio.EOF:
+                break
+            frame = wire.decode(data, max_bytes=settings.chunk_bytes + frames.FRAME_OVERHEAD)
+            if isinstance(frame, RoundStart):
+                current = frame.round
+                try:
+                    session = get_mode(frame.mode).client(
+                        frame.round, frame.params, cid, credentials.identity, input_for_round(frame.round)
+                    )
+                except SecAggError as exc:
+                    log.error("client %d: cannot take part in round %d: %s", cid, frame.round, exc)
+                    report.failed[frame.round] = str(exc)
+                    session = None
+            elif isinstance(frame, Chunk):
+                payload = reassembler.feed(frame)
+                if payload is None or session is None:
+                    continue
+                try:
+                    reply = session.receive(payload)
+                except SecAggError as exc:
+                    log.error("client %d: abandoning round %d: %s", cid, current, exc)
+                    report.failed[current] = f"{type(exc).__name__}: {exc}"
+                    session = None
+                    continue
+                if reply is not None:
+                    seq += 1
+                    for f in frames.chunk_payload(reply, seq, settings.chunk_bytes):
+                        await call.write(f)
+            elif isinstance(frame, RoundEnd):
+                total = np.frombuffer(frame.total, dtype="<f8").copy() if frame.ok and frame.total else None
+                if frame.ok:
+                    report.rounds[frame.round] = total
+                    report.included[frame.round] = frame.included
+                else:
+                    report.failed[frame.round] = frame.reason
+                session = None
+                if on_round_end is not None:
+                    on_round_end(frame.round, total)
+            elif isinstance(frame, Dropped):
+                log.warning("client %d: dropped from round %d: %s", cid, frame.round, frame.reason)
+                report.dropped[frame.round] = frame.reason
+                session = None
+            elif isinstance(frame, Bye):
+                report.bye = frame.reason
+                break
+        try:
+            await call.done_writing()
+        except Exception:
+            pass
+    return report

@@ -1,0 +1,461 @@
+"""gRPC aggregation server with mutual TLS (asyncio).
+
+Theory of operation
+-------------------
+One bidirectional stream per client (``/secagg.v1.Aggregation/Session``; a generic
+handler with bytes in and out, so no protoc step). Every gRPC message on it is one
+``transport.*`` frame (:mod:`federation.transport.frames`).
+
+1. TLS: the server only listens on a secure port created with
+   ``require_client_auth=True`` and the deployment's CA as the only root, so a client
+   without a certificate, or with one from another CA, fails the handshake and never
+   reaches this code. There is no plaintext port.
+2. Identity: the client certificate names the client id and its Ed25519 protocol key
+   (:mod:`federation.transport.certs`). The first frame must be a :class:`Hello` sealed
+   by that key and naming that id; every protocol payload must be sealed the same way.
+   Anything else is an identity mismatch and the stream is closed.
+3. Rounds: the coordinator waits for clients, builds the round's :class:`ServerRound`
+   (a sans-IO protocol session behind :mod:`federation.transport.rounds`), sends each
+   participant ``RoundStart`` and its payload, and closes each stage when every awaited
+   client answered or ``stage_timeout`` passed. A client that did not answer in time,
+   disconnected, or sent something invalid is a dropout of that round; the reason is
+   logged (logger ``secagg.server``). The round completes when the protocol can still
+   finish (at least ``threshold`` survivors), else it is reported as failed.
+4. Abuse: frames are capped by ``grpc.max_receive_message_length``; payloads by
+   ``max_message_bytes`` (chunks reassembled in order); each stream has a token-bucket
+   frame rate limit and a cap on messages outside the current stage; one stream per
+   client id; at most ``max_connections`` streams. A violating client is dropped and its
+   stream closed; the server and the round go on.
+
+The coordinator never blocks the event loop on I/O; protocol work (``receive`` /
+``close_stage``) runs inline because it is CPU work on bytes already in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from federation.transport import frames
+from federation.transport.certs import Credentials, identity_from_pem
+from federation.transport.frames import Bye, Chunk, Dropped, Hello, Reassembler, RoundEnd, RoundStart, TokenBucket
+from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
+from secagg import wire
+from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
+from secagg.keys import verify_signature
+
+log = logging.getLogger("secagg.server")
+
+
+@dataclass
+class ServerSettings:
+    """Knobs of one server; ``secagg serve`` reads them from the ``[server]`` table of a TOML file."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    mode: str = "masking"
+    options: dict = field(default_factory=dict)
+    rounds: int = 1
+    expected_clients: int = 2  # start a round as soon as this many are connected
+    threshold: int = 2  # minimum survivors for a round to complete
+    join_timeout: float = 60.0  # first round: how long to wait for expected_clients
+    rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
+    stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
+    hello_timeout: float = 10.0
+    chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = 256 << 20
+    frames_per_second: float = 2000.0
+    frame_burst: float = 4000.0
+    max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
+    max_connections: int = 4096
+    share_result: bool = True  # send the released aggregate back to the participants
+    first_round: int = 0
+
+    def check(self) -> None:
+        if not (1 <= self.threshold <= self.expected_clients):
+            raise ConfigError(
+                f"threshold must be between 1 and expected_clients ({self.expected_clients}), got {self.threshold}"
+            )
+        if self.stage_timeout <= 0 or self.join_timeout <= 0:
+            raise ConfigError("stage_timeout and join_timeout must be positive seconds")
+        if self.chunk_bytes < 1024 or self.max_message_bytes < self.chunk_bytes:
+            raise ConfigError("chunk_bytes must be >= 1024 and max_message_bytes >= chunk_bytes")
+
+
+class _Kick(Exception):
+    """Internal: close this client's stream for the given reason."""
+
+
+class _Conn:
+    def __init__(self, cid: int, key: bytes, settings: ServerSettings, peer: str) -> None:
+        self.cid, self.key, self.peer = cid, key, peer
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.seq = 0
+        self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
+        self.reassembler = Reassembler(settings.max_message_bytes, settings.chunk_bytes)
+        self.unexpected = 0
+        self.closed = False
+        self.chunk_bytes = settings.chunk_bytes
+
+    def send_frame(self, data: bytes) -> None:
+        if not self.closed:
+            self.out.put_nowait(data)
+
+    def send_payload(self, payload: bytes) -> None:
+        self.seq += 1
+        for f in frames.chunk_payload(payload, self.seq, self.chunk_bytes):
+            self.send_frame(f)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.out.put_nowait(None)
+
+
+@dataclass
+class _RoundState:
+    number: int
+    driver: object
+    active: set[int]
+    dropped: dict[int, str] = field(default_factory=dict)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pending(self) -> set[int]:
+        return set(self.driver.awaiting()) & self.active  # type: ignore[attr-defined]
+
+
+@dataclass
+class RoundReport:
+    """What the server logs and returns for one round."""
+
+    round: int
+    ok: bool
+    reason: str
+    outcome: RoundOutcome | None
+    participants: tuple[int, ...]
+    dropped: dict[int, str]
+    seconds: float
+
+
+class AggregationServer:
+    """Run ``settings.rounds`` aggregation rounds over gRPC with mutual TLS."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        credentials: Credentials,
+        *,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        settings.check()
+        get_mode(settings.mode)  # fail early on an unknown mode
+        self.settings = settings
+        self.credentials = credentials
+        self.on_round = on_round
+        self._conns: dict[int, _Conn] = {}
+        self._round: _RoundState | None = None
+        self._joined = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.reports: list[RoundReport] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> int:
+        s = self.settings
+        frame_limit = s.chunk_bytes + frames.FRAME_OVERHEAD
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", frame_limit),
+                ("grpc.max_send_message_length", frame_limit),
+                ("grpc.max_concurrent_streams", 4),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+            maximum_concurrent_rpcs=s.max_connections,
+        )
+        handler = grpc.method_handlers_generic_handler(
+            frames.SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        server_creds = grpc.ssl_server_credentials(
+            [(self.credentials.key_pem, self.credentials.cert_pem)],
+            root_certificates=self.credentials.ca_pem,
+            require_client_auth=True,
+        )
+        self.port = self._server.add_secure_port(f"{s.host}:{s.port}", server_creds)
+        if not self.port:
+            raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
+        await self._server.start()
+        log.info("listening on %s:%d (mutual TLS, mode=%s)", s.host, self.port, s.mode)
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for conn in list(self._conns.values()):
+            conn.send_frame(wire.encode(Bye(reason="server shutting down")))
+            conn.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+
+    async def serve(self) -> list[RoundReport]:
+        """Run every configured round, then say goodbye to the clients."""
+        s = self.settings
+        for r in range(s.first_round, s.first_round + s.rounds):
+            timeout = s.join_timeout if r == s.first_round else s.rejoin_timeout
+            participants = await self._wait_for_clients(timeout)
+            report = await self._run_round(r, participants)
+            self.reports.append(report)
+            if self.on_round is not None:
+                self.on_round(report)
+        for conn in list(self._conns.values()):
+            conn.send_frame(wire.encode(Bye(reason="all rounds done")))
+            conn.close()
+        await asyncio.sleep(0.2)  # let the goodbyes flush
+        return self.reports
+
+    # ----------------------------------------------------------------- rounds
+
+    async def _wait_for_clients(self, timeout: float) -> tuple[int, ...]:
+        s = self.settings
+        deadline = time.monotonic() + timeout
+        while len(self._live()) < s.expected_clients:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._joined.clear()
+            try:
+                await asyncio.wait_for(self._joined.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return tuple(sorted(self._live()))
+
+    def _live(self) -> list[int]:
+        return [cid for cid, c in self._conns.items() if not c.closed]
+
+    async def _run_round(self, number: int, participants: tuple[int, ...]) -> RoundReport:
+        s = self.settings
+        t0 = time.perf_counter()
+        if len(participants) < s.threshold:
+            reason = f"only {len(participants)} clients connected, the threshold is {s.threshold}"
+            log.error("round %d not started: %s", number, reason)
+            return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
+        mode = get_mode(s.mode)
+        ctx = RoundContext(
+            round=number, participants=participants,
+            identity_keys={cid: self._conns[cid].key for cid in participants},
+            threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
+        )
+        driver, params = mode.server(ctx)
+        state = _RoundState(number, driver, set(participants))
+        self._round = state
+        log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
+        start_frame = wire.encode(RoundStart(round=number, mode=s.mode, params=params))
+        for cid in participants:
+            self._conns[cid].send_frame(start_frame)
+        ok, reason = True, ""
+        try:
+            out = driver.start()
+            while True:
+                self._send(state, out)
+                if driver.done:
+                    break
+                stage = driver.stage()
+                await self._wait_stage(state)
+                for cid in sorted(state.pending()):
+                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s", kick=False)
+                out = driver.close_stage()
+                log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
+        except SecAggError as exc:
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+            log.error("round %d failed: %s", number, reason)
+        finally:
+            self._round = None
+        outcome = driver.outcome() if ok else None
+        total = outcome.total.astype("<f8").tobytes() if (ok and s.share_result) else b""
+        included = outcome.included if ok else ()
+        end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, total=total, included=tuple(included)))
+        for cid in participants:
+            conn = self._conns.get(cid)
+            if conn is not None and cid in state.active:
+                conn.send_frame(end)
+            if conn is not None:
+                conn.unexpected = 0
+        seconds = time.perf_counter() - t0
+        if ok:
+            log.info(
+                "round %d done in %.3fs: %d included, %d dropped", number, seconds, len(included), len(state.dropped)
+            )
+        return RoundReport(number, ok, reason, outcome, participants, dict(state.dropped), seconds)
+
+    async def _wait_stage(self, state: _RoundState) -> None:
+        deadline = time.monotonic() + self.settings.stage_timeout
+        while state.pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            state.progress.clear()
+            try:
+                await asyncio.wait_for(state.progress.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _send(self, state: _RoundState, out: dict[int, bytes]) -> None:
+        for cid, payload in out.items():
+            if cid in state.active and cid in self._conns:
+                self._conns[cid].send_payload(payload)
+
+    def _drop(self, state: _RoundState | None, cid: int, reason: str, *, kick: bool) -> None:
+        conn = self._conns.get(cid)
+        if state is not None and cid in state.active:
+            state.active.discard(cid)
+            state.dropped[cid] = reason
+            log.warning("round %d: dropped client %d: %s", state.number, cid, reason)
+            if conn is not None:
+                conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
+            state.progress.set()
+        elif kick:
+            log.warning("client %d disconnected by the server: %s", cid, reason)
+        if kick and conn is not None:
+            conn.close()
+
+    def _deliver(self, conn: _Conn, payload: bytes) -> None:
+        state = self._round
+        if state is None or conn.cid not in state.active or conn.cid not in state.pending():
+            conn.unexpected += 1
+            if conn.unexpected > self.settings.max_unexpected_messages:
+                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+            log.info("client %d: ignored a message outside its stage", conn.cid)
+            return
+        # The seal must name this stream's certificate identity (identity binding).
+        try:
+            sender, body, signature = _peek_sealed(payload)
+        except WireError as exc:
+            raise _Kick(f"malformed payload: {exc}") from None
+        if sender != conn.cid:
+            raise _Kick(f"identity mismatch: payload sealed as client {sender} on client {conn.cid}'s certificate")
+        try:
+            verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
+        except InvalidSignature:
+            raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
+        try:
+            state.driver.receive(conn.cid, payload)  # type: ignore[attr-defined]
+        except SecAggError as exc:
+            raise _Kick(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a protocol bug must not take the server down
+            log.exception("round %d: protocol error on client %d's message", state.number, conn.cid)
+            raise _Kick(f"internal error handling its message: {type(exc).__name__}") from None
+        state.progress.set()
+
+    # ----------------------------------------------------------------- streams
+
+    async def _session(self, request_iterator, context: grpc.aio.ServicerContext):
+        auth = context.auth_context()
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        try:
+            peer = identity_from_pem(pem)
+            if peer.role != "client" or peer.client_id is None:
+                raise SecAggError("certificate is not a client certificate")
+        except SecAggError as exc:
+            log.warning("refused %s: %s", context.peer(), exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}")
+            return
+        cid = peer.client_id
+        try:
+            first = await asyncio.wait_for(context.read(), self.settings.hello_timeout)
+            if first is grpc.aio.EOF:
+                return
+            sender, hello = wire.open_sealed(
+                first, lambda sid: peer.identity_public_key if sid == cid else None,
+                max_bytes=4096, expect=Hello,
+            )
+            if sender != cid or hello.client_id != cid:
+                raise SecAggError("hello names another client")
+        except asyncio.TimeoutError:
+            log.warning("refused client %d (%s): no hello within %gs", cid, context.peer(), self.settings.hello_timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello")
+            return
+        except SecAggError as exc:
+            log.warning("refused client %d (%s): identity mismatch: %s", cid, context.peer(), exc)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "identity mismatch: the hello must be sealed by the Ed25519 key bound in your certificate",
+            )
+            return
+        if cid in self._conns and not self._conns[cid].closed:
+            log.warning("refused client %d (%s): already connected", cid, context.peer())
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
+            return
+        conn = _Conn(cid, peer.identity_public_key, self.settings, context.peer())
+        self._conns[cid] = conn
+        log.info("client %d connected from %s", cid, context.peer())
+        self._joined.set()
+        reader = asyncio.ensure_future(self._read_loop(conn, context))
+        try:
+            while True:
+                item = await conn.out.get()
+                if item is None:
+                    break
+                await context.write(item)
+            # drain frames queued after close (e.g. the Dropped/Bye notice)
+        except Exception:  # the client went away mid-write
+            pass
+        finally:
+            reader.cancel()
+            conn.closed = True
+            if self._conns.get(cid) is conn:
+                del self._conns[cid]
+            self._drop(self._round, cid, "disconnected", kick=False)
+
+    async def _read_loop(self, conn: _Conn, context) -> None:
+        reason = "client closed the stream"
+        frame_limit = self.settings.chunk_bytes + frames.FRAME_OVERHEAD
+        try:
+            while True:
+                data = await context.read()
+                if data is grpc.aio.EOF:
+                    break
+                if not conn.bucket.take():
+                    raise _Kick(f"rate limit: more than {self.settings.frames_per_second:g} frames/s")
+                try:
+                    frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
+                    payload = conn.reassembler.feed(frame)
+                except WireError as exc:
+                    raise _Kick(f"malformed frame: {exc}") from None
+                if payload is not None:
+                    self._deliver(conn, payload)
+        except _Kick as exc:
+            reason = str(exc)
+            self._drop(self._round, conn.cid, reason, kick=True)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # connection reset and friends
+            reason = f"stream error: {type(exc).__name__}"
+        self._drop(self._round, conn.cid, reason, kick=True)
+
+
+def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
+    """(sender id, signed body, signature) of a sealed payload, not yet verified."""
+    import msgpack
+
+    try:
+        items = msgpack.unpackb(payload, raw=False, max_array_len=16, max_map_len=0, strict_map_key=False)
+    except Exception:
+        raise WireError("payload is not a sealed secagg message") from None
+    if not (isinstance(items, list) and len(items) == 6 and items[0] == wire.MAGIC and items[2] == "signed"):
+        raise WireError("payload is not a sealed secagg message")
+    _, _, _, sender, body, signature = items
+    if type(sender) is not int or not isinstance(body, bytes) or not isinstance(signature, bytes):
+        raise WireError("malformed signed envelope")
+    return sender, body, signature
+
+
+def total_from_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f8").copy()
