@@ -1,0 +1,377 @@
+"""Client side of the masking protocol, as a sans-IO state machine.
+
+Theory of operation (Bonawitz et al., CCS 2017, "Practical Secure Aggregation", with the
+SecAgg+ neighbourhoods of Bell et al., CCS 2020):
+
+  0. advertise  -- on RoundConfig: fresh X25519 keys (c for share encryption, s for masks),
+                   sent signed with the client's Ed25519 identity.
+  1. share      -- on KeyDirectory: verify every neighbour's signed keys; draw the
+                   self-mask seed b; Shamir-share b and s_sk t-of-k among the neighbours;
+                   encrypt each bundle to its recipient (AES-GCM under X25519+HKDF).
+  2. masked     -- on ShareDelivery (the neighbours that shared, U2): upload
+                   y = encode(x) + PRG(b) + sum_v +-PRG(s_uv)  mod 2^bits.
+  3. consistency-- on ConsistencyRequest(U3): sign (round, U3).
+  4. unmask     -- on UnmaskRequest: check >= t valid signatures over the *same* U3 and
+                   that the survivor and dropped lists are exactly U3 and U2 \\ U3 (so no
+                   client is ever both); then reveal b-shares of survivors and
+                   s_sk-shares of dropped neighbours, once.
+
+Rules: the client sees no sockets, threads or clocks; ``receive`` takes the server's
+sealed bytes and returns the sealed reply. Any error is sticky: the session moves to
+ABORTED, reveals nothing more, and every later call raises :class:`SessionAborted`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from secagg import shamir, wire
+from secagg.encoding import check_vector
+from secagg.errors import (
+    AlreadyFinalized,
+    InvalidShare,
+    LocalProtocolError,
+    MaliciousServerDetected,
+    NotEnoughSurvivors,
+    SecAggError,
+    SessionAborted,
+    UnexpectedMessage,
+    WireError,
+)
+from secagg.keys import LABEL_SHARE_ENCRYPTION, IdentityKey, KeyPair, agree, decrypt, encrypt, pair_context
+from secagg.keys import verify_signature
+from secagg.prg import MaskAccumulator
+from secagg.protocol.common import (
+    SECRET_BYTES,
+    SERVER_ID,
+    codec_of,
+    graph_of,
+    pack_residues,
+    pairwise_seed,
+    pairwise_sign,
+    seed_commitment,
+)
+from secagg.protocol.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShares,
+    KeyDirectory,
+    MaskedInput,
+    RoundConfig,
+    ShareBundle,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+    consistency_payload,
+)
+
+
+class ClientState(enum.Enum):
+    WAIT_CONFIG = "wait_config"
+    WAIT_DIRECTORY = "wait_directory"
+    WAIT_SHARES = "wait_shares"
+    WAIT_CONSISTENCY = "wait_consistency"
+    WAIT_UNMASK = "wait_unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+# Rule: every state transition of the client lives in this table.
+TRANSITIONS: dict[ClientState, dict[type, ClientState]] = {
+    ClientState.WAIT_CONFIG: {RoundConfig: ClientState.WAIT_DIRECTORY},
+    ClientState.WAIT_DIRECTORY: {KeyDirectory: ClientState.WAIT_SHARES},
+    ClientState.WAIT_SHARES: {ShareDelivery: ClientState.WAIT_CONSISTENCY},
+    ClientState.WAIT_CONSISTENCY: {ConsistencyRequest: ClientState.WAIT_UNMASK},
+    ClientState.WAIT_UNMASK: {UnmaskRequest: ClientState.DONE},
+    ClientState.DONE: {},
+    ClientState.ABORTED: {},
+}
+
+
+class ClientPolicy:
+    """What a client insists on before it takes part, whatever the server says.
+
+    ``min_threshold_fraction``: refuse rounds whose threshold is at most this fraction of
+    a neighbourhood (a server asking for t=1 could unmask anyone). ``max_dim`` bounds the
+    work a server can demand.
+    """
+
+    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = 1 << 28) -> None:
+        self.min_threshold_fraction = min_threshold_fraction
+        self.max_dim = max_dim
+
+
+class ClientSession:
+    """One client's part in one round. Create a new session for every round."""
+
+    def __init__(
+        self,
+        client_id: int,
+        identity: IdentityKey,
+        identities: Mapping[int, bytes],
+        *,
+        update: np.ndarray | None = None,
+        policy: ClientPolicy | None = None,
+        rounding_seed: bytes | None = None,
+        randbytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        """``identities`` maps party id -> Ed25519 public key (the server is id 0)."""
+        if client_id == SERVER_ID:
+            raise LocalProtocolError("client ids start at 1; 0 is the server")
+        self.client_id = client_id
+        self._identity = identity
+        self._identities = dict(identities)
+        self._policy = policy or ClientPolicy()
+        self._update = None if update is None else check_vector(update)
+        self._rounding_seed = rounding_seed
+        self._randbytes = randbytes
+        self.state = ClientState.WAIT_CONFIG
+        self.abort_reason: str | None = None
+        # Per-round secrets; dropped as soon as they are no longer needed.
+        self._config: RoundConfig | None = None
+        self._neighbours: frozenset[int] = frozenset()
+        self._cipher_keys: KeyPair | None = None
+        self._mask_keys: KeyPair | None = None
+        self._self_seed: bytes | None = None
+        self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (cipher_pk, mask_pk)
+        self._held: dict[int, ShareBundle] = {}  # shares I hold, by owner (including my own)
+        self._sharers: frozenset[int] = frozenset()  # U2 within my neighbourhood
+        self._signed_survivors: tuple[int, ...] | None = None
+        self.upload_bytes = 0
+
+    # -- public API -------------------------------------------------------------------
+
+    def set_update(self, update: np.ndarray) -> None:
+        """Provide (or replace) the update before the masked-input stage."""
+        if self.state in (ClientState.WAIT_CONSISTENCY, ClientState.WAIT_UNMASK, ClientState.DONE):
+            raise AlreadyFinalized("the masked input was already sent; the update cannot change")
+        self._update = check_vector(update)
+
+    def receive(self, data: bytes) -> bytes:
+        """Consume one sealed server message; return the sealed reply."""
+        if self.state is ClientState.ABORTED:
+            raise SessionAborted(f"session aborted earlier ({self.abort_reason}); start a new one")
+        try:
+            _, msg = wire.open_sealed(data, self._identities_of_server)
+            next_state = TRANSITIONS[self.state].get(type(msg))
+            if next_state is None:
+                raise UnexpectedMessage(
+                    f"client {self.client_id} in state {self.state.value} cannot handle {type(msg).TYPE}",
+                    SERVER_ID,
+                )
+            if self._config is not None and msg.round_id != self._config.round_id:
+                raise UnexpectedMessage("message belongs to another round (replayed or misrouted)", SERVER_ID)
+            reply = self._HANDLERS[type(msg)](self, msg)
+            self.state = next_state
+        except SecAggError as exc:
+            self._abort(exc)
+            raise
+        except Exception as exc:  # a bug must not leave a half-updated session usable
+            self._abort(exc)
+            raise
+        sealed = wire.seal(reply, self.client_id, self._identity)
+        self.upload_bytes += len(sealed)
+        return sealed
+
+    # -- stage handlers -----------------------------------------------------------------
+
+    def _on_config(self, config: RoundConfig) -> AdvertiseKeys:
+        if self.client_id not in config.clients:
+            raise UnexpectedMessage("this client is not part of the round", SERVER_ID)
+        graph = graph_of(config)
+        size = len(graph.neighbours(self.client_id))
+        if config.threshold <= self._policy.min_threshold_fraction * size:
+            raise MaliciousServerDetected(
+                f"threshold {config.threshold} is too low for a neighbourhood of {size}; "
+                f"this client requires more than {self._policy.min_threshold_fraction:.0%}",
+                SERVER_ID,
+            )
+        if config.dim > self._policy.max_dim:
+            raise LocalProtocolError(f"round dimension {config.dim} exceeds this client's limit")
+        codec_of(config)  # validates bits / clip / scale / overflow before any work
+        if self._update is not None and self._update.shape[0] != config.dim:
+            raise LocalProtocolError(f"update has {self._update.shape[0]} entries, the round expects {config.dim}")
+        self._config = config
+        self._neighbours = graph.neighbours(self.client_id)
+        self._cipher_keys = KeyPair.generate(self._randbytes(32))
+        self._mask_keys = KeyPair.generate(self._randbytes(32))
+        return AdvertiseKeys(config.round_id, self.client_id, self._cipher_keys.public_bytes, self._mask_keys.public_bytes)
+
+    def _on_directory(self, msg: KeyDirectory) -> EncryptedShares:
+        config = self._require_config()
+        if msg.recipient != self.client_id:
+            raise UnexpectedMessage("key directory addressed to another client", SERVER_ID)
+        peers: dict[int, tuple[bytes, bytes]] = {}
+        for peer, sealed in msg.adverts.items():
+            if peer not in self._neighbours:
+                raise MaliciousServerDetected(f"server relayed keys of non-neighbour {peer}", SERVER_ID)
+            sender, advert = wire.open_sealed(sealed, self._identities_of_client, expect=AdvertiseKeys)
+            if sender != peer or advert.client != peer or advert.round_id != config.round_id:
+                raise MaliciousServerDetected(f"keys relayed for {peer} were signed for another party or round", SERVER_ID)
+            peers[peer] = (advert.cipher_public_key, advert.mask_public_key)
+        mine = (self._cipher_keys.public_bytes, self._mask_keys.public_bytes)
+        if peers.get(self.client_id, mine) != mine:
+            raise MaliciousServerDetected("server relayed keys for this client that it never sent", SERVER_ID)
+        peers[self.client_id] = mine
+        all_keys = [k for pair in peers.values() for k in pair]
+        if len(set(all_keys)) != len(all_keys):
+            raise MaliciousServerDetected("two parties advertised the same public key", SERVER_ID)
+        if len(peers) < config.threshold:
+            raise NotEnoughSurvivors(
+                f"only {len(peers)} neighbours advertised keys; the threshold is {config.threshold}"
+            )
+        self._peer_keys = peers
+        self._self_seed = self._randbytes(SECRET_BYTES)
+        holders = sorted(peers)
+        shares = shamir.split(
+            [self._mask_keys.private_bytes(), self._self_seed], threshold=config.threshold, holders=holders
+        )
+        ciphertexts = {}
+        for index, holder in enumerate(holders):
+            bundle = ShareBundle(
+                config.round_id, self.client_id, holder,
+                shamir.encode_share(shares[index, 0]), shamir.encode_share(shares[index, 1]),
+            )
+            if holder == self.client_id:
+                self._held[self.client_id] = bundle
+                continue
+            key = self._share_key(holder)
+            ciphertexts[holder] = encrypt(key, wire.encode(bundle), self._share_ad(self.client_id, holder))
+        commitment = seed_commitment(config.round_id, self.client_id, self._self_seed)
+        return EncryptedShares(config.round_id, self.client_id, ciphertexts, commitment)
+
+    def _on_shares(self, msg: ShareDelivery) -> MaskedInput:
+        config = self._require_config()
+        if msg.recipient != self.client_id:
+            raise UnexpectedMessage("share delivery addressed to another client", SERVER_ID)
+        for sender, blob in msg.ciphertexts.items():
+            if sender not in self._peer_keys or sender == self.client_id:
+                raise MaliciousServerDetected(f"share delivered from {sender}, who did not advertise keys", SERVER_ID)
+            plaintext = decrypt(self._share_key(sender), blob, self._share_ad(sender, self.client_id))
+            try:
+                bundle = wire.decode(plaintext, expect=ShareBundle)
+            except WireError:
+                raise InvalidShare(f"share from {sender} is malformed") from None
+            if (bundle.round_id, bundle.sender, bundle.recipient) != (config.round_id, sender, self.client_id):
+                raise InvalidShare(f"share from {sender} is bound to another round or pair")
+            self._held[sender] = bundle
+        sharers = frozenset(msg.ciphertexts) | {self.client_id}
+        if len(sharers) < config.threshold:
+            raise NotEnoughSurvivors(f"only {len(sharers)} neighbours shared keys; the threshold is {config.threshold}")
+        self._sharers = sharers
+        if self._update is None:
+            raise LocalProtocolError("no update to send: call set_update() before the masked-input stage")
+        return MaskedInput(config.round_id, self.client_id, pack_residues(self._masked_update(), config.bits))
+
+    def _on_consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
+        config = self._require_config()
+        survivors = frozenset(msg.survivors)
+        if self.client_id not in survivors:
+            raise MaliciousServerDetected("consistency check sent to a client not listed as a survivor", SERVER_ID)
+        local = survivors & self._neighbours
+        if not local <= self._sharers:
+            raise MaliciousServerDetected(
+                f"survivors {sorted(local - self._sharers)} never shared keys with this client", SERVER_ID
+            )
+        if len(local) < config.threshold:
+            raise NotEnoughSurvivors(f"only {len(local)} neighbours survived; the threshold is {config.threshold}")
+        self._signed_survivors = tuple(sorted(survivors))
+        signature = self._identity.sign(consistency_payload(config.round_id, self._signed_survivors))
+        return ConsistencySignature(config.round_id, self.client_id, signature)
+
+    def _on_unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
+        config = self._require_config()
+        survivors, dropped = frozenset(msg.survivors), frozenset(msg.dropped)
+        both = survivors & dropped
+        if both:
+            raise MaliciousServerDetected(
+                f"server listed {sorted(both)} both as dropped and as surviving; refusing to reveal any share",
+                SERVER_ID,
+            )
+        if tuple(sorted(survivors)) != self._signed_survivors:
+            raise MaliciousServerDetected("survivor set differs from the one this client signed", SERVER_ID)
+        expected_dropped = self._sharers - survivors
+        if dropped & self._neighbours != expected_dropped:
+            raise MaliciousServerDetected(
+                "dropped list is not exactly the neighbours that shared keys but sent no input", SERVER_ID
+            )
+        payload = consistency_payload(config.round_id, self._signed_survivors)
+        valid = 0
+        for signer, signature in msg.signatures.items():
+            if signer not in survivors:
+                raise MaliciousServerDetected(f"consistency signature from non-survivor {signer}", SERVER_ID)
+            public_key = self._identities.get(signer)
+            if public_key is None:
+                raise MaliciousServerDetected(f"consistency signature from unknown party {signer}", SERVER_ID)
+            try:
+                verify_signature(public_key, signature, payload)
+            except SecAggError:
+                raise MaliciousServerDetected(
+                    f"client {signer} signed a different survivor set: the server sent inconsistent views",
+                    SERVER_ID,
+                ) from None
+            if signer in self._neighbours:
+                valid += 1
+        if valid < config.threshold:
+            raise MaliciousServerDetected(
+                f"only {valid} neighbours confirmed the survivor set; {config.threshold} are required", SERVER_ID
+            )
+        self_seed_shares = {v: self._held[v].self_seed_share for v in survivors & self._sharers}
+        mask_key_shares = {v: self._held[v].mask_key_share for v in expected_dropped}
+        # One-shot: forget every held share once answered.
+        self._held.clear()
+        self._self_seed = None
+        return UnmaskResponse(config.round_id, self.client_id, self_seed_shares, mask_key_shares)
+
+    _HANDLERS: dict[type, Callable] = {
+        RoundConfig: _on_config,
+        KeyDirectory: _on_directory,
+        ShareDelivery: _on_shares,
+        ConsistencyRequest: _on_consistency,
+        UnmaskRequest: _on_unmask,
+    }
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _masked_update(self) -> np.ndarray:
+        config = self._config
+        codec = codec_of(config)
+        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed)
+        acc = MaskAccumulator(config.dim, initial=encoded)
+        acc.add(self._self_seed, 1)
+        for peer in sorted(self._sharers - {self.client_id}):
+            seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
+            acc.add(seed, pairwise_sign(self.client_id, peer))
+        return acc.value & np.uint32(codec.modulus - 1)
+
+    def _share_key(self, peer: int) -> bytes:
+        return agree(
+            self._cipher_keys.private, self._peer_keys[peer][0],
+            label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
+        )
+
+    def _share_ad(self, sender: int, recipient: int) -> bytes:
+        return self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
+
+    def _require_config(self) -> RoundConfig:
+        if self._config is None:
+            raise LocalProtocolError("no round configuration received yet")
+        return self._config
+
+    def _identities_of_server(self, party: int) -> bytes | None:
+        return self._identities.get(SERVER_ID) if party == SERVER_ID else None
+
+    def _identities_of_client(self, party: int) -> bytes | None:
+        return None if party == SERVER_ID else self._identities.get(party)
+
+    def _abort(self, exc: BaseException) -> None:
+        self.state = ClientState.ABORTED
+        self.abort_reason = f"{type(exc).__name__}: {exc}"
+        self._held.clear()
+        self._self_seed = None
+        self._mask_keys = None

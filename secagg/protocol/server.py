@@ -1,0 +1,421 @@
+"""Server side of the masking protocol, as a sans-IO state machine.
+
+The server relays keys and encrypted shares, sums masked inputs as they arrive (memory
+O(d), not O(n d)), and at the end reconstructs exactly the secrets the protocol allows:
+self-mask seeds of survivors and mask keys of clients that dropped after sharing.
+
+Driving it: ``start()`` returns the sealed RoundConfig for every client; then, for each
+stage, feed client messages to ``receive()`` and call ``close_stage()`` when every
+expected client answered or the stage's deadline passed (the transport decides; the
+session has no clock). ``close_stage()`` returns the sealed messages for the next stage.
+After the unmask stage closes, ``result`` holds the decoded sum over ``included``.
+
+A bad client message raises a typed error from ``receive()`` and changes nothing: the
+client is recorded in ``rejected`` and treated as dropped at that stage. Only
+``close_stage()`` can fail the round, with :class:`NotEnoughSurvivors` when fewer than t
+clients remain; the failure is sticky.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from secagg import shamir, wire
+from secagg.encoding import FixedPointCodec
+from secagg.errors import (
+    InvalidShare,
+    LocalProtocolError,
+    NotEnoughSurvivors,
+    RemoteProtocolError,
+    ReplayError,
+    SecAggError,
+    SessionAborted,
+    UnexpectedMessage,
+)
+from secagg.graph import choose_degree
+from secagg.keys import IdentityKey, KeyPair, verify_signature
+from secagg.prg import MaskAccumulator
+from secagg.protocol.common import (
+    SECRET_BYTES,
+    SERVER_ID,
+    Stage,
+    codec_of,
+    graph_of,
+    pairwise_seed,
+    pairwise_sign,
+    seed_commitment,
+    unpack_residues,
+)
+from secagg.protocol.messages import (
+    ROUND_ID_BYTES,
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShares,
+    KeyDirectory,
+    MaskedInput,
+    RoundConfig,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+    consistency_payload,
+)
+
+
+class ServerState(enum.Enum):
+    COLLECTING = "collecting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+EXPECTED_MESSAGE: dict[Stage, type] = {
+    Stage.ADVERTISE: AdvertiseKeys,
+    Stage.SHARE: EncryptedShares,
+    Stage.MASKED_INPUT: MaskedInput,
+    Stage.CONSISTENCY: ConsistencySignature,
+    Stage.UNMASK: UnmaskResponse,
+}
+NEXT_STAGE: dict[Stage, Stage | None] = {
+    Stage.ADVERTISE: Stage.SHARE,
+    Stage.SHARE: Stage.MASKED_INPUT,
+    Stage.MASKED_INPUT: Stage.CONSISTENCY,
+    Stage.CONSISTENCY: Stage.UNMASK,
+    Stage.UNMASK: None,
+}
+
+
+def plan_round(
+    clients: tuple[int, ...],
+    dim: int,
+    codec: FixedPointCodec,
+    *,
+    graph: str = "complete",
+    threshold: int | None = None,
+    dropout: float = 0.1,
+    degree: int | None = None,
+    round_id: bytes | None = None,
+) -> RoundConfig:
+    """Public parameters of a round: graph degree and threshold chosen as documented in graph.py."""
+    n = len(clients)
+    if graph not in ("complete", "sparse"):
+        from secagg.errors import ConfigError
+
+        raise ConfigError(f"graph must be 'complete' or 'sparse', got {graph!r}")
+    if graph == "complete":
+        k, t = n - 1, n // 2 + 1
+    elif degree is not None:
+        k, t = degree, degree // 2 + 1
+    else:
+        k, t = choose_degree(n, dropout=dropout)
+    if threshold is not None:
+        t = threshold
+    return RoundConfig(
+        round_id=round_id or os.urandom(ROUND_ID_BYTES),
+        clients=tuple(clients), threshold=t, degree=k, graph_seed=os.urandom(32), dim=dim,
+        bits=codec.bits, clip=codec.clip, scale=codec.scale, clip_mode=codec.clip_mode,
+    )
+
+
+class ServerSession:
+    """The server's part in one round."""
+
+    def __init__(self, config: RoundConfig, identity: IdentityKey, identities: Mapping[int, bytes]) -> None:
+        self.config = config
+        self._identity = identity
+        self._identities = dict(identities)
+        missing = [c for c in config.clients if c not in self._identities]
+        if missing:
+            raise LocalProtocolError(f"no identity key registered for clients {missing}")
+        self._graph = graph_of(config)
+        self._codec = codec_of(config)
+        self.stage: Stage | None = None
+        self.state = ServerState.COLLECTING
+        self.failure: str | None = None
+        self.rejected: dict[int, str] = {}
+        self.timings: dict[str, float] = {}
+        self.result: np.ndarray | None = None
+        self.included: tuple[int, ...] = ()
+        self.dropped_at: dict[str, tuple[int, ...]] = {}
+        self.received_bytes: dict[int, int] = {}
+        # Stage data.
+        self._adverts: dict[int, bytes] = {}
+        self._keys: dict[int, AdvertiseKeys] = {}
+        self._shares: dict[int, EncryptedShares] = {}
+        self._sum = np.zeros(config.dim, dtype=np.uint32)
+        self._masked_from: set[int] = set()
+        self._signatures: dict[int, bytes] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._u1: frozenset[int] = frozenset()
+        self._u2: frozenset[int] = frozenset()
+        self._u3: frozenset[int] = frozenset()
+        self._u4: frozenset[int] = frozenset()
+
+    # -- driving ------------------------------------------------------------------------
+
+    def start(self) -> dict[int, bytes]:
+        if self.stage is not None:
+            raise LocalProtocolError("round already started")
+        self.stage = Stage.ADVERTISE
+        return {c: self._seal(self.config) for c in self.config.clients}
+
+    def expected(self) -> frozenset[int]:
+        """Clients whose message the current stage still waits for."""
+        if self.stage is None or self.state is not ServerState.COLLECTING:
+            return frozenset()
+        eligible = {
+            Stage.ADVERTISE: frozenset(self.config.clients),
+            Stage.SHARE: self._u1,
+            Stage.MASKED_INPUT: self._u2,
+            Stage.CONSISTENCY: self._u3,
+            Stage.UNMASK: self._u4,
+        }[self.stage]
+        return eligible - self._answered() - frozenset(self.rejected)
+
+    def receive(self, data: bytes) -> int:
+        """Take one sealed client message; return the sender id. Errors leave state unchanged."""
+        if self.state is not ServerState.COLLECTING or self.stage is None:
+            raise SessionAborted(f"round is {self.state.value}; no more messages are accepted")
+        sender, msg = wire.open_sealed(data, self._client_key, max_bytes=self._max_bytes())
+        if sender in self.rejected:
+            raise RemoteProtocolError(f"client {sender} was already rejected this round", sender)
+        try:
+            self._accept(sender, msg)
+        except ReplayError:
+            raise
+        except SecAggError as exc:
+            self.rejected[sender] = f"{self.stage.value}: {type(exc).__name__}: {exc}"
+            raise
+        if type(msg) is AdvertiseKeys:
+            self._adverts[sender] = bytes(data)  # relayed verbatim so peers verify the signature
+        self.received_bytes[sender] = self.received_bytes.get(sender, 0) + len(data)
+        return sender
+
+    def close_stage(self) -> dict[int, bytes]:
+        """End the current stage; return the sealed messages of the next one (by client)."""
+        if self.state is not ServerState.COLLECTING or self.stage is None:
+            raise SessionAborted(f"round is {self.state.value}")
+        stage = self.stage
+        started = time.perf_counter()
+        try:
+            outgoing = self._CLOSERS[stage](self)
+        except SecAggError as exc:
+            self.state = ServerState.FAILED
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        self.timings[f"server.{stage.value}"] = self.timings.get(f"server.{stage.value}", 0.0) + (
+            time.perf_counter() - started
+        )
+        self.stage = NEXT_STAGE[stage]
+        if self.stage is None:
+            self.state = ServerState.DONE
+        return outgoing
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _accept(self, sender: int, msg: wire.Message) -> None:
+        expected_type = EXPECTED_MESSAGE[self.stage]
+        if type(msg) is not expected_type:
+            raise UnexpectedMessage(
+                f"stage {self.stage.value} expects {expected_type.TYPE}, client {sender} sent {type(msg).TYPE} "
+                "(late, replayed or out of order)", sender,
+            )
+        if msg.round_id != self.config.round_id:
+            raise ReplayError(f"client {sender} sent a message of another round")
+        if msg.client != sender:
+            raise RemoteProtocolError(f"client {sender} signed a message claiming to be from {msg.client}", sender)
+        if sender in self._answered():
+            raise ReplayError(f"client {sender} already answered stage {self.stage.value}")
+        if sender not in self.expected():
+            raise UnexpectedMessage(f"client {sender} is not part of stage {self.stage.value}", sender)
+        self._RECEIVERS[type(msg)](self, sender, msg)
+
+    def _answered(self) -> frozenset[int]:
+        return frozenset({
+            Stage.ADVERTISE: self._keys,
+            Stage.SHARE: self._shares,
+            Stage.MASKED_INPUT: self._masked_from,
+            Stage.CONSISTENCY: self._signatures,
+            Stage.UNMASK: self._responses,
+        }[self.stage])
+
+    def _on_advertise(self, sender: int, msg: AdvertiseKeys) -> None:
+        self._keys[sender] = msg
+
+    def _on_shares(self, sender: int, msg: EncryptedShares) -> None:
+        wanted = (self._graph.neighbours(sender) & self._u1) - {sender}
+        if set(msg.ciphertexts) != wanted:
+            raise RemoteProtocolError(
+                f"client {sender} sent shares to {sorted(msg.ciphertexts)}, expected exactly its neighbours "
+                f"that advertised keys", sender,
+            )
+        if len(msg.commitment) != 32:
+            raise RemoteProtocolError(f"client {sender} sent a malformed self-seed commitment", sender)
+        self._shares[sender] = msg
+
+    def _on_masked(self, sender: int, msg: MaskedInput) -> None:
+        started = time.perf_counter()
+        vector = unpack_residues(msg.vector, self.config.dim, self.config.bits)
+        np.add(self._sum, vector, out=self._sum)
+        self._masked_from.add(sender)
+        self.timings["server.collect"] = self.timings.get("server.collect", 0.0) + time.perf_counter() - started
+
+    def _on_signature(self, sender: int, msg: ConsistencySignature) -> None:
+        try:
+            verify_signature(
+                self._identities[sender], msg.signature, consistency_payload(self.config.round_id, tuple(self._u3))
+            )
+        except SecAggError:
+            raise RemoteProtocolError(f"client {sender} signed a different survivor set", sender) from None
+        self._signatures[sender] = msg.signature
+
+    def _on_unmask(self, sender: int, msg: UnmaskResponse) -> None:
+        sharers = self._sharers_of(sender)
+        want_seeds = sharers & self._u3
+        want_keys = sharers - self._u3
+        if set(msg.self_seed_shares) != want_seeds or set(msg.mask_key_shares) != want_keys:
+            raise RemoteProtocolError(f"client {sender} revealed a different set of shares than requested", sender)
+        size = shamir.share_bytes(SECRET_BYTES)
+        for share in list(msg.self_seed_shares.values()) + list(msg.mask_key_shares.values()):
+            if len(share) != size:
+                raise RemoteProtocolError(f"client {sender} sent a share of the wrong size", sender)
+        self._responses[sender] = msg
+
+    _RECEIVERS = {
+        AdvertiseKeys: _on_advertise,
+        EncryptedShares: _on_shares,
+        MaskedInput: _on_masked,
+        ConsistencySignature: _on_signature,
+        UnmaskResponse: _on_unmask,
+    }
+
+    # -- closing stages -----------------------------------------------------------------
+
+    def _close_advertise(self) -> dict[int, bytes]:
+        self._u1 = frozenset(self._keys)
+        self._record_dropped(Stage.ADVERTISE, frozenset(self.config.clients) - self._u1)
+        self._require(self._u1, "advertised keys")
+        return {
+            u: self._seal(KeyDirectory(self.config.round_id, u, {
+                v: self._adverts[v] for v in self._graph.neighbours(u) & self._u1
+            }))
+            for u in self._u1
+        }
+
+    def _close_share(self) -> dict[int, bytes]:
+        self._u2 = frozenset(self._shares)
+        self._record_dropped(Stage.SHARE, self._u1 - self._u2)
+        self._require(self._u2, "shared keys")
+        out = {}
+        for u in self._u2:
+            delivered = {v: self._shares[v].ciphertexts[u] for v in (self._graph.neighbours(u) & self._u2) - {u}}
+            out[u] = self._seal(ShareDelivery(self.config.round_id, u, delivered))
+        return out
+
+    def _close_masked(self) -> dict[int, bytes]:
+        self._u3 = frozenset(self._masked_from)
+        self._record_dropped(Stage.MASKED_INPUT, self._u2 - self._u3)
+        self._require(self._u3, "sent masked inputs")
+        request = self._seal(ConsistencyRequest(self.config.round_id, tuple(sorted(self._u3))))
+        return {u: request for u in self._u3}
+
+    def _close_consistency(self) -> dict[int, bytes]:
+        self._u4 = frozenset(self._signatures)
+        self._record_dropped(Stage.CONSISTENCY, self._u3 - self._u4)
+        self._require(self._u4, "confirmed the survivor set")
+        survivors = tuple(sorted(self._u3))
+        dropped = self._u2 - self._u3
+        out = {}
+        for u in self._u4:
+            near = self._graph.neighbours(u)
+            signatures = {v: self._signatures[v] for v in self._u4 & near}
+            out[u] = self._seal(UnmaskRequest(self.config.round_id, survivors, tuple(sorted(dropped & near)), signatures))
+        return out
+
+    def _close_unmask(self) -> dict[int, bytes]:
+        responders = frozenset(self._responses)
+        self._record_dropped(Stage.UNMASK, self._u4 - responders)
+        started = time.perf_counter()
+        seeds = self._reconstruct(self._u3, "self_seed_shares")
+        for owner, seed in seeds.items():
+            if seed_commitment(self.config.round_id, owner, seed) != self._shares[owner].commitment:
+                raise InvalidShare(f"reconstructed self-mask seed of client {owner} does not match its commitment")
+        dropped = self._u2 - self._u3
+        mask_keys = self._reconstruct(dropped, "mask_key_shares")
+        self.timings["server.reconstruct"] = time.perf_counter() - started
+        started = time.perf_counter()
+        acc = MaskAccumulator(self.config.dim, initial=self._sum)
+        for owner, seed in seeds.items():
+            acc.add(seed, -1)
+        for owner, secret in mask_keys.items():
+            keys = KeyPair.from_private_bytes(secret)
+            if keys.public_bytes != self._keys[owner].mask_public_key:
+                raise InvalidShare(f"reconstructed mask key of client {owner} does not match its public key")
+            for peer in sorted(self._graph.neighbours(owner) & self._u3):
+                seed = pairwise_seed(self.config.round_id, keys.private, owner, peer, self._keys[peer].mask_public_key)
+                # peer added sign(peer, owner) * PRG(seed); remove it.
+                acc.add(seed, -pairwise_sign(peer, owner))
+        residues = acc.value & np.uint32(self._codec.modulus - 1)
+        self.timings["server.remove_masks"] = time.perf_counter() - started
+        self.result = self._codec.decode_sum(residues)
+        self.included = tuple(sorted(self._u3))
+        return {}
+
+    _CLOSERS = {
+        Stage.ADVERTISE: _close_advertise,
+        Stage.SHARE: _close_share,
+        Stage.MASKED_INPUT: _close_masked,
+        Stage.CONSISTENCY: _close_consistency,
+        Stage.UNMASK: _close_unmask,
+    }
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _reconstruct(self, owners: frozenset[int], field: str) -> dict[int, bytes]:
+        """Recover one secret per owner, batching owners whose chosen share holders coincide."""
+        t = self.config.threshold
+        by_holders: dict[tuple[int, ...], list[int]] = {}
+        for owner in sorted(owners):
+            holders = sorted(r for r, resp in self._responses.items() if owner in getattr(resp, field))
+            if len(holders) < t:
+                raise NotEnoughSurvivors(
+                    f"only {len(holders)} clients returned shares for client {owner}; {t} are needed"
+                )
+            by_holders.setdefault(tuple(holders[:t]), []).append(owner)
+        secrets: dict[int, bytes] = {}
+        for holders, group in by_holders.items():
+            shares = np.stack([
+                np.stack([shamir.decode_share(getattr(self._responses[h], field)[o], secret_bytes=SECRET_BYTES)
+                          for o in group])
+                for h in holders
+            ])
+            for owner, secret in zip(group, shamir.reconstruct(holders, shares, secret_bytes=SECRET_BYTES)):
+                secrets[owner] = secret
+        return secrets
+
+    def _sharers_of(self, client: int) -> frozenset[int]:
+        return self._graph.neighbours(client) & self._u2
+
+    def _require(self, survivors: frozenset[int], what: str) -> None:
+        if len(survivors) < self.config.threshold:
+            raise NotEnoughSurvivors(
+                f"only {len(survivors)} clients {what}; the threshold is {self.config.threshold}. "
+                "The round is abandoned; nothing was unmasked."
+            )
+
+    def _record_dropped(self, stage: Stage, clients: frozenset[int]) -> None:
+        self.dropped_at[stage.value] = tuple(sorted(clients))
+
+    def _max_bytes(self) -> int:
+        vector = self.config.dim * ((self.config.bits + 7) // 8)
+        return vector + 4096 + 256 * len(self.config.clients)
+
+    def _client_key(self, party: int) -> bytes | None:
+        return None if party == SERVER_ID else self._identities.get(party)
+
+    def _seal(self, msg: wire.Message) -> bytes:
+        return wire.seal(msg, SERVER_ID, self._identity)

@@ -1,0 +1,180 @@
+"""Run one real masking round in process: real keys, shares, masks and signed messages.
+
+The driver below is the in-memory "network": it passes sealed bytes between one
+:class:`ServerSession` and n :class:`ClientSession` objects and drops the clients the
+caller asks to drop, at the stage the caller names. What the server learns here is
+exactly what a deployed server would learn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from secagg.encoding import FixedPointCodec
+from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
+from secagg.keys import IdentityKey, derive
+from secagg.protocol.client import ClientSession
+from secagg.protocol.common import SERVER_ID, Stage
+from secagg.protocol.server import ServerSession, plan_round
+from secagg.result import AggregateResult
+
+STAGES = tuple(s.value for s in Stage)
+
+
+class InMemoryRound:
+    """One server and its clients joined by an in-memory link (a test and simulation harness)."""
+
+    def __init__(self, updates: np.ndarray, codec: FixedPointCodec, *, graph: str = "complete",
+                 threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
+                 seed: int | None = None) -> None:
+        n, dim = updates.shape
+        self.client_ids = tuple(range(1, n + 1))
+        self.server_identity = IdentityKey.generate()
+        client_identities = {c: IdentityKey.generate() for c in self.client_ids}
+        self.identities = {SERVER_ID: self.server_identity.public_bytes}
+        self.identities.update({c: k.public_bytes for c, k in client_identities.items()})
+        self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
+                                 dropout=dropout_hint, degree=degree)
+        self.server = ServerSession(self.config, self.server_identity, self.identities)
+        self.clients = {
+            c: ClientSession(
+                c, client_identities[c], self.identities, update=updates[c - 1],
+                rounding_seed=None if seed is None else _rounding_seed(seed, c),
+            )
+            for c in self.client_ids
+        }
+        self.client_seconds: dict[str, float] = {}
+        self.gone: set[int] = set()
+
+    def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Drive every stage; ``dropouts`` maps stage -> client ids that vanish at that stage."""
+        drop = {stage: set(ids) for stage, ids in (dropouts or {}).items()}
+        outgoing = self.server.start()
+        for stage in Stage:
+            spent = 0.0
+            answered = 0
+            for client_id, message in outgoing.items():
+                if client_id in self.gone:
+                    continue
+                if client_id in drop.get(stage.value, ()):
+                    self.gone.add(client_id)
+                    continue
+                started = time.perf_counter()
+                try:
+                    reply = self.clients[client_id].receive(message)
+                except NotEnoughSurvivors:
+                    self.gone.add(client_id)  # too few live neighbours: this client stops, like a dropout
+                    continue
+                spent += time.perf_counter() - started
+                answered += 1
+                self.server.receive(reply)
+            if answered:
+                self.client_seconds[stage.value] = spent / answered
+            outgoing = self.server.close_stage()
+
+
+def aggregate_masking(
+    updates: np.ndarray,
+    *,
+    graph: str = "complete",
+    threshold: int | None = None,
+    dropouts: Mapping[str, Sequence[int]] | None = None,
+    clip: float | None = None,
+    clip_mode: str = "l2",
+    bits: int = 32,
+    scale: float | None = None,
+    seed: int | None = None,
+    weights: Sequence[float] | None = None,
+    degree: int | None = None,
+) -> AggregateResult:
+    """Secure sum by pairwise masking; see :func:`secagg.aggregate` for the arguments.
+
+    ``clip=None`` is a simulation convenience: no clipping, and the fixed-point range is
+    the largest |coordinate| of this batch. A deployment fixes ``clip`` in advance, since
+    the range must be agreed before anyone sees the updates.
+    """
+    matrix = _check_updates(updates)
+    n, dim = matrix.shape
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,) or not np.all(np.isfinite(w)):
+            raise InputError(f"weights must be {n} finite numbers, one per client")
+        matrix = matrix * w[:, None]
+    if clip is None:
+        bound = float(np.max(np.abs(matrix))) or 1.0
+        codec = _codec(bound, n, bits, "coordinate", scale)
+    else:
+        codec = _codec(clip, n, bits, clip_mode, scale)
+    rows_by_stage = _check_dropouts(dropouts, n)
+    total_dropped = len(set().union(*rows_by_stage.values())) if rows_by_stage else 0
+    session = InMemoryRound(matrix, codec, graph=graph, threshold=threshold, degree=degree,
+                            dropout_hint=min(max(total_dropped / n, 0.0), 0.5), seed=seed)
+    if session.config.threshold > n:
+        raise ConfigError(f"threshold {session.config.threshold} exceeds the number of clients {n}")
+    session.run({stage: [r + 1 for r in rows] for stage, rows in rows_by_stage.items()})
+    server = session.server
+    included = tuple(c - 1 for c in server.included)
+    uploads = [session.clients[c].upload_bytes for c in server.included]
+    timings = dict(server.timings)
+    timings["server.unmask_total"] = timings.get("server.unmask", 0.0)
+    for stage, seconds in session.client_seconds.items():
+        timings[f"client.{stage}"] = seconds
+    return AggregateResult(
+        total=server.result,
+        included=included,
+        bytes_up_per_param=float(np.mean(uploads)) / dim,
+        timings=timings,
+        protocol="masking",
+        max_quantization_error=codec.sum_error_bound(len(included)),
+        dropped={stage: tuple(c - 1 for c in ids) for stage, ids in server.dropped_at.items() if ids},
+    )
+
+
+def _codec(clip: float, n: int, bits: int, clip_mode: str, scale: float | None) -> FixedPointCodec:
+    if scale is None:
+        return FixedPointCodec.for_clients(clip=clip, max_clients=n, bits=bits, clip_mode=clip_mode)
+    return FixedPointCodec(clip=clip, scale=scale, bits=bits, max_clients=n, clip_mode=clip_mode)
+
+
+def _check_updates(updates: np.ndarray) -> np.ndarray:
+    try:
+        matrix = np.asarray(updates, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("updates must be a numeric (n_clients, dim) array") from None
+    if matrix.ndim != 2:
+        raise InputError(f"updates must be a 2-D (n_clients, dim) array, got shape {matrix.shape}")
+    n, dim = matrix.shape
+    if n < 2:
+        raise InputError("secure aggregation needs at least 2 clients (one client's sum is its update)")
+    if dim < 1:
+        raise InputError("updates must have at least one coordinate")
+    bad_rows = np.flatnonzero(~np.all(np.isfinite(matrix), axis=1))
+    if bad_rows.size:
+        raise InputError(f"updates of clients {bad_rows.tolist()} contain NaN/inf; drop or fix them before aggregating")
+    return matrix
+
+
+def _check_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dict[str, list[int]]:
+    if not dropouts:
+        return {}
+    out: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for stage, rows in dropouts.items():
+        if stage not in STAGES:
+            raise ConfigError(f"unknown dropout stage {stage!r}; stages are {', '.join(STAGES)}")
+        rows = [int(r) for r in rows]
+        if any(not 0 <= r < n for r in rows):
+            raise ConfigError(f"dropout indices for {stage!r} must be client rows 0..{n - 1}")
+        again = seen & set(rows)
+        if again:
+            raise ConfigError(f"clients {sorted(again)} are listed as dropping at more than one stage")
+        seen |= set(rows)
+        out[stage] = rows
+    return out
+
+
+def _rounding_seed(seed: int, client: int) -> bytes:
+    return derive(seed.to_bytes(16, "big", signed=True), label=b"secagg/v1/test-rounding", context=client.to_bytes(8, "big"))
