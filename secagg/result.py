@@ -24,6 +24,7 @@ class AggregateResult:
     protocol: str = "masking"
     max_quantization_error: float = 0.0
     dropped: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    parameters: dict[str, float | int | str] = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:

@@ -119,7 +119,6 @@ def aggregate_masking(
     included = tuple(c - 1 for c in server.included)
     uploads = [session.clients[c].upload_bytes for c in server.included]
     timings = dict(server.timings)
-    timings["server.unmask_total"] = timings.get("server.unmask", 0.0)
     for stage, seconds in session.client_seconds.items():
         timings[f"client.{stage}"] = seconds
     return AggregateResult(
@@ -130,6 +129,11 @@ def aggregate_masking(
         protocol="masking",
         max_quantization_error=codec.sum_error_bound(len(included)),
         dropped={stage: tuple(c - 1 for c in ids) for stage, ids in server.dropped_at.items() if ids},
+        parameters={
+            "graph": "complete" if session.config.degree >= n - 1 else "sparse",
+            "degree": session.config.degree, "threshold": session.config.threshold,
+            "bits": codec.bits, "scale": codec.scale, "clip": codec.clip, "clip_mode": codec.clip_mode,
+        },
     )
 
 
