@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -49,9 +50,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from secagg.errors import ConfigError, InvalidSignature
 from secagg.keys import IdentityKey
 
-CLIENT_URI = re.compile(r"^secagg://client/(?P<id>0|[1-9][0-9]{0,17})/ed25519/(?P<key>[0-9a-f]{64})$")
+CLIENT_URI = re.compile(r"^secagg://client/(?P<id>[1-9][0-9]{0,6})/ed25519/(?P<key>[0-9a-f]{64})$")
 SERVER_URI = re.compile(r"^secagg://server/ed25519/(?P<key>[0-9a-f]{64})$")
 DEFAULT_DAYS = 365
+MAX_CLIENT_ID = 1 << 20  # the masking protocol numbers clients 1..2^20-1; 0 is the server
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,8 @@ def issue(
     """
     if server == (client_id is not None):
         raise ConfigError("issue either a client certificate (CLIENT_ID) or a server certificate (--server)")
-    if client_id is not None and not (0 <= client_id < 10**18):
-        raise ConfigError(f"client id must be a non-negative integer below 10^18, got {client_id}")
+    if client_id is not None and not (1 <= client_id < MAX_CLIENT_ID):
+        raise ConfigError(f"client id must be an integer from 1 to {MAX_CLIENT_ID - 1} (0 is the server), got {client_id}")
     d_ca = Path(ca_dir)
     ca_cert, ca_key = _load_ca(d_ca)
     target = Path(out) if out is not None else d_ca / ("server" if server else f"client-{client_id}")
@@ -303,4 +305,22 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise InvalidSignature("peer certificate could not be parsed") from None
+    return identity_from_cert(cert)
+
+
+def verify_certificate(cert_pem: bytes, ca_pem: bytes) -> PeerIdentity:
+    """Check that ``cert_pem`` was issued by the CA in ``ca_pem`` and is valid now; return its identity.
+
+    Used by clients to check the certificates of their peers that the server relays: a
+    server cannot substitute a peer's protocol key without the CA's signature.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, _CryptoInvalidSignature):
+        raise InvalidSignature("certificate was not issued by this deployment's CA") from None
+    now = _now()
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        raise InvalidSignature(f"certificate of {cert.subject.rfc4514_string()} is expired or not yet valid")
     return identity_from_cert(cert)

@@ -8,8 +8,8 @@ gRPC message and the per-message limit (``grpc.max_receive_message_length``) sta
 
 Rules the receiver enforces (a violation is a :class:`~secagg.errors.WireError` and the
 peer is dropped): chunk sequence numbers strictly increase, chunks of one payload arrive
-in order, a payload never exceeds ``max_message_bytes``, and a payload has at most
-``max_message_bytes // chunk_bytes + 1`` chunks.
+in order, a payload never exceeds ``max_message_bytes``, every chunk but the last holds
+at least ``MIN_CHUNK_BYTES`` and none more than ``MAX_CHUNK_BYTES``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 
 from secagg import wire
-from secagg.errors import WireError
+from secagg.errors import ConfigError, WireError
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per gRPC message
+MIN_CHUNK_BYTES = 16 << 10  # senders may choose any chunk size in [MIN, MAX]
+MAX_CHUNK_BYTES = 4 << 20
 FRAME_OVERHEAD = 1 << 12  # msgpack framing around a chunk
 SERVICE = "secagg.v1.Aggregation"
 METHOD = f"/{SERVICE}/Session"
@@ -37,13 +39,15 @@ class Hello(wire.Message):
 
 @wire.message
 class RoundStart(wire.Message):
-    """Server -> client: a round begins; ``params`` is the encoded mode-specific configuration."""
+    """Server -> client: a round begins in ``mode``.
+
+    The next payload (chunked) is the mode's parameters (e.g. the CA-signed certificates
+    of the other participants); every payload after it goes to the protocol session.
+    """
 
     TYPE = "transport.round_start"
     round: int
     mode: str
-    params: bytes
-    FIELD_LIMITS = {"params": 1 << 20}
 
 
 @wire.message
@@ -88,6 +92,8 @@ class Bye(wire.Message):
 
 def chunk_payload(payload: bytes, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
     """Split ``payload`` into encoded :class:`Chunk` frames."""
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(f"chunk_bytes must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {chunk_bytes}")
     count = max(1, -(-len(payload) // chunk_bytes))
     view = memoryview(payload)
     return [
@@ -98,10 +104,15 @@ def chunk_payload(payload: bytes, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYT
 
 @dataclass
 class Reassembler:
-    """Rebuild payloads from :class:`Chunk` frames, enforcing order and size limits."""
+    """Rebuild payloads from :class:`Chunk` frames, enforcing order and size limits.
+
+    ``max_chunk_bytes`` is what this side accepts per chunk (senders may use smaller
+    chunks); every chunk but the last of a payload must carry at least
+    :data:`MIN_CHUNK_BYTES`, so a payload cannot be split into a flood of tiny frames.
+    """
 
     max_message_bytes: int
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
     _seq: int = -1
     _parts: list[bytes] = field(default_factory=list)
     _count: int = 0
@@ -109,7 +120,7 @@ class Reassembler:
 
     def feed(self, chunk: Chunk) -> bytes | None:
         """Add one chunk; return the complete payload when its last chunk arrived."""
-        max_chunks = self.max_message_bytes // self.chunk_bytes + 1
+        max_chunks = self.max_message_bytes // MIN_CHUNK_BYTES + 1
         if not self._parts:
             if chunk.seq <= self._seq:
                 raise WireError(f"chunk sequence {chunk.seq} is not newer than {self._seq} (replayed payload?)")
@@ -118,13 +129,16 @@ class Reassembler:
             self._seq, self._count, self._size = chunk.seq, chunk.count, 0
         elif chunk.seq != self._seq or chunk.index != len(self._parts) or chunk.count != self._count:
             raise WireError("chunks arrived out of order or interleaved")
-        if len(chunk.data) > self.chunk_bytes:
-            raise WireError(f"chunk of {len(chunk.data)} bytes exceeds the {self.chunk_bytes}-byte chunk size")
+        if len(chunk.data) > self.max_chunk_bytes:
+            raise WireError(f"chunk of {len(chunk.data)} bytes exceeds the {self.max_chunk_bytes}-byte chunk limit")
+        last = chunk.index == chunk.count - 1
+        if not last and len(chunk.data) < MIN_CHUNK_BYTES:
+            raise WireError(f"only the last chunk of a payload may be smaller than {MIN_CHUNK_BYTES} bytes")
         self._size += len(chunk.data)
         if self._size > self.max_message_bytes:
             raise WireError(f"payload exceeds the {self.max_message_bytes}-byte message limit")
         self._parts.append(chunk.data)
-        if len(self._parts) < self._count:
+        if not last:
             return None
         payload = b"".join(self._parts)
         self._parts = []

@@ -23,7 +23,7 @@ import numpy as np
 from federation.transport import frames
 from federation.transport.certs import Credentials
 from federation.transport.frames import Bye, Chunk, Dropped, Hello, Reassembler, RoundEnd, RoundStart
-from federation.transport.rounds import get_mode
+from federation.transport.rounds import ClientContext, get_mode
 from secagg import __version__, wire
 from secagg.errors import SecAggError
 
@@ -52,7 +52,7 @@ class ClientReport:
 
 
 def channel_options(settings: ClientSettings) -> list[tuple[str, object]]:
-    frame_limit = settings.chunk_bytes + frames.FRAME_OVERHEAD
+    frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
     opts: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", frame_limit),
         ("grpc.max_send_message_length", frame_limit),
@@ -87,10 +87,10 @@ async def run_client(
     if cid is None:
         raise SecAggError("the credentials are a server's, not a client's")
     report = ClientReport(cid)
-    reassembler = Reassembler(settings.max_message_bytes, settings.chunk_bytes)
+    reassembler = Reassembler(settings.max_message_bytes)
     seq = 0
     session = None
-    current = -1
+    current, mode_name, awaiting_params = -1, "", False
     async with secure_channel(settings, credentials) as channel:
         await asyncio.wait_for(channel.channel_ready(), settings.connect_timeout)
         call = channel.stream_stream(frames.METHOD)()
@@ -99,20 +99,28 @@ async def run_client(
             data = await call.read()
             if data is grpc.aio.EOF:
                 break
-            frame = wire.decode(data, max_bytes=settings.chunk_bytes + frames.FRAME_OVERHEAD)
+            frame = wire.decode(data, max_bytes=frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD)
             if isinstance(frame, RoundStart):
-                current = frame.round
-                try:
-                    session = get_mode(frame.mode).client(
-                        frame.round, frame.params, cid, credentials.identity, input_for_round(frame.round)
-                    )
-                except SecAggError as exc:
-                    log.error("client %d: cannot take part in round %d: %s", cid, frame.round, exc)
-                    report.failed[frame.round] = str(exc)
-                    session = None
+                current, mode_name, session = frame.round, frame.mode, None
+                awaiting_params = True
             elif isinstance(frame, Chunk):
                 payload = reassembler.feed(frame)
-                if payload is None or session is None:
+                if payload is None:
+                    continue
+                if awaiting_params:
+                    awaiting_params = False
+                    try:
+                        ctx = ClientContext(
+                            round=current, client_id=cid, identity=credentials.identity,
+                            update=input_for_round(current), ca_pem=credentials.ca_pem,
+                        )
+                        session = get_mode(mode_name).client(ctx, payload)
+                    except SecAggError as exc:
+                        log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
+                        report.failed[current] = f"{type(exc).__name__}: {exc}"
+                        session = None
+                    continue
+                if session is None:
                     continue
                 try:
                     reply = session.receive(payload)

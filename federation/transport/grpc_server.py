@@ -84,8 +84,10 @@ class ServerSettings:
             )
         if self.stage_timeout <= 0 or self.join_timeout <= 0:
             raise ConfigError("stage_timeout and join_timeout must be positive seconds")
-        if self.chunk_bytes < 1024 or self.max_message_bytes < self.chunk_bytes:
-            raise ConfigError("chunk_bytes must be >= 1024 and max_message_bytes >= chunk_bytes")
+        if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
+            raise ConfigError(
+                f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
+            )
 
 
 class _Kick(Exception):
@@ -93,12 +95,12 @@ class _Kick(Exception):
 
 
 class _Conn:
-    def __init__(self, cid: int, key: bytes, settings: ServerSettings, peer: str) -> None:
-        self.cid, self.key, self.peer = cid, key, peer
+    def __init__(self, cid: int, key: bytes, cert_pem: bytes, settings: ServerSettings, peer: str) -> None:
+        self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
-        self.reassembler = Reassembler(settings.max_message_bytes, settings.chunk_bytes)
+        self.reassembler = Reassembler(settings.max_message_bytes)
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
@@ -169,7 +171,7 @@ class AggregationServer:
 
     async def start(self) -> int:
         s = self.settings
-        frame_limit = s.chunk_bytes + frames.FRAME_OVERHEAD
+        frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", frame_limit),
@@ -251,14 +253,22 @@ class AggregationServer:
             round=number, participants=participants,
             identity_keys={cid: self._conns[cid].key for cid in participants},
             threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
+            certificates={cid: self._conns[cid].cert_pem for cid in participants},
+            server_certificate=self.credentials.cert_pem,
         )
-        driver, params = mode.server(ctx)
+        try:
+            driver, params = mode.server(ctx)
+        except SecAggError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("round %d not started: %s", number, reason)
+            return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
         state = _RoundState(number, driver, set(participants))
         self._round = state
         log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
-        start_frame = wire.encode(RoundStart(round=number, mode=s.mode, params=params))
+        start_frame = wire.encode(RoundStart(round=number, mode=s.mode))
         for cid in participants:
             self._conns[cid].send_frame(start_frame)
+            self._conns[cid].send_payload(params)
         ok, reason = True, ""
         try:
             out = driver.start()
@@ -392,7 +402,7 @@ class AggregationServer:
             log.warning("refused client %d (%s): already connected", cid, context.peer())
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
-        conn = _Conn(cid, peer.identity_public_key, self.settings, context.peer())
+        conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
         self._conns[cid] = conn
         log.info("client %d connected from %s", cid, context.peer())
         self._joined.set()
@@ -415,7 +425,7 @@ class AggregationServer:
 
     async def _read_loop(self, conn: _Conn, context) -> None:
         reason = "client closed the stream"
-        frame_limit = self.settings.chunk_bytes + frames.FRAME_OVERHEAD
+        frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
         try:
             while True:
                 data = await context.read()

@@ -76,6 +76,19 @@ class RoundContext:
     threshold: int
     options: Mapping[str, object]
     server_identity: IdentityKey | None = None
+    certificates: Mapping[int, bytes] = field(default_factory=dict)  # client id -> PEM (CA-signed)
+    server_certificate: bytes = b""  # PEM
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Everything a mode needs to build one client's side of a round."""
+
+    round: int
+    client_id: int
+    identity: IdentityKey
+    update: np.ndarray
+    ca_pem: bytes = b""  # to verify the peer certificates a server relays
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,8 @@ class Mode:
     name: str
     # (ctx) -> (server round, params bytes for RoundStart)
     server: Callable[[RoundContext], tuple[ServerRound, bytes]]
-    # (round, params, client_id, identity, input vector) -> client round
-    client: Callable[[int, bytes, int, IdentityKey, np.ndarray], ClientRound]
+    # (client context, params from the server) -> client round
+    client: Callable[[ClientContext, bytes], ClientRound]
 
 
 MODES: dict[str, Mode] = {}
@@ -198,14 +211,14 @@ class PlainServerRound:
 
 
 class PlainClientRound:
-    def __init__(self, round_: int, params: bytes, client_id: int, identity: IdentityKey, x: np.ndarray) -> None:
+    def __init__(self, ctx: ClientContext, params: bytes) -> None:
         cfg = wire.decode(params, expect=PlainConfig)
-        if cfg.round != round_:
-            raise ReplayError(f"round parameters for round {cfg.round} in round {round_}")
-        x = np.asarray(x, dtype="<f4").ravel()
+        if cfg.round != ctx.round:
+            raise ReplayError(f"round parameters for round {cfg.round} in round {ctx.round}")
+        x = np.asarray(ctx.update, dtype="<f4").ravel()
         if x.size != cfg.dim:
             raise ConfigError(f"this client's update has {x.size} values, the server expects {cfg.dim}")
-        self._reply = wire.seal(PlainUpdate(round=round_, vector=x.tobytes()), client_id, identity)
+        self._reply = wire.seal(PlainUpdate(round=ctx.round, vector=x.tobytes()), ctx.client_id, ctx.identity)
         self._done = False
 
     def receive(self, payload: bytes) -> bytes | None:
