@@ -1,0 +1,113 @@
+"""Update protection backends: how the round's client vectors become one aggregate.
+
+An :class:`Aggregator` takes the (n, d) matrix of vectors the sampled clients *would* upload
+(a row per sampled client; rows of clients that drop before uploading are never read) and the
+round's dropouts, and returns a :class:`secagg.AggregateResult` whose ``total`` is the sum over
+``included`` -- the only thing the server learns. Backends:
+
+- ``none``: plain float sum (the baseline; the server sees every update),
+- ``masking``: pairwise-masking secure aggregation over the complete graph (Bonawitz et al. 2017),
+- ``masking-sparse``: SecAgg+ over a sparse random graph (Bell et al. 2020),
+- ``ckks``: CKKS homomorphic encryption (TenSEAL); the server never holds the secret key.
+
+Dropout semantics are the protocol's: for masking a client that drops at "advertise", "share"
+or "masked_input" is left out of the sum, one that drops later ("consistency", "unmask") has
+already uploaded and still counts; the ``none`` backend follows the same rule so that all
+backends sum the same clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from secagg.errors import ConfigError
+from secagg.result import AggregateResult
+
+PROTECTIONS = ("none", "masking", "masking-sparse", "ckks")
+STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
+PRE_UPLOAD_STAGES = ("advertise", "share", "masked_input")
+
+
+class Aggregator(Protocol):
+    """Turns the round's client vectors into their sum over the clients that counted."""
+
+    name: str
+
+    def aggregate(
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+    ) -> AggregateResult: ...
+
+
+@dataclass(frozen=True)
+class PlainAggregator:
+    """No protection: the server receives every float32 vector and sums them."""
+
+    name: str = "none"
+
+    def aggregate(
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+    ) -> AggregateResult:
+        gone = {int(i) for stage in PRE_UPLOAD_STAGES for i in dropouts.get(stage, ())}
+        included = tuple(i for i in range(len(vectors)) if i not in gone)
+        total = vectors[list(included)].astype(np.float64).sum(axis=0)
+        return AggregateResult(
+            total=total, included=included, bytes_up_per_param=4.0, protocol="none",
+            dropped={s: tuple(int(i) for i in v) for s, v in dropouts.items() if v},
+        )
+
+
+@dataclass(frozen=True)
+class SecureAggregator:
+    """Masking (complete or sparse graph) or CKKS, through :func:`secagg.aggregate`.
+
+    ``clip`` is the bound on each uploaded vector's L2 norm that the engine has already enforced;
+    the masking protocol sizes its fixed-point range from it.
+    """
+
+    name: str
+    threshold: int | None = None
+    bits: int = 32
+    seed: int | None = None
+
+    def aggregate(
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+    ) -> AggregateResult:
+        import secagg
+
+        drops = {s: list(v) for s, v in dropouts.items() if v}
+        if self.name == "ckks":
+            return secagg.aggregate(vectors, protocol="ckks", dropouts=drops, clip=clip)
+        return secagg.aggregate(
+            vectors, protocol="masking", graph="sparse" if self.name == "masking-sparse" else "complete",
+            threshold=self.threshold, dropouts=drops, clip=clip, clip_mode="l2", bits=self.bits,
+            seed=self.seed,
+        )
+
+
+def make_aggregator(
+    protection: str, *, threshold: int | None = None, bits: int = 32, seed: int | None = None
+) -> Aggregator:
+    if protection == "none":
+        return PlainAggregator()
+    if protection in ("masking", "masking-sparse", "ckks"):
+        return SecureAggregator(protection, threshold=threshold, bits=bits, seed=seed)
+    raise ConfigError(f"unknown protection {protection!r}; choose one of {', '.join(PROTECTIONS)}")
+
+
+def protocol_available(protection: str) -> str | None:
+    """None if ``protection`` can run here, else a sentence saying what is missing."""
+    import importlib
+
+    module = {"masking": "secagg.protocol.simulate", "masking-sparse": "secagg.protocol.simulate",
+              "ckks": "secagg.ckks"}.get(protection)
+    if module is None:
+        return None
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"protection {protection!r} needs {module}, which cannot be imported here ({exc})"
+    return None

@@ -1,0 +1,450 @@
+"""The in-process federation: rounds of sample -> train -> protect/aggregate -> update -> account.
+
+One round, step by step (each a method, so another backend can replace one step):
+
+1. :meth:`Federation.sample_clients` -- a fixed count, or Poisson sampling at rate q;
+2. :meth:`Federation.plan_faults` -- which sampled clients drop, and at which protocol stage
+   (random ``dropout_rate``, ``straggler_rate`` -- a straggler misses the upload deadline -- and
+   an explicit ``dropout_schedule``);
+3. :meth:`Federation.reserve_budget` -- write-ahead ledger row with the round's spend;
+   raises :class:`PrivacyBudgetExceeded` before anyone trains;
+4. :meth:`Federation.train_clients` -- local training through a :class:`ClientExecutor`
+   (in process by default; a Ray or gRPC backend runs :class:`TrainTask` elsewhere);
+5. :meth:`Federation.encode_updates` -- clip, weight, (distributed) noise: the vectors clients
+   hand to the protocol;
+6. :meth:`Federation.aggregate` -- the :class:`~federation.aggregators.Aggregator` runs the
+   real protocol over all sampled clients and their dropouts; the server learns only the sum;
+7. :meth:`Federation.apply_aggregate` -- decode the mean update, central noise for user-level
+   DP, then the strategy's server step;
+8. ledger commit, checkpoint.
+
+Randomness: every round's public randomness (sampling, faults, batch order) is derived from
+``(seed, round)``, so a resumed run draws exactly what an uninterrupted one would. DP noise and
+the protocol's keys and masks come from the operating system unless ``deterministic = true``
+(insecure, for tests and benchmarks: it derives them from the seed too, and warns).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from federation import checkpoint as ckpt_io
+from federation.accounting import RoundAccountant
+from federation.aggregators import PRE_UPLOAD_STAGES, STAGES, Aggregator, make_aggregator, protocol_available
+from federation.config import ExperimentConfig
+from federation.data import Dataset, check_available, load_dataset, partition
+from federation.ledger import BudgetLedger
+from federation.models import build_model, get_flat, num_params, set_flat
+from federation.strategies import Strategy
+from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
+from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
+from secagg.result import AggregateResult
+
+LEDGER_FILE = "ledger.jsonl"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "privacy_report.html"
+
+# dp_accounting logs a warning per RDP order it drops; that is expected for small sampling rates.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Everything one client needs to train in one round (plain values, picklable)."""
+
+    client: int
+    round: int
+    global_params: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    config: LocalTraining
+    build: Callable[[], torch.nn.Module]
+    seed: int | None
+
+
+class ClientExecutor(Protocol):
+    """Runs the local-training step of a round; returns updates in task order."""
+
+    def run(self, tasks: Sequence[TrainTask]) -> list[ClientUpdate]: ...
+
+
+class SequentialExecutor:
+    """Trains clients one after another in this process (the default)."""
+
+    def run(self, tasks: Sequence[TrainTask]) -> list[ClientUpdate]:
+        return [run_task(t) for t in tasks]
+
+
+def run_task(task: TrainTask) -> ClientUpdate:
+    """Execute one :class:`TrainTask` (what a remote worker calls)."""
+    return train_client(task.build, task.global_params, task.x, task.y, task.config,
+                        client=task.client, seed=task.seed)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did and what it cost. ``included`` are client ids whose update counted."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    epsilon: float
+    bytes_up_per_param: float
+    bytes_up_total: int
+    sampled: list[int]
+    included: list[int]
+    dropped: dict[str, list[int]]
+    train_loss: float | None
+    max_quantization_error: float
+    seconds: float
+    aborted: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunSummary:
+    config: ExperimentConfig
+    rounds: list[RoundResult] = field(default_factory=list)
+    out_dir: Path | None = None
+    num_params: int = 0
+    resumed_from: int = 0
+
+    @property
+    def final(self) -> RoundResult | None:
+        return self.rounds[-1] if self.rounds else None
+
+    @property
+    def final_accuracy(self) -> float | None:
+        accs = [r.accuracy for r in self.rounds if r.accuracy is not None]
+        return accs[-1] if accs else None
+
+
+class Federation:
+    """An in-process federated experiment built from an :class:`ExperimentConfig`.
+
+    Everything that can be wrong with the configuration (options, data files, protocol
+    availability, privacy budget) is checked here, before any client trains.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        *,
+        executor: ClientExecutor | None = None,
+        aggregator: Aggregator | None = None,
+        dataset: Dataset | None = None,
+    ) -> None:
+        config.validate(strict=True)
+        if config.dp == "user-distributed" and config.threshold is None:
+            raise ConfigError("dp = 'user-distributed' calibrates each client's noise share to the "
+                              "minimum number of survivors: set threshold explicitly")
+        if aggregator is None:
+            missing = protocol_available(config.protection)
+            if missing:
+                raise ConfigError(missing + "; use protection = 'none' until it is installed")
+        if dataset is None:
+            check_available(config.dataset, config.data_dir)
+        if config.deterministic:
+            warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
+                          "this is for tests and benchmarks only and gives no privacy", stacklevel=2)
+        self.config = config
+        self.dataset = dataset if dataset is not None else load_dataset(
+            config.dataset, config.data_dir, seed=config.seed)
+        self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
+                               alpha=config.alpha, seed=config.seed)
+        self.sizes = [len(p) for p in self.parts]
+        self.build = partial(build_model, config.model, self.dataset.input_shape,
+                             self.dataset.num_classes, hidden=config.hidden)
+        self.local = LocalTraining(
+            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
+            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+        )
+        self.accountant = RoundAccountant(
+            mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
+            client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
+            clients_per_round=round(config.expected_clients_per_round), num_clients=config.num_clients,
+            clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
+            accountant=config.accountant,
+        )
+        self.executor = executor or SequentialExecutor()
+        self.aggregator = aggregator or make_aggregator(
+            config.protection, threshold=config.threshold, bits=config.bits,
+            seed=config.seed if config.deterministic else None)
+        self.strategy = Strategy(config.strategy, server_lr=config.effective_server_lr,
+                                 proximal_mu=config.proximal_mu, beta1=config.beta1,
+                                 beta2=config.beta2, tau=config.tau)
+        torch.manual_seed(config.seed)
+        self._model = self.build()
+        self.params = get_flat(self._model)
+        self.out_dir = Path(config.out_dir)
+        self._noise_rng = np.random.default_rng(
+            np.random.SeedSequence([config.seed, 0x5EC]) if config.deterministic else secrets.randbits(128))
+        self.check_budget()
+
+    # ----------------------------------------------------------------- budget
+    def check_budget(self) -> None:
+        """Refuse a plan whose rounds do not fit the budget, before anything runs."""
+        c = self.config
+        if c.budget_epsilon is None or not self.accountant.is_private:
+            return
+        total = self.accountant.epsilon_after(c.rounds)
+        if total > c.budget_epsilon:
+            fit = self.accountant.rounds_within(c.budget_epsilon, c.rounds)
+            raise PrivacyBudgetExceeded(
+                f"{c.rounds} rounds would spend epsilon={total:.3g} (delta={c.delta:g}) but the budget "
+                f"is {c.budget_epsilon:g}; only {fit} round(s) fit. Lower rounds, raise "
+                "noise_multiplier, or raise budget_epsilon"
+            )
+
+    def open_ledger(self) -> BudgetLedger | None:
+        if not self.accountant.is_private:
+            return None
+        budget = self.config.budget_epsilon if self.config.budget_epsilon is not None else math.inf
+        return BudgetLedger(self.out_dir / LEDGER_FILE, budget_epsilon=budget, delta=self.config.delta)
+
+    def reserve_budget(self, ledger: BudgetLedger | None, rnd: int) -> float:
+        epsilon = self.accountant.epsilon_after(rnd)
+        if ledger is not None:
+            ledger.reserve(rnd, epsilon, self.accountant.mechanism())
+        return epsilon
+
+    # ----------------------------------------------------------------- steps
+    def _round_rng(self, rnd: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.config.seed, rnd, stream]))
+
+    def sample_clients(self, rnd: int) -> list[int]:
+        c, rng = self.config, self._round_rng(rnd, 1)
+        if c.sampling == "poisson":
+            return [int(i) for i in np.flatnonzero(rng.random(c.num_clients) < c.sampling_rate)]
+        return sorted(int(i) for i in rng.choice(c.num_clients, c.clients_per_round, replace=False))
+
+    def plan_faults(self, rnd: int, sampled: Sequence[int]) -> dict[str, list[int]]:
+        """Stage -> row indices (positions in ``sampled``) of the clients dropping there."""
+        c, rng = self.config, self._round_rng(rnd, 2)
+        stage_of: dict[int, str] = {}
+        for row in range(len(sampled)):
+            u, stage_pick = rng.random(), int(rng.integers(len(STAGES)))
+            if u < c.dropout_rate:
+                stage_of[row] = STAGES[stage_pick]
+            elif u < c.dropout_rate + c.straggler_rate:
+                stage_of[row] = "masked_input"  # too slow: the upload misses the deadline
+        for item in c.dropout_schedule:
+            if item["round"] == rnd:
+                for client in item["clients"]:
+                    if client in sampled:
+                        stage_of[sampled.index(client)] = item["stage"]
+        plan: dict[str, list[int]] = {}
+        for row, stage in sorted(stage_of.items()):
+            plan.setdefault(stage, []).append(row)
+        return plan
+
+    def train_clients(self, rnd: int, sampled: Sequence[int], faults: dict[str, list[int]]) -> list[ClientUpdate | None]:
+        """Local training for every sampled client that will upload (row order)."""
+        gone = {row for s in PRE_UPLOAD_STAGES for row in faults.get(s, ())}
+        tasks, rows = [], []
+        for row, client in enumerate(sampled):
+            if row in gone:
+                continue
+            idx = self.parts[client]
+            seed = int(np.random.SeedSequence([self.config.seed, rnd, 3, client]).generate_state(1)[0])
+            if self.local.dp_sgd and not self.config.deterministic:
+                # Batch order may be public, DP noise may not: never derive it from the seed.
+                seed = secrets.randbits(62)
+            tasks.append(TrainTask(client, rnd, self.params, self.dataset.x_train[idx],
+                                   self.dataset.y_train[idx], self.local, self.build, seed))
+            rows.append(row)
+        updates: list[ClientUpdate | None] = [None] * len(sampled)
+        for row, update in zip(rows, self.executor.run(tasks)):
+            updates[row] = update
+        return updates
+
+    @property
+    def weighted(self) -> bool:
+        """Sample-weighted FedAvg (an extra coordinate carries the weight) unless user-level DP."""
+        return self.config.dp not in ("user", "user-distributed")
+
+    def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
+        """Rows the clients feed to the protocol, and the L2 bound every row satisfies.
+
+        Weighted mode: row = [w_k * clip(delta_k), w_k] with w_k = n_k / max_j n_j (a public
+        constant), so the server decodes sum(w delta) / sum(w) from the sum alone, whoever drops.
+        User-level DP: row = clip(delta_k) (+ the client's noise share when distributed).
+        """
+        c = self.config
+        d = len(self.params)
+        width = d + 1 if self.weighted else d
+        rows = np.zeros((len(updates), width), dtype=np.float64)
+        clip = c.update_clip if c.update_clip > 0 else None
+        share_std = 0.0
+        if c.dp == "user-distributed":
+            share_std = c.noise_multiplier * c.update_clip / math.sqrt(c.threshold)  # type: ignore[arg-type]
+        n_ref = max(self.sizes)
+        for row, update in enumerate(updates):
+            if update is None:
+                continue
+            delta = update.delta.astype(np.float64)
+            if clip is not None:
+                norm = float(np.linalg.norm(delta))
+                if norm > clip:
+                    delta = delta * (clip / norm)
+            if self.weighted:
+                w = update.num_samples / n_ref
+                rows[row, :d] = w * delta
+                rows[row, d] = w
+            else:
+                rows[row] = delta + (self._noise_rng.normal(0.0, share_std, d) if share_std else 0.0)
+        if clip is None:
+            return rows, None
+        bound = math.sqrt(clip**2 + 1.0) if self.weighted else clip
+        if share_std:
+            # A Gaussian vector's norm exceeds std * (sqrt(d) + 8) with probability < e^-32.
+            bound = clip + share_std * (math.sqrt(d) + 8.0)
+        return rows, bound
+
+    def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> AggregateResult:
+        return self.aggregator.aggregate(vectors, dropouts=faults, clip=clip)
+
+    def apply_aggregate(self, result: AggregateResult) -> bool:
+        """Decode the mean update from the sum and take the server step. False if nothing counted."""
+        c = self.config
+        d = len(self.params)
+        total = np.asarray(result.total, dtype=np.float64)
+        if self.weighted:
+            weight = float(total[d])
+            if weight <= 0:
+                return False
+            mean = total[:d] / weight
+        else:
+            if c.dp == "user":
+                total = total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, d)
+            mean = total / max(c.expected_clients_per_round, 1.0)
+        self.params = self.strategy.apply(self.params, mean.astype(np.float32)).astype(np.float32)
+        return True
+
+    def evaluate(self) -> tuple[float, float]:
+        set_flat(self._model, self.params)
+        return evaluate(self._model, self.dataset.x_test, self.dataset.y_test)
+
+    # ----------------------------------------------------------------- loop
+    def run_round(self, rnd: int, ledger: BudgetLedger | None) -> RoundResult:
+        start = time.perf_counter()
+        sampled = self.sample_clients(rnd)
+        faults = self.plan_faults(rnd, sampled)
+        epsilon = self.reserve_budget(ledger, rnd)
+        updates = self.train_clients(rnd, sampled, faults)
+        vectors, clip = self.encode_updates(updates)
+        aborted = None
+        result: AggregateResult | None = None
+        minimum = max(2, self.config.threshold or 2) if self.config.protection.startswith("masking") else 1
+        uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
+        if len(sampled) < minimum or uploading < 1:
+            aborted = f"{len(sampled)} client(s) sampled, {uploading} uploading: too few for the protocol"
+        else:
+            try:
+                result = self.aggregate(vectors, faults, clip)
+            except NotEnoughSurvivors as exc:
+                aborted = f"protocol aborted: {exc}"
+        if result is not None and not self.apply_aggregate(result):
+            aborted = "no client's update counted"
+        accuracy = loss = None
+        if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
+            accuracy, loss = self.evaluate()
+        trained = [u for u in updates if u is not None]
+        included = [sampled[i] for i in result.included] if result is not None else []
+        per_param = result.bytes_up_per_param if result is not None else 0.0
+        return RoundResult(
+            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
+            bytes_up_total=int(round(per_param * vectors.shape[1] * len(included))),
+            sampled=list(sampled), included=included,
+            dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
+            train_loss=float(np.mean([u.loss for u in trained])) if trained else None,
+            max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
+            seconds=time.perf_counter() - start, aborted=aborted,
+        )
+
+    def run(
+        self, *, resume: bool = False, on_round: Callable[[RoundResult], None] | None = None
+    ) -> RunSummary:
+        """Run (or continue, with ``resume``) the experiment; writes everything under ``out_dir``."""
+        c = self.config
+        summary = RunSummary(config=c, out_dir=self.out_dir, num_params=num_params(self._model))
+        existing = ckpt_io.load(self.out_dir)
+        start = 1
+        if existing is not None:
+            if not resume:
+                raise ConfigError(f"{self.out_dir} already holds a run (round {existing.round}); "
+                                  "pass --resume to continue it or choose another out_dir")
+            if existing.fingerprint != c.fingerprint():
+                raise ConfigError(f"{self.out_dir} holds a run with a different configuration; "
+                                  "resume it with the same options or choose another out_dir")
+            self.params = existing.params.astype(np.float32)
+            self.strategy.load_state_arrays(existing.strategy_state)
+            if existing.torch_rng_state is not None:
+                torch.set_rng_state(torch.tensor(existing.torch_rng_state, dtype=torch.uint8))
+            summary.rounds = [RoundResult(**m) for m in existing.metrics]
+            summary.resumed_from = existing.round
+            start = existing.round + 1
+        elif (self.out_dir / LEDGER_FILE).exists() and not resume:
+            raise ConfigError(f"{self.out_dir} holds a privacy ledger from an earlier run; pass --resume "
+                              "to continue it or choose another out_dir")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.toml").write_text(_to_toml(c))
+        ledger = self.open_ledger()
+        for rnd in range(start, c.rounds + 1):
+            result = self.run_round(rnd, ledger)
+            if ledger is not None:
+                ledger.commit(rnd, {"epsilon_total": result.epsilon, "included": len(result.included),
+                                    "accuracy": result.accuracy, "aborted": result.aborted})
+            summary.rounds.append(result)
+            ckpt_io.save(self.out_dir, ckpt_io.Checkpoint(
+                round=rnd, params=self.params, strategy_state=self.strategy.state_arrays(),
+                fingerprint=c.fingerprint(), seed=c.seed, metrics=[r.to_json() for r in summary.rounds],
+                torch_rng_state=torch.get_rng_state().tolist(),
+            ))
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(result.to_json()) + "\n")
+            if on_round is not None:
+                on_round(result)
+        _write_summary(self, summary, ledger)
+        return summary
+
+
+def _to_toml(config: ExperimentConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config.to_sections())
+
+
+def _write_summary(fed: Federation, summary: RunSummary, ledger: BudgetLedger | None) -> None:
+    from federation.report import render_report
+
+    final = summary.final
+    data = {
+        "name": fed.config.name, "rounds": len(summary.rounds), "final_accuracy": summary.final_accuracy,
+        "epsilon": final.epsilon if final else 0.0, "delta": fed.config.delta if ledger else None,
+        "protection": fed.config.protection, "dp": fed.config.dp, "num_params": summary.num_params,
+        "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds),
+        "ledger": str(fed.out_dir / LEDGER_FILE) if ledger else None,
+        "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
+    }
+    if ledger is not None:
+        ledger.verify()
+        render_report(ledger, summary, fed.out_dir / REPORT_FILE)
+    (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))

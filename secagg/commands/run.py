@@ -1,0 +1,85 @@
+"""``secagg run CONFIG.toml``: a federated experiment from a TOML file; flags override it."""
+
+from __future__ import annotations
+
+import argparse
+
+# Flags that override one config option each: (flag, option, type, help).
+OVERRIDES: list[tuple[str, str, type, str]] = [
+    ("--rounds", "rounds", int, "number of rounds"),
+    ("--clients", "num_clients", int, "number of clients"),
+    ("--clients-per-round", "clients_per_round", int, "clients sampled per round"),
+    ("--protection", "protection", str, "none | masking | masking-sparse | ckks"),
+    ("--strategy", "strategy", str, "fedavg | fedprox | fedadam | fedyogi"),
+    ("--dp", "dp", str, "none | dpsgd | user | user-distributed"),
+    ("--noise-multiplier", "noise_multiplier", float, "DP noise multiplier"),
+    ("--budget-epsilon", "budget_epsilon", float, "privacy budget (epsilon) the ledger enforces"),
+    ("--threshold", "threshold", int, "masking threshold t (clients needed to unmask)"),
+    ("--dropout-rate", "dropout_rate", float, "probability a sampled client drops mid-protocol"),
+    ("--data-dir", "data_dir", str, "folder holding the datasets (default: ../shared/data if present)"),
+    ("--out", "out_dir", str, "output folder (metrics, checkpoint, ledger, report)"),
+    ("--seed", "seed", int, "public seed: partition, sampling, initialisation, batch order"),
+]
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    for flag, option, kind, text in OVERRIDES:
+        parser.add_argument(flag, dest=f"opt_{option}", type=kind, default=None, help=text)
+    parser.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config option, e.g. --set lr=0.05 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per round, then a summary")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the output folder after a crash (no budget is re-spent)")
+
+
+def apply_overrides(config, args: argparse.Namespace) -> None:
+    from secagg.errors import ConfigError
+
+    for _, option, _, _ in OVERRIDES:
+        value = getattr(args, f"opt_{option}")
+        if value is not None:
+            config.set(option, value)
+    for item in args.set_options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        config.set(key.strip(), value.strip())
+    if config.data_dir is None:
+        from federation.data import default_data_dir
+
+        found = default_data_dir()
+        config.data_dir = str(found) if found else None
+
+
+def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
+    """Build the federation (every check happens here, before training), run it, report."""
+    import torch
+
+    from federation.console import print_summary, progress
+    from federation.engine import Federation
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    fed = Federation(config)
+    with progress(fed, as_json=args.json, noun=noun) as on_round:
+        summary = fed.run(resume=args.resume, on_round=on_round)
+    print_summary(fed, summary, as_json=args.json, noun=noun)
+    return 0
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(
+        name, help=help_text,
+        description="Run a federated experiment described by a TOML file (see examples/*.toml). "
+                    "Flags and --set override the file; results go to the output folder.",
+    )
+    parser.add_argument("config", help="experiment TOML file")
+    add_common_options(parser)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from federation.config import ExperimentConfig
+
+    config = ExperimentConfig.from_toml(args.config)
+    apply_overrides(config, args)
+    return execute(config, args)
