@@ -469,3 +469,58 @@ def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
 
 def total_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f8").copy()
+
+
+def report_summary(report: RoundReport) -> dict:
+    """One JSON-able line per round: what was released and who was dropped (and why)."""
+    line = {
+        "round": report.round, "ok": report.ok, "seconds": round(report.seconds, 4),
+        "participants": len(report.participants),
+        "dropped": {str(c): r for c, r in sorted(report.dropped.items())},
+    }
+    if report.ok and report.outcome is not None:
+        line["included"] = list(report.outcome.included)
+        line["norm"] = float(np.linalg.norm(report.outcome.total))
+    else:
+        line["reason"] = report.reason
+    return line
+
+
+async def serve_forever_with_state(
+    settings: ServerSettings,
+    credentials: Credentials,
+    state_dir,
+    *,
+    print_line: Callable[[dict], None] = lambda d: None,
+    ready: Callable[[int], None] | None = None,
+) -> bool:
+    """Run the configured rounds, resuming after the last round recorded in ``state_dir``.
+
+    A completed round is persisted (aggregate, summary, then progress marker) before the
+    next one starts, so a server killed at any point restarts at the first round it had
+    not finished; a round cut short by the crash is run again from scratch with fresh keys.
+    """
+    from federation.transport.config import read_progress, record_round
+
+    done = read_progress(state_dir)
+    total_rounds = settings.first_round + settings.rounds
+    if done >= settings.first_round:
+        log.info("resuming: rounds up to %d are complete (state in %s)", done, state_dir)
+        settings.first_round = done + 1
+        settings.rounds = max(0, total_rounds - settings.first_round)
+
+    def on_round(report: RoundReport) -> None:
+        line = report_summary(report)
+        if report.ok and state_dir is not None and report.outcome is not None:
+            record_round(state_dir, report.round, report.outcome.total, line)
+        print_line(line)
+
+    server = AggregationServer(settings, credentials, on_round=on_round)
+    port = await server.start()
+    if ready is not None:
+        ready(port)
+    try:
+        reports = await server.serve()
+    finally:
+        await server.stop()
+    return all(r.ok for r in reports)

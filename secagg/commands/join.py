@@ -1,0 +1,66 @@
+"""`secagg join`: take part in aggregation rounds as a client over gRPC with mutual TLS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=(
+            "Connect to a `secagg serve` server with this client's certificate and protocol "
+            "identity, contribute one update per round (from [client.input]) and receive the "
+            "released aggregate. Prints one JSON line per round."
+        ),
+    )
+    parser.add_argument("--server", default=None, help="HOST:PORT of the server (overrides [client] server)")
+    parser.add_argument("--config", required=True, help="client TOML file (see examples/client.toml)")
+    parser.add_argument("--server-name", default=None, help="TLS name to expect in the server certificate")
+    parser.add_argument("--out", default=None, help="directory to save each released aggregate as round-<r>.npy")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.set_defaults(func=_join)
+
+
+def _join(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import asyncio
+    from pathlib import Path
+
+    import numpy as np
+
+    from federation.transport.certs import Credentials
+    from federation.transport.config import input_source, load_client_config
+    from federation.transport.grpc_client import run_client
+
+    cfg = load_client_config(args.config)
+    if args.server:
+        cfg.settings.server = args.server
+    if args.server_name:
+        cfg.settings.server_name = args.server_name
+    creds = Credentials.load(cfg.credentials)
+    peer = creds.check_binding()
+    source = input_source(cfg.input, cfg.base, peer.client_id)
+    out = Path(args.out) if args.out else None
+
+    def on_round_end(r: int, total) -> None:
+        line = {"round": r, "client": peer.client_id, "ok": total is not None}
+        if total is not None:
+            line["norm"] = float(np.linalg.norm(total))
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                np.save(out / f"round-{r}.npy", total, allow_pickle=False)
+        print(json.dumps(line), flush=True)
+
+    report = asyncio.run(run_client(cfg.settings, creds, source, on_round_end=on_round_end))
+    for r, reason in sorted(report.dropped.items()):
+        print(json.dumps({"round": r, "client": peer.client_id, "dropped": reason}), flush=True)
+    return 0
