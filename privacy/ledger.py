@@ -388,9 +388,13 @@ class Ledger:
             for r in self._raw_entries() if r["kind"] == "reserve"
         ]
 
-    def _cumulative(self, events: list[SampledGaussianEvent]) -> dict[str, float | None]:
-        out: dict[str, float | None] = {}
+    def _cumulative(
+        self, events: list[SampledGaussianEvent], known: dict[str, float] | None = None
+    ) -> dict[str, float | None]:
+        out: dict[str, float | None] = dict(known or {})
         for name in ACCOUNTANTS:
+            if name in out:
+                continue
             try:
                 out[name] = epsilon_of_events(events, delta=self.delta, accountant=name)
             except PrivacyError:
@@ -417,10 +421,10 @@ class Ledger:
         spend = self._as_spend(spend, round=round, participants=participants, note=note)
         with self._tx():
             self.verify()
-            eps = self._cumulative(self._events() + [spend.event])
-            enforced = eps[self.accountant]
-            if enforced is None or not enforced <= self.budget_epsilon:
-                spent = self._cumulative(self._events())[self.accountant]
+            events = self._events() + [spend.event]
+            enforced = epsilon_of_events(events, delta=self.delta, accountant=self.accountant)
+            if not enforced <= self.budget_epsilon:
+                spent = self.spent()[self.accountant]
                 raise PrivacyBudgetExceeded(
                     f"round {spend.round} refused: cumulative epsilon would be {enforced:.4g} "
                     f"({self.accountant}, delta={self.delta:g}) > budget {self.budget_epsilon:g} "
