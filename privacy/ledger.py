@@ -431,6 +431,7 @@ class Ledger:
                     f"(already spent {spent:.4g}); raise the noise multiplier, sample fewer "
                     f"clients/records or stop training"
                 )
+            eps = self._cumulative(events, known={self.accountant: enforced})
             ev = spend.event
             values = self._append({
                 "kind": "reserve", "ref": None, "round": spend.round,
