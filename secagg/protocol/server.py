@@ -185,8 +185,8 @@ class ServerSession:
             raise RemoteProtocolError(f"client {sender} was already rejected this round", sender)
         try:
             self._accept(sender, msg)
-        except ReplayError:
-            raise
+        except (ReplayError, UnexpectedMessage):
+            raise  # late, duplicated or out-of-stage: ignored, the client is not banned for it
         except SecAggError as exc:
             self.rejected[sender] = f"{self.stage.value}: {type(exc).__name__}: {exc}"
             raise

@@ -1,0 +1,73 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg import shamir
+from secagg.errors import ConfigError, InvalidShare
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(2, 25).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=5),
+    st.randoms(use_true_random=False),
+)
+def test_any_t_shares_reconstruct_every_secret(n_t, secrets, rnd):
+    n, t = n_t
+    holders = rnd.sample(range(1, 10_000), n)
+    shares = shamir.split(secrets, threshold=t, holders=holders)
+    chosen = rnd.sample(range(n), t)
+    recovered = shamir.reconstruct([holders[i] for i in chosen], shares[chosen], secret_bytes=32)
+    assert recovered == secrets
+
+
+def test_odd_secret_lengths_round_trip():
+    secrets = [os.urandom(7), os.urandom(7)]
+    shares = shamir.split(secrets, threshold=3, holders=[1, 2, 3, 4])
+    assert shamir.reconstruct([2, 3, 4], shares[1:], secret_bytes=7) == secrets
+
+
+def test_fewer_than_t_shares_are_uniform_whatever_the_secret():
+    # t-1 shares of the all-zero secret and of the all-0xff secret look alike (perfect secrecy).
+    def first_share_limbs(secret):
+        return np.concatenate([shamir.split([secret], threshold=3, holders=[1, 2, 3])[0, 0] for _ in range(300)])
+
+    for secret in (bytes(32), b"\xff" * 32):
+        limbs = first_share_limbs(secret)
+        counts = np.bincount(limbs >> 27, minlength=16)  # top 4 of 31 bits
+        chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+        assert chi2 < 50
+
+
+def test_share_serialisation_round_trips_and_rejects_bad_sizes():
+    shares = shamir.split([os.urandom(32)], threshold=2, holders=[5, 9])
+    blob = shamir.encode_share(shares[0, 0])
+    assert len(blob) == shamir.share_bytes(32)
+    np.testing.assert_array_equal(shamir.decode_share(blob, secret_bytes=32), shares[0, 0])
+    with pytest.raises(InvalidShare):
+        shamir.decode_share(blob[:-1], secret_bytes=32)
+    with pytest.raises(InvalidShare):
+        shamir.decode_share(b"\xff" * len(blob), secret_bytes=32)
+
+
+def test_lagrange_weights_are_cached_per_holder_set():
+    shamir.lagrange_at_zero.cache_clear()
+    holders = tuple(range(1, 40))
+    shamir.lagrange_at_zero(holders)
+    shamir.lagrange_at_zero(holders)
+    info = shamir.lagrange_at_zero.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
+    # Weights interpolate: sum of weights * x^k at 0 is 1 for k=0 and 0 otherwise.
+    weights = shamir.lagrange_at_zero(holders)
+    assert sum(weights) % shamir.PRIME == 1
+    assert sum(w * x for w, x in zip(weights, holders)) % shamir.PRIME == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(threshold=0), dict(threshold=4), dict(holders=[1, 1, 2]), dict(holders=[0, 1, 2])])
+def test_bad_parameters(kwargs):
+    params = dict(threshold=2, holders=[1, 2, 3]) | kwargs
+    with pytest.raises(ConfigError):
+        shamir.split([os.urandom(32)], **params)

@@ -1,0 +1,89 @@
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg import wire
+from secagg.errors import InvalidSignature, SecAggError, WireError
+from secagg.keys import IdentityKey
+from secagg.protocol.messages import ConsistencyRequest, EncryptedShares, MaskedInput
+
+ROUND = bytes(16)
+KEY = IdentityKey.generate()
+
+
+def lookup(party):
+    return KEY.public_bytes if party == 3 else None
+
+
+def test_round_trip_of_a_signed_message():
+    msg = EncryptedShares(ROUND, 3, {4: b"abc", 7: b"def"}, bytes(32))
+    sender, decoded = wire.open_sealed(wire.seal(msg, 3, KEY), lookup)
+    assert (sender, decoded) == (3, msg)
+
+
+def test_unsigned_message_is_refused_where_a_signature_is_required():
+    with pytest.raises(InvalidSignature, match="not signed"):
+        wire.open_sealed(wire.encode(MaskedInput(ROUND, 3, b"")), lookup)
+
+
+def test_unknown_sender_and_bad_signature_are_refused():
+    sealed = wire.seal(MaskedInput(ROUND, 3, b"x"), 3, KEY)
+    with pytest.raises(InvalidSignature, match="unknown party"):
+        wire.open_sealed(sealed, lambda party: None)
+    forged = wire.seal(MaskedInput(ROUND, 3, b"x"), 3, IdentityKey.generate())
+    with pytest.raises(InvalidSignature):
+        wire.open_sealed(forged, lookup)
+
+
+def test_oversized_message_is_refused_before_parsing():
+    sealed = wire.seal(MaskedInput(ROUND, 3, bytes(10_000)), 3, KEY)
+    with pytest.raises(WireError, match="exceeds"):
+        wire.open_sealed(sealed, lookup, max_bytes=1000)
+
+
+def test_schema_violations_are_wire_errors():
+    def frame(type_name, body, version=wire.WIRE_VERSION, magic=wire.MAGIC):
+        return msgpack.packb([magic, version, type_name, body], use_bin_type=True)
+
+    good = {"round_id": ROUND, "survivors": [1, 2]}
+    assert wire.decode(frame("masking.consistency_request", good)) == ConsistencyRequest(ROUND, (1, 2))
+    cases = [
+        (frame("masking.consistency_request", good, version=99), "version"),
+        (frame("masking.consistency_request", good, magic="other"), "magic"),
+        (frame("nope", good), "unknown message type"),
+        (frame("masking.consistency_request", {"round_id": ROUND}), "schema mismatch"),
+        (frame("masking.consistency_request", good | {"extra": 1}), "schema mismatch"),
+        (frame("masking.consistency_request", {"round_id": ROUND, "survivors": ["1"]}), "expected int"),
+        (frame("masking.consistency_request", {"round_id": ROUND, "survivors": [1, 1]}), "duplicate"),
+        (frame("masking.consistency_request", {"round_id": b"short", "survivors": [1]}), "round_id"),
+        (b"\xc1garbage", "malformed"),
+    ]
+    for data, needle in cases:
+        with pytest.raises(WireError, match=needle):
+            wire.decode(data)
+
+
+def test_expect_rejects_another_type():
+    data = wire.encode(ConsistencyRequest(ROUND, (1,)))
+    with pytest.raises(WireError, match="expected"):
+        wire.decode(data, expect=MaskedInput)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_ever_raise_typed_errors(data):
+    for attempt in (lambda: wire.decode(data), lambda: wire.open_sealed(data, lookup)):
+        try:
+            attempt()
+        except SecAggError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 7))
+def test_bit_flips_in_a_sealed_message_are_always_detected(position, bit):
+    sealed = bytearray(wire.seal(EncryptedShares(ROUND, 3, {4: b"secret share"}, bytes(32)), 3, KEY))
+    sealed[position % len(sealed)] ^= 1 << bit
+    with pytest.raises(SecAggError):
+        wire.open_sealed(bytes(sealed), lookup)
