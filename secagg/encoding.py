@@ -38,6 +38,7 @@ class FixedPointCodec:
     bits: int = 32
     max_clients: int = 1
     clip_mode: str = "l2"
+    headroom: float = 0.0  # extra per-coordinate range reserved for distributed noise
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -50,7 +51,9 @@ class FixedPointCodec:
             raise ConfigError(f"scale must be a positive finite number, got {self.scale}")
         if self.max_clients < 1:
             raise ConfigError("max_clients must be at least 1")
-        worst = self.max_clients * (self.clip * self.scale + 1)
+        if not (self.headroom >= 0 and math.isfinite(self.headroom)):
+            raise ConfigError(f"headroom must be a non-negative finite number, got {self.headroom}")
+        worst = self.max_clients * ((self.clip + self.headroom) * self.scale + 1)
         if worst >= 2 ** (self.bits - 1):
             raise OverflowRisk(
                 f"the sum of {self.max_clients} updates clipped to {self.clip} at scale {self.scale:g} "
@@ -59,21 +62,27 @@ class FixedPointCodec:
             )
 
     @classmethod
-    def for_clients(cls, *, clip: float, max_clients: int, bits: int = 32, clip_mode: str = "l2") -> FixedPointCodec:
-        """The finest scale (a power of two) for which ``max_clients`` sums cannot overflow."""
+    def for_clients(
+        cls, *, clip: float, max_clients: int, bits: int = 32, clip_mode: str = "l2", headroom: float = 0.0
+    ) -> FixedPointCodec:
+        """The finest scale (a power of two) for which ``max_clients`` sums cannot overflow.
+
+        ``headroom`` reserves extra per-coordinate range (in update units) for noise that
+        clients add after clipping, e.g. 10 standard deviations of distributed DP noise.
+        """
         if not (clip > 0 and math.isfinite(clip)):
             raise ConfigError(f"clip must be a positive finite number, got {clip}")
         if max_clients < 1:
             raise ConfigError("max_clients must be at least 1")
         if bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits must be between 8 and 32, got {bits}")
-        headroom = 2 ** (bits - 1) / max_clients - 1
-        if headroom <= 0:
+        if 2 ** (bits - 1) / max_clients - 1 <= 0:
             raise OverflowRisk(f"{max_clients} clients cannot be summed in {bits} bits; use more bits")
-        scale = 2.0 ** math.floor(math.log2(headroom / clip))
-        while max_clients * (clip * scale + 1) >= 2 ** (bits - 1):
+        span = clip + headroom
+        scale = 2.0 ** math.floor(math.log2(max(2 ** (bits - 1) / max_clients - 1, 1) / span))
+        while max_clients * (span * scale + 1) >= 2 ** (bits - 1):
             scale /= 2
-        return cls(clip=clip, scale=scale, bits=bits, max_clients=max_clients, clip_mode=clip_mode)
+        return cls(clip=clip, scale=scale, bits=bits, max_clients=max_clients, clip_mode=clip_mode, headroom=headroom)
 
     @property
     def modulus(self) -> int:
@@ -98,14 +107,26 @@ class FixedPointCodec:
             return x * (self.clip / norm)
         return x
 
-    def encode(self, x: np.ndarray, *, rounding_seed: bytes | None = None) -> np.ndarray:
-        """Clip, scale, stochastically round and map to uint32 residues mod 2^bits."""
+    def encode(
+        self, x: np.ndarray, *, rounding_seed: bytes | None = None, integer_noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Clip, scale, stochastically round, add ``integer_noise`` and map to residues mod 2^bits."""
         clipped = self.clip_update(x)
         scaled = clipped.astype(np.float64) * self.scale
         floor = np.floor(scaled)
         frac = scaled - floor
         uniform = _uniform01(frac.size, rounding_seed).reshape(frac.shape)
         integers = (floor + (uniform < frac)).astype(np.int64)
+        if integer_noise is not None:
+            noise = np.asarray(integer_noise)
+            if noise.shape != integers.shape or not np.issubdtype(noise.dtype, np.integer):
+                raise InputError(f"integer noise must be an integer vector of {integers.shape[0]} entries")
+            limit = self.headroom * self.scale
+            if np.any(np.abs(noise) > limit):
+                raise OverflowRisk(
+                    "noise exceeds the headroom reserved in the encoding; raise `noise_headroom`"
+                )
+            integers = integers + noise.astype(np.int64)
         return self.to_ring(integers)
 
     def to_ring(self, integers: np.ndarray) -> np.ndarray:

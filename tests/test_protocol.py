@@ -210,7 +210,7 @@ def test_client_refuses_a_threshold_that_is_too_low():
     session, _ = make_round(n=6)
     config = session.config
     weak = RoundConfig(config.round_id, config.clients, 2, config.degree, config.graph_seed, config.dim,
-                       config.bits, config.clip, config.scale, config.clip_mode)
+                       config.bits, config.clip, config.scale, config.clip_mode, config.headroom)
     with pytest.raises(MaliciousServerDetected, match="threshold 2 is too low"):
         session.clients[1].receive(server_seal(session, weak))
 
@@ -327,3 +327,28 @@ def test_client_unmask_answers_exactly_once():
     assert not set(response.self_seed_shares) & set(response.mask_key_shares)
     with pytest.raises(UnexpectedMessage):
         client.receive(outgoing[1])
+
+
+def test_distributed_integer_noise_is_added_before_masking_and_survives_in_the_sum():
+    n, dim = 5, 4000
+    updates = np.zeros((n, dim))
+    rng = np.random.default_rng(8)
+    noise = {row: rng.integers(-50, 51, dim) for row in range(n)}
+    scales = []
+
+    def client_noise(row, d, scale):
+        scales.append(scale)
+        return noise[row]
+
+    result = secagg.aggregate(updates, clip=1.0, clip_mode="coordinate", client_noise=client_noise,
+                              noise_headroom=1e-4, dropouts={"masked_input": [2]})
+    scale = scales[0]
+    expected = sum(noise[r] for r in result.included) / scale
+    np.testing.assert_allclose(result.total, expected, atol=1e-12)
+
+
+def test_noise_beyond_the_reserved_headroom_is_refused():
+    updates = np.zeros((3, 10))
+    with pytest.raises(SecAggError, match="headroom"):
+        secagg.aggregate(updates, clip=1.0, client_noise=lambda row, d, scale: np.full(d, 10**9),
+                         noise_headroom=1e-6)

@@ -118,9 +118,15 @@ class ClientSession:
         update: np.ndarray | None = None,
         policy: ClientPolicy | None = None,
         rounding_seed: bytes | None = None,
+        integer_noise: Callable[[int, float], np.ndarray] | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        """``identities`` maps party id -> Ed25519 public key (the server is id 0)."""
+        """``identities`` maps party id -> Ed25519 public key (the server is id 0).
+
+        ``integer_noise(dim, scale)`` returns this client's share of distributed DP noise
+        in integer (quantized) units; it is added after rounding and before masking, so it
+        survives quantization and the server only sees the noisy sum.
+        """
         if client_id == SERVER_ID:
             raise LocalProtocolError("client ids start at 1; 0 is the server")
         self.client_id = client_id
@@ -129,6 +135,7 @@ class ClientSession:
         self._policy = policy or ClientPolicy()
         self._update = None if update is None else check_vector(update)
         self._rounding_seed = rounding_seed
+        self._integer_noise = integer_noise
         self._randbytes = randbytes
         self.state = ClientState.WAIT_CONFIG
         self.abort_reason: str | None = None
@@ -341,7 +348,8 @@ class ClientSession:
     def _masked_update(self) -> np.ndarray:
         config = self._config
         codec = codec_of(config)
-        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed)
+        noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
+        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
         acc = MaskAccumulator(config.dim, initial=encoded)
         acc.add(self._self_seed, 1)
         for peer in sorted(self._sharers - {self.client_id}):

@@ -36,7 +36,7 @@ def graph_of(config: RoundConfig) -> Graph:
 def codec_of(config: RoundConfig) -> FixedPointCodec:
     return FixedPointCodec(
         clip=config.clip, scale=config.scale, bits=config.bits,
-        max_clients=len(config.clients), clip_mode=config.clip_mode,
+        max_clients=len(config.clients), clip_mode=config.clip_mode, headroom=config.headroom,
     )
 
 

@@ -41,6 +41,7 @@ class RoundConfig(Message):
     clip: float
     scale: float
     clip_mode: str
+    headroom: float
 
     def __post_init__(self) -> None:
         _check_round(self.round_id)

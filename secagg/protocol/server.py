@@ -117,7 +117,7 @@ def plan_round(
     return RoundConfig(
         round_id=round_id or os.urandom(ROUND_ID_BYTES),
         clients=tuple(clients), threshold=t, degree=k, graph_seed=os.urandom(32), dim=dim,
-        bits=codec.bits, clip=codec.clip, scale=codec.scale, clip_mode=codec.clip_mode,
+        bits=codec.bits, clip=codec.clip, scale=codec.scale, clip_mode=codec.clip_mode, headroom=codec.headroom,
     )
 
 

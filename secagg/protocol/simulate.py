@@ -9,7 +9,7 @@ exactly what a deployed server would learn.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +29,8 @@ class InMemoryRound:
 
     def __init__(self, updates: np.ndarray, codec: FixedPointCodec, *, graph: str = "complete",
                  threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None,
+                 client_noise: Callable[[int, int, float], np.ndarray] | None = None) -> None:
         n, dim = updates.shape
         self.client_ids = tuple(range(1, n + 1))
         self.server_identity = IdentityKey.generate()
@@ -43,6 +44,7 @@ class InMemoryRound:
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
                 rounding_seed=None if seed is None else _rounding_seed(seed, c),
+                integer_noise=None if client_noise is None else _bind_row(client_noise, c - 1),
             )
             for c in self.client_ids
         }
@@ -89,12 +91,19 @@ def aggregate_masking(
     seed: int | None = None,
     weights: Sequence[float] | None = None,
     degree: int | None = None,
+    client_noise: Callable[[int, int, float], np.ndarray] | None = None,
+    noise_headroom: float = 0.0,
 ) -> AggregateResult:
     """Secure sum by pairwise masking; see :func:`secagg.aggregate` for the arguments.
 
     ``clip=None`` is a simulation convenience: no clipping, and the fixed-point range is
     the largest |coordinate| of this batch. A deployment fixes ``clip`` in advance, since
     the range must be agreed before anyone sees the updates.
+
+    ``client_noise(row, dim, scale)`` returns client ``row``'s share of distributed DP
+    noise in integer units (see ``privacy.distributed``); ``noise_headroom`` is the
+    per-coordinate range (in update units) the encoding reserves for it, e.g. ten noise
+    standard deviations, so the noisy sum cannot wrap around.
     """
     matrix = _check_updates(updates)
     n, dim = matrix.shape
@@ -105,13 +114,14 @@ def aggregate_masking(
         matrix = matrix * w[:, None]
     if clip is None:
         bound = float(np.max(np.abs(matrix))) or 1.0
-        codec = _codec(bound, n, bits, "coordinate", scale)
+        codec = _codec(bound, n, bits, "coordinate", scale, noise_headroom)
     else:
-        codec = _codec(clip, n, bits, clip_mode, scale)
+        codec = _codec(clip, n, bits, clip_mode, scale, noise_headroom)
     rows_by_stage = _check_dropouts(dropouts, n)
     total_dropped = len(set().union(*rows_by_stage.values())) if rows_by_stage else 0
     session = InMemoryRound(matrix, codec, graph=graph, threshold=threshold, degree=degree,
-                            dropout_hint=min(max(total_dropped / n, 0.0), 0.5), seed=seed)
+                            dropout_hint=min(max(total_dropped / n, 0.0), 0.5), seed=seed,
+                            client_noise=client_noise)
     if session.config.threshold > n:
         raise ConfigError(f"threshold {session.config.threshold} exceeds the number of clients {n}")
     session.run({stage: [r + 1 for r in rows] for stage, rows in rows_by_stage.items()})
@@ -137,10 +147,14 @@ def aggregate_masking(
     )
 
 
-def _codec(clip: float, n: int, bits: int, clip_mode: str, scale: float | None) -> FixedPointCodec:
+def _codec(clip: float, n: int, bits: int, clip_mode: str, scale: float | None, headroom: float) -> FixedPointCodec:
     if scale is None:
-        return FixedPointCodec.for_clients(clip=clip, max_clients=n, bits=bits, clip_mode=clip_mode)
-    return FixedPointCodec(clip=clip, scale=scale, bits=bits, max_clients=n, clip_mode=clip_mode)
+        return FixedPointCodec.for_clients(clip=clip, max_clients=n, bits=bits, clip_mode=clip_mode, headroom=headroom)
+    return FixedPointCodec(clip=clip, scale=scale, bits=bits, max_clients=n, clip_mode=clip_mode, headroom=headroom)
+
+
+def _bind_row(client_noise: Callable[[int, int, float], np.ndarray], row: int) -> Callable[[int, float], np.ndarray]:
+    return lambda dim, scale: client_noise(row, dim, scale)
 
 
 def _check_updates(updates: np.ndarray) -> np.ndarray:
