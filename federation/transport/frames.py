@@ -63,13 +63,17 @@ class Chunk(wire.Message):
 
 @wire.message
 class RoundEnd(wire.Message):
-    """Server -> client: the round finished (or failed); carries the released aggregate."""
+    """Server -> client: the round finished (or failed).
+
+    With ``has_total`` the next payload (chunked) is the released aggregate as a
+    little-endian float64 vector.
+    """
 
     TYPE = "transport.round_end"
     round: int
     ok: bool
     reason: str
-    total: bytes  # little-endian float64 vector; empty if the round failed
+    has_total: bool
     included: tuple[int, ...]
 
 

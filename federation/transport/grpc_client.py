@@ -80,8 +80,13 @@ async def run_client(
     *,
     client_id: int | None = None,
     on_round_end: Callable[[int, np.ndarray | None], None] | None = None,
+    make_round: Callable[[str, ClientContext, bytes], object] | None = None,
 ) -> ClientReport:
-    """Connect, take part in rounds until the server says goodbye, return what was released."""
+    """Connect, take part in rounds until the server says goodbye, return what was released.
+
+    ``make_round(mode, ctx, params)`` replaces the registered mode's client factory (to wrap
+    the protocol session, e.g. with local training, or to test a misbehaving client).
+    """
     peer = credentials.check_binding()
     cid = peer.client_id if client_id is None else client_id
     if cid is None:
@@ -91,6 +96,7 @@ async def run_client(
     seq = 0
     session = None
     current, mode_name, awaiting_params = -1, "", False
+    pending_end: RoundEnd | None = None
     async with secure_channel(settings, credentials) as channel:
         await asyncio.wait_for(channel.channel_ready(), settings.connect_timeout)
         call = channel.stream_stream(frames.METHOD)()
@@ -107,6 +113,13 @@ async def run_client(
                 payload = reassembler.feed(frame)
                 if payload is None:
                     continue
+                if pending_end is not None:
+                    end, pending_end = pending_end, None
+                    self_total = np.frombuffer(payload, dtype="<f8").copy()
+                    report.rounds[end.round] = self_total
+                    if on_round_end is not None:
+                        on_round_end(end.round, self_total)
+                    continue
                 if awaiting_params:
                     awaiting_params = False
                     try:
@@ -114,7 +127,10 @@ async def run_client(
                             round=current, client_id=cid, identity=credentials.identity,
                             update=input_for_round(current), ca_pem=credentials.ca_pem,
                         )
-                        session = get_mode(mode_name).client(ctx, payload)
+                        if make_round is not None:
+                            session = make_round(mode_name, ctx, payload)
+                        else:
+                            session = get_mode(mode_name).client(ctx, payload)
                     except SecAggError as exc:
                         log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
                         report.failed[current] = f"{type(exc).__name__}: {exc}"
@@ -134,15 +150,17 @@ async def run_client(
                     for f in frames.chunk_payload(reply, seq, settings.chunk_bytes):
                         await call.write(f)
             elif isinstance(frame, RoundEnd):
-                total = np.frombuffer(frame.total, dtype="<f8").copy() if frame.ok and frame.total else None
+                session = None
                 if frame.ok:
-                    report.rounds[frame.round] = total
                     report.included[frame.round] = frame.included
                 else:
                     report.failed[frame.round] = frame.reason
-                session = None
-                if on_round_end is not None:
-                    on_round_end(frame.round, total)
+                if frame.ok and frame.has_total:
+                    pending_end = frame  # the aggregate follows as a chunked payload
+                else:
+                    report.rounds[frame.round] = None
+                    if on_round_end is not None:
+                        on_round_end(frame.round, None)
             elif isinstance(frame, Dropped):
                 log.warning("client %d: dropped from round %d: %s", cid, frame.round, frame.reason)
                 report.dropped[frame.round] = frame.reason

@@ -290,11 +290,13 @@ class AggregationServer:
         outcome = driver.outcome() if ok else None
         total = outcome.total.astype("<f8").tobytes() if (ok and s.share_result) else b""
         included = outcome.included if ok else ()
-        end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, total=total, included=tuple(included)))
+        end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, has_total=bool(total), included=tuple(included)))
         for cid in participants:
             conn = self._conns.get(cid)
             if conn is not None and cid in state.active:
                 conn.send_frame(end)
+                if total:
+                    conn.send_payload(total)
             if conn is not None:
                 conn.unexpected = 0
         seconds = time.perf_counter() - t0

@@ -14,7 +14,9 @@ from the server certificate, checked the same way.
 Options (``[server.options]`` in server.toml): ``dim`` (required), ``clip`` (required:
 the agreed L2 or per-coordinate bound), ``bits`` (32), ``clip_mode`` ("l2"),
 ``graph`` ("complete" or "sparse" for SecAgg+), ``degree`` and ``dropout`` (sparse
-graph sizing), ``threshold`` (sparse graphs; the server's ``threshold`` otherwise).
+graph sizing), ``threshold`` (sparse graphs). On the complete graph the protocol
+threshold is the server's ``threshold`` raised to a strict majority of the participants
+(clients refuse less).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def plan_from_options(clients: tuple[int, ...], options, threshold: int | None, 
     codec = codec_from_options(options, len(clients))
     if graph == "sparse":
         threshold = int(options["threshold"]) if "threshold" in options else None
+    elif threshold is not None:
+        # Clients refuse a threshold at or below half their neighbourhood (ClientPolicy):
+        # with fewer, a server plus a minority could unmask a single client.
+        threshold = max(threshold, len(clients) // 2 + 1)
     degree = int(options["degree"]) if "degree" in options else None
     return plan_round(
         clients, dim, codec, graph=graph, threshold=threshold,

@@ -1,0 +1,98 @@
+"""Certificate tooling: a CA, client certificates bound to Ed25519 protocol identities."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from cryptography import x509
+
+from federation.transport.certs import (
+    Credentials,
+    identity_from_cert,
+    init_ca,
+    issue,
+    load_identity_key,
+    verify_certificate,
+)
+from secagg.cli import main
+from secagg.errors import ConfigError, InvalidSignature
+from secagg.keys import IdentityKey
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ca")
+    init_ca(d)
+    return d
+
+
+def test_client_certificate_binds_id_and_identity_key(ca):
+    identity = IdentityKey.generate()
+    bundle = issue(ca, client_id=7, identity=identity)
+    cert = x509.load_pem_x509_certificate((bundle / "tls.pem").read_bytes())
+    peer = identity_from_cert(cert)
+    assert (peer.role, peer.client_id, peer.identity_public_key) == ("client", 7, identity.public_bytes)
+    assert load_identity_key(bundle / "identity.key").public_bytes == identity.public_bytes
+    assert verify_certificate((bundle / "tls.pem").read_bytes(), (ca / "ca.pem").read_bytes()) == peer
+    creds = Credentials.load(bundle)
+    assert creds.check_binding().client_id == 7
+
+
+def test_private_keys_are_not_world_readable(ca):
+    bundle = issue(ca, client_id=8)
+    for name in ("tls.key", "identity.key"):
+        assert stat.S_IMODE(os.stat(bundle / name).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(ca / "ca.key").st_mode) == 0o600
+
+
+def test_server_certificate_has_names_and_server_identity(ca):
+    bundle = issue(ca, server=True, dns=("agg.example",), ips=("10.0.0.1",))
+    cert = x509.load_pem_x509_certificate((bundle / "tls.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "agg.example" in san.get_values_for_type(x509.DNSName)
+    assert identity_from_cert(cert).role == "server"
+
+
+def test_certificate_from_another_ca_is_rejected(ca, tmp_path):
+    other = tmp_path / "other"
+    init_ca(other)
+    bundle = issue(other, client_id=3)
+    with pytest.raises(InvalidSignature):
+        verify_certificate((bundle / "tls.pem").read_bytes(), (ca / "ca.pem").read_bytes())
+
+
+def test_mismatched_identity_key_is_detected(ca, tmp_path):
+    bundle = issue(ca, client_id=9, out=tmp_path / "c9")
+    other = issue(ca, client_id=10, out=tmp_path / "c10")
+    (bundle / "identity.key").write_bytes((other / "identity.key").read_bytes())
+    with pytest.raises(ConfigError, match="does not match"):
+        Credentials.load(bundle).check_binding()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1 << 20])
+def test_client_id_range(ca, bad):
+    with pytest.raises(ConfigError):
+        issue(ca, client_id=bad)
+
+
+def test_refuses_to_overwrite(ca):
+    with pytest.raises(ConfigError, match="exists"):
+        init_ca(ca)
+    issue(ca, client_id=11)
+    with pytest.raises(ConfigError, match="already holds"):
+        issue(ca, client_id=11)
+
+
+def test_cli_init_issue_show(tmp_path, capsys):
+    d = str(tmp_path / "certs")
+    assert main(["certs", "init", "--dir", d]) == 0
+    assert main(["certs", "issue", "--server", "--dir", d, "--dns", "localhost"]) == 0
+    assert main(["certs", "issue", "4", "--dir", d]) == 0
+    capsys.readouterr()
+    assert main(["certs", "show", f"{d}/client-4/tls.pem"]) == 0
+    out = capsys.readouterr().out
+    key = load_identity_key(f"{d}/client-4/identity.key").public_bytes.hex()
+    assert out.startswith("client 4") and key in out
+    assert main(["certs", "issue", "4", "--dir", d]) == 1  # exists: a typed error, exit 1
