@@ -14,14 +14,14 @@ Two DP modes:
 
 Both are Poisson-sampled Gaussian mechanisms, accounted by :func:`privacy.epsilon_of_events`
 (RDP by default, Mironov et al. 2019; PRV or PLD on request). Epsilon after r rounds depends only on the configuration, so the ledger
-can reserve a round's spend before the round runs (write-ahead) and any reader can recompute it.
+can reserve a round's spend before the round runs (write-ahead) and any reader can recompute it from the events stored in the ledger.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import privacy
 from privacy.events import SampledGaussianEvent, dpfedavg_event, dpsgd_event
@@ -45,7 +45,8 @@ class RoundAccountant:
         clients_per_round: int = 1,
         num_clients: int = 1,
         clip: float | None = None,
-        accountant: str = "rdp",
+        accountant: str = "prv",
+        horizon: int = 1,
     ) -> None:
         if mode not in DP_MODES:
             raise ConfigError(f"unknown dp mode {mode!r}; choose one of {', '.join(DP_MODES)}")
@@ -55,6 +56,7 @@ class RoundAccountant:
         self.delta = delta
         self.noise_multiplier = noise_multiplier
         self.clip = clip
+        self.horizon = horizon  # planned rounds: picks the worst client profile over the whole run
         self.accountant = privacy.accountant.check_accountant(accountant)
         # Clients with the same (q, steps) have the same epsilon: keep one of each.
         self._client_profiles = sorted(
@@ -62,16 +64,30 @@ class RoundAccountant:
         )
         self._q_user = min(1.0, clients_per_round / max(num_clients, 1))
 
-    def events(self, rounds: int) -> list[SampledGaussianEvent]:
-        """The events of ``rounds`` rounds: one per client profile (dpsgd) or one (user level)."""
+    def round_event(self) -> SampledGaussianEvent:
+        """The privacy event of one round, as the ledger records it.
+
+        Record level: the event of the worst client (the profile with the largest epsilon over
+        the planned rounds). Clients hold disjoint data, so the federation's guarantee is the
+        worst client's (parallel composition), and composing this event round after round is
+        exactly that client's DP-SGD accounting.
+        """
+        if self.mode == "none":
+            raise ConfigError("dp = 'none' releases are not accounted; there is no round event")
         if self.mode == "dpsgd":
-            return [
-                dpsgd_event(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=rounds * steps,
-                            max_grad_norm=self.clip)
-                for q, steps in self._client_profiles
-            ]
-        return [dpfedavg_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
-                               rounds=rounds, clipping_norm=self.clip)]
+            return self._worst_profile_event
+        return dpfedavg_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
+                              rounds=1, clipping_norm=self.clip)
+
+    @cached_property
+    def _worst_profile_event(self) -> SampledGaussianEvent:
+        events = [dpsgd_event(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=steps,
+                              max_grad_norm=self.clip) for q, steps in self._client_profiles]
+        if len(events) == 1:
+            return events[0]
+        horizon = max(self.horizon, 1)
+        return max(events, key=lambda e: privacy.epsilon_of_events(
+            [e] * horizon, delta=self.delta, accountant="rdp"))
 
     def epsilon_after(self, rounds: int) -> float:
         """Cumulative epsilon after ``rounds`` rounds; 0 without DP (nothing is claimed then)."""
@@ -79,27 +95,14 @@ class RoundAccountant:
             return 0.0
         return self._epsilon(rounds)
 
-    @lru_cache(maxsize=1024)  # noqa: B019 -- the accountant is immutable and lives for one run
+    @lru_cache(maxsize=256)  # noqa: B019 -- the accountant is immutable and lives for one run
     def _epsilon(self, rounds: int) -> float:
-        # Record level: clients hold disjoint data, so the federation's guarantee is the worst
-        # client's (parallel composition), not the composition of all clients' events.
-        return max(
-            privacy.epsilon_of_events([event], delta=self.delta, accountant=self.accountant)
-            for event in self.events(rounds)
-        )
+        return privacy.epsilon_of_events([self.round_event()] * rounds, delta=self.delta,
+                                         accountant=self.accountant)
 
     @property
     def is_private(self) -> bool:
         return self.mode != "none"
-
-    def mechanism(self) -> dict:
-        """One round's events (serialised) and how they compose, stored with every ledger row."""
-        return {
-            "dp": self.mode, "accountant": self.accountant,
-            "composition": "max over clients (record level, disjoint data)"
-            if self.mode == "dpsgd" else "sequential over rounds (user level)",
-            "events_per_round": [e.to_dict() for e in self.events(1)],
-        }
 
     def rounds_within(self, budget: float, max_rounds: int) -> int:
         """How many rounds (up to ``max_rounds``) fit within ``budget``."""

@@ -89,7 +89,7 @@ class ExperimentConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     budget_epsilon: float | None = None
-    accountant: str = "rdp"
+    accountant: str = "prv"
     # faults
     dropout_rate: float = 0.0
     straggler_rate: float = 0.0
@@ -207,6 +207,8 @@ class ExperimentConfig:
         need(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         need(self.budget_epsilon is None or self.budget_epsilon > 0,
              f"budget_epsilon must be > 0, got {self.budget_epsilon}")
+        need(self.dp == "none" or self.budget_epsilon is not None,
+             f"dp = {self.dp!r} needs budget_epsilon: the privacy ledger refuses any round over it")
         need(self.dp != "none" or self.budget_epsilon is None,
              "budget_epsilon is set but dp = 'none': nothing would be accounted; choose a dp mode")
         need(0 <= self.dropout_rate < 1 and 0 <= self.straggler_rate < 1,

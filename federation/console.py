@@ -74,7 +74,7 @@ def print_summary(fed: Federation, summary: RunSummary, *, as_json: bool, noun: 
         "final_accuracy": summary.final_accuracy, "epsilon": final.epsilon if final else 0.0,
         "delta": c.delta if private else None, "protection": c.protection, "dp": c.dp,
         "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds), "out_dir": str(out),
-        "ledger": str(out / "ledger.jsonl") if private else None,
+        "ledger": str(out / "ledger.db") if private else None,
         "report": str(out / "privacy_report.html") if private else None,
     }
     if as_json:

@@ -45,15 +45,15 @@ from federation import checkpoint as ckpt_io
 from federation.accounting import RoundAccountant
 from federation.aggregators import PRE_UPLOAD_STAGES, STAGES, Aggregator, make_aggregator, protocol_available
 from federation.config import ExperimentConfig
+from privacy.ledger import Ledger, LedgerEntry, Spend
 from federation.data import Dataset, check_available, load_dataset, partition
-from federation.ledger import BudgetLedger
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
 from secagg.result import AggregateResult
 
-LEDGER_FILE = "ledger.jsonl"
+LEDGER_FILE = "ledger.db"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "privacy_report.html"
@@ -181,7 +181,7 @@ class Federation:
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
             clients_per_round=round(config.expected_clients_per_round), num_clients=config.num_clients,
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
-            accountant=config.accountant,
+            accountant=config.accountant, horizon=config.rounds,
         )
         self.executor = executor or SequentialExecutor()
         self.aggregator = aggregator or make_aggregator(
@@ -213,17 +213,38 @@ class Federation:
                 "noise_multiplier, or raise budget_epsilon"
             )
 
-    def open_ledger(self) -> BudgetLedger | None:
+    def open_ledger(self) -> Ledger | None:
+        """The run's privacy ledger (created on first use), or None without DP."""
         if not self.accountant.is_private:
             return None
-        budget = self.config.budget_epsilon if self.config.budget_epsilon is not None else math.inf
-        return BudgetLedger(self.out_dir / LEDGER_FILE, budget_epsilon=budget, delta=self.config.delta)
+        return Ledger(self.out_dir / LEDGER_FILE, budget_epsilon=self.config.budget_epsilon,
+                      delta=self.config.delta, accountant=self.config.accountant)
 
-    def reserve_budget(self, ledger: BudgetLedger | None, rnd: int) -> float:
-        epsilon = self.accountant.epsilon_after(rnd)
-        if ledger is not None:
-            ledger.reserve(rnd, epsilon, self.accountant.mechanism())
-        return epsilon
+    def reserve_budget(self, ledger: Ledger | None, rnd: int, participants: int) -> tuple[LedgerEntry | None, float]:
+        """Write-ahead: record the round's spend before any client trains.
+
+        A round that already has a reservation (the run crashed during or after it) re-runs
+        under that reservation: resuming never spends twice.
+        """
+        if ledger is None:
+            return None, 0.0
+        earlier = [e for e in ledger.rows() if e.round == rnd]
+        if earlier:
+            entry = earlier[-1]
+        else:
+            entry = ledger.reserve(Spend(self.accountant.round_event(), round=rnd,
+                                         participants=participants or None,
+                                         note=f"{self.config.name}: {self.config.dp}, {self.config.protection}"))
+        return entry, float(entry.epsilon[ledger.accountant])
+
+    @staticmethod
+    def close_reservation(ledger: Ledger | None, entry: LedgerEntry | None, result: "RoundResult") -> None:
+        if ledger is None or entry is None or entry.status != "reserved":
+            return
+        if result.aborted:
+            ledger.abort(entry, note=result.aborted)
+        else:
+            ledger.commit(entry, participants=len(result.included) or None)
 
     # ----------------------------------------------------------------- steps
     def _round_rng(self, rnd: int, stream: int) -> np.random.Generator:
@@ -343,11 +364,11 @@ class Federation:
         return evaluate(self._model, self.dataset.x_test, self.dataset.y_test)
 
     # ----------------------------------------------------------------- loop
-    def run_round(self, rnd: int, ledger: BudgetLedger | None) -> RoundResult:
+    def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
         start = time.perf_counter()
         sampled = self.sample_clients(rnd)
         faults = self.plan_faults(rnd, sampled)
-        epsilon = self.reserve_budget(ledger, rnd)
+        entry, epsilon = self.reserve_budget(ledger, rnd, len(sampled))
         updates = self.train_clients(rnd, sampled, faults)
         vectors, clip = self.encode_updates(updates)
         aborted = None
@@ -369,7 +390,7 @@ class Federation:
         trained = [u for u in updates if u is not None]
         included = [sampled[i] for i in result.included] if result is not None else []
         per_param = result.bytes_up_per_param if result is not None else 0.0
-        return RoundResult(
+        result_row = RoundResult(
             round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
             bytes_up_total=int(round(per_param * vectors.shape[1] * len(included))),
             sampled=list(sampled), included=included,
@@ -378,6 +399,8 @@ class Federation:
             max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
             seconds=time.perf_counter() - start, aborted=aborted,
         )
+        self.close_reservation(ledger, entry, result_row)
+        return result_row
 
     def run(
         self, *, resume: bool = False, on_round: Callable[[RoundResult], None] | None = None
@@ -407,11 +430,19 @@ class Federation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.toml").write_text(_to_toml(c))
         ledger = self.open_ledger()
+        try:
+            self._loop(start, ledger, summary, on_round)
+            _write_summary(self, summary, ledger)
+        finally:
+            if ledger is not None:
+                ledger.close()
+        return summary
+
+    def _loop(self, start: int, ledger: Ledger | None, summary: RunSummary,
+              on_round: Callable[[RoundResult], None] | None) -> None:
+        c = self.config
         for rnd in range(start, c.rounds + 1):
             result = self.run_round(rnd, ledger)
-            if ledger is not None:
-                ledger.commit(rnd, {"epsilon_total": result.epsilon, "included": len(result.included),
-                                    "accuracy": result.accuracy, "aborted": result.aborted})
             summary.rounds.append(result)
             ckpt_io.save(self.out_dir, ckpt_io.Checkpoint(
                 round=rnd, params=self.params, strategy_state=self.strategy.state_arrays(),
@@ -422,8 +453,6 @@ class Federation:
                 fh.write(json.dumps(result.to_json()) + "\n")
             if on_round is not None:
                 on_round(result)
-        _write_summary(self, summary, ledger)
-        return summary
 
 
 def _to_toml(config: ExperimentConfig) -> str:
@@ -432,7 +461,7 @@ def _to_toml(config: ExperimentConfig) -> str:
     return tomli_w.dumps(config.to_sections())
 
 
-def _write_summary(fed: Federation, summary: RunSummary, ledger: BudgetLedger | None) -> None:
+def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) -> None:
     from federation.report import render_report
 
     final = summary.final
@@ -447,4 +476,5 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: BudgetLedger | 
     if ledger is not None:
         ledger.verify()
         render_report(ledger, summary, fed.out_dir / REPORT_FILE)
+        data["ledger_head"] = ledger.verify().head_hash
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from federation.ledger import BudgetLedger
+from privacy.ledger import Ledger
 
 if TYPE_CHECKING:
     from federation.engine import RunSummary
@@ -46,51 +46,54 @@ def _svg_line(points: list[tuple[float, float]], *, budget: float | None, width:
     return "".join(parts)
 
 
-def render_report(ledger: BudgetLedger, summary: "RunSummary", out_path: str | Path) -> Path:
+def render_report(ledger: Ledger, summary: "RunSummary", out_path: str | Path) -> Path:
     """Write the HTML report for ``ledger`` and ``summary`` to ``out_path``; return the path."""
     esc = html.escape
-    rows = ledger.rows
-    reserves = {r["round"]: r for r in rows if r["kind"] == "reserve"}
-    commits = {r["round"]: r for r in rows if r["kind"] == "commit"}
+    entries = ledger.rows()
     metrics = {r.round: r for r in summary.rounds}
     budget = ledger.budget_epsilon
+    acct = ledger.accountant
     spent = ledger.spent()
-    mechanism = next(iter(reserves.values()))["mechanism"] if reserves else {}
+    head = ledger.verify()
     table = []
-    for rnd in sorted(reserves):
-        m = metrics.get(rnd)
+    for e in entries:
+        m = metrics.get(e.round)
         acc = "" if m is None or m.accuracy is None else f"{m.accuracy:.4f}"
-        status = "committed" if rnd in commits else "reserved (round did not finish)"
-        if m is not None and m.aborted:
-            status = f"aborted: {m.aborted}"
+        status = {"released": "released", "aborted": "aborted (still counted)",
+                  "reserved": "reserved, not finished (still counted)"}.get(e.status, e.status)
+        eps = e.epsilon.get(acct)
         table.append(
-            f"<tr><td>{rnd}</td><td>{reserves[rnd]['epsilon_total']:.4f}</td><td>{esc(acc)}</td>"
-            f"<td>{'' if m is None else len(m.included)}</td>"
+            f"<tr><td>{e.round}</td><td>{esc(e.level)}</td><td>{e.sample_rate:.4g}</td>"
+            f"<td>{e.noise_multiplier:g}</td><td>{e.steps}</td>"
+            f"<td>{'' if eps is None else f'{eps:.4f}'}</td><td>{esc(acc)}</td>"
+            f"<td>{'' if e.released_participants is None else e.released_participants}</td>"
             f"<td>{'' if m is None else m.bytes_up_total}</td><td>{esc(status)}</td></tr>"
         )
-    budget_text = "unlimited" if budget == float("inf") else f"{budget:g}"
+    points = [(0.0, 0.0)] + [(float(e.round), e.epsilon.get(acct) or 0.0) for e in entries]
+    c = summary.config
+    unit = "record (one patient / customer record)" if ledger.level == "record" else "user (one client's whole data)"
     doc = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Privacy budget report: {esc(summary.config.name)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:860px;margin:2em auto;color:#222}}
+<html lang="en"><head><meta charset="utf-8"><title>Privacy budget report: {esc(c.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 code{{background:#f4f4f4;padding:1px 4px}}</style></head><body>
 <h1>Privacy budget report</h1>
-<p>Experiment <code>{esc(summary.config.name)}</code>: {esc(summary.config.dataset)},
-{summary.config.num_clients} clients, protection <code>{esc(summary.config.protection)}</code>,
-DP mode <code>{esc(summary.config.dp)}</code>, accountant <code>{esc(str(mechanism.get("accountant", "")))}</code>.</p>
-<p><strong>Spent: epsilon = {spent:.4f}</strong> at delta = {ledger.delta:g} (budget: {budget_text}).
-Spend is reserved before each round runs (write-ahead); a reserved round counts as spent even if it
-did not finish. Composition: {esc(str(mechanism.get("composition", "")))}.</p>
-{_svg_line([(0.0, 0.0)] + [(float(r), v["epsilon_total"]) for r, v in sorted(reserves.items())], budget=budget)}
-<h2>Rounds</h2>
-<table><tr><th>round</th><th>cumulative epsilon</th><th>test accuracy</th><th>clients counted</th>
-<th>bytes uploaded</th><th>status</th></tr>
+<p>Experiment <code>{esc(c.name)}</code>: {esc(c.dataset)}, {c.num_clients} clients,
+protection <code>{esc(c.protection)}</code>, DP mode <code>{esc(c.dp)}</code>.</p>
+<p><strong>Spent: epsilon = {spent[acct]:.4f}</strong> ({esc(acct)} accountant) at delta = {ledger.delta:g},
+budget {budget:g}, remaining {ledger.remaining():.4f}. Unit of privacy: {esc(unit)}.
+Other accountants: {", ".join(f"{esc(k)} {v:.4f}" for k, v in spent.items() if k != acct and v == v)}.</p>
+<p>Each round's spend is reserved in the ledger before the round runs (write-ahead); a reservation
+counts as spent even if the round was aborted or never finished.</p>
+{_svg_line(points, budget=budget)}
+<h2>Releases</h2>
+<table><tr><th>round</th><th>level</th><th>sampling rate</th><th>noise multiplier</th><th>steps</th>
+<th>cumulative epsilon</th><th>test accuracy</th><th>clients counted</th><th>bytes uploaded</th><th>status</th></tr>
 {"".join(table)}
 </table>
 <h2>Ledger</h2>
-<p>File <code>{esc(str(ledger.path))}</code>: {len(rows)} rows, hash chain verified
-(last hash <code>{esc(rows[-1]["hash"][:16]) if rows else ""}</code>).</p>
-<p>Mechanism of one round: <code>{esc(str(mechanism.get("events_per_round", "")))}</code></p>
+<p>File <code>{esc(str(ledger.path))}</code>: {head.entries} entries, {head.releases} releases,
+hash chain verified; head hash <code>{esc(head.head_hash)}</code> (record it elsewhere to detect a rebuilt chain).</p>
 </body></html>
 """
     out = Path(out_path)

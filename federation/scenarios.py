@@ -34,10 +34,10 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     "hospitals": Scenario(
         "hospitals", "10 hospitals, breast cancer diagnosis", "hospital",
-        dict(dataset="breast_cancer", num_clients=10, partition="dirichlet", alpha=2.0, model="logreg",
-             rounds=8, clients_per_round=10, local_epochs=1, batch_size=16, lr=0.2,
+        dict(dataset="breast_cancer", num_clients=10, partition="iid", model="logreg",
+             rounds=8, clients_per_round=10, local_epochs=1, batch_size=8, lr=0.1,
              protection="masking", threshold=7, update_clip=10.0,
-             dp="dpsgd", noise_multiplier=1.3, max_grad_norm=1.0, delta=1e-5, budget_epsilon=20.0,
+             dp="dpsgd", noise_multiplier=1.5, max_grad_norm=1.0, delta=1e-5, budget_epsilon=8.0,
              dropout_schedule=[{"round": 3, "stage": "masked_input", "clients": [7]}],
              out_dir="out/demo-hospitals", name="hospitals"),
         "Each hospital trains on its own patients with DP-SGD and uploads only a masked update; "
