@@ -48,7 +48,8 @@ class ClientReport:
     included: dict[int, tuple[int, ...]] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
-    bye: str = ""
+    bye: str = ""  # the server's goodbye; empty if the connection ended without one
+    lost: str = ""  # why the connection was lost, if it was
 
 
 def channel_options(settings: ClientSettings) -> list[tuple[str, object]]:
@@ -97,79 +98,86 @@ async def run_client(
     session = None
     current, mode_name, awaiting_params = -1, "", False
     pending_end: RoundEnd | None = None
-    async with secure_channel(settings, credentials) as channel:
-        await asyncio.wait_for(channel.channel_ready(), settings.connect_timeout)
-        call = channel.stream_stream(frames.METHOD)()
-        await call.write(wire.seal(Hello(client_id=cid, software=f"secagg {__version__}"), cid, credentials.identity))
-        while True:
-            data = await call.read()
-            if data is grpc.aio.EOF:
-                break
-            frame = wire.decode(data, max_bytes=frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD)
-            if isinstance(frame, RoundStart):
-                current, mode_name, session = frame.round, frame.mode, None
-                awaiting_params = True
-            elif isinstance(frame, Chunk):
-                payload = reassembler.feed(frame)
-                if payload is None:
-                    continue
-                if pending_end is not None:
-                    end, pending_end = pending_end, None
-                    self_total = np.frombuffer(payload, dtype="<f8").copy()
-                    report.rounds[end.round] = self_total
-                    if on_round_end is not None:
-                        on_round_end(end.round, self_total)
-                    continue
-                if awaiting_params:
-                    awaiting_params = False
+    try:
+        async with secure_channel(settings, credentials) as channel:
+            await asyncio.wait_for(channel.channel_ready(), settings.connect_timeout)
+            call = channel.stream_stream(frames.METHOD)()
+            await call.write(wire.seal(Hello(client_id=cid, software=f"secagg {__version__}"), cid, credentials.identity))
+            while True:
+                data = await call.read()
+                if data is grpc.aio.EOF:
+                    break
+                frame = wire.decode(data, max_bytes=frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD)
+                if isinstance(frame, RoundStart):
+                    current, mode_name, session = frame.round, frame.mode, None
+                    awaiting_params = True
+                elif isinstance(frame, Chunk):
+                    payload = reassembler.feed(frame)
+                    if payload is None:
+                        continue
+                    if pending_end is not None:
+                        end, pending_end = pending_end, None
+                        self_total = np.frombuffer(payload, dtype="<f8").copy()
+                        report.rounds[end.round] = self_total
+                        if on_round_end is not None:
+                            on_round_end(end.round, self_total)
+                        continue
+                    if awaiting_params:
+                        awaiting_params = False
+                        try:
+                            ctx = ClientContext(
+                                round=current, client_id=cid, identity=credentials.identity,
+                                update=input_for_round(current), ca_pem=credentials.ca_pem,
+                            )
+                            if make_round is not None:
+                                session = make_round(mode_name, ctx, payload)
+                            else:
+                                session = get_mode(mode_name).client(ctx, payload)
+                        except SecAggError as exc:
+                            log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
+                            report.failed[current] = f"{type(exc).__name__}: {exc}"
+                            session = None
+                        continue
+                    if session is None:
+                        continue
                     try:
-                        ctx = ClientContext(
-                            round=current, client_id=cid, identity=credentials.identity,
-                            update=input_for_round(current), ca_pem=credentials.ca_pem,
-                        )
-                        if make_round is not None:
-                            session = make_round(mode_name, ctx, payload)
-                        else:
-                            session = get_mode(mode_name).client(ctx, payload)
+                        reply = session.receive(payload)
                     except SecAggError as exc:
-                        log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
+                        log.error("client %d: abandoning round %d: %s", cid, current, exc)
                         report.failed[current] = f"{type(exc).__name__}: {exc}"
                         session = None
-                    continue
-                if session is None:
-                    continue
-                try:
-                    reply = session.receive(payload)
-                except SecAggError as exc:
-                    log.error("client %d: abandoning round %d: %s", cid, current, exc)
-                    report.failed[current] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    if reply is not None:
+                        seq += 1
+                        for f in frames.chunk_payload(reply, seq, settings.chunk_bytes):
+                            await call.write(f)
+                elif isinstance(frame, RoundEnd):
                     session = None
-                    continue
-                if reply is not None:
-                    seq += 1
-                    for f in frames.chunk_payload(reply, seq, settings.chunk_bytes):
-                        await call.write(f)
-            elif isinstance(frame, RoundEnd):
-                session = None
-                if frame.ok:
-                    report.included[frame.round] = frame.included
-                else:
-                    report.failed[frame.round] = frame.reason
-                if frame.ok and frame.has_total:
-                    pending_end = frame  # the aggregate follows as a chunked payload
-                else:
-                    report.rounds[frame.round] = None
-                    if on_round_end is not None:
-                        on_round_end(frame.round, None)
-            elif isinstance(frame, Dropped):
-                log.warning("client %d: dropped from round %d: %s", cid, frame.round, frame.reason)
-                report.dropped[frame.round] = frame.reason
-                session = None
-            elif isinstance(frame, Bye):
-                report.bye = frame.reason
-                break
-        try:
-            await call.done_writing()
-        except Exception:
-            pass
+                    if frame.ok:
+                        report.included[frame.round] = frame.included
+                    else:
+                        report.failed[frame.round] = frame.reason
+                    if frame.ok and frame.has_total:
+                        pending_end = frame  # the aggregate follows as a chunked payload
+                    else:
+                        report.rounds[frame.round] = None
+                        if on_round_end is not None:
+                            on_round_end(frame.round, None)
+                elif isinstance(frame, Dropped):
+                    log.warning("client %d: dropped from round %d: %s", cid, frame.round, frame.reason)
+                    report.dropped[frame.round] = frame.reason
+                    session = None
+                elif isinstance(frame, Bye):
+                    report.bye = frame.reason
+                    break
+            try:
+                await call.done_writing()
+            except Exception:
+                pass
+    except grpc.aio.AioRpcError as exc:
+        report.lost = f"{exc.code().name}: {exc.details()}"
+        log.warning("client %d: connection to %s lost: %s", cid, settings.server, report.lost)
+    except asyncio.TimeoutError:
+        report.lost = f"could not reach {settings.server} within {settings.connect_timeout:g}s"
+        log.warning("client %d: %s", cid, report.lost)
     return report

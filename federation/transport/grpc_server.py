@@ -426,7 +426,7 @@ class AggregationServer:
             self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
-        reason = "client closed the stream"
+        reason = "disconnected (the client closed its stream)"
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
         try:
             while True:
@@ -449,7 +449,7 @@ class AggregationServer:
         except asyncio.CancelledError:
             return
         except Exception as exc:  # connection reset and friends
-            reason = f"stream error: {type(exc).__name__}"
+            reason = f"disconnected (stream error: {type(exc).__name__})"
         self._drop(self._round, conn.cid, reason, kick=True)
 
 

@@ -22,6 +22,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--config", required=True, help="client TOML file (see examples/client.toml)")
     parser.add_argument("--server-name", default=None, help="TLS name to expect in the server certificate")
     parser.add_argument("--out", default=None, help="directory to save each released aggregate as round-<r>.npy")
+    parser.add_argument(
+        "--retry", type=float, default=0.0,
+        help="keep reconnecting for this many seconds while the server is unreachable or restarts (default 0)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=_join)
 
@@ -33,6 +37,7 @@ def _join(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     import asyncio
+    import time
     from pathlib import Path
 
     import numpy as np
@@ -60,7 +65,19 @@ def _join(args: argparse.Namespace) -> int:
                 np.save(out / f"round-{r}.npy", total, allow_pickle=False)
         print(json.dumps(line), flush=True)
 
-    report = asyncio.run(run_client(cfg.settings, creds, source, on_round_end=on_round_end))
-    for r, reason in sorted(report.dropped.items()):
-        print(json.dumps({"round": r, "client": peer.client_id, "dropped": reason}), flush=True)
-    return 0
+    async def session() -> int:
+        deadline = time.monotonic() + args.retry
+        while True:
+            report = await run_client(cfg.settings, creds, source, on_round_end=on_round_end)
+            for r, reason in sorted(report.dropped.items()):
+                print(json.dumps({"round": r, "client": peer.client_id, "dropped": reason}), flush=True)
+            if report.bye or not report.lost:
+                return 0
+            if time.monotonic() >= deadline:
+                print(f"secagg join: connection lost: {report.lost}", file=sys.stderr)
+                return 1
+            await asyncio.sleep(1.0)
+            if report.rounds:  # made progress: the retry window starts again
+                deadline = time.monotonic() + args.retry
+
+    return asyncio.run(session())
