@@ -91,8 +91,11 @@ def _epsilon_prv(runs: Sequence[tuple[float, float, int]], delta: float) -> floa
 
     acc = PRVAccountant()
     acc.history = [(sigma, q, steps) for sigma, q, steps in runs]
+    import numpy as np
+
     try:
-        return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+        with np.errstate(divide="ignore", invalid="ignore"):  # log(1 - q) at q = 1
+            return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
         # The PRV discretisation fails for very weak noise (epsilon in the hundreds).
         raise PrivacyError(

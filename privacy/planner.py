@@ -65,14 +65,23 @@ def noise_multiplier(
             hi, lo = lo, lo / 2
         if lo <= _SIGMA_MIN:
             return hi
-    # invariant: eps(lo) > target >= eps(hi)
-    while (hi - lo) / hi > tolerance:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    # invariant: eps(lo) > target >= eps(hi). Brent's method on log(eps) vs log(sigma)
+    # (smooth, monotone) converges in a handful of accountant calls; then step up until
+    # the answer is on the safe side.
+    from scipy.optimize import brentq
+
+    cache: dict[float, float] = {}
+
+    def f(log_sigma: float) -> float:
+        if log_sigma not in cache:
+            cache[log_sigma] = math.log(eps(math.exp(log_sigma))) - math.log(target_epsilon)
+        return cache[log_sigma]
+
+    root = brentq(f, math.log(lo), math.log(hi), xtol=tolerance / 4, rtol=1e-12)
+    sigma = math.exp(root)
+    while eps(sigma) > target_epsilon:
+        sigma *= 1 + tolerance / 4
+    return sigma
 
 
 def max_steps(
