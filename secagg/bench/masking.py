@@ -52,6 +52,7 @@ def run_masking_bench(
         "server_collect_s": timings.get("server.collect", 0.0),
         "client_mask_s": client_mask_s,
         "client_share_s": timings.get("client.share", 0.0),
+        "client_total_s": sum(v for k, v in timings.items() if k.startswith("client.")),
         "plain_sum_s": plain_sum_s,
         "server_unmask_over_plain_sum": server_unmask_s / plain_sum_s if plain_sum_s else None,
         "client_mask_over_plain_sum": client_mask_s / plain_sum_s if plain_sum_s else None,
