@@ -102,12 +102,14 @@ def protocol_available(protection: str) -> str | None:
     """None if ``protection`` can run here, else a sentence saying what is missing."""
     import importlib
 
-    module = {"masking": "secagg.protocol.simulate", "masking-sparse": "secagg.protocol.simulate",
-              "ckks": "secagg.ckks"}.get(protection)
-    if module is None:
+    entry = {"masking": ("secagg.protocol.simulate", "aggregate_masking"),
+             "masking-sparse": ("secagg.protocol.simulate", "aggregate_masking"),
+             "ckks": ("secagg.ckks", "aggregate_ckks")}.get(protection)
+    if entry is None:
         return None
+    module, function = entry
     try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        return f"protection {protection!r} needs {module}, which cannot be imported here ({exc})"
+        getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        return f"protection {protection!r} needs {module}.{function}, which is not available here ({exc})"
     return None

@@ -72,9 +72,9 @@ def get_flat(model: nn.Module) -> np.ndarray:
 
 
 def set_flat(model: nn.Module, flat: np.ndarray) -> None:
-    """Load a vector produced by :func:`get_flat` back into ``model``."""
+    """Load a copy of a vector produced by :func:`get_flat` into ``model`` (never aliases it)."""
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(torch.as_tensor(flat, dtype=torch.float32), model.parameters())
+        torch.nn.utils.vector_to_parameters(torch.tensor(flat, dtype=torch.float32), model.parameters())
 
 
 def num_params(model: nn.Module) -> int:
