@@ -1,0 +1,27 @@
+"""CKKS (and quantized BFV) homomorphic aggregation with TenSEAL; the server holds no key.
+
+Recipe: ``secagg.aggregate(updates, protocol="ckks")``. Building blocks for a deployment:
+:class:`RoundConfig` (public round parameters), :class:`KeyHolder` (decryptor: the only
+party with a secret key), :class:`HeClient` (public key: encrypt only) and
+:class:`HeServer` (no key: authenticate and add). Roles, what each can learn and what
+collusion breaks are in docs/threat-model.md; parameters in docs/ckks.md.
+"""
+
+from secagg.ckks.params import HeParams
+from secagg.ckks.roles import (
+    KEYHOLDER_ID,
+    SERVER_ID,
+    DecryptedSum,
+    HeClient,
+    HeServer,
+    KeyHolder,
+    RoundConfig,
+    fingerprint,
+    new_round_id,
+)
+from secagg.ckks.simulate import aggregate_ckks
+
+__all__ = [
+    "aggregate_ckks", "HeParams", "RoundConfig", "KeyHolder", "HeClient", "HeServer", "DecryptedSum",
+    "KEYHOLDER_ID", "SERVER_ID", "fingerprint", "new_round_id",
+]

@@ -1,0 +1,475 @@
+"""The three key roles of the ``ckks`` protection mode, enforced in code.
+
+* :class:`KeyHolder` (decryptor) generates the TenSEAL context and the secret key, hands
+  out a *public* context to clients and a *parameters-only* context to the server, and
+  decrypts exactly one aggregate per round (a second request raises
+  :class:`~secagg.errors.AlreadyFinalized`, so a server cannot difference two sums).
+* :class:`HeClient` holds the public key only: it can encrypt, never decrypt. It refuses
+  a context that carries a secret key (:class:`~secagg.errors.KeyRoleError`).
+* :class:`HeServer` holds no key at all (no secret, public, relinearization or Galois
+  key): it authenticates uploads, checks their structure, and adds ciphertexts.
+  :meth:`HeServer.decrypt` always raises KeyRoleError.
+
+All three are sans-IO: bytes in, bytes out; no sockets, threads or clocks. Every message
+is sealed with the sender's Ed25519 identity (:func:`secagg.wire.seal`) and carries the
+key fingerprint; any failure to authenticate or parse a ciphertext raises
+:class:`~secagg.errors.InvalidCiphertext` before TenSEAL sees the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+try:
+    import tenseal as ts
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("the ckks protection mode needs TenSEAL: pip install 'secagg[he]'") from exc
+
+from secagg.ckks.messages import HeAggregate, HeContext, HeUpload
+from secagg.ckks.params import HeParams, bfv_quantization_scale, check_capacity
+from secagg.ckks.tenseal_format import check_vector, max_vector_bytes
+from secagg.errors import (
+    AlreadyFinalized,
+    ConfigError,
+    InputError,
+    InvalidCiphertext,
+    InvalidSignature,
+    KeyRoleError,
+    NotEnoughSurvivors,
+    ReplayError,
+    WireError,
+)
+from secagg.keys import IdentityKey
+from secagg.wire import open_sealed, seal
+
+KEYHOLDER_ID = -1
+SERVER_ID = -2
+FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
+DEFAULT_RELEASE_GRID_BITS = 22
+
+
+def fingerprint(public_context: bytes) -> bytes:
+    """SHA-256 over the serialized public context (parameters and public key)."""
+    return hashlib.sha256(FINGERPRINT_LABEL + public_context).digest()
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What every party of one round agrees on before any key exists (all public).
+
+    ``n_clients`` is the planned cohort (it bounds the sum); ``value_bound`` bounds every
+    coordinate of every client's update (clip to it); with ``weighted`` each client scales
+    its update by its weight fraction f_i in (0, 1] and the fraction travels, encrypted,
+    in the slot after the update. ``min_clients``: the key holder refuses to decrypt a sum
+    over fewer clients. ``release_grid_bits`` (CKKS): the key holder rounds the released
+    sum to multiples of 2^-bits, hiding the decryption noise (see docs/threat-model.md,
+    IND-CPA-D); 0 releases the raw decryption.
+    """
+
+    round_id: bytes
+    dim: int
+    n_clients: int
+    params: HeParams = field(default_factory=HeParams)
+    value_bound: float = 1.0
+    weighted: bool = False
+    min_clients: int = 2
+    release_grid_bits: int = DEFAULT_RELEASE_GRID_BITS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.round_id, bytes) or not 16 <= len(self.round_id) <= 64:
+            raise ConfigError("round_id must be 16..64 random bytes (os.urandom(16))")
+        if self.dim < 1:
+            raise ConfigError(f"dim must be positive, got {self.dim}")
+        if self.n_clients < 1:
+            raise ConfigError(f"n_clients must be positive, got {self.n_clients}")
+        if not 1 <= self.min_clients:
+            raise ConfigError("min_clients must be at least 1")
+        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
+            raise ConfigError(f"value_bound must be a positive finite number, got {self.value_bound}")
+        if not 0 <= self.release_grid_bits <= 52:
+            raise ConfigError("release_grid_bits must be in 0..52 (0 disables rounding)")
+        check_capacity(self.params, sum_bound=self.sum_bound, n_clients=self.n_clients)
+
+    @property
+    def sum_bound(self) -> float:
+        """Bound on |any coordinate of the sum| (weights are fractions summing to <= 1)."""
+        return max(self.value_bound, 1.0) if self.weighted else self.n_clients * self.value_bound
+
+    @property
+    def length(self) -> int:
+        """Encrypted values per client: the update, plus the weight slot when weighted."""
+        return self.dim + int(self.weighted)
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        s = self.params.slots
+        full, rest = divmod(self.length, s)
+        return (s,) * full + ((rest,) if rest else ())
+
+    @property
+    def quantization(self) -> float:
+        """BFV: integer steps per unit (the same for every party); 0 for CKKS."""
+        if self.params.scheme != "bfv":
+            return 0.0
+        return bfv_quantization_scale(self.params, self.sum_bound, self.n_clients)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return len(self.chunk_sizes) * (max_vector_bytes(self.params.ciphertext_bytes) + 16) + 64 * 1024
+
+    def error_bound(self, n_summed: int) -> float:
+        """Bound on |released sum - exact sum| per coordinate (before un-weighting)."""
+        p = self.params
+        if p.scheme == "bfv":
+            return n_summed * 0.5 / self.quantization + 2.0**-52 * self.sum_bound
+        # After switching down from q0*p, a fresh ciphertext's coefficient noise is the
+        # rounding term r0 + r1*s (+ encoding rounding): variance (2 + 2n/3) / 12. A real
+        # slot sums n coefficients: sigma = sqrt(n * var / 2) / scale. 12 sigma per client
+        # set covers the max over millions of slots and SEAL's rounding bias.
+        n = p.poly_modulus_degree
+        sigma = math.sqrt(n * (2 + 2 * n / 3) / 12 / 2) / p.scale
+        grid = 0.5 * 2.0**-self.release_grid_bits if self.release_grid_bits else 0.0
+        return 12 * sigma * math.sqrt(max(n_summed, 1)) + grid + 2.0**-50 * self.sum_bound
+
+
+@dataclass(frozen=True)
+class DecryptedSum:
+    """What the key holder releases: the (pre-scaled) sum and its provenance."""
+
+    values: np.ndarray
+    included: tuple[int, ...]
+    weight_sum: float | None
+    error_bound: float
+
+
+# ---------------------------------------------------------------------------------------
+# TenSEAL helpers
+
+
+def _new_context(params: HeParams) -> ts.Context:
+    if params.scheme == "ckks":
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+        ctx.global_scale = params.scale
+    else:
+        ctx = ts.context(ts.SCHEME_TYPE.BFV, params.poly_modulus_degree, params.plain_modulus,
+                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+    return ctx
+
+
+def _serialize(ctx: ts.Context, *, public_key: bool) -> bytes:
+    return ctx.serialize(save_public_key=public_key, save_secret_key=False,
+                         save_galois_keys=False, save_relin_keys=False)
+
+
+def _encryption_parameters(ctx: ts.Context) -> tuple[bytes, float | None]:
+    """SEAL's serialized EncryptionParameters (field 1 of TenSEAL's context proto) and scale.
+
+    TenSEAL's ``auto_*`` flags also live in the context proto and differ between a fresh
+    and a loaded context, so only the encryption parameters and the scale are compared.
+    """
+    blob = _serialize(ctx, public_key=False)
+    length, pos, shift = 0, 1, 0
+    while pos < len(blob):
+        length |= (blob[pos] & 0x7F) << shift
+        shift += 7
+        pos += 1
+        if not blob[pos - 1] & 0x80:
+            break
+    if not blob or blob[0] != 0x0A or pos + length > len(blob):
+        raise ConfigError("the HE context has no encryption parameters")
+    try:
+        scale: float | None = float(ctx.global_scale)
+    except ValueError:  # BFV contexts (and CKKS ones without a scale) have none
+        scale = None
+    return blob[pos : pos + length], scale
+
+
+@lru_cache(maxsize=16)
+def _expected_params(params: HeParams) -> tuple[bytes, float | None]:
+    """The encryption parameters (and scale) a context for ``params`` must have."""
+    return _encryption_parameters(_new_context(params))
+
+
+@lru_cache(maxsize=8)
+def _load_context(data: bytes) -> ts.Context:
+    """Load a public or parameters-only context (cached: contexts are immutable here)."""
+    try:
+        return ts.context_from(data)
+    except Exception:  # TenSEAL raises several unrelated types for bad input
+        raise ConfigError("the HE context could not be loaded; it is corrupted or not a TenSEAL context") from None
+
+
+def _open_context(data: bytes, keyholder_public_key: bytes, round: RoundConfig, audience: str) -> tuple[ts.Context, bytes]:
+    try:
+        _, msg = open_sealed(data, {KEYHOLDER_ID: keyholder_public_key}.get,
+                             max_bytes=HeContext.FIELD_LIMITS["context"] + 4096, expect=HeContext)
+    except (WireError, InvalidSignature) as exc:
+        raise ConfigError(f"the HE context is not a valid message signed by the key holder ({exc})") from None
+    if msg.round_id != round.round_id:
+        raise ReplayError("the HE context belongs to another round")
+    if msg.audience != audience:
+        raise KeyRoleError(f"this HE context is meant for the {msg.audience}, not the {audience}")
+    if msg.params != round.params:
+        raise ConfigError(f"mismatched parameters: the key holder uses {msg.params}, this round expects {round.params}")
+    ctx = _load_context(msg.context)
+    if ctx.has_secret_key() or ctx.is_private():
+        raise KeyRoleError(
+            f"the HE context sent to the {audience} carries the secret key; only the key holder may "
+            "hold it. Refusing it (send make_context_public() / a parameters-only context)"
+        )
+    if ctx.has_relin_keys() or ctx.has_galois_keys():
+        raise KeyRoleError(f"the HE context for the {audience} carries evaluation keys it does not need")
+    if _encryption_parameters(ctx) != _expected_params(round.params):
+        raise ConfigError("mismatched parameters: the context's encryption parameters differ from the round's")
+    if audience == "clients":
+        if not ctx.has_public_key():
+            raise ConfigError("the clients' HE context has no public key; clients cannot encrypt")
+        if fingerprint(msg.context) != msg.fingerprint:
+            raise ConfigError("the HE context does not match its fingerprint")
+    elif ctx.has_public_key():
+        raise KeyRoleError("the server's HE context must carry parameters only")
+    return ctx, msg.fingerprint
+
+
+def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
+    """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
+    p = round.params
+    check_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
+                 scale=p.scale if p.scheme == "ckks" else None)
+    try:
+        vec = ts.ckks_vector_from(ctx, data) if p.scheme == "ckks" else ts.bfv_vector_from(ctx, data)
+        (ct,) = vec.ciphertext()
+        ok = (vec.size() == size and ct.size() == 2 and ct.poly_modulus_degree() == p.poly_modulus_degree
+              and ct.coeff_modulus_size() == p.data_primes
+              and ct.parms_id() == ctx.seal_context().data.first_parms_id()
+              and (p.scheme != "ckks" or ct.scale == p.scale))
+    except Exception:  # SEAL's own validation (metadata, coefficient ranges) failed
+        raise InvalidCiphertext("ciphertext failed SEAL's validation for these parameters") from None
+    if not ok:
+        raise InvalidCiphertext("ciphertext shape, level or scale differs from the round's parameters")
+    return vec
+
+
+# ---------------------------------------------------------------------------------------
+# Roles
+
+
+class KeyHolder:
+    """Decryptor role: owns the secret key, decrypts one aggregate per round."""
+
+    def __init__(self, round: RoundConfig, identity: IdentityKey | None = None) -> None:
+        self.round = round
+        self.identity = identity or IdentityKey.generate()
+        self._ctx = _new_context(round.params)
+        self._public_context = _serialize(self._ctx, public_key=True)
+        self.fingerprint = fingerprint(self._public_context)
+        self._decrypted = False
+
+    @property
+    def public_key(self) -> bytes:
+        """The key holder's Ed25519 identity key, to verify its context messages."""
+        return self.identity.public_bytes
+
+    def context_for_clients(self) -> bytes:
+        """Sealed public context: parameters and public key; no secret or evaluation keys."""
+        return self._context_message("clients", self._public_context)
+
+    def context_for_server(self) -> bytes:
+        """Sealed parameters-only context: enough to parse and add ciphertexts, nothing else."""
+        return self._context_message("server", _serialize(self._ctx, public_key=False))
+
+    def _context_message(self, audience: str, context: bytes) -> bytes:
+        p = self.round.params
+        msg = HeContext(self.round.round_id, audience, p.scheme, p.poly_modulus_degree,
+                        p.coeff_mod_bit_sizes, p.scale_bits, p.plain_modulus_bits, context, self.fingerprint)
+        return seal(msg, KEYHOLDER_ID, self.identity)
+
+    def decrypt(self, aggregate: bytes, server_public_key: bytes) -> DecryptedSum:
+        """Verify the server's aggregate and decrypt it (once per round)."""
+        if self._decrypted:
+            raise AlreadyFinalized("this round's aggregate was already decrypted; the key holder decrypts once per round")
+        r = self.round
+        try:
+            _, msg = open_sealed(aggregate, {SERVER_ID: server_public_key}.get,
+                                 max_bytes=r.max_message_bytes, expect=HeAggregate)
+        except (WireError, InvalidSignature):
+            raise InvalidCiphertext("the aggregate is not a well-formed message signed by the server") from None
+        if msg.round_id != r.round_id:
+            raise ReplayError("the aggregate belongs to another round")
+        if msg.fingerprint != self.fingerprint:
+            raise InvalidCiphertext("the aggregate was made under another key (fingerprint mismatch)")
+        if msg.dim != r.dim or msg.weighted != r.weighted or len(msg.chunks) != len(r.chunk_sizes):
+            raise InvalidCiphertext("the aggregate's shape differs from the round's")
+        if not all(0 <= c < r.n_clients for c in msg.included):
+            raise InvalidCiphertext("the aggregate lists clients outside the round")
+        if len(msg.included) < r.min_clients:
+            raise NotEnoughSurvivors(
+                f"the aggregate covers {len(msg.included)} clients, fewer than min_clients={r.min_clients}; "
+                "decrypting it could reveal an individual update"
+            )
+        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(msg.chunks, r.chunk_sizes)]
+        self._decrypted = True  # one decryption per round, whatever happens next
+        plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+        if r.params.scheme == "bfv":
+            plain = plain / r.quantization
+        elif r.release_grid_bits:
+            step = 2.0**r.release_grid_bits
+            plain = np.round(plain * step) / step
+        weight_sum = float(plain[r.dim]) if r.weighted else None
+        return DecryptedSum(plain[: r.dim], tuple(sorted(msg.included)), weight_sum, r.error_bound(len(msg.included)))
+
+
+class HeClient:
+    """Client role: holds the public key only; encrypts its update once per round."""
+
+    def __init__(self, client_id: int, round: RoundConfig, context_message: bytes,
+                 keyholder_public_key: bytes, identity: IdentityKey | None = None) -> None:
+        if not 0 <= client_id < round.n_clients:
+            raise ConfigError(f"client_id {client_id} is outside the round's {round.n_clients} clients")
+        self.client_id = client_id
+        self.round = round
+        self.identity = identity or IdentityKey.generate()
+        self._ctx, self.fingerprint = _open_context(context_message, keyholder_public_key, round, "clients")
+        self._zeros: list | None = None
+        self._sent = False
+
+    def precompute(self) -> None:
+        """Encrypt zeros ahead of time (e.g. while training); :meth:`encrypt` then only adds.
+
+        A public-key encryption is Enc(0) + encode(m); the Enc(0) part is most of the cost
+        and does not depend on the update, so it can be done before the update exists.
+        Each precomputed ciphertext is used once.
+        """
+        self._zeros = [self._encrypt_plain(np.zeros(s)) for s in self.round.chunk_sizes]
+
+    def encrypt(self, update: np.ndarray, *, weight: float | None = None) -> bytes:
+        """Seal this client's encrypted update; ``weight`` is its fraction f_i in (0, 1]."""
+        if self._sent:
+            raise AlreadyFinalized("this client already uploaded its update for the round")
+        r = self.round
+        x = np.asarray(update, dtype=np.float64)
+        if x.shape != (r.dim,):
+            raise InputError(f"update must have shape ({r.dim},), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise InputError("update contains NaN or infinity")
+        if r.weighted:
+            if weight is None or not (0 < weight <= 1) or not math.isfinite(weight):
+                raise InputError("a weighted round needs the client's weight fraction in (0, 1]")
+            x = np.append(x * weight, weight)
+        elif weight is not None:
+            raise InputError("this round is unweighted; do not pass a weight")
+        peak = float(np.max(np.abs(x[: r.dim]))) if r.dim else 0.0
+        if peak > r.value_bound:
+            raise InputError(f"update exceeds the round's value bound ({peak:.3g} > {r.value_bound:.3g}); clip it first")
+        self._sent = True
+        zeros, self._zeros = self._zeros, None
+        chunks, start = [], 0
+        for i, size in enumerate(r.chunk_sizes):
+            part = x[start : start + size]
+            start += size
+            if zeros is not None:
+                vec = zeros[i]
+                vec.add_(self._plain(part))
+            else:
+                vec = self._encrypt_plain(part)
+            chunks.append(vec.serialize())
+        msg = HeUpload(r.round_id, self.client_id, self.fingerprint, r.dim, r.weighted, tuple(chunks))
+        return seal(msg, self.client_id, self.identity)
+
+    def _plain(self, part: np.ndarray) -> list:
+        if self.round.params.scheme == "bfv":
+            return np.rint(part * self.round.quantization).astype(np.int64).tolist()
+        return part.tolist()
+
+    def _encrypt_plain(self, part: np.ndarray):
+        if self.round.params.scheme == "bfv":
+            return ts.bfv_vector(self._ctx, self._plain(part))
+        return ts.ckks_vector(self._ctx, self._plain(part))
+
+    def decrypt(self, *_args, **_kwargs):
+        raise KeyRoleError("clients hold the public key only and cannot decrypt; only the key holder can")
+
+
+class HeServer:
+    """Server role: no key at all; authenticates uploads and adds ciphertexts."""
+
+    def __init__(self, round: RoundConfig, context_message: bytes, keyholder_public_key: bytes,
+                 client_keys: Mapping[int, bytes], identity: IdentityKey | None = None) -> None:
+        self.round = round
+        self.identity = identity or IdentityKey.generate()
+        self._ctx, self.fingerprint = _open_context(context_message, keyholder_public_key, round, "server")
+        self._client_keys = dict(client_keys)
+        self._sum: list | None = None
+        self._included: list[int] = []
+        self._finished = False
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_bytes
+
+    @property
+    def included(self) -> tuple[int, ...]:
+        return tuple(self._included)
+
+    def receive(self, upload: bytes) -> int:
+        """Authenticate, validate and add one client's upload; returns the client id.
+
+        A rejected upload leaves the running sum untouched.
+        """
+        if self._finished:
+            raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
+        r = self.round
+        try:
+            sender, msg = open_sealed(upload, self._client_keys.get, max_bytes=r.max_message_bytes, expect=HeUpload)
+        except (WireError, InvalidSignature):
+            raise InvalidCiphertext("upload rejected: not a well-formed upload signed by a registered client") from None
+        if msg.client_id != sender:
+            raise InvalidCiphertext(f"upload signed by client {sender} claims to come from client {msg.client_id}")
+        if msg.round_id != r.round_id:
+            raise ReplayError(f"upload from client {sender} belongs to another round")
+        if sender in self._included:
+            raise ReplayError(f"client {sender} already uploaded in this round")
+        if msg.fingerprint != self.fingerprint:
+            raise InvalidCiphertext(f"upload from client {sender} was made under another key (fingerprint mismatch)")
+        if msg.dim != r.dim or msg.weighted != r.weighted or len(msg.chunks) != len(r.chunk_sizes):
+            raise InvalidCiphertext(f"upload from client {sender} does not have the round's shape")
+        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(msg.chunks, r.chunk_sizes)]
+        if self._sum is None:
+            self._sum = vectors
+        else:
+            for acc, vec in zip(self._sum, vectors):
+                acc.add_(vec)
+        self._included.append(sender)
+        return sender
+
+    def aggregate(self) -> bytes:
+        """Seal the sum for the key holder (once)."""
+        if self._finished:
+            raise AlreadyFinalized("the aggregate was already produced for this round")
+        r = self.round
+        if self._sum is None or len(self._included) < r.min_clients:
+            raise NotEnoughSurvivors(
+                f"{len(self._included)} uploads received, the round needs at least {r.min_clients}"
+            )
+        self._finished = True
+        msg = HeAggregate(r.round_id, self.fingerprint, r.dim, r.weighted, tuple(self._included),
+                          tuple(v.serialize() for v in self._sum))
+        return seal(msg, SERVER_ID, self.identity)
+
+    def decrypt(self, *_args, **_kwargs):
+        raise KeyRoleError(
+            "the server holds no secret key (its context has parameters only) and cannot decrypt; "
+            "send the aggregate to the key holder"
+        )
+
+
+def new_round_id() -> bytes:
+    return os.urandom(16)
