@@ -20,6 +20,7 @@ Record- and user-level accounting use the same math: the unit of privacy only ch
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -94,7 +95,10 @@ def _epsilon_prv(runs: Sequence[tuple[float, float, int]], delta: float) -> floa
     import numpy as np
 
     try:
-        with np.errstate(divide="ignore", invalid="ignore"):  # log(1 - q) at q = 1
+        # log(1 - q) at q = 1; Opacus' internal RDP bound (used to size the PRV domain)
+        # warns when its best order is the largest one: harmless for the PRV result.
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
         # The PRV discretisation fails for very weak noise (epsilon in the hundreds).

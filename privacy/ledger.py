@@ -405,8 +405,8 @@ class Ledger:
 
     def check(self, spend: Spend | SampledGaussianEvent) -> dict[str, float | None]:
         """Cumulative epsilon by each accountant *if* ``spend`` were reserved (no write)."""
-        spend = self._as_spend(spend)
-        return self._cumulative(self._events() + [spend.event])
+        event = spend.event if isinstance(spend, Spend) else self._as_spend(spend, round=0).event
+        return self._cumulative(self._events() + [event])
 
     def reserve(
         self, spend: Spend | SampledGaussianEvent, *, round: int | None = None,
