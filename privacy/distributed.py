@@ -115,7 +115,7 @@ def per_client_noise(
             "it must be < n_clients (and the secure-aggregation threshold needs more survivors)"
         )
     m = n - max_dropouts
-    return ClientNoise(kind=NoiseKind(kind), variance=target_std**2 / m, min_survivors=m)
+    return ClientNoise(kind=kind, variance=target_std**2 / m, min_survivors=m)
 
 
 # ---------------------------------------------------------------------------------
