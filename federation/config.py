@@ -192,7 +192,7 @@ class ExperimentConfig:
             need(2 <= self.threshold <= cohort,
                  f"threshold={self.threshold} must be between 2 and the number of clients in a "
                  f"round ({cohort}): no round could ever be unmasked")
-        need(8 <= self.bits <= 64, f"bits must be between 8 and 64, got {self.bits}")
+        need(8 <= self.bits <= 32, f"bits must be between 8 and 32, got {self.bits}")
         need(self.update_clip > 0 or self.protection == "none",
              f"protection {self.protection!r} needs update_clip > 0 (it bounds the encoded range)")
         need(self.update_clip > 0 or self.dp not in ("user", "user-distributed"),

@@ -462,7 +462,7 @@ def _to_toml(config: ExperimentConfig) -> str:
 
 
 def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) -> None:
-    from federation.report import render_report
+    from privacy.report import render_html
 
     final = summary.final
     data = {
@@ -474,7 +474,6 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
     }
     if ledger is not None:
-        ledger.verify()
-        render_report(ledger, summary, fed.out_dir / REPORT_FILE)
         data["ledger_head"] = ledger.verify().head_hash
+        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE)
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
