@@ -1,0 +1,195 @@
+"""DP-SGD client training with Opacus, on CPU (GPU tests run where CUDA is present)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import privacy
+from privacy.dpsgd import PrivateTraining, make_private, resolve_device, train_private, validate_model
+from secagg.errors import ConfigError
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:DP-SGD noise comes from", "ignore:.*full_backward_hook.*", "ignore:.*Secure RNG.*",
+    "ignore:Using a non-full backward hook",
+)
+
+
+def _data(n=400, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+def _model(d=8):
+    return nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_train_private_learns_and_accounts():
+    torch.manual_seed(0)
+    ds = _data()
+    model = _model()
+    loader = DataLoader(ds, batch_size=50)
+    stats = train_private(model, loader, epochs=4, lr=0.5, noise_multiplier=0.8,
+                          max_grad_norm=1.0, device="cpu", delta=1e-3)
+    assert stats.device == "cpu"
+    assert stats.steps == 4 * len(loader) and stats.sample_rate == pytest.approx(1 / len(loader))
+    assert stats.event.level.value == "record" and stats.event.clipping_norm == 1.0
+    assert stats.epsilon == pytest.approx(privacy.epsilon(
+        noise_multiplier=0.8, sample_rate=1 / len(loader), steps=stats.steps, delta=1e-3))
+    with torch.no_grad():
+        acc = (model(ds.tensors[0]).argmax(1) == ds.tensors[1]).float().mean().item()
+    assert acc > 0.8  # learned despite clipping + noise (chance is ~0.5)
+    # hooks are gone: the same model trains again next round, and works without Opacus
+    again = train_private(model, loader, epochs=1, lr=0.1, noise_multiplier=1.0,
+                          max_grad_norm=1.0)
+    assert again.steps == len(loader)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
+                   for p in model.parameters())
+
+
+def test_per_sample_clipping_bounds_the_update():
+    # No noise, fixed batches, lr=1: the step equals the mean of clipped per-sample
+    # gradients, so its norm is at most max_grad_norm whatever the loss scale.
+    torch.manual_seed(0)
+    ds = _data()
+    ds = TensorDataset(ds.tensors[0] * 100.0, ds.tensors[1])  # huge gradients
+    model = _model()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    pt = make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=64),
+                      noise_multiplier=0.0, max_grad_norm=0.25, poisson_sampling=False)
+    assert isinstance(pt, PrivateTraining)
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    nn.functional.cross_entropy(pt.model(x), y).backward()
+    pt.optimizer.step()
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < torch.linalg.vector_norm(after - before).item() <= 0.25 + 1e-6
+    assert pt.steps == 1 and pt.event().steps == 1
+    pt.close()
+
+
+def test_noise_is_added():
+    torch.manual_seed(0)
+    ds = _data()
+    updates = []
+    for _ in range(2):
+        model = _model()
+        model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        pt = make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=64),
+                          noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+        x, y = next(iter(pt.data_loader))
+        pt.optimizer.zero_grad()
+        nn.functional.cross_entropy(pt.model(x), y).backward()
+        pt.optimizer.step()
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        pt.close()
+    # same data and start point: only the Gaussian noise differs (std sigma*C/B per coordinate)
+    diff = (updates[0] - updates[1]).std().item()
+    assert diff == pytest.approx(2**0.5 * 1.0 * 1.0 / 64, rel=0.25)
+
+
+def test_batchnorm_refused_with_explanation_or_fixed():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ConfigError, match="BatchNorm") as info:
+        validate_model(model)
+    assert "fix_model=True" in str(info.value) and "GroupNorm" in str(info.value)
+    fixed = validate_model(model, fix=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in fixed.modules())
+    # make_private with fix_model rebuilds the optimizer over the new parameters
+    ds = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 2, (64,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    pt = make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=16),
+                      noise_multiplier=1.0, max_grad_norm=1.0, fix_model=True)
+    assert pt.optimizer.original_optimizer.defaults["momentum"] == 0.5
+    pt.close()
+
+
+def test_cross_checks_before_wrapping():
+    ds = _data()
+    model = _model()
+    other = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="exactly the model's trainable parameters"):
+        make_private(model=model, optimizer=other, data_loader=DataLoader(ds, batch_size=10),
+                     noise_multiplier=1.0, max_grad_norm=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=10),
+                     noise_multiplier=1.0, max_grad_norm=0.0)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=10),
+                     noise_multiplier=-0.5, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="1/n"):
+        train_private(model, DataLoader(ds, batch_size=10), epochs=1, lr=0.1,
+                      noise_multiplier=1.0, max_grad_norm=1.0, delta=0.01)
+
+
+def test_device_selection():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_private_on_cuda():
+    model = _model()
+    stats = train_private(model, DataLoader(_data(), batch_size=50), epochs=1, lr=0.5,
+                          noise_multiplier=1.0, max_grad_norm=1.0, device="cuda")
+    assert stats.device.startswith("cuda")
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_secure_mode_without_csprng_is_a_clear_error():
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchcsprng is installed")
+    model = _model()
+    with pytest.raises(ConfigError, match="torchcsprng"):
+        make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     data_loader=DataLoader(_data(), batch_size=10), noise_multiplier=1.0,
+                     max_grad_norm=1.0, secure_mode=True)
+
+
+MNIST_DIR = Path(os.environ.get("SECAGG_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+
+
+@pytest.mark.slow
+def test_mnist_one_epoch_dpsgd():
+    from privacy.datasets import load_mnist, mnist_available
+
+    if not mnist_available(MNIST_DIR):
+        pytest.skip(f"MNIST IDX files not found under {MNIST_DIR} (set SECAGG_MNIST_DIR)")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_dpsgd import tanh_cnn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    data = load_mnist(MNIST_DIR)
+    train = TensorDataset(torch.from_numpy(data["train_images"]).unsqueeze(1),
+                          torch.from_numpy(data["train_labels"]))
+    model = tanh_cnn()
+    stats = train_private(model, DataLoader(train, batch_size=512), epochs=1, lr=0.5,
+                          momentum=0.9, noise_multiplier=1.07, max_grad_norm=0.1, delta=1e-5)
+    x, y = torch.from_numpy(data["test_images"]).unsqueeze(1), torch.from_numpy(data["test_labels"])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.7 and 0 < stats.epsilon < 1.0
