@@ -1,0 +1,443 @@
+"""CKKS / BFV protection mode: sums, key roles, wrong keys, corrupted bytes, dropouts, weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+pytest.importorskip("tenseal")
+
+import tenseal as ts  # noqa: E402
+
+import secagg  # noqa: E402
+from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, aggregate_ckks, new_round_id  # noqa: E402
+from secagg.ckks.messages import HeContext, HeUpload  # noqa: E402
+from secagg.ckks.roles import KEYHOLDER_ID  # noqa: E402
+from secagg.ckks.tenseal_format import check_vector  # noqa: E402
+from secagg.errors import (  # noqa: E402
+    AlreadyFinalized,
+    ConfigError,
+    InputError,
+    InvalidCiphertext,
+    KeyRoleError,
+    NotEnoughSurvivors,
+    OverflowRisk,
+    ReplayError,
+)
+from secagg.keys import IdentityKey  # noqa: E402
+from secagg.wire import open_sealed, seal  # noqa: E402
+
+CKKS = HeParams.ckks()
+BFV = HeParams.bfv()
+
+
+class Round:
+    """A key holder, a key-less server and n clients wired together in memory."""
+
+    def __init__(self, n: int, dim: int, params: HeParams = CKKS, **kw) -> None:
+        self.config = RoundConfig(new_round_id(), dim, n, params, **kw)
+        self.holder = KeyHolder(self.config)
+        self.ids = [IdentityKey.generate() for _ in range(n)]
+        self.client_ctx = self.holder.context_for_clients()
+        self.server_ctx = self.holder.context_for_server()
+        self.server = HeServer(self.config, self.server_ctx, self.holder.public_key,
+                               {i: k.public_bytes for i, k in enumerate(self.ids)})
+
+    def client(self, i: int) -> HeClient:
+        return HeClient(i, self.config, self.client_ctx, self.holder.public_key, self.ids[i])
+
+    def upload(self, i: int, x, **kw) -> bytes:
+        return self.client(i).encrypt(np.asarray(x, dtype=np.float64), **kw)
+
+
+# --------------------------------------------------------------------------- sums
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 4),
+    dim=st.sampled_from([1, 7, 4095, 4096, 4097, 8193]),
+    data=st.data(),
+)
+def test_ckks_sum_matches_float_sum(n, dim, data):
+    magnitude = data.draw(st.sampled_from([1e-3, 1.0, 37.5]))
+    x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False))) * magnitude
+    result = secagg.aggregate(x, protocol="ckks")
+    exact = x.sum(axis=0)
+    err = np.max(np.abs(result.total - exact))
+    assert result.total.shape == (dim,)
+    assert result.included == tuple(range(n))
+    assert err <= result.max_quantization_error
+    assert result.max_quantization_error < 1e-6  # defaults: below 1e-6 for few clients
+    assert result.protocol == "ckks"
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 4), dim=st.sampled_from([1, 4096, 4097]), data=st.data())
+def test_bfv_sum_matches_float_sum(n, dim, data):
+    x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False)))
+    result = secagg.aggregate(x, protocol="ckks", scheme="bfv")
+    assert np.max(np.abs(result.total - x.sum(axis=0))) <= result.max_quantization_error < 1e-8
+
+
+def test_hundred_clients_error_below_1e6():
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, (100, 300))
+    x[:, 0] = 1.0  # worst case for the magnitude of the sum
+    result = aggregate_ckks(x, value_bound=1.0)
+    err = np.max(np.abs(result.total - x.sum(axis=0)))
+    assert err < 1e-6
+    assert err <= result.max_quantization_error < 1e-6
+
+
+def test_raw_release_is_more_precise_than_rounded_release():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (3, 4096))
+    raw = aggregate_ckks(x, release_grid_bits=0)
+    assert np.max(np.abs(raw.total - x.sum(0))) <= raw.max_quantization_error < 1e-7
+    rounded = aggregate_ckks(x)
+    step = 2.0**-22
+    assert np.allclose(rounded.total / step, np.round(rounded.total / step), atol=1e-6)
+
+
+def test_upload_size_and_timings_reported():
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 10_000))
+    result = aggregate_ckks(x)
+    assert 32 <= result.bytes_up_per_param * 10_000 / (3 * 4096) <= 33  # 3 ciphertexts of 4096 slots
+    for phase in ("keyholder.keygen", "client.encrypt", "server.sum", "keyholder.decrypt"):
+        assert result.timings[phase] > 0
+    bfv = aggregate_ckks(x, scheme="bfv")
+    assert bfv.bytes_up_per_param < 0.55 * result.bytes_up_per_param  # 4096 values per 65 KB
+
+
+# --------------------------------------------------------------------------- key roles
+
+
+def test_server_cannot_decrypt():
+    r = Round(2, 10)
+    r.server.receive(r.upload(0, np.ones(10)))
+    r.server.receive(r.upload(1, np.ones(10)))
+    with pytest.raises(KeyRoleError):
+        r.server.decrypt()
+    ctx = r.server._ctx
+    assert not ctx.has_secret_key() and not ctx.is_private() and not ctx.has_public_key()
+    assert not ctx.has_relin_keys() and not ctx.has_galois_keys()
+    # even going around the API, TenSEAL has no key to decrypt with
+    with pytest.raises(ValueError):
+        r.server._sum[0].decrypt()
+    # and the server's context is too poor to encrypt anything either
+    with pytest.raises(ValueError):
+        ts.ckks_vector(ctx, [1.0])
+
+
+def test_client_cannot_decrypt_other_clients():
+    r = Round(2, 10)
+    client = r.client(0)
+    assert not client._ctx.has_secret_key() and client._ctx.has_public_key()
+    sealed = r.upload(1, np.full(10, 0.5))
+    _, msg = open_sealed(sealed, {1: r.ids[1].public_bytes}.get, expect=HeUpload)
+    vec = ts.ckks_vector_from(client._ctx, msg.chunks[0])
+    with pytest.raises(ValueError):
+        vec.decrypt()
+    with pytest.raises(KeyRoleError):
+        client.decrypt(sealed)
+
+
+def test_context_carrying_secret_key_is_refused():
+    r = Round(2, 10)
+    private = r.holder._ctx.serialize(save_secret_key=True)
+    p = r.config.params
+    forged = seal(HeContext(r.config.round_id, "clients", p.scheme, p.poly_modulus_degree, p.coeff_mod_bit_sizes,
+                            p.scale_bits, p.plain_modulus_bits, private, r.holder.fingerprint),
+                  KEYHOLDER_ID, r.holder.identity)
+    with pytest.raises(KeyRoleError):
+        HeClient(0, r.config, forged, r.holder.public_key, r.ids[0])
+
+
+def test_server_refuses_the_clients_context_and_vice_versa():
+    r = Round(2, 10)
+    with pytest.raises(KeyRoleError):
+        HeServer(r.config, r.client_ctx, r.holder.public_key, {})
+    with pytest.raises(KeyRoleError):
+        HeClient(0, r.config, r.server_ctx, r.holder.public_key)
+
+
+def test_key_holder_decrypts_once():
+    r = Round(2, 10)
+    for i in range(2):
+        r.server.receive(r.upload(i, np.ones(10)))
+    agg = r.server.aggregate()
+    out = r.holder.decrypt(agg, r.server.public_key)
+    assert np.allclose(out.values, 2.0, atol=1e-6)
+    with pytest.raises(AlreadyFinalized):
+        r.holder.decrypt(agg, r.server.public_key)
+
+
+def test_key_holder_refuses_a_sum_over_too_few_clients():
+    r = Round(3, 10, min_clients=2)
+    r.server.receive(r.upload(0, np.ones(10)))
+    with pytest.raises(NotEnoughSurvivors):
+        r.server.aggregate()
+
+
+# --------------------------------------------------------------------------- wrong keys / parameters
+
+
+def test_upload_under_another_key_is_refused():
+    a = Round(2, 10)
+    holder_b = KeyHolder(a.config)  # same round and parameters, another key holder
+    client = HeClient(0, a.config, holder_b.context_for_clients(), holder_b.public_key, a.ids[0])
+    with pytest.raises(InvalidCiphertext, match="another key"):
+        a.server.receive(client.encrypt(np.ones(10)))
+    assert a.server.included == ()
+
+
+def test_aggregate_under_another_key_is_refused():
+    a = Round(2, 10)
+    other = KeyHolder(a.config)
+    for i in range(2):
+        a.server.receive(a.upload(i, np.ones(10)))
+    with pytest.raises(InvalidCiphertext):
+        other.decrypt(a.server.aggregate(), a.server.public_key)
+
+
+def test_mismatched_parameters_are_refused():
+    r = Round(2, 10)
+    other = RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(scale_bits=30))
+    with pytest.raises(ConfigError, match="mismatched parameters"):
+        HeClient(0, other, r.client_ctx, r.holder.public_key)
+    with pytest.raises(ConfigError):
+        HeServer(RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(16384, (60, 40))), r.server_ctx,
+                 r.holder.public_key, {})
+
+
+def test_context_signed_by_someone_else_or_for_another_round_is_refused():
+    r = Round(2, 10)
+    with pytest.raises(ConfigError):
+        HeClient(0, r.config, r.client_ctx, IdentityKey.generate().public_bytes)
+    later = RoundConfig(new_round_id(), 10, 2)
+    with pytest.raises(ReplayError):
+        HeClient(0, later, r.client_ctx, r.holder.public_key)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60, 60, 60)),  # 240 > 218 bits
+        dict(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 50)),  # 110 > 109 bits
+        dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60,)),  # no special prime
+        dict(poly_modulus_degree=8000),
+        dict(scale_bits=56),  # no headroom for the sum
+        dict(scale_bits=10),  # no precision
+    ],
+)
+def test_insecure_or_unusable_parameters_rejected(kwargs):
+    with pytest.raises(ConfigError):
+        HeParams(**kwargs)
+
+
+def test_overflowing_round_rejected():
+    with pytest.raises(OverflowRisk):
+        RoundConfig(new_round_id(), 10, 100, CKKS, value_bound=1e4)
+    with pytest.raises(OverflowRisk):
+        RoundConfig(new_round_id(), 10, 10_000, BFV)
+
+
+def test_update_beyond_value_bound_rejected():
+    r = Round(2, 4, value_bound=1.0)
+    with pytest.raises(InputError):
+        r.upload(0, [0.0, 2.0, 0.0, 0.0])
+    with pytest.raises(InputError):
+        r.upload(0, [0.0, np.nan, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- corrupted bytes
+
+
+def test_random_bit_flips_in_uploads_always_give_a_typed_error():
+    r = Round(2, 5000)
+    good = r.upload(0, np.full(5000, 0.25))
+    rng = random.Random(1234)
+    for _ in range(200):
+        bad = bytearray(good)
+        pos = rng.randrange(len(bad))
+        bad[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(InvalidCiphertext):
+            r.server.receive(bytes(bad))
+    for cut in [0, 1, 10, 100, len(good) // 2, len(good) - 1]:
+        with pytest.raises(InvalidCiphertext):
+            r.server.receive(good[:cut])
+    # the server is unharmed: the genuine uploads still sum correctly
+    r.server.receive(good)
+    r.server.receive(r.upload(1, np.full(5000, 0.5)))
+    out = r.holder.decrypt(r.server.aggregate(), r.server.public_key)
+    assert np.allclose(out.values, 0.75, atol=1e-6)
+
+
+def test_tampered_aggregate_is_refused():
+    r = Round(2, 10)
+    for i in range(2):
+        r.server.receive(r.upload(i, np.ones(10)))
+    agg = bytearray(r.server.aggregate())
+    agg[len(agg) // 2] ^= 0x10
+    with pytest.raises(InvalidCiphertext):
+        r.holder.decrypt(bytes(agg), r.server.public_key)
+
+
+def _resealed(r: Round, i: int, mutate) -> bytes:
+    """A registered (malicious) client signs ciphertext bytes it has corrupted itself."""
+    _, msg = open_sealed(r.upload(i, np.ones(r.config.dim) * 0.1), {i: r.ids[i].public_bytes}.get, expect=HeUpload)
+    chunks = tuple(mutate(bytearray(c)) for c in msg.chunks)
+    forged = HeUpload(msg.round_id, msg.client_id, msg.fingerprint, msg.dim, msg.weighted, chunks)
+    return seal(forged, i, r.ids[i])
+
+
+def test_authenticated_but_malformed_ciphertexts_never_reach_tenseal_unchecked():
+    r = Round(2, 100)
+
+    def huge_size(c):  # the 'sizes' varint TenSEAL trusts in decrypt (GBs reserved)
+        return bytes(c[:2]) + b"\xff\xff\xff\xff\x0f" + bytes(c[4:])
+
+    def truncated(c):
+        return bytes(c[:-9])
+
+    def trailing(c):
+        return bytes(c) + b"\x00"
+
+    def wrong_scale(c):
+        c[-8:] = struct.pack("<d", 2.0**30)
+        return bytes(c)
+
+    def seal_size(c):  # the SEAL header's size field
+        c[4 + 3 + 8] ^= 0x40
+        return bytes(c)
+
+    for mutate in (huge_size, truncated, trailing, wrong_scale, seal_size):
+        with pytest.raises(InvalidCiphertext):
+            r.server.receive(_resealed(r, 0, mutate))
+    assert r.server.included == ()
+
+
+def test_malicious_client_bit_flips_are_typed_or_harmless():
+    """Flips signed by a registered client: typed error, or a valid ciphertext (CKKS is malleable)."""
+    r = Round(2, 100)
+    rng = random.Random(99)
+    outcomes = {"rejected": 0, "accepted": 0}
+    for k in range(60):
+        pos_limit = 64 if k % 2 else None  # half in the headers, half anywhere
+
+        def flip(c):
+            pos = rng.randrange(pos_limit or len(c))
+            c[pos] ^= 1 << rng.randrange(8)
+            return bytes(c)
+
+        server = HeServer(r.config, r.server_ctx, r.holder.public_key, {0: r.ids[0].public_bytes})
+        try:
+            server.receive(_resealed(r, 0, flip))
+            outcomes["accepted"] += 1
+        except InvalidCiphertext:
+            outcomes["rejected"] += 1
+    assert outcomes["rejected"] > 0
+
+
+def test_zstd_bomb_is_refused_before_decompression():
+    # a SEAL blob whose zstd frame is thousands of RLE blocks of 128 KiB each
+    rle_block = (((128 * 1024) << 3) | (1 << 1)).to_bytes(3, "little") + b"\x00"
+    last = (((128 * 1024) << 3) | (1 << 1) | 1).to_bytes(3, "little") + b"\x00"
+    frame = struct.pack("<I", 0xFD2FB528) + bytes([0x00, 0x58]) + rle_block * 2000 + last
+    blob_len = 16 + len(frame)
+    blob = struct.pack("<HBBBBHQ", 0xA15E, 16, 4, 0, 2, 0, blob_len) + frame
+    vec = b"\x0a\x02" + _varint(4096) + b"\x12" + _varint(len(blob)) + blob + b"\x19" + struct.pack("<d", 2.0**40)
+    with pytest.raises(InvalidCiphertext):
+        check_vector(vec, expected_size=4096, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_replays_and_double_uploads_are_refused():
+    r = Round(2, 10)
+    up = r.upload(0, np.ones(10))
+    r.server.receive(up)
+    with pytest.raises(ReplayError):
+        r.server.receive(up)
+    other = Round(2, 10)
+    with pytest.raises((ReplayError, InvalidCiphertext)):
+        r.server.receive(other.upload(1, np.ones(10)))
+    client = r.client(1)
+    client.encrypt(np.ones(10))
+    with pytest.raises(AlreadyFinalized):
+        client.encrypt(np.ones(10))
+
+
+# --------------------------------------------------------------------------- dropouts and weights
+
+
+def test_dropouts_leave_the_sum():
+    x = np.random.default_rng(3).uniform(-1, 1, (6, 50))
+    result = secagg.aggregate(
+        x, protocol="ckks", dropouts={"advertise": [0], "upload": [2, 4], "unmask": [5]}
+    )
+    assert result.included == (1, 3, 5)  # a post-upload dropout still counted
+    assert np.max(np.abs(result.total - x[[1, 3, 5]].sum(0))) <= result.max_quantization_error
+    assert result.dropped == {"advertise": (0,), "upload": (2, 4), "unmask": (5,)}
+    with pytest.raises(NotEnoughSurvivors):
+        secagg.aggregate(x, protocol="ckks", dropouts={"upload": [0, 1, 2, 3, 4]})
+    with pytest.raises(ConfigError):
+        secagg.aggregate(x, protocol="ckks", dropouts={"lunch": [1]})
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "bfv"])
+def test_weighted_fedavg_scale_travels_encrypted(scheme):
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, (5, 4096))  # the weight slot spills into a second ciphertext
+    w = np.array([10, 2000, 35, 700, 1])
+    result = secagg.aggregate(x, protocol="ckks", weights=w, dropouts={"upload": [1]}, scheme=scheme)
+    inc = list(result.included)
+    assert inc == [0, 2, 3, 4]
+    exact = (w[inc, None] * x[inc]).sum(0)
+    assert np.max(np.abs(result.total - exact)) <= result.max_quantization_error
+    fedavg = result.total / w[inc].sum()
+    assert np.max(np.abs(fedavg - exact / w[inc].sum())) < 1e-6
+
+
+def test_weighted_upload_carries_no_plaintext_weight():
+    r = Round(2, 8, weighted=True)
+    sealed = r.upload(0, np.ones(8) * 0.5, weight=0.25)
+    _, msg = open_sealed(sealed, {0: r.ids[0].public_bytes}.get, expect=HeUpload)
+    assert {f.name for f in dataclasses.fields(HeUpload)} == {"round_id", "client_id", "fingerprint", "dim", "weighted", "chunks"}
+    assert msg.weighted is True and len(msg.chunks) == 1
+    r.server.receive(sealed)
+    r.server.receive(r.upload(1, np.ones(8), weight=0.75))
+    out = r.holder.decrypt(r.server.aggregate(), r.server.public_key)
+    assert abs(out.weight_sum - 1.0) < 1e-6
+    assert np.allclose(out.values, 0.25 * 0.5 + 0.75 * 1.0, atol=1e-6)
+    with pytest.raises(InputError):
+        r.client(1).encrypt(np.ones(8))  # weighted round needs a weight
+
+
+def test_precompute_gives_the_same_sums():
+    x = np.random.default_rng(5).uniform(-1, 1, (3, 100))
+    a = aggregate_ckks(x, precompute=True)
+    b = aggregate_ckks(x, precompute=False)
+    assert np.max(np.abs(a.total - b.total)) <= a.max_quantization_error + b.max_quantization_error
+
+
+def test_context_bytes_never_pickled():
+    r = Round(2, 4)
+    for blob in (r.client_ctx, r.server_ctx, r.upload(0, np.zeros(4))):
+        assert b"\x80\x04\x95" not in blob[:8]  # pickle protocol 4 header
+        assert blob[:1] == b"\x96"  # a msgpack array: [magic, version, "signed", sender, payload, sig]
