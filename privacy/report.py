@@ -133,8 +133,11 @@ def _plot_png(data: dict[str, Any]) -> str:
     ax.set_ylabel(f"cumulative epsilon (delta={data['delta']:g})")
     ax.set_title("Privacy spent over releases")
     ax.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -166,24 +169,24 @@ def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | N
         )
     else:
         integ_html = (
-            f'<div class="bad" id="integrity">INTEGRITY CHECK FAILED at row '
-            f'{e(str(integ["first_bad_row"]))}: {e(integ["error"])}. The ledger was altered; '
-            f'the figures below cannot be trusted.</div>'
+            f'<div class="bad" id="integrity">INTEGRITY CHECK FAILED (first bad ledger entry: '
+            f'row {e(str(integ["first_bad_row"]))}). {e(integ["error"])}. The ledger was '
+            f'altered; the figures below cannot be trusted.</div>'
         )
     plot = _plot_png(data) if data["rows"] else None
-    head = ("<tr><th>#</th><th>round</th><th>mechanism</th><th>unit</th><th>status</th>"
+    head = ("<tr><th>release</th><th>ledger entry</th><th>round</th><th>mechanism</th><th>unit</th><th>status</th>"
             "<th>participants</th><th>sampling rate</th><th>noise multiplier</th>"
             "<th>clipping</th><th>steps</th>"
             + "".join(f"<th>cumulative &epsilon; ({n.upper()})</th>" for n in ACCOUNTANTS)
             + "<th>recorded at (UTC)</th></tr>")
     body = []
-    for r in data["rows"]:
+    for i, r in enumerate(data["rows"], start=1):
         parts = r["participants"]
         if r["released_participants"] is not None:
             parts = f'{r["participants"] if r["participants"] is not None else "-"} &rarr; {r["released_participants"]}'
         body.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
-                r["seq"], r["round"], _fmt(r["mechanism"]), _fmt(r["level"]),
+                i, r["seq"], r["round"], _fmt(r["mechanism"]), _fmt(r["level"]),
                 f'<span class="st-{e(r["status"])}">{e(r["status"])}</span>',
                 parts if isinstance(parts, str) else _fmt(parts),
                 _fmt(r["sample_rate"]), _fmt(r["noise_multiplier"]), _fmt(r["clipping"]),
@@ -213,7 +216,7 @@ h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
 table {{ border-collapse: collapse; font-size: .85em; width: 100%; }}
 th, td {{ border: 1px solid #ccc; padding: .25em .45em; text-align: right; }}
 th {{ background: #f3f3f3; }}
-td:nth-child(3), td:nth-child(4), td:nth-child(5) {{ text-align: left; }}
+td:nth-child(4), td:nth-child(5), td:nth-child(6) {{ text-align: left; }}
 .st-reserved {{ color: #b9770e; }} .st-aborted {{ color: #7f8c8d; }} .st-released {{ color: #1e8449; }}
 code {{ font-size: .85em; word-break: break-all; }}
 </style></head>
