@@ -59,6 +59,10 @@ class _Pool:
     def client_ids(self) -> tuple[int, ...]:
         return self._ids
 
+    def peak_rss_kib(self) -> int:
+        """Peak resident memory of this process (Linux /proc), for benchmarks."""
+        return _peak_rss_kib()
+
     def public_keys(self) -> dict[int, bytes]:
         return {c: k.public_bytes for c, k in self.identities.items()}
 
@@ -107,6 +111,17 @@ class _Pool:
                 failed[c] = f"{type(exc).__name__}: {exc}"
                 self.sessions.pop(c, None)
         return out, failed, time.process_time() - started
+
+
+def _peak_rss_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _rounding_seed(seed: int, client: int) -> bytes:
