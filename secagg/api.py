@@ -36,7 +36,8 @@ def aggregate(
     ``dropouts`` maps a stage name to the client indices that drop at that stage. For
     masking the stages are "advertise", "share", "masked_input", "consistency", "unmask";
     for ckks a client that drops before uploading is simply left out of the sum.
-    ``seed`` makes the run reproducible for tests (insecure: it fixes every key and mask).
+    ``seed`` makes the decoded result reproducible by fixing the (non-secret) stochastic
+    rounding; keys, masks and shares always come from the OS CSPRNG.
     """
     if protocol == "masking":
         from secagg.protocol.simulate import aggregate_masking
