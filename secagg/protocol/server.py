@@ -380,7 +380,8 @@ class ServerSession:
         t = self.config.threshold
         by_holders: dict[tuple[int, ...], list[int]] = {}
         for owner in sorted(owners):
-            holders = sorted(r for r, resp in self._responses.items() if owner in getattr(resp, field))
+            candidates = self._graph.neighbours(owner).intersection(self._responses)
+            holders = sorted(r for r in candidates if owner in getattr(self._responses[r], field))
             if len(holders) < t:
                 raise NotEnoughSurvivors(
                     f"only {len(holders)} clients returned shares for client {owner}; {t} are needed"
