@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 from functools import cached_property, lru_cache
 
+import numpy as np
+
 import privacy
 from privacy.events import SampledGaussianEvent, dpfedavg_event, dpsgd_event
 from secagg.errors import ConfigError
@@ -47,6 +49,7 @@ class RoundAccountant:
         clip: float | None = None,
         accountant: str = "prv",
         horizon: int = 1,
+        distributed_event: SampledGaussianEvent | None = None,
     ) -> None:
         if mode not in DP_MODES:
             raise ConfigError(f"unknown dp mode {mode!r}; choose one of {', '.join(DP_MODES)}")
@@ -56,6 +59,9 @@ class RoundAccountant:
         self.delta = delta
         self.noise_multiplier = noise_multiplier
         self.clip = clip
+        self._distributed_event = distributed_event
+        if mode == "user-distributed" and distributed_event is None:
+            raise ConfigError("user-distributed accounting needs the event of the planned noise shares")
         self.horizon = horizon  # planned rounds: picks the worst client profile over the whole run
         self.accountant = privacy.accountant.check_accountant(accountant)
         # Clients with the same (q, steps) have the same epsilon: keep one of each.
@@ -76,6 +82,8 @@ class RoundAccountant:
             raise ConfigError("dp = 'none' releases are not accounted; there is no round event")
         if self.mode == "dpsgd":
             return self._worst_profile_event
+        if self.mode == "user-distributed":
+            return self._distributed_event
         return dpfedavg_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
                               rounds=1, clipping_norm=self.clip)
 
@@ -114,3 +122,54 @@ class RoundAccountant:
             else:
                 hi = mid - 1
         return lo
+
+
+class DistributedNoisePlan:
+    """Distributed discrete Gaussian noise for ``dp = "user-distributed"`` (masking only).
+
+    Every client adds an integer noise share to its quantized, clipped update before masking
+    (Kairouz, Liu & Steinke 2021), sized by :mod:`privacy.distributed` so that the sum over any
+    ``threshold`` survivors carries at least the target noise: the round cannot be unmasked with
+    fewer, so the guarantee holds whenever an aggregate is released. The fixed-point scale is
+    fixed here, before the round, because the integer sensitivity (and so the noise and the
+    ledger's event) depends on it; ``headroom`` reserves ten share standard deviations per
+    coordinate so the noisy sum cannot wrap around.
+    """
+
+    def __init__(self, *, clip: float, clients: int, threshold: int, bits: int, noise_multiplier: float,
+                 dim: int, sample_rate: float = 1.0, rng_seed: int | None = None) -> None:
+        from privacy import distributed as dist
+        from secagg.encoding import FixedPointCodec
+
+        if not 2 <= threshold <= clients:
+            raise ConfigError(f"threshold={threshold} must be between 2 and the {clients} clients of a round")
+        self.clip, self.dim, self.clients, self.threshold = clip, dim, clients, threshold
+        headroom = 0.0
+        for _ in range(50):
+            codec = FixedPointCodec.for_clients(clip=clip, max_clients=clients, bits=bits, clip_mode="l2",
+                                                headroom=headroom)
+            sensitivity = dist.quantized_l2_sensitivity(clip_norm=clip, scale=codec.scale, dim=dim)
+            share = dist.per_client_noise(
+                target_std=dist.target_std_for(noise_multiplier=noise_multiplier, l2_sensitivity=sensitivity),
+                n_clients=clients, max_dropouts=clients - threshold)
+            needed = 10.0 * share.std / codec.scale
+            if needed <= headroom:
+                break
+            headroom = needed * 1.25
+        else:
+            raise ConfigError(f"no {bits}-bit encoding leaves room for the distributed noise; use more bits")
+        self.scale = codec.scale
+        self.headroom = headroom
+        self.share = share
+        self.event = dist.distributed_event(client_noise=share, l2_sensitivity=sensitivity, dim=dim,
+                                            sample_rate=sample_rate, clipping_norm=clip)
+        self._rng = None if rng_seed is None else np.random.default_rng(rng_seed)
+
+    def sample(self, row: int, dim: int, scale: float) -> np.ndarray:
+        """One client's integer noise share (the protocol's ``client_noise`` callback)."""
+        from privacy.distributed import sample_integer_noise
+
+        if dim != self.dim or scale != self.scale:
+            raise ConfigError(f"the round encodes at scale {scale} / dim {dim}, but the noise was planned "
+                              f"for scale {self.scale} / dim {self.dim}")
+        return sample_integer_noise(dim, self.share, rng=self._rng)

@@ -38,7 +38,8 @@ class Aggregator(Protocol):
     name: str
 
     def aggregate(
-        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
+        **protocol_options,
     ) -> AggregateResult: ...
 
 
@@ -49,8 +50,11 @@ class PlainAggregator:
     name: str = "none"
 
     def aggregate(
-        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
+        **protocol_options,
     ) -> AggregateResult:
+        if protocol_options:
+            raise ConfigError(f"protection 'none' takes no protocol options, got {sorted(protocol_options)}")
         gone = {int(i) for stage in PRE_UPLOAD_STAGES for i in dropouts.get(stage, ())}
         included = tuple(i for i in range(len(vectors)) if i not in gone)
         total = vectors[list(included)].astype(np.float64).sum(axis=0)
@@ -74,17 +78,20 @@ class SecureAggregator:
     seed: int | None = None
 
     def aggregate(
-        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None
+        self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
+        **protocol_options,
     ) -> AggregateResult:
+        """``protocol_options`` go to the protocol unchanged (for masking: ``scale``,
+        ``client_noise`` and ``noise_headroom`` of distributed DP noise)."""
         import secagg
 
         drops = {s: list(v) for s, v in dropouts.items() if v}
         if self.name == "ckks":
-            return secagg.aggregate(vectors, protocol="ckks", dropouts=drops, clip=clip)
+            return secagg.aggregate(vectors, protocol="ckks", dropouts=drops, clip=clip, **protocol_options)
         return secagg.aggregate(
             vectors, protocol="masking", graph="sparse" if self.name == "masking-sparse" else "complete",
             threshold=self.threshold, dropouts=drops, clip=clip, clip_mode="l2", bits=self.bits,
-            seed=self.seed,
+            seed=self.seed, **protocol_options,
         )
 
 

@@ -199,6 +199,9 @@ class ExperimentConfig:
              "user-level DP needs update_clip > 0 (it is the sensitivity)")
         need(self.dp != "user-distributed" or self.protection in ("masking", "masking-sparse"),
              "dp = 'user-distributed' adds noise in shares that only masking hides; use masking")
+        need(self.dp != "user-distributed" or (self.threshold is not None and self.sampling == "fixed"),
+             "dp = 'user-distributed' calibrates each noise share to the minimum number of survivors: "
+             "set threshold explicitly and use sampling = 'fixed'")
         need(self.proximal_mu == 0 or self.strategy == "fedprox",
              "proximal_mu is a FedProx option; set strategy = 'fedprox'")
         need(self.proximal_mu >= 0, f"proximal_mu must be >= 0, got {self.proximal_mu}")

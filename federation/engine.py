@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from federation import checkpoint as ckpt_io
-from federation.accounting import RoundAccountant
+from federation.accounting import DistributedNoisePlan, RoundAccountant
 from federation.aggregators import PRE_UPLOAD_STAGES, STAGES, Aggregator, make_aggregator, protocol_available
 from federation.config import ExperimentConfig
 from privacy.ledger import Ledger, LedgerEntry, Spend
@@ -151,9 +151,6 @@ class Federation:
         dataset: Dataset | None = None,
     ) -> None:
         config.validate(strict=True)
-        if config.dp == "user-distributed" and config.threshold is None:
-            raise ConfigError("dp = 'user-distributed' calibrates each client's noise share to the "
-                              "minimum number of survivors: set threshold explicitly")
         if aggregator is None:
             missing = protocol_available(config.protection)
             if missing:
@@ -176,12 +173,23 @@ class Federation:
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
         )
+        torch.manual_seed(config.seed)
+        self._model = self.build()
+        self.params = get_flat(self._model)
+        self.noise_plan: DistributedNoisePlan | None = None
+        if config.dp == "user-distributed":
+            self.noise_plan = DistributedNoisePlan(
+                clip=config.update_clip, clients=config.clients_per_round, threshold=config.threshold,
+                bits=config.bits, noise_multiplier=config.noise_multiplier, dim=len(self.params),
+                sample_rate=config.clients_per_round / config.num_clients,
+                rng_seed=config.seed if config.deterministic else None)
         self.accountant = RoundAccountant(
             mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
             clients_per_round=round(config.expected_clients_per_round), num_clients=config.num_clients,
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=config.accountant, horizon=config.rounds,
+            distributed_event=None if self.noise_plan is None else self.noise_plan.event,
         )
         self.executor = executor or SequentialExecutor()
         self.aggregator = aggregator or make_aggregator(
@@ -190,9 +198,6 @@ class Federation:
         self.strategy = Strategy(config.strategy, server_lr=config.effective_server_lr,
                                  proximal_mu=config.proximal_mu, beta1=config.beta1,
                                  beta2=config.beta2, tau=config.tau)
-        torch.manual_seed(config.seed)
-        self._model = self.build()
-        self.params = get_flat(self._model)
         self.out_dir = Path(config.out_dir)
         self._noise_rng = np.random.default_rng(
             np.random.SeedSequence([config.seed, 0x5EC]) if config.deterministic else secrets.randbits(128))
@@ -306,16 +311,14 @@ class Federation:
 
         Weighted mode: row = [w_k * clip(delta_k), w_k] with w_k = n_k / max_j n_j (a public
         constant), so the server decodes sum(w delta) / sum(w) from the sum alone, whoever drops.
-        User-level DP: row = clip(delta_k) (+ the client's noise share when distributed).
+        User-level DP: row = clip(delta_k); with distributed noise each client's integer noise
+        share is added inside the protocol, after quantization (see DistributedNoisePlan).
         """
         c = self.config
         d = len(self.params)
         width = d + 1 if self.weighted else d
         rows = np.zeros((len(updates), width), dtype=np.float64)
         clip = c.update_clip if c.update_clip > 0 else None
-        share_std = 0.0
-        if c.dp == "user-distributed":
-            share_std = c.noise_multiplier * c.update_clip / math.sqrt(c.threshold)  # type: ignore[arg-type]
         n_ref = max(self.sizes)
         for row, update in enumerate(updates):
             if update is None:
@@ -330,17 +333,17 @@ class Federation:
                 rows[row, :d] = w * delta
                 rows[row, d] = w
             else:
-                rows[row] = delta + (self._noise_rng.normal(0.0, share_std, d) if share_std else 0.0)
+                rows[row] = delta  # a distributed noise share is added by the protocol, after encoding
         if clip is None:
             return rows, None
-        bound = math.sqrt(clip**2 + 1.0) if self.weighted else clip
-        if share_std:
-            # A Gaussian vector's norm exceeds std * (sqrt(d) + 8) with probability < e^-32.
-            bound = clip + share_std * (math.sqrt(d) + 8.0)
-        return rows, bound
+        return rows, (math.sqrt(clip**2 + 1.0) if self.weighted else clip)
 
     def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> AggregateResult:
-        return self.aggregator.aggregate(vectors, dropouts=faults, clip=clip)
+        options = {}
+        if self.noise_plan is not None:
+            options = dict(scale=self.noise_plan.scale, client_noise=self.noise_plan.sample,
+                           noise_headroom=self.noise_plan.headroom)
+        return self.aggregator.aggregate(vectors, dropouts=faults, clip=clip, **options)
 
     def apply_aggregate(self, result: AggregateResult) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted."""

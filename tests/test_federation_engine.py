@@ -217,3 +217,41 @@ def test_evaluate_uses_the_global_parameters(tmp_path):
     from federation.training import evaluate
 
     assert evaluate(model, fed.dataset.x_test, fed.dataset.y_test) == fed.evaluate()
+
+
+# ------------------------------------------------------------------ user-level DP
+
+def user_dp_config(tmp_path, dp, **options):
+    return config(tmp_path, dp, dataset="digits", num_clients=24, clients_per_round=12, protection="masking",
+                  threshold=8, dp=dp, noise_multiplier=1.0, budget_epsilon=100.0, update_clip=1.0,
+                  accountant="rdp", **options)
+
+
+def test_distributed_noise_shares_sum_to_the_planned_noise(tmp_path):
+    fed = Federation(user_dp_config(tmp_path, "user-distributed"))
+    sampled = fed.sample_clients(1)
+    vectors, clip = fed.encode_updates(fed.train_clients(1, sampled, {}))
+    assert np.all(np.linalg.norm(vectors, axis=1) <= 1.0 + 1e-9)
+    result = fed.aggregate(vectors, {}, clip)
+    noise = result.total - vectors.sum(axis=0)
+    plan = fed.noise_plan
+    expected = np.sqrt(len(sampled) * plan.share.variance) / plan.scale  # 12 shares arrived
+    assert np.std(noise) == pytest.approx(expected, rel=0.15)
+    # calibrated so that the `threshold` = 8 survivors alone carry noise_multiplier x sensitivity
+    assert np.sqrt(8 * plan.share.variance) / plan.scale == pytest.approx(1.0, rel=0.05)
+    assert fed.accountant.round_event().mechanism.value == "distributed-dgauss"
+
+
+def test_central_user_level_noise_is_added_to_the_sum(tmp_path):
+    fed = Federation(user_dp_config(tmp_path, "user"))
+    sampled = fed.sample_clients(1)
+    vectors, clip = fed.encode_updates(fed.train_clients(1, sampled, {}))
+    before = fed.params.copy()
+    fed.apply_aggregate(fed.aggregate(vectors, {}, clip))
+    noise = (fed.params - before) - vectors.sum(axis=0) / 12
+    assert np.std(noise) == pytest.approx(1.0 / 12, rel=0.15)  # z * C / clients per round
+
+
+def test_user_level_dp_runs_end_to_end(tmp_path):
+    _, summary = run(user_dp_config(tmp_path, "user-distributed", rounds=2))
+    assert summary.rounds[1].epsilon > summary.rounds[0].epsilon > 0
