@@ -14,14 +14,22 @@ from hypothesis.extra.numpy import arrays
 
 pytest.importorskip("tenseal")
 
-import tenseal as ts  # noqa: E402
+import tenseal as ts
 
-import secagg  # noqa: E402
-from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, aggregate_ckks, new_round_id  # noqa: E402
-from secagg.ckks.messages import HeContext, HeUpload  # noqa: E402
-from secagg.ckks.roles import KEYHOLDER_ID  # noqa: E402
-from secagg.ckks.tenseal_format import check_vector  # noqa: E402
-from secagg.errors import (  # noqa: E402
+import secagg
+from secagg.ckks import (
+    HeClient,
+    HeParams,
+    HeServer,
+    KeyHolder,
+    RoundConfig,
+    aggregate_ckks,
+    new_round_id,
+)
+from secagg.ckks.messages import HeCiphertexts, HeContext, HeUploadHeader, chunks_digest
+from secagg.ckks.roles import KEYHOLDER_ID
+from secagg.ckks.tenseal_format import check_vector
+from secagg.errors import (
     AlreadyFinalized,
     ConfigError,
     InputError,
@@ -31,8 +39,8 @@ from secagg.errors import (  # noqa: E402
     OverflowRisk,
     ReplayError,
 )
-from secagg.keys import IdentityKey  # noqa: E402
-from secagg.wire import open_sealed, seal  # noqa: E402
+from secagg.keys import IdentityKey
+from secagg.wire import decode, encode, open_sealed, seal
 
 CKKS = HeParams.ckks()
 BFV = HeParams.bfv()
@@ -142,8 +150,7 @@ def test_client_cannot_decrypt_other_clients():
     client = r.client(0)
     assert not client._ctx.has_secret_key() and client._ctx.has_public_key()
     sealed = r.upload(1, np.full(10, 0.5))
-    _, msg = open_sealed(sealed, {1: r.ids[1].public_bytes}.get, expect=HeUpload)
-    vec = ts.ckks_vector_from(client._ctx, msg.chunks[0])
+    vec = ts.ckks_vector_from(client._ctx, decode(sealed, max_bytes=len(sealed), expect=HeCiphertexts).chunks[0])
     with pytest.raises(ValueError):
         vec.decrypt()
     with pytest.raises(KeyRoleError):
@@ -230,12 +237,12 @@ def test_context_signed_by_someone_else_or_for_another_round_is_refused():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60, 60, 60)),  # 240 > 218 bits
-        dict(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 50)),  # 110 > 109 bits
-        dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60,)),  # no special prime
-        dict(poly_modulus_degree=8000),
-        dict(scale_bits=56),  # no headroom for the sum
-        dict(scale_bits=10),  # no precision
+        {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": (60, 60, 60, 60)},  # 240 > 218 bits
+        {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (60, 50)},  # 110 > 109 bits
+        {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": (60,)},  # no special prime
+        {"poly_modulus_degree": 8000},
+        {"scale_bits": 56},  # no headroom for the sum
+        {"scale_bits": 10},  # no precision
     ],
 )
 def test_insecure_or_unusable_parameters_rejected(kwargs):
@@ -293,10 +300,9 @@ def test_tampered_aggregate_is_refused():
 
 def _resealed(r: Round, i: int, mutate) -> bytes:
     """A registered (malicious) client signs ciphertext bytes it has corrupted itself."""
-    _, msg = open_sealed(r.upload(i, np.ones(r.config.dim) * 0.1), {i: r.ids[i].public_bytes}.get, expect=HeUpload)
-    chunks = tuple(mutate(bytearray(c)) for c in msg.chunks)
-    forged = HeUpload(msg.round_id, msg.client_id, msg.fingerprint, msg.dim, msg.weighted, chunks)
-    return seal(forged, i, r.ids[i])
+    client = r.client(i)
+    chunks = client.encrypt_chunks(np.ones(r.config.dim) * 0.1)
+    return client.seal_upload(tuple(mutate(bytearray(c)) for c in chunks))
 
 
 def test_authenticated_but_malformed_ciphertexts_never_reach_tenseal_unchecked():
@@ -333,7 +339,7 @@ def test_malicious_client_bit_flips_are_typed_or_harmless():
     for k in range(60):
         pos_limit = 64 if k % 2 else None  # half in the headers, half anywhere
 
-        def flip(c):
+        def flip(c, pos_limit=pos_limit):
             pos = rng.randrange(pos_limit or len(c))
             c[pos] ^= 1 << rng.randrange(8)
             return bytes(c)
@@ -417,9 +423,12 @@ def test_weighted_fedavg_scale_travels_encrypted(scheme):
 def test_weighted_upload_carries_no_plaintext_weight():
     r = Round(2, 8, weighted=True)
     sealed = r.upload(0, np.ones(8) * 0.5, weight=0.25)
-    _, msg = open_sealed(sealed, {0: r.ids[0].public_bytes}.get, expect=HeUpload)
-    assert {f.name for f in dataclasses.fields(HeUpload)} == {"round_id", "client_id", "fingerprint", "dim", "weighted", "chunks"}
-    assert msg.weighted is True and len(msg.chunks) == 1
+    outer = decode(sealed, max_bytes=len(sealed), expect=HeCiphertexts)
+    _, header = open_sealed(outer.header, {0: r.ids[0].public_bytes}.get, expect=HeUploadHeader)
+    assert {f.name for f in dataclasses.fields(HeUploadHeader)} == {
+        "round_id", "client_id", "fingerprint", "dim", "weighted", "n_chunks", "digest"}
+    assert {f.name for f in dataclasses.fields(HeCiphertexts)} == {"header", "chunks"}
+    assert header.weighted is True and len(outer.chunks) == 1
     r.server.receive(sealed)
     r.server.receive(r.upload(1, np.ones(8), weight=0.75))
     out = r.holder.decrypt(r.server.aggregate(), r.server.public_key)
@@ -440,4 +449,16 @@ def test_context_bytes_never_pickled():
     r = Round(2, 4)
     for blob in (r.client_ctx, r.server_ctx, r.upload(0, np.zeros(4))):
         assert b"\x80\x04\x95" not in blob[:8]  # pickle protocol 4 header
-        assert blob[:1] == b"\x96"  # a msgpack array: [magic, version, "signed", sender, payload, sig]
+        assert blob[:1] in (b"\x96", b"\x94")  # msgpack arrays: signed envelope / wire frame
+
+
+def test_chunks_swapped_under_a_valid_signed_header_are_refused():
+    r = Round(2, 10)
+    a = decode(r.upload(0, np.ones(10)), expect=HeCiphertexts)
+    b = decode(r.upload(1, np.zeros(10)), expect=HeCiphertexts)
+    spliced = encode(HeCiphertexts(a.header, b.chunks))  # client 0's signature, client 1's ciphertexts
+    with pytest.raises(InvalidCiphertext):
+        r.server.receive(spliced)
+    assert chunks_digest(b"upload", a.chunks) != chunks_digest(b"upload", b.chunks)
+    r.server.receive(encode(HeCiphertexts(a.header, a.chunks)))
+    assert r.server.included == (0,)

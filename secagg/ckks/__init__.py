@@ -22,6 +22,15 @@ from secagg.ckks.roles import (
 from secagg.ckks.simulate import aggregate_ckks
 
 __all__ = [
-    "aggregate_ckks", "HeParams", "RoundConfig", "KeyHolder", "HeClient", "HeServer", "DecryptedSum",
-    "KEYHOLDER_ID", "SERVER_ID", "fingerprint", "new_round_id",
+    "KEYHOLDER_ID",
+    "SERVER_ID",
+    "DecryptedSum",
+    "HeClient",
+    "HeParams",
+    "HeServer",
+    "KeyHolder",
+    "RoundConfig",
+    "aggregate_ckks",
+    "fingerprint",
+    "new_round_id",
 ]

@@ -1,8 +1,12 @@
 """Wire messages of the ``ckks`` protection mode (see :mod:`secagg.wire` for the framing).
 
-Every message travels sealed (Ed25519 signature of its sender over the whole payload),
-so a flipped bit anywhere, a truncation or another sender's key is caught before any
-TenSEAL code runs. Ciphertexts are TenSEAL's own ``serialize()`` bytes, one TenSEAL
+Every message is authenticated by its sender's Ed25519 identity before any TenSEAL code
+runs, so a flipped bit anywhere, a truncation or another sender's key is caught first.
+Contexts travel sealed (:func:`secagg.wire.seal`). Uploads and aggregates are megabytes,
+and Ed25519 hashes what it signs twice with SHA-512, so they are hash-then-sign: a small
+sealed *header* carries a BLAKE2b-256 digest of the ciphertext chunks, and the outer
+(unsigned, schema-checked) message carries the header and the chunks. The receiver checks
+the signature on the header, then the digest over the chunks, then their structure. Ciphertexts are TenSEAL's own ``serialize()`` bytes, one TenSEAL
 vector (= one SEAL ciphertext) per chunk of ``params.slots`` values; the number of chunks
 and the values in each are derived from the round's declared dimension, never read from
 the message. ``fingerprint`` is SHA-256 over the public context (public key included),
@@ -12,6 +16,7 @@ instead of decrypting to silent garbage.
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 from secagg.ckks.params import HeParams
@@ -20,6 +25,7 @@ from secagg.wire import Message, message
 MAX_CONTEXT_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 64 * 1024 * 1024  # per chunk; the real bound is set per round (tenseal_format)
 FINGERPRINT_BYTES = 32
+DIGEST_BYTES = 32
 AUDIENCES = ("clients", "server")
 
 
@@ -47,7 +53,7 @@ class HeContext(Message):
             raise ValueError(f"audience must be one of {AUDIENCES}")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError("fingerprint must be 32 bytes")
-        self.params  # validates the parameter set (ConfigError is a ValueError)
+        _ = self.params  # validates the parameter set (ConfigError is a ValueError)
 
     @property
     def params(self) -> HeParams:
@@ -58,12 +64,12 @@ class HeContext(Message):
 
 
 @message
-class HeUpload(Message):
-    """Client -> server: the client's (pre-scaled) update, encrypted chunk by chunk."""
+class HeUploadHeader(Message):
+    """Client -> server, sealed by the client: what the chunks are and their digest."""
 
-    TYPE: ClassVar[str] = "ckks.upload"
+    TYPE: ClassVar[str] = "ckks.upload_header"
     FIELD_LIMITS: ClassVar[dict[str, int]] = {
-        "round_id": 64, "fingerprint": FINGERPRINT_BYTES, "chunks": MAX_CHUNK_BYTES,
+        "round_id": 64, "fingerprint": FINGERPRINT_BYTES, "digest": DIGEST_BYTES,
     }
 
     round_id: bytes
@@ -71,16 +77,17 @@ class HeUpload(Message):
     fingerprint: bytes
     dim: int
     weighted: bool
-    chunks: tuple[bytes, ...]
+    n_chunks: int
+    digest: bytes
 
 
 @message
-class HeAggregate(Message):
-    """Server -> key holder: the homomorphic sum and the clients it claims to have added."""
+class HeAggregateHeader(Message):
+    """Server -> key holder, sealed by the server: the sum's shape, who is in it, its digest."""
 
-    TYPE: ClassVar[str] = "ckks.aggregate"
+    TYPE: ClassVar[str] = "ckks.aggregate_header"
     FIELD_LIMITS: ClassVar[dict[str, int]] = {
-        "round_id": 64, "fingerprint": FINGERPRINT_BYTES, "chunks": MAX_CHUNK_BYTES,
+        "round_id": 64, "fingerprint": FINGERPRINT_BYTES, "digest": DIGEST_BYTES,
     }
 
     round_id: bytes
@@ -88,8 +95,31 @@ class HeAggregate(Message):
     dim: int
     weighted: bool
     included: tuple[int, ...]
-    chunks: tuple[bytes, ...]
+    n_chunks: int
+    digest: bytes
 
     def __post_init__(self) -> None:
         if len(set(self.included)) != len(self.included):
             raise ValueError("included lists a client twice")
+
+
+@message
+class HeCiphertexts(Message):
+    """The envelope for an upload or an aggregate: a sealed header and the TenSEAL chunks."""
+
+    TYPE: ClassVar[str] = "ckks.ciphertexts"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"header": 64 * 1024, "chunks": MAX_CHUNK_BYTES}
+
+    header: bytes
+    chunks: tuple[bytes, ...]
+
+
+def chunks_digest(label: bytes, chunks: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """BLAKE2b-256 over length-prefixed chunks, domain-separated by ``label``."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"secagg-ckks-v1")
+    h.update(label)
+    h.update(len(chunks).to_bytes(8, "big"))
+    for c in chunks:
+        h.update(len(c).to_bytes(8, "big"))
+        h.update(c)
+    return h.digest()

@@ -19,6 +19,7 @@ key fingerprint; any failure to authenticate or parse a ciphertext raises
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 from collections.abc import Mapping
@@ -32,7 +33,13 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the ckks protection mode needs TenSEAL: pip install 'secagg[he]'") from exc
 
-from secagg.ckks.messages import HeAggregate, HeContext, HeUpload
+from secagg.ckks.messages import (
+    HeAggregateHeader,
+    HeCiphertexts,
+    HeContext,
+    HeUploadHeader,
+    chunks_digest,
+)
 from secagg.ckks.params import HeParams, bfv_quantization_scale, check_capacity
 from secagg.ckks.tenseal_format import check_vector, max_vector_bytes
 from secagg.errors import (
@@ -47,12 +54,14 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
-from secagg.wire import open_sealed, seal
+from secagg.wire import decode, encode, open_sealed, seal
 
 KEYHOLDER_ID = -1
 SERVER_ID = -2
 FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
 DEFAULT_RELEASE_GRID_BITS = 22
+UPLOAD_LABEL = b"upload"
+AGGREGATE_LABEL = b"aggregate"
 
 
 def fingerprint(public_context: bytes) -> bytes:
@@ -203,7 +212,7 @@ def _load_context(data: bytes) -> ts.Context:
     """Load a public or parameters-only context (cached: contexts are immutable here)."""
     try:
         return ts.context_from(data)
-    except Exception:  # TenSEAL raises several unrelated types for bad input
+    except Exception:  # noqa: BLE001 -- TenSEAL raises several unrelated types for bad input
         raise ConfigError("the HE context could not be loaded; it is corrupted or not a TenSEAL context") from None
 
 
@@ -239,6 +248,20 @@ def _open_context(data: bytes, keyholder_public_key: bytes, round: RoundConfig, 
     return ctx, msg.fingerprint
 
 
+def _open_ciphertexts(data: bytes, public_key_of, round: RoundConfig, header_type, label: bytes):
+    """Decode the envelope, verify the sealed header, then the digest over the chunks.
+
+    Raises WireError / InvalidSignature (the callers turn both into InvalidCiphertext).
+    """
+    outer = decode(data, max_bytes=round.max_message_bytes, expect=HeCiphertexts)
+    sender, header = open_sealed(outer.header, public_key_of, max_bytes=64 * 1024, expect=header_type)
+    if header.n_chunks != len(outer.chunks) or not hmac.compare_digest(
+        header.digest, chunks_digest(label, outer.chunks)
+    ):
+        raise InvalidSignature("the ciphertext chunks do not match the signed digest")
+    return sender, header, outer.chunks
+
+
 def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
@@ -251,7 +274,7 @@ def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
               and ct.coeff_modulus_size() == p.data_primes
               and ct.parms_id() == ctx.seal_context().data.first_parms_id()
               and (p.scheme != "ckks" or ct.scale == p.scale))
-    except Exception:  # SEAL's own validation (metadata, coefficient ranges) failed
+    except Exception:  # noqa: BLE001 -- SEAL's own validation (metadata, ranges) failed
         raise InvalidCiphertext("ciphertext failed SEAL's validation for these parameters") from None
     if not ok:
         raise InvalidCiphertext("ciphertext shape, level or scale differs from the round's parameters")
@@ -298,15 +321,15 @@ class KeyHolder:
             raise AlreadyFinalized("this round's aggregate was already decrypted; the key holder decrypts once per round")
         r = self.round
         try:
-            _, msg = open_sealed(aggregate, {SERVER_ID: server_public_key}.get,
-                                 max_bytes=r.max_message_bytes, expect=HeAggregate)
+            _, msg, chunks = _open_ciphertexts(aggregate, {SERVER_ID: server_public_key}.get, r,
+                                            HeAggregateHeader, AGGREGATE_LABEL)
         except (WireError, InvalidSignature):
             raise InvalidCiphertext("the aggregate is not a well-formed message signed by the server") from None
         if msg.round_id != r.round_id:
             raise ReplayError("the aggregate belongs to another round")
         if msg.fingerprint != self.fingerprint:
             raise InvalidCiphertext("the aggregate was made under another key (fingerprint mismatch)")
-        if msg.dim != r.dim or msg.weighted != r.weighted or len(msg.chunks) != len(r.chunk_sizes):
+        if msg.dim != r.dim or msg.weighted != r.weighted or len(chunks) != len(r.chunk_sizes):
             raise InvalidCiphertext("the aggregate's shape differs from the round's")
         if not all(0 <= c < r.n_clients for c in msg.included):
             raise InvalidCiphertext("the aggregate lists clients outside the round")
@@ -315,7 +338,7 @@ class KeyHolder:
                 f"the aggregate covers {len(msg.included)} clients, fewer than min_clients={r.min_clients}; "
                 "decrypting it could reveal an individual update"
             )
-        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(msg.chunks, r.chunk_sizes)]
+        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(chunks, r.chunk_sizes)]
         self._decrypted = True  # one decryption per round, whatever happens next
         plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
         if r.params.scheme == "bfv":
@@ -351,7 +374,11 @@ class HeClient:
         self._zeros = [self._encrypt_plain(np.zeros(s)) for s in self.round.chunk_sizes]
 
     def encrypt(self, update: np.ndarray, *, weight: float | None = None) -> bytes:
-        """Seal this client's encrypted update; ``weight`` is its fraction f_i in (0, 1]."""
+        """This client's encrypted, signed upload; ``weight`` is its fraction f_i in (0, 1]."""
+        return self.seal_upload(self.encrypt_chunks(update, weight=weight))
+
+    def encrypt_chunks(self, update: np.ndarray, *, weight: float | None = None) -> tuple[bytes, ...]:
+        """Encrypt the update (once per round) into TenSEAL-serialized chunks, unsigned."""
         if self._sent:
             raise AlreadyFinalized("this client already uploaded its update for the round")
         r = self.round
@@ -381,8 +408,14 @@ class HeClient:
             else:
                 vec = self._encrypt_plain(part)
             chunks.append(vec.serialize())
-        msg = HeUpload(r.round_id, self.client_id, self.fingerprint, r.dim, r.weighted, tuple(chunks))
-        return seal(msg, self.client_id, self.identity)
+        return tuple(chunks)
+
+    def seal_upload(self, chunks: tuple[bytes, ...]) -> bytes:
+        """Sign a header with the chunks' digest and wrap header and chunks for the server."""
+        r = self.round
+        header = HeUploadHeader(r.round_id, self.client_id, self.fingerprint, r.dim, r.weighted, len(chunks),
+                                chunks_digest(UPLOAD_LABEL, chunks))
+        return encode(HeCiphertexts(seal(header, self.client_id, self.identity), tuple(chunks)))
 
     def _plain(self, part: np.ndarray) -> list:
         if self.round.params.scheme == "bfv":
@@ -428,7 +461,7 @@ class HeServer:
             raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
         r = self.round
         try:
-            sender, msg = open_sealed(upload, self._client_keys.get, max_bytes=r.max_message_bytes, expect=HeUpload)
+            sender, msg, chunks = _open_ciphertexts(upload, self._client_keys.get, r, HeUploadHeader, UPLOAD_LABEL)
         except (WireError, InvalidSignature):
             raise InvalidCiphertext("upload rejected: not a well-formed upload signed by a registered client") from None
         if msg.client_id != sender:
@@ -439,9 +472,9 @@ class HeServer:
             raise ReplayError(f"client {sender} already uploaded in this round")
         if msg.fingerprint != self.fingerprint:
             raise InvalidCiphertext(f"upload from client {sender} was made under another key (fingerprint mismatch)")
-        if msg.dim != r.dim or msg.weighted != r.weighted or len(msg.chunks) != len(r.chunk_sizes):
+        if msg.dim != r.dim or msg.weighted != r.weighted or len(chunks) != len(r.chunk_sizes):
             raise InvalidCiphertext(f"upload from client {sender} does not have the round's shape")
-        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(msg.chunks, r.chunk_sizes)]
+        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(chunks, r.chunk_sizes)]
         if self._sum is None:
             self._sum = vectors
         else:
@@ -460,9 +493,10 @@ class HeServer:
                 f"{len(self._included)} uploads received, the round needs at least {r.min_clients}"
             )
         self._finished = True
-        msg = HeAggregate(r.round_id, self.fingerprint, r.dim, r.weighted, tuple(self._included),
-                          tuple(v.serialize() for v in self._sum))
-        return seal(msg, SERVER_ID, self.identity)
+        chunks = tuple(v.serialize() for v in self._sum)
+        header = HeAggregateHeader(r.round_id, self.fingerprint, r.dim, r.weighted, tuple(self._included),
+                                   len(chunks), chunks_digest(AGGREGATE_LABEL, chunks))
+        return encode(HeCiphertexts(seal(header, SERVER_ID, self.identity), chunks))
 
     def decrypt(self, *_args, **_kwargs):
         raise KeyRoleError(

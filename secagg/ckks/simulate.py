@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import KeyHolder, HeClient, HeServer, RoundConfig, new_round_id
+from secagg.ckks.roles import HeClient, HeServer, KeyHolder, RoundConfig, new_round_id
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
 from secagg.result import AggregateResult
@@ -37,6 +37,7 @@ def aggregate_ckks(
     min_clients: int = 2,
     release_grid_bits: int | None = None,
     precompute: bool = True,
+    **unsupported,
 ) -> AggregateResult:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
 
@@ -50,6 +51,11 @@ def aggregate_ckks(
     FedAvg is ``total / sum(weights[included])``. ``timings`` for ``client.*`` are per
     client means.
     """
+    if unsupported:
+        raise ConfigError(
+            f"the ckks protocol does not take {sorted(unsupported)}; distributed DP noise and fixed-point "
+            "options belong to the masking protocol (add central DP noise to the decrypted sum instead)"
+        )
     x = np.asarray(updates, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise InputError(f"updates must be a non-empty (n_clients, dim) array, got shape {x.shape}")
@@ -125,6 +131,17 @@ def aggregate_ckks(
         protocol="ckks",
         max_quantization_error=float(error),
         dropped=dropped,
+        parameters={
+            "scheme": params.scheme,
+            "poly_modulus_degree": params.poly_modulus_degree,
+            "coeff_mod_bit_sizes": ",".join(map(str, params.coeff_mod_bit_sizes)),
+            "scale_bits": params.scale_bits,
+            "plain_modulus_bits": params.plain_modulus_bits,
+            "slots": params.slots,
+            "value_bound": round.value_bound,
+            "release_grid_bits": round.release_grid_bits if params.scheme == "ckks" else 0,
+            "min_clients": round.min_clients,
+        },
     )
 
 
