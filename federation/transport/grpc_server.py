@@ -156,7 +156,7 @@ class AggregationServer:
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> None:
         settings.check()
-        get_mode(settings.mode)  # fail early on an unknown mode
+        self._mode = get_mode(settings.mode)  # fail early on an unknown mode
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
@@ -345,7 +345,20 @@ class AggregationServer:
                 raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
             log.info("client %d: ignored a message outside its stage", conn.cid)
             return
-        # The seal must name this stream's certificate identity (identity binding).
+        if self._mode.sealed_by_sender:
+            self._check_seal(conn, payload)
+        try:
+            state.driver.receive(conn.cid, payload)  # type: ignore[attr-defined]
+        except SecAggError as exc:
+            raise _Kick(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a protocol bug must not take the server down
+            log.exception("round %d: protocol error on client %d's message", state.number, conn.cid)
+            raise _Kick(f"internal error handling its message: {type(exc).__name__}") from None
+        state.progress.set()
+
+    @staticmethod
+    def _check_seal(conn: _Conn, payload: bytes) -> None:
+        """The seal must name this stream's certificate identity and verify under its key."""
         try:
             sender, body, signature = _peek_sealed(payload)
         except WireError as exc:
@@ -356,14 +369,6 @@ class AggregationServer:
             verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
-        try:
-            state.driver.receive(conn.cid, payload)  # type: ignore[attr-defined]
-        except SecAggError as exc:
-            raise _Kick(f"{type(exc).__name__}: {exc}") from None
-        except Exception as exc:  # a protocol bug must not take the server down
-            log.exception("round %d: protocol error on client %d's message", state.number, conn.cid)
-            raise _Kick(f"internal error handling its message: {type(exc).__name__}") from None
-        state.progress.set()
 
     # ----------------------------------------------------------------- streams
 

@@ -100,6 +100,10 @@ class Mode:
     server: Callable[[RoundContext], tuple[ServerRound, bytes]]
     # (client context, params from the server) -> client round
     client: Callable[[ClientContext, bytes], ClientRound]
+    # True: every client payload is a secagg.wire.seal envelope whose sender id is the
+    # client id, and the transport checks it against the certificate before the driver
+    # runs. False: the driver's receive() authenticates the payload as client_id itself.
+    sealed_by_sender: bool = True
 
 
 MODES: dict[str, Mode] = {}
