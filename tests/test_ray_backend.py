@@ -40,3 +40,22 @@ def test_ray_actors_match_in_process_engine_on_same_seed(local_ray, graph):
     assert 6 not in ref.included and 2 not in ref.included and 9 in ref.included
     np.testing.assert_array_equal(res["total"], ref.total)  # bit-identical, not merely close
     np.testing.assert_allclose(res["total"], updates[list(ref.included)].sum(axis=0), atol=1e-4)
+
+
+def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
+    import json
+
+    from secagg.cli import main
+
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(
+        '[server]\ncredentials = "unused-with-ray"\nmode = "masking"\nrounds = 2\n'
+        'expected_clients = 6\nthreshold = 4\n[server.options]\ndim = 20\nclip = 100.0\n'
+    )
+    assert main(["serve", "--config", str(cfg), "--backend", "ray", "--clients", "8", "--seed", "3"]) == 0
+    rounds = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["included"] == 8 for r in rounds)
+    from federation.transport.config import synthetic_update
+
+    expected = sum(synthetic_update(20, c, 0).astype(np.float64) for c in range(1, 9))
+    assert abs(rounds[0]["norm"] - float(np.linalg.norm(expected))) < 1e-3
