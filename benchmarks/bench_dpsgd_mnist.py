@@ -27,7 +27,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dpsgd import tanh_cnn  # noqa: E402
+from bench_dpsgd import tanh_cnn
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:

@@ -24,9 +24,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from secagg.errors import ConfigError, PrivacyError, UnsupportedEventError
 from privacy._checks import check_delta, check_noise_multiplier, check_sample_rate, check_steps
 from privacy.events import SampledGaussianEvent
+from secagg.errors import ConfigError, PrivacyError, UnsupportedEventError
 
 AccountantName = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
@@ -183,7 +183,7 @@ class Accountant:
     def supports(self, event: object) -> bool:
         return isinstance(event, SampledGaussianEvent)
 
-    def compose(self, event: SampledGaussianEvent, count: int = 1) -> "Accountant":
+    def compose(self, event: SampledGaussianEvent, count: int = 1) -> Accountant:
         # check ...
         if not self.supports(event):
             raise UnsupportedEventError(

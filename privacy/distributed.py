@@ -53,7 +53,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from secagg.errors import ConfigError
 from privacy._checks import (
     check_delta,
     check_positive,
@@ -62,6 +61,7 @@ from privacy._checks import (
     check_steps,
 )
 from privacy.events import Level, Mechanism, SampledGaussianEvent
+from secagg.errors import ConfigError
 
 
 class NoiseKind(str, enum.Enum):

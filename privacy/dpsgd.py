@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from secagg.errors import ConfigError
 from privacy._checks import (
     check_delta,
     check_noise_multiplier,
@@ -39,6 +39,7 @@ from privacy._checks import (
 )
 from privacy.accountant import AccountantName, epsilon_of_events
 from privacy.events import SampledGaussianEvent, dpsgd_event
+from secagg.errors import ConfigError
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -24,8 +24,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from secagg.errors import ConfigError
 from privacy._checks import check_noise_multiplier, check_sample_rate, check_steps
+from secagg.errors import ConfigError
 
 
 class Level(str, enum.Enum):
@@ -98,7 +98,7 @@ class SampledGaussianEvent:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SampledGaussianEvent":
+    def from_dict(cls, data: dict[str, Any]) -> SampledGaussianEvent:
         if not isinstance(data, dict) or data.get("type") != "sampled-gaussian":
             raise ConfigError(f"not a serialised SampledGaussianEvent: {data!r}")
         return cls(

@@ -45,19 +45,20 @@ import json
 import math
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from privacy._checks import check_delta, check_epsilon, check_positive_int
+from privacy.accountant import ACCOUNTANTS, check_accountant, epsilon_of_events
+from privacy.events import Level, SampledGaussianEvent
 from secagg.errors import (
     ConfigError,
     LedgerIntegrityError,
     PrivacyBudgetExceeded,
     PrivacyError,
 )
-from privacy._checks import check_delta, check_epsilon, check_positive_int
-from privacy.accountant import ACCOUNTANTS, check_accountant, epsilon_of_events
-from privacy.events import Level, SampledGaussianEvent
 
 SCHEMA_VERSION = 1
 GENESIS_LABEL = b"secagg/v1/privacy-ledger|"
@@ -229,14 +230,14 @@ class Ledger:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, *, key: bytes | None = None) -> "Ledger":
+    def open(cls, path: str | Path, *, key: bytes | None = None) -> Ledger:
         return cls(path, budget_epsilon=None, delta=None, key=key, _must_exist=True)
 
     # -- plumbing ------------------------------------------------------------------
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:

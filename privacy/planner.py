@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-from secagg.errors import ConfigError
 from privacy._checks import (
     check_delta,
     check_epsilon,
@@ -20,6 +19,7 @@ from privacy._checks import (
     check_steps,
 )
 from privacy.accountant import AccountantName, check_accountant, epsilon
+from secagg.errors import ConfigError
 
 _SIGMA_MIN = 0.05
 _SIGMA_MAX = 1e4

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secagg.errors import ConfigError, LedgerIntegrityError
 from privacy.accountant import ACCOUNTANTS
 from privacy.ledger import Ledger
+from secagg.errors import ConfigError, LedgerIntegrityError
 
 ACCOUNTANT_LABELS = {
     "prv": "PRV (Gopi et al. 2021) - tight",
@@ -54,17 +54,25 @@ MECHANISM_TEXT = {
 }
 
 GENERAL_ASSUMPTIONS = [
-    "Epsilon and delta bound how much anyone who sees all released aggregates can learn "
-    "about one unit (a record or a user): with probability at least 1 - delta, their "
-    "beliefs change by at most a factor e^epsilon.",
-    "Every release recorded here is composed; a release counts from the moment it was "
-    "reserved, whether it was finally released, aborted or interrupted by a crash. "
-    "Nothing is ever refunded.",
-    "The guarantee assumes the noise was drawn as recorded, the clipping was applied, and "
-    "nothing else about the data (e.g. sample counts, metrics) was released outside this "
-    "ledger.",
-    "Records and users are counted under add/remove-one neighbouring datasets, as in the "
-    "accounting libraries used (Opacus, Google dp-accounting).",
+    (
+        "Epsilon and delta bound how much anyone who sees all released aggregates can learn "
+        "about one unit (a record or a user): with probability at least 1 - delta, their "
+        "beliefs change by at most a factor e^epsilon."
+    ),
+    (
+        "Every release recorded here is composed; a release counts from the moment it was "
+        "reserved, whether it was finally released, aborted or interrupted by a crash. "
+        "Nothing is ever refunded."
+    ),
+    (
+        "The guarantee assumes the noise was drawn as recorded, the clipping was applied, and "
+        "nothing else about the data (e.g. sample counts, metrics) was released outside this "
+        "ledger."
+    ),
+    (
+        "Records and users are counted under add/remove-one neighbouring datasets, as in the "
+        "accounting libraries used (Opacus, Google dp-accounting)."
+    ),
 ]
 
 

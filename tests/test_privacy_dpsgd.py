@@ -11,7 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import privacy
-from privacy.dpsgd import PrivateTraining, make_private, resolve_device, train_private, validate_model
+from privacy.dpsgd import (
+    PrivateTraining,
+    make_private,
+    resolve_device,
+    train_private,
+    validate_model,
+)
 from secagg.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings(

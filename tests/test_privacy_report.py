@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import privacy
 from privacy.events import dpfedavg_event, dpsgd_event
 from privacy.ledger import Ledger, Spend
 from privacy.report import render_html, report_json

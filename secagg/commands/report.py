@@ -37,8 +37,8 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privacy.ledger import Ledger
     from privacy import report
+    from privacy.ledger import Ledger
 
     path = Path(args.ledger)
     if not path.is_file():
