@@ -13,7 +13,7 @@ import secagg
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (optional extra: pip install 'secagg[ray]')")
 
-from federation.transport.ray_backend import run_ray_round, start_ray  # noqa: E402
+from federation.transport.ray_backend import run_ray_round, start_ray
 
 
 @pytest.fixture(scope="module")

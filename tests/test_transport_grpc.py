@@ -49,10 +49,10 @@ def update(cid: int, rnd: int) -> np.ndarray:
 
 
 def settings(**kw) -> ServerSettings:
-    base = dict(
-        mode="masking", options={"dim": DIM, "clip": 50.0}, expected_clients=5, threshold=3,
-        join_timeout=20.0, stage_timeout=10.0, rounds=1,
-    )
+    base = {
+        "mode": "masking", "options": {"dim": DIM, "clip": 50.0}, "expected_clients": 5, "threshold": 3,
+        "join_timeout": 20.0, "stage_timeout": 10.0, "rounds": 1,
+    }
     base.update(kw)
     return ServerSettings(**base)
 

@@ -26,14 +26,27 @@ required), ``keyholder`` (client id; default the lowest participant), ``scheme``
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
+from federation.transport.certs import verify_certificate
+from federation.transport.rounds import (
+    ClientContext,
+    Mode,
+    RoundContext,
+    RoundOutcome,
+    register_mode,
+)
 from secagg import wire
 from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, new_round_id
-from secagg.errors import ConfigError, InvalidSignature, NotEnoughSurvivors, RemoteProtocolError, ReplayError
-
-from federation.transport.certs import verify_certificate
-from federation.transport.rounds import ClientContext, Mode, RoundContext, RoundOutcome, register_mode
+from secagg.errors import (
+    ConfigError,
+    InvalidSignature,
+    NotEnoughSurvivors,
+    RemoteProtocolError,
+    ReplayError,
+)
 
 
 @wire.message
@@ -41,7 +54,7 @@ class CkksDirectory(wire.Message):
     """Round parameters every participant needs to rebuild the same RoundConfig."""
 
     TYPE = "transport.ckks.directory"
-    FIELD_LIMITS = {"round_id": 64, "server_certificate": 8192, "keyholder_certificate": 8192}
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"round_id": 64, "server_certificate": 8192, "keyholder_certificate": 8192}
     round: int
     round_id: bytes
     dim: int
@@ -65,7 +78,7 @@ class CkksContexts(wire.Message):
     """Key holder -> server (sealed by the key holder's client id): both sealed contexts."""
 
     TYPE = "transport.ckks.contexts"
-    FIELD_LIMITS = {"for_clients": 64 << 20, "for_server": 64 << 20}
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"for_clients": 64 << 20, "for_server": 64 << 20}
     round: int
     for_clients: bytes
     for_server: bytes
@@ -124,7 +137,7 @@ class CkksServerRound:
     def _from_keyholder(self, client_id: int, payload: bytes, expect):
         if client_id != self.d.keyholder:
             raise RemoteProtocolError(f"client {client_id} is not this round's key holder", client_id)
-        sender, msg = wire.open_sealed(payload, {self.d.keyholder: self.keyholder_key}.get, expect=expect)
+        _, msg = wire.open_sealed(payload, {self.d.keyholder: self.keyholder_key}.get, expect=expect)
         if msg.round != self.ctx.round:
             raise ReplayError(f"key holder message of round {msg.round} in round {self.ctx.round}")
         return msg

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from federation.transport.grpc_client import ClientSettings
 from federation.transport.grpc_server import ServerSettings

@@ -13,6 +13,7 @@ TLS connection and subchannel pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,15 @@ import numpy as np
 
 from federation.transport import frames
 from federation.transport.certs import Credentials
-from federation.transport.frames import Bye, Chunk, Dropped, Hello, Reassembler, RoundEnd, RoundStart
+from federation.transport.frames import (
+    Bye,
+    Chunk,
+    Dropped,
+    Hello,
+    Reassembler,
+    RoundEnd,
+    RoundStart,
+)
 from federation.transport.rounds import ClientContext, get_mode
 from secagg import __version__, wire
 from secagg.errors import SecAggError
@@ -170,13 +179,14 @@ async def run_client(
                 elif isinstance(frame, Bye):
                     report.bye = frame.reason
                     break
-            try:
+            with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 await call.done_writing()
-            except Exception:
-                pass
     except grpc.aio.AioRpcError as exc:
         report.lost = f"{exc.code().name}: {exc.details()}"
         log.warning("client %d: connection to %s lost: %s", cid, settings.server, report.lost)
+    except SecAggError as exc:  # the server broke the framing rules; do not trust this stream
+        report.lost = f"protocol violation by the server: {type(exc).__name__}: {exc}"
+        log.error("client %d: %s", cid, report.lost)
     except asyncio.TimeoutError:
         report.lost = f"could not reach {settings.server} within {settings.connect_timeout:g}s"
         log.warning("client %d: %s", cid, report.lost)

@@ -44,7 +44,16 @@ import numpy as np
 
 from federation.transport import frames
 from federation.transport.certs import Credentials, identity_from_pem
-from federation.transport.frames import Bye, Chunk, Dropped, Hello, Reassembler, RoundEnd, RoundStart, TokenBucket
+from federation.transport.frames import (
+    Bye,
+    Chunk,
+    Dropped,
+    Hello,
+    Reassembler,
+    RoundEnd,
+    RoundStart,
+    TokenBucket,
+)
 from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
@@ -285,6 +294,9 @@ class AggregationServer:
         except SecAggError as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}"
             log.error("round %d failed: %s", number, reason)
+        except Exception as exc:  # a bug in a protocol session fails the round, not the server
+            ok, reason = False, f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("round %d failed", number)
         finally:
             self._round = None
         outcome = driver.outcome() if ok else None
@@ -420,9 +432,8 @@ class AggregationServer:
                 if item is None:
                     break
                 await context.write(item)
-            # drain frames queued after close (e.g. the Dropped/Bye notice)
-        except Exception:  # the client went away mid-write
-            pass
+        except Exception as exc:  # noqa: BLE001 -- any failed write means the client is gone
+            log.debug("client %d: write failed: %s", cid, type(exc).__name__)
         finally:
             reader.cancel()
             conn.closed = True
@@ -453,7 +464,7 @@ class AggregationServer:
             return
         except asyncio.CancelledError:
             return
-        except Exception as exc:  # connection reset and friends
+        except Exception as exc:  # noqa: BLE001 -- connection reset and friends
             reason = f"disconnected (stream error: {type(exc).__name__})"
         self._drop(self._round, conn.cid, reason, kick=True)
 
@@ -464,7 +475,7 @@ def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
 
     try:
         items = msgpack.unpackb(payload, raw=False, max_array_len=16, max_map_len=0, strict_map_key=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types for bad input
         raise WireError("payload is not a sealed secagg message") from None
     if not (isinstance(items, list) and len(items) == 6 and items[0] == wire.MAGIC and items[2] == "signed"):
         raise WireError("payload is not a sealed secagg message")

@@ -21,6 +21,16 @@ threshold is the server's ``threshold`` raised to a strict majority of the parti
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from federation.transport.certs import verify_certificate
+from federation.transport.rounds import (
+    ClientContext,
+    Mode,
+    RoundContext,
+    RoundOutcome,
+    register_mode,
+)
 from secagg import wire
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InvalidSignature, RemoteProtocolError, ReplayError
@@ -28,16 +38,13 @@ from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID
 from secagg.protocol.server import ServerSession, ServerState, plan_round
 
-from federation.transport.certs import verify_certificate
-from federation.transport.rounds import ClientContext, Mode, RoundContext, RoundOutcome, register_mode
-
 
 @wire.message
 class MaskingDirectory(wire.Message):
     """Round parameters: the CA-signed certificates of the server and of every participant."""
 
     TYPE = "transport.masking.directory"
-    FIELD_LIMITS = {"server_certificate": 8192, "certificates": 8192}
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"server_certificate": 8192, "certificates": 8192}
     round: int
     server_certificate: bytes
     certificates: dict[int, bytes]

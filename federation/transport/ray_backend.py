@@ -151,11 +151,10 @@ def run_ray_round(
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
+    from federation.transport.masking_mode import plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
     from secagg.protocol.server import ServerSession, ServerState
-
-    from federation.transport.masking_mode import plan_from_options
 
     if updates is not None:
         updates = np.asarray(updates, dtype=np.float64)
@@ -244,7 +243,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:

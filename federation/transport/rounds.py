@@ -36,7 +36,13 @@ from typing import Protocol
 import numpy as np
 
 from secagg import wire
-from secagg.errors import ConfigError, NotEnoughSurvivors, RemoteProtocolError, ReplayError, WireError
+from secagg.errors import (
+    ConfigError,
+    NotEnoughSurvivors,
+    RemoteProtocolError,
+    ReplayError,
+    WireError,
+)
 from secagg.keys import IdentityKey
 
 
