@@ -462,3 +462,51 @@ def test_chunks_swapped_under_a_valid_signed_header_are_refused():
     assert chunks_digest(b"upload", a.chunks) != chunks_digest(b"upload", b.chunks)
     r.server.receive(encode(HeCiphertexts(a.header, a.chunks)))
     assert r.server.included == (0,)
+
+
+def _uploads(r: Round, xs) -> list[bytes]:
+    return [r.upload(i, x) for i, x in enumerate(xs)]
+
+
+def test_audit_accepts_the_honest_sum():
+    r = Round(3, 5000)
+    xs = np.random.default_rng(8).uniform(-1, 1, (3, 5000))
+    ups = _uploads(r, xs)
+    for u in ups:
+        r.server.receive(u)
+    keys = {i: k.public_bytes for i, k in enumerate(r.ids)}
+    out = r.holder.decrypt(r.server.aggregate(), r.server.public_key, uploads=ups, client_keys=keys)
+    assert np.max(np.abs(out.values - xs.sum(0))) <= out.error_bound
+
+
+def test_audit_catches_a_server_passing_off_one_update_as_a_sum():
+    r = Round(2, 10)
+    ups = _uploads(r, [np.full(10, 0.3), np.full(10, -0.1)])
+    r.server.receive(ups[0])
+    r.server._included.append(1)  # a lying server: claims client 1 is in, adds only client 0
+    forged = r.server.aggregate()
+    keys = {i: k.public_bytes for i, k in enumerate(r.ids)}
+    with pytest.raises(InvalidCiphertext, match="audit"):
+        r.holder.decrypt(forged, r.server.public_key, uploads=ups, client_keys=keys)
+
+
+def test_audit_catches_a_doubled_upload():
+    r = Round(2, 10)
+    ups = _uploads(r, [np.full(10, 0.3), np.full(10, -0.1)])
+    r.server.receive(ups[0])
+    # x0 counted twice instead of x0 + x1 (not .copy(): TenSEAL segfaults copying a key-less vector)
+    r.server._sum = [v + v for v in r.server._sum]
+    r.server._included.append(1)
+    keys = {i: k.public_bytes for i, k in enumerate(r.ids)}
+    with pytest.raises(InvalidCiphertext, match="audit"):
+        r.holder.decrypt(r.server.aggregate(), r.server.public_key, uploads=ups, client_keys=keys)
+
+
+def test_out_of_range_ciphertext_is_caught_at_decryption():
+    r = Round(2, 10, value_bound=1.0)
+    cheat = RoundConfig(r.config.round_id, 10, 2, CKKS, value_bound=1e3)  # skips its own range check
+    bad = HeClient(1, cheat, r.client_ctx, r.holder.public_key, r.ids[1]).encrypt(np.full(10, 500.0))
+    r.server.receive(r.upload(0, np.zeros(10)))
+    r.server.receive(bad)  # the server cannot see values
+    with pytest.raises(InvalidCiphertext, match="exceeds the round's bound"):
+        r.holder.decrypt(r.server.aggregate(), r.server.public_key)

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -265,6 +265,26 @@ def _open_ciphertexts(data: bytes, public_key_of, round: RoundConfig, header_typ
     return sender, header, outer.chunks
 
 
+def _open_upload(upload: bytes, client_keys: Mapping[int, bytes], r: RoundConfig, ctx: ts.Context,
+                 key_fingerprint: bytes, seen=()) -> tuple[int, list]:
+    """Every check an upload must pass, then its parsed vectors (server and auditing key holder)."""
+    try:
+        sender, msg, chunks = _open_ciphertexts(upload, client_keys.get, r, HeUploadHeader, UPLOAD_LABEL)
+    except (WireError, InvalidSignature):
+        raise InvalidCiphertext("upload rejected: not a well-formed upload signed by a registered client") from None
+    if msg.client_id != sender:
+        raise InvalidCiphertext(f"upload signed by client {sender} claims to come from client {msg.client_id}")
+    if msg.round_id != r.round_id:
+        raise ReplayError(f"upload from client {sender} belongs to another round")
+    if sender in seen:
+        raise ReplayError(f"client {sender} already uploaded in this round")
+    if msg.fingerprint != key_fingerprint:
+        raise InvalidCiphertext(f"upload from client {sender} was made under another key (fingerprint mismatch)")
+    if msg.dim != r.dim or msg.weighted != r.weighted or len(chunks) != len(r.chunk_sizes):
+        raise InvalidCiphertext(f"upload from client {sender} does not have the round's shape")
+    return sender, [_load_vector(ctx, c, r, size) for c, size in zip(chunks, r.chunk_sizes)]
+
+
 def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
@@ -318,14 +338,22 @@ class KeyHolder:
                         p.coeff_mod_bit_sizes, p.scale_bits, p.plain_modulus_bits, context, self.fingerprint)
         return seal(msg, KEYHOLDER_ID, self.identity)
 
-    def decrypt(self, aggregate: bytes, server_public_key: bytes) -> DecryptedSum:
-        """Verify the server's aggregate and decrypt it (once per round)."""
+    def decrypt(self, aggregate: bytes, server_public_key: bytes, *,
+                uploads: Sequence[bytes] | None = None,
+                client_keys: Mapping[int, bytes] | None = None) -> DecryptedSum:
+        """Verify the server's aggregate and decrypt it (once per round).
+
+        Audit mode: with the clients' signed ``uploads`` (and their identity keys), the key
+        holder re-adds them itself and refuses an aggregate that is not exactly their sum,
+        or whose ``included`` list is not exactly their senders. Without it, the key holder
+        trusts the server's (signed) claim of which uploads were added.
+        """
         if self._decrypted:
             raise AlreadyFinalized("this round's aggregate was already decrypted; the key holder decrypts once per round")
         r = self.round
         try:
             _, msg, chunks = _open_ciphertexts(aggregate, {SERVER_ID: server_public_key}.get, r,
-                                            HeAggregateHeader, AGGREGATE_LABEL)
+                                               HeAggregateHeader, AGGREGATE_LABEL)
         except (WireError, InvalidSignature):
             raise InvalidCiphertext("the aggregate is not a well-formed message signed by the server") from None
         if msg.round_id != r.round_id:
@@ -342,15 +370,39 @@ class KeyHolder:
                 "decrypting it could reveal an individual update"
             )
         vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(chunks, r.chunk_sizes)]
+        if uploads is not None:
+            self._audit(chunks, msg.included, uploads, client_keys or {})
         self._decrypted = True  # one decryption per round, whatever happens next
         plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
         if r.params.scheme == "bfv":
             plain = plain / r.quantization
-        elif r.release_grid_bits:
+        bound = r.sum_bound + r.error_bound(len(msg.included))
+        if not np.all(np.abs(plain) <= bound):
+            raise InvalidCiphertext(
+                f"the decrypted sum exceeds the round's bound {bound:.3g}: a client sent an out-of-range or "
+                "malformed ciphertext (or one under another key). Nothing is released"
+            )
+        if r.params.scheme == "ckks" and r.release_grid_bits:
             step = 2.0**r.release_grid_bits
             plain = np.round(plain * step) / step
         weight_sum = float(plain[r.dim]) if r.weighted else None
         return DecryptedSum(plain[: r.dim], tuple(sorted(msg.included)), weight_sum, r.error_bound(len(msg.included)))
+
+    def _audit(self, chunks, included, uploads: Sequence[bytes], client_keys: Mapping[int, bytes]) -> None:
+        senders: list[int] = []
+        total = None
+        for upload in uploads:
+            sender, vectors = _open_upload(upload, client_keys, self.round, self._ctx, self.fingerprint, seen=senders)
+            senders.append(sender)
+            if total is None:
+                total = vectors
+            else:
+                for acc, vec in zip(total, vectors):
+                    acc.add_(vec)
+        if sorted(senders) != sorted(included) or total is None:
+            raise InvalidCiphertext("audit failed: the aggregate's client list differs from the uploads' senders")
+        if any(a.serialize() != c for a, c in zip(total, chunks)):
+            raise InvalidCiphertext("audit failed: the aggregate is not the sum of the listed uploads")
 
 
 class HeClient:
@@ -462,22 +514,8 @@ class HeServer:
         """
         if self._finished:
             raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
-        r = self.round
-        try:
-            sender, msg, chunks = _open_ciphertexts(upload, self._client_keys.get, r, HeUploadHeader, UPLOAD_LABEL)
-        except (WireError, InvalidSignature):
-            raise InvalidCiphertext("upload rejected: not a well-formed upload signed by a registered client") from None
-        if msg.client_id != sender:
-            raise InvalidCiphertext(f"upload signed by client {sender} claims to come from client {msg.client_id}")
-        if msg.round_id != r.round_id:
-            raise ReplayError(f"upload from client {sender} belongs to another round")
-        if sender in self._included:
-            raise ReplayError(f"client {sender} already uploaded in this round")
-        if msg.fingerprint != self.fingerprint:
-            raise InvalidCiphertext(f"upload from client {sender} was made under another key (fingerprint mismatch)")
-        if msg.dim != r.dim or msg.weighted != r.weighted or len(chunks) != len(r.chunk_sizes):
-            raise InvalidCiphertext(f"upload from client {sender} does not have the round's shape")
-        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(chunks, r.chunk_sizes)]
+        sender, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
+                                       seen=self._included)
         if self._sum is None:
             self._sum = vectors
         else:
