@@ -285,6 +285,14 @@ def _open_upload(upload: bytes, client_keys: Mapping[int, bytes], r: RoundConfig
     return sender, [_load_vector(ctx, c, r, size) for c, size in zip(chunks, r.chunk_sizes)]
 
 
+def _added(total: list, vectors: list, sender: int) -> list:
+    """Chunk-wise sum into new vectors, so a failure midway leaves ``total`` untouched."""
+    try:
+        return [acc + vec for acc, vec in zip(total, vectors)]
+    except Exception:  # noqa: BLE001 -- SEAL refuses operands its load-time checks let through
+        raise InvalidCiphertext(f"upload from client {sender} cannot be added to the sum") from None
+
+
 def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
@@ -296,6 +304,7 @@ def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
         ok = (vec.size() == size and ct.size() == 2 and ct.poly_modulus_degree() == p.poly_modulus_degree
               and ct.coeff_modulus_size() == p.data_primes
               and ct.parms_id() == ctx.seal_context().data.first_parms_id()
+              and ct.is_ntt_form() == (p.scheme == "ckks")  # CKKS lives in NTT form, BFV does not
               and (p.scheme != "ckks" or ct.scale == p.scale))
     except Exception:  # noqa: BLE001 -- SEAL's own validation (metadata, ranges) failed
         raise InvalidCiphertext("ciphertext failed SEAL's validation for these parameters") from None
@@ -373,7 +382,10 @@ class KeyHolder:
         if uploads is not None:
             self._audit(chunks, msg.included, uploads, client_keys or {})
         self._decrypted = True  # one decryption per round, whatever happens next
-        plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+        try:
+            plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
+            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
         if r.params.scheme == "bfv":
             plain = plain / r.quantization
         bound = r.sum_bound + r.error_bound(len(msg.included))
@@ -394,11 +406,7 @@ class KeyHolder:
         for upload in uploads:
             sender, vectors = _open_upload(upload, client_keys, self.round, self._ctx, self.fingerprint, seen=senders)
             senders.append(sender)
-            if total is None:
-                total = vectors
-            else:
-                for acc, vec in zip(total, vectors):
-                    acc.add_(vec)
+            total = vectors if total is None else _added(total, vectors, sender)
         if sorted(senders) != sorted(included) or total is None:
             raise InvalidCiphertext("audit failed: the aggregate's client list differs from the uploads' senders")
         if any(a.serialize() != c for a, c in zip(total, chunks)):
@@ -516,11 +524,7 @@ class HeServer:
             raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
         sender, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
                                        seen=self._included)
-        if self._sum is None:
-            self._sum = vectors
-        else:
-            for acc, vec in zip(self._sum, vectors):
-                acc.add_(vec)
+        self._sum = vectors if self._sum is None else _added(self._sum, vectors, sender)
         self._included.append(sender)
         return sender
 
