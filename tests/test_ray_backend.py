@@ -59,3 +59,29 @@ def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
 
     expected = sum(synthetic_update(20, c, 0).astype(np.float64) for c in range(1, 9))
     assert abs(rounds[0]["norm"] - float(np.linalg.norm(expected))) < 1e-3
+
+
+@pytest.mark.slow
+def test_federation_engine_with_ray_training_and_aggregation(local_ray, tmp_path):
+    """A training run with clients trained as Ray tasks and aggregated by Ray actors
+    ends with exactly the model of the in-process engine (deterministic seeds)."""
+    from federation.config import ExperimentConfig
+    from federation.engine import Federation
+    from federation.transport.ray_backend import RayAggregator, RayExecutor
+
+    def cfg(name):
+        return ExperimentConfig.from_dict(dict(
+            dataset="breast_cancer", num_clients=6, clients_per_round=6, rounds=2, batch_size=16, lr=0.1,
+            protection="masking", deterministic=True, seed=4, out_dir=str(tmp_path / name),
+            dropout_schedule=[{"round": 2, "stage": "masked_input", "clients": [1]}],
+        ))
+
+    with pytest.warns(UserWarning, match="deterministic"):
+        local = Federation(cfg("local"))
+    local_summary = local.run()
+    with pytest.warns(UserWarning, match="deterministic"):
+        remote = Federation(cfg("ray"), executor=RayExecutor(),
+                            aggregator=RayAggregator("masking", seed=4))
+    remote_summary = remote.run()
+    assert [r.included for r in remote_summary.rounds] == [r.included for r in local_summary.rounds]
+    np.testing.assert_array_equal(remote.params, local.params)

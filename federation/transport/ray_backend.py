@@ -80,6 +80,8 @@ class _Pool:
         self.sessions = {}
         self.drop = {s: set(ids) & set(self._ids) for s, ids in drop.items()}
         for c in self._ids:
+            if c not in directory:  # a pool may host more clients than this round uses
+                continue
             if updates is not None:
                 x = np.frombuffer(updates[c], dtype="<f8")
             else:
@@ -92,6 +94,10 @@ class _Pool:
                 rounding_seed=None if self.seed is None else _rounding_seed(self.seed, c),
             )
         return len(self.sessions)
+
+    def upload_bytes(self) -> dict[int, int]:
+        """Bytes each hosted client sent this round (every stage, sealed)."""
+        return {c: s.upload_bytes for c, s in self.sessions.items()}
 
     def step(self, stage: str, inbox: Mapping[int, bytes]) -> tuple[dict[int, bytes], dict[int, str], float]:
         """Hand each hosted client its server message; return sealed replies, failures, seconds."""
@@ -143,18 +149,22 @@ def run_ray_round(
     round_: int = 0,
     pools: list | None = None,
     num_actors: int | None = None,
+    exact_threshold: bool = False,
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
+
+    ``exact_threshold`` hands ``threshold`` to the protocol unchanged (as the in-process
+    engine does) instead of raising it to a strict majority on the complete graph.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
     ``dim`` for synthetic updates generated inside the actors. ``dropouts`` maps a stage
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.masking_mode import plan_from_options
+    from federation.transport.masking_mode import codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
-    from secagg.protocol.server import ServerSession, ServerState
+    from secagg.protocol.server import ServerSession, ServerState, plan_round
 
     if updates is not None:
         updates = np.asarray(updates, dtype=np.float64)
@@ -170,18 +180,29 @@ def run_ray_round(
     server_identity = IdentityKey.generate()
     directory = {SERVER_ID: server_identity.public_bytes}
     owners: dict[int, object] = {}
+    wanted = set(ids)
     for (pool, _), keys in zip(pools, ray.get([p.public_keys.remote() for p, _ in pools])):
-        directory.update(keys)
-        for c in keys:
-            owners[c] = pool
-    config = plan_from_options(ids, opts, threshold)
+        for c, key in keys.items():
+            if c in wanted:
+                directory[c] = key
+                owners[c] = pool
+    if len(owners) != len(ids):
+        raise ConfigError(f"the actor pools host {len(owners)} of the round's {len(ids)} clients")
+    if exact_threshold:
+        config = plan_round(
+            ids, dim, codec_from_options(opts, n_clients), graph=str(opts.get("graph", "complete")),
+            threshold=threshold, dropout=float(opts.get("dropout", 0.1)),
+            degree=int(opts["degree"]) if "degree" in opts else None,
+        )
+    else:
+        config = plan_from_options(ids, opts, threshold)
     server = ServerSession(config, server_identity, directory)
     drop = {k: list(v) for k, v in (dropouts or {}).items()}
     synthetic = (dim, int(opts.get("input_seed", 0)), round_, float(opts.get("input_scale", 1.0)))
     ray.get([
         p.begin.remote(
             directory,
-            None if updates is None else {c: updates[c - 1].astype("<f8").tobytes() for c in hosted},
+            None if updates is None else {c: updates[c - 1].astype("<f8").tobytes() for c in hosted if c in wanted},
             None if updates is not None else synthetic,
             drop,
         )
@@ -190,7 +211,7 @@ def run_ray_round(
     setup_s = time.perf_counter() - t0
     failed: dict[int, str] = {}
     client_cpu = 0.0
-    upload = 0
+    masked_bytes = 0
     out = server.start()
     while server.state is ServerState.COLLECTING:
         stage = server.stage.value
@@ -203,13 +224,17 @@ def run_ray_round(
             client_cpu += cpu
             for c, data in replies.items():
                 if stage == "masked_input":
-                    upload += len(data)
+                    masked_bytes += len(data)
                 try:
                     server.receive(data)
                 except SecAggError as exc:
                     failed[c] = f"{type(exc).__name__}: {exc}"
         out = server.close_stage()
     seconds = time.perf_counter() - t0
+    sent: dict[int, int] = {}
+    for part in ray.get([p.upload_bytes.remote() for p, _ in pools]):
+        sent.update(part)
+    uploads = [sent.get(c, 0) for c in server.included]
     return {
         "total": server.result,
         "included": server.included,
@@ -221,7 +246,10 @@ def run_ray_round(
         "server_timings": dict(server.timings),
         "degree": config.degree,
         "threshold": config.threshold,
-        "upload_bytes_per_param": upload / max(len(server.included), 1) / dim,
+        # the in-process engine's definition: all sealed bytes a counted client sent, per parameter
+        "upload_bytes_per_param": float(np.mean(uploads)) / dim if uploads else 0.0,
+        "masked_input_bytes_per_param": masked_bytes / max(len(server.included), 1) / dim,
+        "codec": codec_from_options(opts, n_clients),
     }
 
 
@@ -281,3 +309,84 @@ def run_ray_rounds(
     finally:
         if started:
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------- federation engine
+
+
+class RayExecutor:
+    """:class:`federation.engine.ClientExecutor` that trains the round's clients as Ray tasks.
+
+    ``Federation(config, executor=RayExecutor())``: each :class:`~federation.engine.TrainTask`
+    (plain values and the model builder) runs in a Ray worker; results come back in task order.
+    """
+
+    def __init__(self, *, num_cpus_per_task: float = 1.0) -> None:
+        ray = _require_ray()
+        if not ray.is_initialized():
+            raise ConfigError("Ray is not initialised; call start_ray() or ray.init() first")
+        from federation.engine import run_task
+
+        self._run = ray.remote(num_cpus=num_cpus_per_task)(run_task)
+
+    def run(self, tasks):
+        ray = _require_ray()
+        return ray.get([self._run.remote(t) for t in tasks])
+
+
+class RayAggregator:
+    """:class:`federation.aggregators.Aggregator` running the masking protocol with Ray actors.
+
+    Drop-in for the engine's in-process ``SecureAggregator`` ("masking" or "masking-sparse"):
+    the round's clients run their protocol sessions in actor pools, the server session in
+    this process. With the same ``seed`` the released sum is bit-identical to the in-process
+    aggregator's (same encoding and rounding; masks cancel exactly).
+    """
+
+    def __init__(self, name: str = "masking", *, threshold: int | None = None, bits: int = 32,
+                 seed: int | None = None, num_actors: int | None = None) -> None:
+        if name not in ("masking", "masking-sparse"):
+            raise ConfigError(f"the Ray aggregator runs masking or masking-sparse, not {name!r}")
+        self.name = name
+        self.threshold, self.bits, self.seed, self.num_actors = threshold, bits, seed, num_actors
+        self._pools: list | None = None
+        self._capacity = 0
+
+    def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
+                  **protocol_options):
+        from secagg.result import AggregateResult
+
+        if protocol_options:
+            raise ConfigError(
+                f"the Ray aggregator does not support {sorted(protocol_options)} (distributed DP noise) yet; "
+                "use the in-process aggregator for dp = 'user-distributed'"
+            )
+        matrix = np.asarray(vectors, dtype=np.float64)
+        n, dim = matrix.shape
+        if clip is None:  # as secagg.aggregate: the range is the batch's largest |coordinate|
+            options = {"clip": float(np.max(np.abs(matrix))) or 1.0, "clip_mode": "coordinate"}
+        else:
+            options = {"clip": float(clip), "clip_mode": "l2"}
+        options.update(bits=self.bits, graph="sparse" if self.name == "masking-sparse" else "complete")
+        gone = len({int(r) for rows in dropouts.values() for r in rows})
+        options["dropout"] = min(max(gone / n, 0.0), 0.5)
+        if self._pools is None or self._capacity < n:
+            self._pools = make_pools(tuple(range(1, n + 1)), num_actors=self.num_actors, seed=self.seed)
+            self._capacity = n
+        # complete graph: pass the threshold straight to the protocol, as the in-process path does
+        res = run_ray_round(
+            matrix, options=options, threshold=self.threshold, pools=self._pools, seed=self.seed,
+            dropouts={s: [int(r) + 1 for r in rows] for s, rows in dropouts.items() if rows},
+            exact_threshold=True,
+        )
+        timings = dict(res["server_timings"])
+        timings["client.cpu_total"] = res["client_cpu_seconds"]
+        return AggregateResult(
+            total=res["total"],
+            included=tuple(c - 1 for c in res["included"]),
+            bytes_up_per_param=res["upload_bytes_per_param"],
+            timings=timings,
+            protocol="masking",
+            max_quantization_error=res["codec"].sum_error_bound(len(res["included"])),
+            dropped={s: tuple(c - 1 for c in ids) for s, ids in res["dropped_at"].items() if ids},
+        )
