@@ -77,7 +77,7 @@ def check_vector(data: bytes, *, expected_size: int, raw_bytes: int, scale: floa
     length, pos = _varint(data, pos)
     if length > max_blob_bytes(raw_bytes) or pos + length > len(data):
         raise InvalidCiphertext("ciphertext blob length is out of bounds")
-    _check_seal_blob(data[pos : pos + length], raw_bytes)
+    _check_seal_blob(memoryview(data)[pos : pos + length], raw_bytes)  # no copy
     pos += length
     # field 3: the scale (CKKS only)
     if scale is not None:
@@ -92,7 +92,7 @@ def check_vector(data: bytes, *, expected_size: int, raw_bytes: int, scale: floa
         raise InvalidCiphertext("ciphertext chunk has trailing or unexpected fields")
 
 
-def _check_seal_blob(blob: bytes, raw_bytes: int) -> None:
+def _check_seal_blob(blob: memoryview, raw_bytes: int) -> None:
     if len(blob) < SEAL_HEADER_BYTES:
         raise InvalidCiphertext("SEAL ciphertext is truncated (header)")
     magic, header_size, major, _minor, compr, reserved, size = struct.unpack_from("<HBBBBHQ", blob, 0)
@@ -113,7 +113,7 @@ def _check_seal_blob(blob: bytes, raw_bytes: int) -> None:
         raise InvalidCiphertext("SEAL ciphertext would decompress beyond the size of one ciphertext")
 
 
-def _zstd_bound(buf: bytes, pos: int) -> int:
+def _zstd_bound(buf: memoryview, pos: int) -> int:
     """Upper bound of the decompressed size of the single zstd frame at ``pos`` (RFC 8878).
 
     Walks the frame and block headers only. Raw and RLE blocks regenerate exactly their
