@@ -42,12 +42,15 @@ class RoundStart(wire.Message):
     """Server -> client: a round begins in ``mode``.
 
     The next payload (chunked) is the mode's parameters (e.g. the CA-signed certificates
-    of the other participants); every payload after it goes to the protocol session.
+    of the other participants); with ``broadcast`` the one after it is the round's
+    broadcast (e.g. the global model a training client starts from); every payload after
+    those goes to the protocol session.
     """
 
     TYPE = "transport.round_start"
     round: int
     mode: str
+    broadcast: bool  # the params are followed by one broadcast payload (e.g. the global model)
 
 
 @wire.message

@@ -91,11 +91,15 @@ async def run_client(
     client_id: int | None = None,
     on_round_end: Callable[[int, np.ndarray | None], None] | None = None,
     make_round: Callable[[str, ClientContext, bytes], object] | None = None,
+    update_from_broadcast: Callable[[int, bytes], np.ndarray] | None = None,
 ) -> ClientReport:
     """Connect, take part in rounds until the server says goodbye, return what was released.
 
     ``make_round(mode, ctx, params)`` replaces the registered mode's client factory (to wrap
-    the protocol session, e.g. with local training, or to test a misbehaving client).
+    the protocol session, or to test a misbehaving client). In rounds that carry a
+    broadcast (the global model), the update is ``update_from_broadcast(round, broadcast)``
+    (local training), else ``input_for_round(round)``; either runs in a worker thread so
+    the connection stays serviced.
     """
     peer = credentials.check_binding()
     cid = peer.client_id if client_id is None else client_id
@@ -105,7 +109,9 @@ async def run_client(
     reassembler = Reassembler(settings.max_message_bytes)
     seq = 0
     session = None
-    current, mode_name, awaiting_params = -1, "", False
+    current, mode_name = -1, ""
+    expecting: list[str] = []  # payloads that precede the protocol's: "params", "broadcast"
+    got: dict[str, bytes] = {}
     pending_end: RoundEnd | None = None
     try:
         async with secure_channel(settings, credentials) as channel:
@@ -119,7 +125,7 @@ async def run_client(
                 frame = wire.decode(data, max_bytes=frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD)
                 if isinstance(frame, RoundStart):
                     current, mode_name, session = frame.round, frame.mode, None
-                    awaiting_params = True
+                    expecting, got = ["params", "broadcast"] if frame.broadcast else ["params"], {}
                 elif isinstance(frame, Chunk):
                     payload = reassembler.feed(frame)
                     if payload is None:
@@ -131,17 +137,25 @@ async def run_client(
                         if on_round_end is not None:
                             on_round_end(end.round, self_total)
                         continue
-                    if awaiting_params:
-                        awaiting_params = False
+                    if expecting:
+                        got[expecting.pop(0)] = payload
+                        if expecting:
+                            continue
                         try:
+                            if "broadcast" in got:
+                                if update_from_broadcast is None:
+                                    raise SecAggError("the server broadcast a model but this client does not train")
+                                update = await asyncio.to_thread(update_from_broadcast, current, got["broadcast"])
+                            else:
+                                update = await asyncio.to_thread(input_for_round, current)
                             ctx = ClientContext(
                                 round=current, client_id=cid, identity=credentials.identity,
-                                update=input_for_round(current), ca_pem=credentials.ca_pem,
+                                update=update, ca_pem=credentials.ca_pem,
                             )
                             if make_round is not None:
-                                session = make_round(mode_name, ctx, payload)
+                                session = make_round(mode_name, ctx, got["params"])
                             else:
-                                session = get_mode(mode_name).client(ctx, payload)
+                                session = get_mode(mode_name).client(ctx, got["params"])
                         except SecAggError as exc:
                             log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
                             report.failed[current] = f"{type(exc).__name__}: {exc}"

@@ -219,17 +219,29 @@ class AggregationServer:
         """Run every configured round, then say goodbye to the clients."""
         s = self.settings
         for r in range(s.first_round, s.first_round + s.rounds):
-            timeout = s.join_timeout if r == s.first_round else s.rejoin_timeout
-            participants = await self._wait_for_clients(timeout)
-            report = await self._run_round(r, participants)
-            self.reports.append(report)
-            if self.on_round is not None:
-                self.on_round(report)
+            await self.run_one_round(r, first=r == s.first_round)
+        await self.finish("all rounds done")
+        return self.reports
+
+    async def run_one_round(self, number: int, *, first: bool = False, broadcast: bytes | None = None) -> RoundReport:
+        """Wait for clients (``join_timeout`` if ``first``, else ``rejoin_timeout``) and run one round.
+
+        ``broadcast`` (e.g. the global model) is sent to every participant before the protocol starts.
+        """
+        s = self.settings
+        participants = await self._wait_for_clients(s.join_timeout if first else s.rejoin_timeout)
+        report = await self._run_round(number, participants, broadcast)
+        self.reports.append(report)
+        if self.on_round is not None:
+            self.on_round(report)
+        return report
+
+    async def finish(self, reason: str) -> None:
+        """Tell every client there are no more rounds and close the streams."""
         for conn in list(self._conns.values()):
-            conn.send_frame(wire.encode(Bye(reason="all rounds done")))
+            conn.send_frame(wire.encode(Bye(reason=reason)))
             conn.close()
         await asyncio.sleep(0.2)  # let the goodbyes flush
-        return self.reports
 
     # ----------------------------------------------------------------- rounds
 
@@ -250,7 +262,7 @@ class AggregationServer:
     def _live(self) -> list[int]:
         return [cid for cid, c in self._conns.items() if not c.closed]
 
-    async def _run_round(self, number: int, participants: tuple[int, ...]) -> RoundReport:
+    async def _run_round(self, number: int, participants: tuple[int, ...], broadcast: bytes | None = None) -> RoundReport:
         s = self.settings
         t0 = time.perf_counter()
         if len(participants) < s.threshold:
@@ -274,10 +286,12 @@ class AggregationServer:
         state = _RoundState(number, driver, set(participants))
         self._round = state
         log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
-        start_frame = wire.encode(RoundStart(round=number, mode=s.mode))
+        start_frame = wire.encode(RoundStart(round=number, mode=s.mode, broadcast=broadcast is not None))
         for cid in participants:
             self._conns[cid].send_frame(start_frame)
             self._conns[cid].send_payload(params)
+            if broadcast is not None:
+                self._conns[cid].send_payload(broadcast)
         ok, reason = True, ""
         try:
             out = driver.start()
