@@ -10,10 +10,17 @@
   key): it authenticates uploads, checks their structure, and adds ciphertexts.
   :meth:`HeServer.decrypt` always raises KeyRoleError.
 
-All three are sans-IO: bytes in, bytes out; no sockets, threads or clocks. Every message
-is sealed with the sender's Ed25519 identity (:func:`secagg.wire.seal`) and carries the
-key fingerprint; any failure to authenticate or parse a ciphertext raises
-:class:`~secagg.errors.InvalidCiphertext` before TenSEAL sees the bytes.
+All three are sans-IO: bytes in, bytes out; no sockets, threads or clocks. Contexts are
+sealed with the key holder's Ed25519 identity (:func:`secagg.wire.seal`); uploads and
+aggregates are hash-then-sign (a sealed header carrying the key fingerprint and a BLAKE2b
+digest of the ciphertext chunks, see :mod:`secagg.ckks.messages`). Any failure to
+authenticate or parse a ciphertext raises :class:`~secagg.errors.InvalidCiphertext`, and
+the checks in :mod:`secagg.ckks.tenseal_format` run before TenSEAL sees the bytes.
+
+Rules for code in this module: never call TenSEAL on bytes that did not pass
+:func:`_load_vector`; never mutate a context loaded by :func:`_load_context` (it is shared);
+never ``copy()`` a vector linked to a key-less context (TenSEAL 0.3.18 segfaults); build
+sums into new vectors so a failure leaves the running sum untouched.
 """
 
 from __future__ import annotations
