@@ -5,15 +5,16 @@ Two DP modes:
 - ``dpsgd`` (record level): every client runs DP-SGD on its own records. A client with n_k
   samples takes steps_k = epochs * ceil(n_k / B) steps per round at sampling rate q_k = B / n_k.
   The federation's epsilon after r rounds is the worst client's, assuming it took part in every
-  round: max_k eps_RDP(q_k, sigma, r * steps_k). Client sampling would only lower it, so this is
+  round: max_k eps(q_k, sigma, r * steps_k). Client sampling would only lower it, so this is
   an upper bound that needs no knowledge of who was sampled.
 - ``user`` / ``user-distributed`` (user level, DP-FedAvg, McMahan et al. 2018): each client's
   whole update is clipped to C and Gaussian noise of std z*C is added to the sum (by the server,
-  or in shares by the clients before masking). One round is a sampled Gaussian mechanism with
-  q = clients_per_round / num_clients; epsilon after r rounds is eps_RDP(q, z, r).
+  or in discrete shares by the clients inside masking). One round is a Gaussian mechanism,
+  amplified by client sampling only when clients really are Poisson-sampled (rate q); with a
+  fixed number of clients per round no amplification is claimed (q = 1).
 
 Both are Poisson-sampled Gaussian mechanisms, accounted by :func:`privacy.epsilon_of_events`
-(RDP by default, Mironov et al. 2019; PRV or PLD on request). Epsilon after r rounds depends only on the configuration, so the ledger
+(PRV by default, Gopi et al. 2021; PLD or RDP on request). Epsilon after r rounds depends only on the configuration, so the ledger
 can reserve a round's spend before the round runs (write-ahead) and any reader can recompute it from the events stored in the ledger.
 """
 
@@ -44,8 +45,7 @@ class RoundAccountant:
         client_sizes: Sequence[int] = (),
         batch_size: int = 32,
         epochs: int = 1,
-        clients_per_round: int = 1,
-        num_clients: int = 1,
+        client_sample_rate: float = 1.0,
         clip: float | None = None,
         accountant: str = "prv",
         horizon: int = 1,
@@ -68,7 +68,7 @@ class RoundAccountant:
         self._client_profiles = sorted(
             {(min(1.0, batch_size / n), epochs * -(-n // batch_size)) for n in client_sizes}
         )
-        self._q_user = min(1.0, clients_per_round / max(num_clients, 1))
+        self._q_user = client_sample_rate
 
     def round_event(self) -> SampledGaussianEvent:
         """The privacy event of one round, as the ledger records it.

@@ -27,10 +27,12 @@ def round_line(r: RoundResult, noun: str = "client", *, private: bool = True) ->
         parts.append(f"eps {r.epsilon:6.3f}")
     parts.append(f"up {_bytes(r.bytes_up_total):>8}")
     parts.append(f"{len(r.included)}/{len(r.sampled)} counted")
-    for stage, clients in sorted(r.dropped.items()):
-        if clients:
-            shown = ", ".join(str(c) for c in clients[:4]) + (", ..." if len(clients) > 4 else "")
-            parts.append(f"{noun} {shown} dropped at {stage}")
+    drops = {stage: clients for stage, clients in sorted(r.dropped.items()) if clients}
+    if sum(map(len, drops.values())) <= 2:
+        for stage, clients in drops.items():
+            parts.append(f"{noun} {', '.join(map(str, clients))} dropped at {stage}")
+    elif drops:
+        parts.append("dropped: " + ", ".join(f"{len(c)} at {s}" for s, c in drops.items()))
     if r.aborted:
         parts.append(f"ABORTED ({r.aborted})")
     return "  ".join(parts)

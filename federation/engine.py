@@ -181,12 +181,12 @@ class Federation:
             self.noise_plan = DistributedNoisePlan(
                 clip=config.update_clip, clients=config.clients_per_round, threshold=config.threshold,
                 bits=config.bits, noise_multiplier=config.noise_multiplier, dim=len(self.params),
-                sample_rate=config.clients_per_round / config.num_clients,
+                sample_rate=1.0,  # fixed cohorts: no amplification by sampling is claimed
                 rng_seed=config.seed if config.deterministic else None)
         self.accountant = RoundAccountant(
             mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
-            clients_per_round=round(config.expected_clients_per_round), num_clients=config.num_clients,
+            client_sample_rate=config.sampling_rate if config.sampling == "poisson" else 1.0,
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=config.accountant, horizon=config.rounds,
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,

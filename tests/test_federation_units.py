@@ -231,8 +231,8 @@ def test_record_level_accounting_is_the_worst_clients_dpsgd_epsilon():
 
 
 def test_user_level_accounting_is_dpfedavg():
-    acct = RoundAccountant(mode="user", delta=1e-5, noise_multiplier=1.0, clients_per_round=10,
-                           num_clients=100, clip=1.0, accountant="rdp")
+    acct = RoundAccountant(mode="user", delta=1e-5, noise_multiplier=1.0, client_sample_rate=0.1,
+                           clip=1.0, accountant="rdp")
     expected = privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=1e-5, accountant="rdp")
     assert acct.epsilon_after(20) == pytest.approx(expected)
     assert acct.round_event().level.value == "user"
