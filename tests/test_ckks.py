@@ -510,3 +510,48 @@ def test_out_of_range_ciphertext_is_caught_at_decryption():
     r.server.receive(bad)  # the server cannot see values
     with pytest.raises(InvalidCiphertext, match="exceeds the round's bound"):
         r.holder.decrypt(r.server.aggregate(), r.server.public_key)
+
+
+_CTX = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40])
+_CTX.global_scale = 2.0**40
+_GENUINE = ts.ckks_vector(_CTX, [0.5] * 100).serialize()  # one genuine TenSEAL vector
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(1, 4096), st.booleans())
+def test_structural_check_raises_only_invalid_ciphertext_on_arbitrary_bytes(data, size, ckks):
+    try:
+        check_vector(data, expected_size=size, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40 if ckks else None)
+    except InvalidCiphertext:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_structural_check_on_mutated_genuine_headers(data):
+    genuine = _GENUINE
+    pos = data.draw(st.integers(0, 80))
+    value = data.draw(st.integers(0, 255))
+    mutated = genuine[:pos] + bytes([value]) + genuine[pos + 1 :]
+    try:
+        check_vector(mutated, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+    except InvalidCiphertext:
+        pass
+
+
+def test_genuine_ciphertext_passes_the_structural_check():
+    check_vector(_GENUINE, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+    with pytest.raises(InvalidCiphertext):
+        check_vector(_GENUINE, expected_size=99, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+
+
+def test_benchmark_reports_the_required_figures():
+    from secagg.bench.ckks import run_ckks_bench
+
+    out = run_ckks_bench(2, 5000)
+    for key in ("clients", "dim", "encrypt_s_per_client", "server_sum_s", "decrypt_s", "plain_sum_s",
+                "bytes_up_per_param", "max_abs_error"):
+        assert key in out
+    assert out["clients"] == 2 and out["dim"] == 5000
+    assert out["max_abs_error"] <= out["error_bound"] < 1e-6
+    assert 32 < out["bytes_up_per_param"] * 5000 / (2 * 4096) < 33.5  # two ciphertexts of 4096 slots
