@@ -23,7 +23,9 @@ from secagg.ckks import (
     HeServer,
     KeyHolder,
     RoundConfig,
+    SplitClient,
     aggregate_ckks,
+    combine_shares,
     new_round_id,
 )
 from secagg.ckks.messages import HeCiphertexts, HeContext, HeUploadHeader, chunks_digest
@@ -35,6 +37,7 @@ from secagg.errors import (
     InputError,
     InvalidCiphertext,
     KeyRoleError,
+    MaliciousServerDetected,
     NotEnoughSurvivors,
     OverflowRisk,
     ReplayError,
@@ -555,3 +558,83 @@ def test_benchmark_reports_the_required_figures():
     assert out["clients"] == 2 and out["dim"] == 5000
     assert out["max_abs_error"] <= out["error_bound"] < 1e-6
     assert 32 < out["bytes_up_per_param"] * 5000 / (2 * 4096) < 33.5  # two ciphertexts of 4096 slots
+
+
+# --------------------------------------------------------------------------- split trust (BFV, n-of-n)
+
+
+class SplitRound:
+    """k key holders, one key-less server state per key holder, split clients."""
+
+    def __init__(self, n: int, dim: int, k: int = 2, **kw) -> None:
+        self.config = RoundConfig(new_round_id(), dim, n, BFV, key_holders=k, **kw)
+        self.holders = [KeyHolder(self.config) for _ in range(k)]
+        self.ids = [IdentityKey.generate() for _ in range(n)]
+        keys = {i: ident.public_bytes for i, ident in enumerate(self.ids)}
+        self.servers = [HeServer(self.config, h.context_for_server(), h.public_key, keys) for h in self.holders]
+        self.ctxs = [h.context_for_clients() for h in self.holders]
+
+    def upload(self, i: int, x) -> tuple[bytes, ...]:
+        client = SplitClient(i, self.config, self.ctxs, [h.public_key for h in self.holders], self.ids[i])
+        return client.encrypt(np.asarray(x, dtype=np.float64))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_split_round_sums_correctly_and_each_share_is_noise(k):
+    r = SplitRound(3, 5000, k)
+    xs = np.random.default_rng(9).uniform(-1, 1, (3, 5000))
+    for i, x in enumerate(xs):
+        for server, part in zip(r.servers, r.upload(i, x)):
+            server.receive(part)
+    shares = [h.decrypt_share(s.aggregate(), s.public_key) for h, s in zip(r.holders, r.servers)]
+    t = BFV.plain_modulus
+    for share in shares:  # alone, a key holder sees a uniform vector modulo t, not the sum
+        assert share.values.min() >= 0 and share.values.max() < t
+        assert abs(share.values.mean() / t - 0.5) < 0.02
+        assert abs(share.values.std() / t - 12**-0.5) < 0.02
+    out = combine_shares(r.config, shares)
+    assert np.max(np.abs(out.values - xs.sum(0))) <= out.error_bound < 1e-8
+    with pytest.raises(ConfigError):
+        combine_shares(r.config, shares[:-1])
+
+
+def test_split_round_key_holder_cannot_decrypt_alone():
+    r = SplitRound(2, 10)
+    for i in range(2):
+        for server, part in zip(r.servers, r.upload(i, np.ones(10))):
+            server.receive(part)
+    with pytest.raises(KeyRoleError):
+        r.holders[0].decrypt(r.servers[0].aggregate(), r.servers[0].public_key)
+    single = Round(2, 10, BFV)
+    with pytest.raises(KeyRoleError):
+        single.holder.decrypt_share(b"", single.server.public_key)
+
+
+def test_split_round_refuses_different_client_sets():
+    r = SplitRound(3, 10)
+    ups = [r.upload(i, np.full(10, 0.1 * (i + 1))) for i in range(3)]
+    for i in (0, 1, 2):
+        r.servers[0].receive(ups[i][0])
+    for i in (0, 1):  # the server shows the second key holder a different set
+        r.servers[1].receive(ups[i][1])
+    shares = [h.decrypt_share(s.aggregate(), s.public_key) for h, s in zip(r.holders, r.servers)]
+    with pytest.raises(MaliciousServerDetected):
+        combine_shares(r.config, shares)
+
+
+def test_split_rounds_need_bfv_and_the_share_uploads_do_not_mix():
+    with pytest.raises(ConfigError, match="bfv"):
+        RoundConfig(new_round_id(), 10, 2, CKKS, key_holders=2)
+    r = SplitRound(2, 10)
+    first, second = r.upload(0, np.ones(10))
+    with pytest.raises(InvalidCiphertext, match="another key"):
+        r.servers[0].receive(second)
+    r.servers[0].receive(first)
+
+
+def test_split_round_through_the_api():
+    x = np.random.default_rng(10).uniform(-1, 1, (4, 300))
+    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, dropouts={"upload": [1]})
+    assert result.included == (0, 2, 3)
+    assert np.max(np.abs(result.total - x[[0, 2, 3]].sum(0))) <= result.max_quantization_error
+    assert result.parameters["key_holders"] == 2

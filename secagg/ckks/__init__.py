@@ -11,11 +11,14 @@ from secagg.ckks.params import HeParams
 from secagg.ckks.roles import (
     KEYHOLDER_ID,
     SERVER_ID,
+    DecryptedShare,
     DecryptedSum,
     HeClient,
     HeServer,
     KeyHolder,
     RoundConfig,
+    SplitClient,
+    combine_shares,
     fingerprint,
     new_round_id,
 )
@@ -24,13 +27,16 @@ from secagg.ckks.simulate import aggregate_ckks
 __all__ = [
     "KEYHOLDER_ID",
     "SERVER_ID",
+    "DecryptedShare",
     "DecryptedSum",
     "HeClient",
     "HeParams",
     "HeServer",
     "KeyHolder",
     "RoundConfig",
+    "SplitClient",
     "aggregate_ckks",
+    "combine_shares",
     "fingerprint",
     "new_round_id",
 ]

@@ -56,6 +56,7 @@ from secagg.errors import (
     InvalidCiphertext,
     InvalidSignature,
     KeyRoleError,
+    MaliciousServerDetected,
     NotEnoughSurvivors,
     ReplayError,
     WireError,
@@ -67,6 +68,7 @@ KEYHOLDER_ID = -1
 SERVER_ID = -2
 FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
 DEFAULT_RELEASE_GRID_BITS = 22
+MAX_KEY_HOLDERS = 8
 UPLOAD_LABEL = b"upload"
 AGGREGATE_LABEL = b"aggregate"
 
@@ -86,7 +88,10 @@ class RoundConfig:
     in the slot after the update. ``min_clients``: the key holder refuses to decrypt a sum
     over fewer clients. ``release_grid_bits`` (CKKS): the key holder rounds the released
     sum to multiples of 2^-bits, hiding the decryption noise (see docs/threat-model.md,
-    IND-CPA-D); 0 releases the raw decryption.
+    IND-CPA-D); 0 releases the raw decryption. ``key_holders`` > 1 (BFV only) splits each
+    quantized update into that many additive shares modulo t, each encrypted under another
+    key holder's key, so no single key holder can decrypt anything but uniform noise (see
+    :class:`SplitClient`, :meth:`KeyHolder.decrypt_share`, :func:`combine_shares`).
     """
 
     round_id: bytes
@@ -97,6 +102,7 @@ class RoundConfig:
     weighted: bool = False
     min_clients: int = 2
     release_grid_bits: int = DEFAULT_RELEASE_GRID_BITS
+    key_holders: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, bytes) or not 16 <= len(self.round_id) <= 64:
@@ -111,6 +117,13 @@ class RoundConfig:
             raise ConfigError(f"value_bound must be a positive finite number, got {self.value_bound}")
         if not 0 <= self.release_grid_bits <= 52:
             raise ConfigError("release_grid_bits must be in 0..52 (0 disables rounding)")
+        if not 1 <= self.key_holders <= MAX_KEY_HOLDERS:
+            raise ConfigError(f"key_holders must be in 1..{MAX_KEY_HOLDERS}, got {self.key_holders}")
+        if self.key_holders > 1 and self.params.scheme != "bfv":
+            raise ConfigError(
+                "splitting updates between key holders needs exact arithmetic modulo t: use scheme='bfv' "
+                "(CKKS sums of uniform shares would lose the update in the approximation noise)"
+            )
         check_capacity(self.params, sum_bound=self.sum_bound, n_clients=self.n_clients)
 
     @property
@@ -166,6 +179,15 @@ class DecryptedSum:
     included: tuple[int, ...]
     weight_sum: float | None
     error_bound: float
+
+
+@dataclass(frozen=True)
+class DecryptedShare:
+    """One key holder's part of a split round: a sum of uniform shares modulo t."""
+
+    values: np.ndarray  # int64 in [0, t)
+    included: tuple[int, ...]
+    fingerprint: bytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +342,61 @@ def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     return vec
 
 
+def _release(r: RoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> DecryptedSum:
+    """Plausibility check, CKKS release rounding, split off the weight slot."""
+    bound = r.sum_bound + r.error_bound(len(included))
+    if not np.all(np.abs(plain) <= bound):
+        raise InvalidCiphertext(
+            f"the decrypted sum exceeds the round's bound {bound:.3g}: a client sent an out-of-range or "
+            "malformed ciphertext (or one under another key). Nothing is released"
+        )
+    if r.params.scheme == "ckks" and r.release_grid_bits:
+        step = 2.0**r.release_grid_bits
+        plain = np.round(plain * step) / step
+    weight_sum = float(plain[r.dim]) if r.weighted else None
+    return DecryptedSum(plain[: r.dim], included, weight_sum, r.error_bound(len(included)))
+
+
+def combine_shares(r: RoundConfig, shares: Sequence[DecryptedShare]) -> DecryptedSum:
+    """Add the key holders' decrypted shares modulo t into the released sum.
+
+    Every key holder must have decrypted a sum over the *same* clients: a server that shows
+    the key holders different client sets is caught here (a mismatch would otherwise
+    release a sum over their intersection plus noise).
+    """
+    if len(shares) != r.key_holders or len({s.fingerprint for s in shares}) != r.key_holders:
+        raise ConfigError(f"combine exactly one share from each of the {r.key_holders} key holders")
+    included = shares[0].included
+    if any(s.included != included for s in shares):
+        raise MaliciousServerDetected("the key holders decrypted sums over different clients; nothing is released")
+    t = r.params.plain_modulus
+    total = np.zeros(r.length, dtype=np.int64)
+    for s in shares:
+        total = (total + s.values) % t
+    centered = np.where(total > t // 2, total - t, total)
+    return _release(r, centered.astype(np.float64) / r.quantization, included)
+
+
+def additive_shares(values: np.ndarray, t: int, n: int) -> list[np.ndarray]:
+    """Split int64 ``values`` into n shares, uniform modulo t given any n - 1 of them.
+
+    The first n - 1 shares are drawn from the OS CSPRNG by rejection sampling (no modulo
+    bias); the last is the difference. Shares are returned centred in (-t/2, t/2].
+    """
+    bits = t.bit_length()
+    shares = []
+    for _ in range(n - 1):
+        out = np.empty(0, dtype=np.int64)
+        while out.size < values.size:
+            draw = np.frombuffer(os.urandom(8 * (values.size - out.size + 64)), dtype=np.uint64)
+            draw = (draw & np.uint64((1 << bits) - 1)).astype(np.int64)
+            out = np.concatenate([out, draw[draw < t]])
+        shares.append(out[: values.size])
+    last = (values - sum(shares, np.zeros_like(values))) % t
+    shares.append(last)
+    return [np.where(s > t // 2, s - t, s) for s in shares]
+
+
 # ---------------------------------------------------------------------------------------
 # Roles
 
@@ -364,6 +441,38 @@ class KeyHolder:
         or whose ``included`` list is not exactly their senders. Without it, the key holder
         trusts the server's (signed) claim of which uploads were added.
         """
+        r = self.round
+        if r.key_holders > 1:
+            raise KeyRoleError(
+                f"this round splits every update between {r.key_holders} key holders; no single one can "
+                "decrypt the sum. Call decrypt_share() and combine the shares with combine_shares()"
+            )
+        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
+        try:
+            plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
+            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
+        if r.params.scheme == "bfv":
+            plain = plain / r.quantization
+        return _release(r, plain, included)
+
+    def decrypt_share(self, aggregate: bytes, server_public_key: bytes, *,
+                      uploads: Sequence[bytes] | None = None,
+                      client_keys: Mapping[int, bytes] | None = None) -> DecryptedShare:
+        """Split rounds: decrypt this key holder's sum of shares (uniform modulo t on its own)."""
+        r = self.round
+        if r.key_holders == 1:
+            raise KeyRoleError("this round has a single key holder; call decrypt()")
+        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
+        t = r.params.plain_modulus
+        try:
+            values = np.concatenate([np.asarray(v.decrypt(), dtype=np.int64) for v in vectors]) % t
+        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
+            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
+        return DecryptedShare(values, included, self.fingerprint)
+
+    def _verified(self, aggregate, server_public_key, uploads, client_keys) -> tuple[tuple[int, ...], list]:
+        """All checks on the server's aggregate; marks the round decrypted (once only)."""
         if self._decrypted:
             raise AlreadyFinalized("this round's aggregate was already decrypted; the key holder decrypts once per round")
         r = self.round
@@ -389,23 +498,7 @@ class KeyHolder:
         if uploads is not None:
             self._audit(chunks, msg.included, uploads, client_keys or {})
         self._decrypted = True  # one decryption per round, whatever happens next
-        try:
-            plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
-        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
-            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
-        if r.params.scheme == "bfv":
-            plain = plain / r.quantization
-        bound = r.sum_bound + r.error_bound(len(msg.included))
-        if not np.all(np.abs(plain) <= bound):
-            raise InvalidCiphertext(
-                f"the decrypted sum exceeds the round's bound {bound:.3g}: a client sent an out-of-range or "
-                "malformed ciphertext (or one under another key). Nothing is released"
-            )
-        if r.params.scheme == "ckks" and r.release_grid_bits:
-            step = 2.0**r.release_grid_bits
-            plain = np.round(plain * step) / step
-        weight_sum = float(plain[r.dim]) if r.weighted else None
-        return DecryptedSum(plain[: r.dim], tuple(sorted(msg.included)), weight_sum, r.error_bound(len(msg.included)))
+        return tuple(sorted(msg.included)), vectors
 
     def _audit(self, chunks, included, uploads: Sequence[bytes], client_keys: Mapping[int, bytes]) -> None:
         senders: list[int] = []
@@ -441,7 +534,8 @@ class HeClient:
         and does not depend on the update, so it can be done before the update exists.
         Each precomputed ciphertext is used once.
         """
-        self._zeros = [self._encrypt_plain(np.zeros(s)) for s in self.round.chunk_sizes]
+        zero = 0 if self.round.params.scheme == "bfv" else 0.0
+        self._zeros = [self._encrypt_list([zero] * s) for s in self.round.chunk_sizes]
 
     def encrypt(self, update: np.ndarray, *, weight: float | None = None) -> bytes:
         """This client's encrypted, signed upload; ``weight`` is its fraction f_i in (0, 1]."""
@@ -449,8 +543,13 @@ class HeClient:
 
     def encrypt_chunks(self, update: np.ndarray, *, weight: float | None = None) -> tuple[bytes, ...]:
         """Encrypt the update (once per round) into TenSEAL-serialized chunks, unsigned."""
-        if self._sent:
-            raise AlreadyFinalized("this client already uploaded its update for the round")
+        if self.round.key_holders > 1:
+            raise KeyRoleError("in a split round a client encrypts through SplitClient, one share per key holder")
+        x = self._prepare(update, weight)
+        return self._encrypt_values(self._quantize(x) if self.round.params.scheme == "bfv" else x)
+
+    def _prepare(self, update: np.ndarray, weight: float | None) -> np.ndarray:
+        """Validate the update against the round; append the weight slot; pre-scale."""
         r = self.round
         x = np.asarray(update, dtype=np.float64)
         if x.shape != (r.dim,):
@@ -466,17 +565,26 @@ class HeClient:
         peak = float(np.max(np.abs(x[: r.dim]))) if r.dim else 0.0
         if peak > r.value_bound:
             raise InputError(f"update exceeds the round's value bound ({peak:.3g} > {r.value_bound:.3g}); clip it first")
+        return x
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        return np.rint(x * self.round.quantization).astype(np.int64)
+
+    def _encrypt_values(self, values: np.ndarray) -> tuple[bytes, ...]:
+        """Encrypt floats (CKKS) or int64 (BFV), chunk by chunk, once per round."""
+        if self._sent:
+            raise AlreadyFinalized("this client already uploaded its update for the round")
         self._sent = True
         zeros, self._zeros = self._zeros, None
         chunks, start = [], 0
-        for i, size in enumerate(r.chunk_sizes):
-            part = x[start : start + size]
+        for i, size in enumerate(self.round.chunk_sizes):
+            part = values[start : start + size].tolist()
             start += size
             if zeros is not None:
                 vec = zeros[i]
-                vec.add_(self._plain(part))
+                vec.add_(part)
             else:
-                vec = self._encrypt_plain(part)
+                vec = self._encrypt_list(part)
             chunks.append(vec.serialize())
         return tuple(chunks)
 
@@ -487,18 +595,46 @@ class HeClient:
                                 chunks_digest(UPLOAD_LABEL, chunks))
         return encode(HeCiphertexts(seal(header, self.client_id, self.identity), tuple(chunks)))
 
-    def _plain(self, part: np.ndarray) -> list:
+    def _encrypt_list(self, part: list):
         if self.round.params.scheme == "bfv":
-            return np.rint(part * self.round.quantization).astype(np.int64).tolist()
-        return part.tolist()
-
-    def _encrypt_plain(self, part: np.ndarray):
-        if self.round.params.scheme == "bfv":
-            return ts.bfv_vector(self._ctx, self._plain(part))
-        return ts.ckks_vector(self._ctx, self._plain(part))
+            return ts.bfv_vector(self._ctx, part)
+        return ts.ckks_vector(self._ctx, part)
 
     def decrypt(self, *_args, **_kwargs):
         raise KeyRoleError("clients hold the public key only and cannot decrypt; only the key holder can")
+
+
+class SplitClient:
+    """Client of a split round (``key_holders`` > 1, BFV): one upload per key holder.
+
+    The quantized update q is split into additive shares modulo t (:func:`additive_shares`);
+    share j is encrypted under key holder j's public key and goes to the server's j-th sum.
+    Any key holder alone, even with the server, decrypts only uniform noise.
+    """
+
+    def __init__(self, client_id: int, round: RoundConfig, context_messages: Sequence[bytes],
+                 keyholder_public_keys: Sequence[bytes], identity: IdentityKey | None = None) -> None:
+        if round.key_holders < 2:
+            raise ConfigError("SplitClient needs a round with key_holders >= 2")
+        if len(context_messages) != round.key_holders or len(keyholder_public_keys) != round.key_holders:
+            raise ConfigError(f"a split round needs one context and one identity key per key holder ({round.key_holders})")
+        self.identity = identity or IdentityKey.generate()
+        self.parts = [HeClient(client_id, round, c, k, self.identity)
+                      for c, k in zip(context_messages, keyholder_public_keys)]
+        if len({c.fingerprint for c in self.parts}) != len(self.parts):
+            raise ConfigError("the key holders' contexts must be distinct keys")
+        self.round = round
+
+    def precompute(self) -> None:
+        for part in self.parts:
+            part.precompute()
+
+    def encrypt(self, update: np.ndarray, *, weight: float | None = None) -> tuple[bytes, ...]:
+        """One signed upload per key holder, in the order of the contexts."""
+        head = self.parts[0]
+        q = head._quantize(head._prepare(update, weight))
+        shares = additive_shares(q, self.round.params.plain_modulus, len(self.parts))
+        return tuple(p.seal_upload(p._encrypt_values(share)) for p, share in zip(self.parts, shares))
 
 
 class HeServer:

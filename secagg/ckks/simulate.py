@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import HeClient, HeServer, KeyHolder, RoundConfig, new_round_id
+from secagg.ckks.roles import (
+    HeClient,
+    HeServer,
+    KeyHolder,
+    RoundConfig,
+    SplitClient,
+    combine_shares,
+    new_round_id,
+)
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
 from secagg.result import AggregateResult
@@ -37,6 +45,7 @@ def aggregate_ckks(
     min_clients: int = 2,
     release_grid_bits: int | None = None,
     precompute: bool = True,
+    key_holders: int = 1,
     **unsupported,
 ) -> AggregateResult:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
@@ -48,8 +57,10 @@ def aggregate_ckks(
     ``total`` is the weighted sum sum_i w_i x_i over ``included``: each client encrypts
     f_i * x_i and f_i = w_i / sum(w) in an extra slot, so the weight sum of exactly the
     summed clients comes back from the decryption, and the server never sees a weight.
-    FedAvg is ``total / sum(weights[included])``. ``timings`` for ``client.*`` are per
-    client means.
+    FedAvg is ``total / sum(weights[included])``. ``key_holders`` > 1 (with
+    ``scheme="bfv"``) splits every update into additive shares, one per key holder, so that
+    no single key holder can decrypt anything (the upload grows by that factor).
+    ``timings`` for ``client.*`` are per client means.
     """
     if unsupported:
         raise ConfigError(
@@ -77,31 +88,42 @@ def aggregate_ckks(
     if bound <= 0:
         bound = 1.0  # all-zero updates
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
-    round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients, **grid)
+    round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
+                        key_holders=key_holders, **grid)
+    split = key_holders > 1
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    holder = KeyHolder(round)
-    client_ctx, server_ctx = holder.context_for_clients(), holder.context_for_server()
+    holders = [KeyHolder(round) for _ in range(key_holders)]
+    client_ctxs = [h.context_for_clients() for h in holders]
+    server_ctxs = [h.context_for_server() for h in holders]
+    holder_keys = [h.public_key for h in holders]
     timings["keyholder.keygen"] = time.perf_counter() - t
 
     identities = {i: IdentityKey.generate() for i in range(n)}
+    client_keys = {i: k.public_bytes for i, k in identities.items()}
     t = time.perf_counter()
-    server = HeServer(round, server_ctx, holder.public_key, {i: k.public_bytes for i, k in identities.items()})
+    # one key-less server state per key holder (a split round keeps one encrypted sum per key)
+    servers = [HeServer(round, ctx, key, client_keys) for ctx, key in zip(server_ctxs, holder_keys)]
     timings["server.setup"] = time.perf_counter() - t
 
-    uploads: list[bytes] = []
+    uploads: list[tuple[bytes, ...]] = []
     phases = {"client.setup": 0.0, "client.precompute": 0.0, "client.encrypt": 0.0}
     for i in range(n):
         if i in skip:
             continue
+        weight = None if fractions is None else float(fractions[i])
         t0 = time.perf_counter()
-        client = HeClient(i, round, client_ctx, holder.public_key, identities[i])
+        if split:
+            client = SplitClient(i, round, client_ctxs, holder_keys, identities[i])
+        else:
+            client = HeClient(i, round, client_ctxs[0], holder_keys[0], identities[i])
         t1 = time.perf_counter()
         if precompute:
             client.precompute()
         t2 = time.perf_counter()
-        uploads.append(client.encrypt(x[i], weight=None if fractions is None else float(fractions[i])))
+        sent = client.encrypt(x[i], weight=weight)
+        uploads.append(sent if split else (sent,))
         t3 = time.perf_counter()
         phases["client.setup"] += t1 - t0
         phases["client.precompute"] += t2 - t1
@@ -110,13 +132,19 @@ def aggregate_ckks(
     timings.update({k: v / senders for k, v in phases.items()})
 
     t = time.perf_counter()
-    for upload in uploads:
-        server.receive(upload)
-    aggregate = server.aggregate()
+    aggregates = []
+    for j, server in enumerate(servers):
+        for parts in uploads:
+            server.receive(parts[j])
+        aggregates.append(server.aggregate())
     timings["server.sum"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    result = holder.decrypt(aggregate, server.public_key)
+    if split:
+        shares = [h.decrypt_share(a, s.public_key) for h, a, s in zip(holders, aggregates, servers)]
+        result = combine_shares(round, shares)
+    else:
+        result = holders[0].decrypt(aggregates[0], servers[0].public_key)
     timings["keyholder.decrypt"] = time.perf_counter() - t
 
     total, error = result.values, result.error_bound
@@ -126,7 +154,7 @@ def aggregate_ckks(
     return AggregateResult(
         total=total,
         included=result.included,
-        bytes_up_per_param=float(np.mean([len(u) for u in uploads])) / d,
+        bytes_up_per_param=float(np.mean([sum(map(len, u)) for u in uploads])) / d,
         timings=timings,
         protocol="ckks",
         max_quantization_error=float(error),
@@ -141,6 +169,7 @@ def aggregate_ckks(
             "value_bound": round.value_bound,
             "release_grid_bits": round.release_grid_bits if params.scheme == "ckks" else 0,
             "min_clients": round.min_clients,
+            "key_holders": round.key_holders,
         },
     )
 
