@@ -44,6 +44,7 @@ class ServerConfig:
     settings: ServerSettings
     credentials: Path
     state_dir: Path | None
+    training: Path | None = None  # experiment TOML: train a model instead of summing given vectors
 
 
 def load_server_config(path: str | os.PathLike) -> ServerConfig:
@@ -53,13 +54,14 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
     if creds is None:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
     state_dir = _resolve(base, table.pop("state_dir", None))
+    training = _resolve(base, table.pop("training", None))
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
     settings = ServerSettings(**table)
     settings.options = dict(settings.options)
     settings.check()
-    return ServerConfig(settings, creds, state_dir)
+    return ServerConfig(settings, creds, state_dir, training)
 
 
 @dataclasses.dataclass
@@ -68,6 +70,7 @@ class ClientConfig:
     credentials: Path
     input: dict
     base: Path
+    training: dict | None = None  # [client.training]: experiment (TOML path), index (data partition)
 
 
 def load_client_config(path: str | os.PathLike) -> ClientConfig:
@@ -77,11 +80,17 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
     if creds is None:
         raise ConfigError(f"{path}: [client] needs `credentials`, the directory written by `secagg certs issue ID`")
     inp = dict(table.pop("input", {"kind": "synthetic"}))
+    training = table.pop("training", None)
+    if training is not None:
+        training = dict(training)
+        if "experiment" not in training:
+            raise ConfigError(f"{path}: [client.training] needs `experiment`, the experiment TOML the server trains")
+        training["experiment"] = _resolve(base, training["experiment"])
     known = {f.name for f in dataclasses.fields(ClientSettings)}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
-    return ClientConfig(ClientSettings(**table), creds, inp, base)
+    return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 
 def input_source(cfg: dict, base: Path, client_id: int):

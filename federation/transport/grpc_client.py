@@ -86,7 +86,7 @@ def secure_channel(settings: ClientSettings, credentials: Credentials) -> grpc.a
 async def run_client(
     settings: ClientSettings,
     credentials: Credentials,
-    input_for_round: Callable[[int], np.ndarray],
+    input_for_round: Callable[[int], np.ndarray] | None,
     *,
     client_id: int | None = None,
     on_round_end: Callable[[int, np.ndarray | None], None] | None = None,
@@ -146,6 +146,8 @@ async def run_client(
                                 if update_from_broadcast is None:
                                     raise SecAggError("the server broadcast a model but this client does not train")
                                 update = await asyncio.to_thread(update_from_broadcast, current, got["broadcast"])
+                            elif input_for_round is None:
+                                raise SecAggError("this client only trains, and the server sent no model")
                             else:
                                 update = await asyncio.to_thread(input_for_round, current)
                             ctx = ClientContext(

@@ -53,7 +53,14 @@ def _join(args: argparse.Namespace) -> int:
         cfg.settings.server_name = args.server_name
     creds = Credentials.load(cfg.credentials)
     peer = creds.check_binding()
-    source = input_source(cfg.input, cfg.base, peer.client_id)
+    source = input_source(cfg.input, cfg.base, peer.client_id) if cfg.training is None else None
+    trainer = None
+    if cfg.training is not None:
+        from federation.config import ExperimentConfig
+        from federation.transport.training import TrainingClient
+
+        experiment = ExperimentConfig.from_toml(cfg.training["experiment"])
+        trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)))
     out = Path(args.out) if args.out else None
 
     def on_round_end(r: int, total) -> None:
@@ -68,7 +75,10 @@ def _join(args: argparse.Namespace) -> int:
     async def session() -> int:
         deadline = time.monotonic() + args.retry
         while True:
-            report = await run_client(cfg.settings, creds, source, on_round_end=on_round_end)
+            report = await run_client(
+                cfg.settings, creds, source, on_round_end=on_round_end,
+                update_from_broadcast=None if trainer is None else trainer.update,
+            )
             for r, reason in sorted(report.dropped.items()):
                 print(json.dumps({"round": r, "client": peer.client_id, "dropped": reason}), flush=True)
             if report.bye or not report.lost:

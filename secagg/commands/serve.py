@@ -33,6 +33,20 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.set_defaults(func=_serve)
 
 
+def _train(cfg, creds) -> int:
+    """[server] training = "experiment.toml": train a model; resumes from its checkpoint and ledger."""
+    from federation.config import ExperimentConfig
+    from federation.transport.training import GrpcFederation
+
+    config = ExperimentConfig.from_toml(cfg.training)
+    fed = GrpcFederation(config, cfg.settings, creds)
+    try:
+        summary = fed.run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
+    finally:
+        fed.close()
+    return 0 if summary.rounds and all(r.aborted is None for r in summary.rounds) else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -66,5 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     creds = Credentials.load(cfg.credentials)
     creds.check_binding()
+    if cfg.training is not None:
+        return _train(cfg, creds)
     ok = asyncio.run(serve_forever_with_state(s, creds, cfg.state_dir, print_line=lambda d: print(json.dumps(d), flush=True)))
     return 0 if ok else 1

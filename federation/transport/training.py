@@ -1,0 +1,195 @@
+"""Federated training over gRPC: the federation engine with its clients on other hosts.
+
+:class:`GrpcFederation` is the in-process :class:`~federation.engine.Federation` with one
+step replaced: instead of training clients and aggregating in this process, a round
+broadcasts the global model to the connected clients, each client trains on its own data
+(:class:`TrainingClient`), encodes its update exactly as the engine does
+(``[w * clip(delta), w]``, or ``clip(delta)`` for user-level DP) and hands it to the
+protocol session (masking or CKKS) -- the server receives only the sum. Everything else is
+the engine's, unchanged: write-ahead privacy ledger (a round's spend is reserved before
+the broadcast, committed after the release, and a resumed run re-uses an open
+reservation instead of spending twice), the server step of the strategy, evaluation, and
+the checkpoint after every round. Kill the server at any point and run the same command
+again: it resumes after the last checkpointed round.
+
+Both sides read the same experiment TOML; the broadcast carries the config fingerprint
+and a client refuses to train for a different experiment. Participants are the clients
+that are connected (the engine's sampling settings do not apply); ``expected_clients``
+in server.toml says how many to wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import threading
+import time
+from functools import partial
+
+import numpy as np
+
+from federation.config import ExperimentConfig
+from federation.engine import Federation, RoundResult
+from federation.transport.certs import Credentials
+from federation.transport.grpc_server import AggregationServer, ServerSettings
+from secagg import wire
+from secagg.errors import ConfigError, ReplayError
+from secagg.result import AggregateResult
+
+MODES = {"none": ("plain", {}), "masking": ("masking", {"graph": "complete"}),
+         "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
+
+
+@wire.message
+class TrainingBroadcast(wire.Message):
+    """Server -> every participant: the global model a round starts from."""
+
+    TYPE = "transport.training.broadcast"
+    round: int
+    fingerprint: str  # ExperimentConfig.fingerprint(): both sides train the same experiment
+    params: bytes  # little-endian float32
+    weight_ref: int  # public normaliser of sample weights: w_k = n_k / weight_ref
+
+
+def _weighted(config: ExperimentConfig) -> bool:
+    return config.dp not in ("user", "user-distributed")
+
+
+def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_params: int) -> None:
+    """Set the server's mode and options from the experiment (dimension, clip, bits)."""
+    if config.dp == "user-distributed":
+        raise ConfigError("dp = 'user-distributed' is not supported over gRPC yet; use 'dpsgd' or 'user'")
+    if config.update_clip <= 0:
+        raise ConfigError("training over gRPC needs update_clip > 0: the protocol's range is agreed before training")
+    try:
+        mode, extra = MODES[config.protection]
+    except KeyError:
+        raise ConfigError(f"protection {config.protection!r} has no gRPC mode") from None
+    weighted = _weighted(config)
+    settings.mode = mode
+    settings.options = {
+        **settings.options, **extra,
+        "dim": num_params + int(weighted),
+        "clip": math.sqrt(config.update_clip**2 + 1.0) if weighted else config.update_clip,
+        "bits": config.bits,
+    }
+    settings.rounds = config.rounds
+
+
+class GrpcFederation(Federation):
+    """The federation engine whose clients train and protect their updates on their own hosts."""
+
+    def __init__(self, config: ExperimentConfig, settings: ServerSettings, credentials: Credentials,
+                 *, ready=None) -> None:
+        super().__init__(config)
+        protocol_settings(config, settings, len(self.params))
+        self.settings = settings
+        self._aio_loop = asyncio.new_event_loop()
+        self._aio_thread = threading.Thread(target=self._aio_loop.run_forever, name="secagg-grpc", daemon=True)
+        self._aio_thread.start()
+        self.server = AggregationServer(settings, credentials)
+        self.port = self._call(self.server.start())
+        self._first = True
+        if ready is not None:
+            ready(self.port)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._aio_loop).result()
+
+    def close(self, reason: str = "training finished") -> None:
+        try:
+            self._call(self.server.finish(reason))
+            self._call(self.server.stop())
+        finally:
+            self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
+            self._aio_thread.join(timeout=10)
+
+    def run_round(self, rnd: int, ledger) -> RoundResult:
+        start = time.perf_counter()
+        entry, epsilon = self.reserve_budget(ledger, rnd, self.settings.expected_clients)
+        broadcast = wire.encode(TrainingBroadcast(
+            round=rnd, fingerprint=self.config.fingerprint(),
+            params=np.asarray(self.params, dtype="<f4").tobytes(), weight_ref=max(self.sizes),
+        ))
+        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=broadcast))
+        self._first = False
+        aborted = None if report.ok else report.reason
+        included: list[int] = []
+        if report.ok and report.outcome is not None:
+            included = list(report.outcome.included)
+            result = AggregateResult(total=report.outcome.total, included=tuple(included),
+                                     bytes_up_per_param=0.0, protocol=self.settings.mode)
+            if not self.apply_aggregate(result):
+                aborted = "no client's update counted"
+        accuracy = loss = None
+        if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
+            accuracy, loss = self.evaluate()
+        row = RoundResult(
+            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=0.0,
+            bytes_up_total=0, sampled=list(report.participants), included=included,
+            dropped={"dropped": sorted(report.dropped)} if report.dropped else {},
+            train_loss=None, max_quantization_error=0.0, seconds=time.perf_counter() - start,
+            aborted=aborted,
+        )
+        self.close_reservation(ledger, entry, row)
+        return row
+
+
+class TrainingClient:
+    """A client's local training for :class:`GrpcFederation` rounds.
+
+    ``client_index`` picks this client's partition of the experiment's dataset (the bundled
+    datasets are partitioned the same way on every host); a deployment with private data
+    passes ``x``/``y`` instead.
+    """
+
+    def __init__(self, config: ExperimentConfig, client_index: int, *, x=None, y=None) -> None:
+        from federation.data import load_dataset, partition
+        from federation.models import build_model
+        from federation.training import LocalTraining
+
+        self.config = config
+        self.client_index = client_index
+        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+        if x is None:
+            parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition,
+                              alpha=config.alpha, seed=config.seed)
+            if not 0 <= client_index < len(parts):
+                raise ConfigError(f"client index {client_index} is outside the experiment's {len(parts)} clients")
+            x, y = dataset.x_train[parts[client_index]], dataset.y_train[parts[client_index]]
+        self.x, self.y = x, y
+        self.build = partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
+                             hidden=config.hidden)
+        self.local = LocalTraining(
+            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
+            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+        )
+
+    def update(self, round_: int, broadcast: bytes) -> np.ndarray:
+        """Train from the broadcast global model; return the row this client protects."""
+        from federation.training import train_client
+
+        b = wire.decode(broadcast, expect=TrainingBroadcast)
+        if b.round != round_:
+            raise ReplayError(f"model broadcast for round {b.round} received in round {round_}")
+        if b.fingerprint != self.config.fingerprint():
+            raise ConfigError("the server runs a different experiment (config fingerprint differs); "
+                              "use the same experiment TOML on both sides")
+        params = np.frombuffer(b.params, dtype="<f4").copy()
+        c = self.config
+        if c.deterministic:  # the engine's derivation, for reproducible tests
+            seed = int(np.random.SeedSequence([c.seed, round_, 3, self.client_index]).generate_state(1)[0])
+        else:
+            seed = secrets.randbits(62)
+        upd = train_client(self.build, params, self.x, self.y, self.local, client=self.client_index, seed=seed)
+        # As Federation.encode_updates: clip, then weight by n_k / weight_ref (public).
+        delta = upd.delta.astype(np.float64)
+        norm = float(np.linalg.norm(delta))
+        if norm > c.update_clip:
+            delta = delta * (c.update_clip / norm)
+        if not _weighted(c):
+            return delta
+        w = upd.num_samples / b.weight_ref
+        return np.append(w * delta, w)
