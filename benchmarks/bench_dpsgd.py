@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -73,25 +74,31 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (n,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
 
-    # plain baseline: fixed batches of exactly `batch`
+    # Same model (same initial weights), same fixed batches, same device. Plain and DP-SGD
+    # steps are interleaved so that load from other processes hits both alike.
     torch.manual_seed(0)
     plain = tanh_cnn().to(device)
-    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False)
-    plain_t = _time_steps(plain, opt, loader, loss_fn, device)[args.warmup:]
-
-    # DP-SGD: same model, same fixed batch size (no Poisson sampling, for a like-for-like step)
-    torch.manual_seed(0)
     dp = tanh_cnn()
-    opt = torch.optim.SGD(dp.parameters(), lr=0.1)
+    dp.load_state_dict(plain.state_dict())
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    dp_opt = torch.optim.SGD(dp.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # no Poisson sampling here: a like-for-like step on exactly `batch` examples
         private = make_private(
-            model=dp, optimizer=opt, data_loader=DataLoader(TensorDataset(x, y), batch_size=args.batch),
+            model=dp, optimizer=dp_opt,
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=args.batch),
             noise_multiplier=1.0, max_grad_norm=1.0, device=device, poisson_sampling=False,
         )
-        dp_t = _time_steps(private.model, private.optimizer, private.data_loader, loss_fn, device)
-    dp_t = dp_t[args.warmup:]
+        plain_t, dp_t = [], []
+        batches = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False)
+        for i, batch in enumerate(batches):
+            (t_plain,) = _time_steps(plain, plain_opt, [batch], loss_fn, device)
+            (t_dp,) = _time_steps(private.model, private.optimizer, [batch], loss_fn, device)
+            if i >= args.warmup:
+                plain_t.append(t_plain)
+                dp_t.append(t_dp)
+    private.close()
 
     result = {
         "benchmark": "dpsgd_step_time",
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain_median_s": statistics.median(plain_t),
         "dpsgd_median_s": statistics.median(dp_t),
         "ratio": statistics.median(dp_t) / statistics.median(plain_t),
+        "load_average_1m": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
