@@ -144,8 +144,6 @@ def validate(p: HeParams) -> None:
             raise ConfigError("CKKS needs poly_modulus_degree >= 4096 for a useful precision and packing")
         if not MIN_SCALE_BITS <= p.scale_bits:
             raise ConfigError(f"scale_bits must be at least {MIN_SCALE_BITS} (precision), got {p.scale_bits}")
-        if p.scale_bits > bits[-1] and p.scale_bits > 50:
-            raise ConfigError(f"scale_bits {p.scale_bits} is implausibly large; the default is 40")
         if p.data_bits - p.scale_bits < 8:
             raise ConfigError(
                 f"scale 2^{p.scale_bits} leaves {p.data_bits - p.scale_bits} bits of headroom under the "
