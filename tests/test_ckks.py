@@ -638,3 +638,19 @@ def test_split_round_through_the_api():
     assert result.included == (0, 2, 3)
     assert np.max(np.abs(result.total - x[[0, 2, 3]].sum(0))) <= result.max_quantization_error
     assert result.parameters["key_holders"] == 2
+
+
+def test_precomputed_encryptions_of_zero_are_used_once():
+    r = Round(2, 10)
+    client = r.client(0)
+    client.precompute()
+    pool = list(client._zeros)
+    first = client.encrypt_chunks(np.full(10, 0.5))
+    assert client._zeros is None  # the pool is consumed, never kept for another message
+    with pytest.raises(AlreadyFinalized):
+        client.encrypt_chunks(np.full(10, 0.5))
+    again = r.client(0)
+    again.precompute()
+    second = again.encrypt_chunks(np.full(10, 0.5))
+    assert first != second  # fresh randomness: equal updates give unrelated ciphertexts
+    assert len(pool) == len(r.config.chunk_sizes)
