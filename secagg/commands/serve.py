@@ -63,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         s.port = args.port
     if args.rounds is not None:
         s.rounds = args.rounds
+    if args.backend == "ray" and cfg.training is not None:
+        return _train_on_ray(cfg, args)
     if args.backend == "ray":
         from federation.transport.ray_backend import run_ray_rounds
 
@@ -84,3 +86,26 @@ def _serve(args: argparse.Namespace) -> int:
         return _train(cfg, creds)
     ok = asyncio.run(serve_forever_with_state(s, creds, cfg.state_dir, print_line=lambda d: print(json.dumps(d), flush=True)))
     return 0 if ok else 1
+
+
+def _train_on_ray(cfg, args) -> int:
+    """--backend ray with [server] training: the engine, clients trained and aggregated on Ray."""
+    import ray
+
+    from federation.config import ExperimentConfig
+    from federation.engine import Federation
+    from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
+
+    config = ExperimentConfig.from_toml(cfg.training)
+    started = start_ray(args.ray_address, args.num_cpus)
+    try:
+        fed = Federation(
+            config, executor=RayExecutor(),
+            aggregator=RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
+                                     seed=config.seed if config.deterministic else None),
+        )
+        summary = fed.run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
+    finally:
+        if started:
+            ray.shutdown()
+    return 0 if summary.rounds and all(r.aborted is None for r in summary.rounds) else 1
