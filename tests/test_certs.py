@@ -96,3 +96,52 @@ def test_cli_init_issue_show(tmp_path, capsys):
     key = load_identity_key(f"{d}/client-4/identity.key").public_bytes.hex()
     assert out.startswith("client 4") and key in out
     assert main(["certs", "issue", "4", "--dir", d]) == 1  # exists: a typed error, exit 1
+
+
+def test_request_flow_keeps_private_keys_on_the_client(ca, tmp_path):
+    from federation.transport.certs import issue_from_request, request
+
+    csr = request(21, tmp_path / "host21")
+    issued = issue_from_request(ca, 21, csr.read_bytes(), out=tmp_path / "from-ca")
+    assert sorted(p.name for p in issued.iterdir()) == ["ca.pem", "tls.pem"]  # no private key
+    for name in ("ca.pem", "tls.pem"):
+        (tmp_path / "host21" / name).write_bytes((issued / name).read_bytes())
+    peer = Credentials.load(tmp_path / "host21").check_binding()
+    assert peer.client_id == 21
+    assert verify_certificate((issued / "tls.pem").read_bytes(), (ca / "ca.pem").read_bytes()) == peer
+
+
+def test_request_for_another_id_or_with_a_lifted_proof_is_refused(ca, tmp_path):
+    from federation.transport.certs import issue_from_request, request
+
+    csr = request(22, tmp_path / "a").read_bytes()
+    with pytest.raises(ConfigError, match="not client 23"):
+        issue_from_request(ca, 23, csr, out=tmp_path / "x")
+    # a request that binds someone else's identity key cannot prove possession of it
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from federation.transport.certs import POP_OID
+
+    victim = IdentityKey.generate()
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+            f"secagg://client/24/ed25519/{victim.public_bytes.hex()}")]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(POP_OID, b"\0" * 64), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    with pytest.raises(InvalidSignature):
+        issue_from_request(ca, 24, forged.public_bytes(serialization.Encoding.PEM), out=tmp_path / "y")
+
+
+def test_cli_request_then_issue(tmp_path, capsys):
+    d = str(tmp_path / "certs")
+    assert main(["certs", "init", "--dir", d]) == 0
+    assert main(["certs", "request", "5", "--out", str(tmp_path / "h5")]) == 0
+    assert main(["certs", "issue", "5", "--dir", d, "--csr", str(tmp_path / "h5" / "request.csr")]) == 0
+    assert not (tmp_path / "certs" / "client-5" / "tls.key").exists()

@@ -30,6 +30,12 @@ Files (PEM; private keys are written with mode 0600)::
     CA_DIR/ca.pem  CA_DIR/ca.key                       -- ca.key never leaves the CA host
     CA_DIR/server/{ca.pem, tls.pem, tls.key, identity.key}
     CA_DIR/client-<id>/{ca.pem, tls.pem, tls.key, identity.key}
+
+or, with a certificate request (the client's private keys never leave its host)::
+
+    client host:  `certs request ID --out DIR` -> DIR/{tls.key, identity.key, request.csr}
+    CA host:      `certs issue ID --csr request.csr` -> CA_DIR/client-<id>/{ca.pem, tls.pem}
+    client host:  copy ca.pem and tls.pem into DIR
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secagg.errors import ConfigError, InvalidSignature
-from secagg.keys import IdentityKey
+from secagg.keys import IdentityKey, verify_signature
 
 CLIENT_URI = re.compile(r"^secagg://client/(?P<id>[1-9][0-9]{0,6})/ed25519/(?P<key>[0-9a-f]{64})$")
 SERVER_URI = re.compile(r"^secagg://server/ed25519/(?P<key>[0-9a-f]{64})$")
@@ -228,12 +234,21 @@ def issue(
         eku = ExtendedKeyUsageOID.CLIENT_AUTH
     if not names:
         raise ConfigError("a server certificate needs at least one --dns name or --ip address")
+    cert = _sign(ca_cert, ca_key, cn=cn, names=names, eku=eku, public_key=key.public_key(), days=days)
+    (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(target / "tls.key", _pem_private(key))
+    _write_private(target / "identity.key", _identity_pem(identity))
+    return target
+
+
+def _sign(ca_cert, ca_key, *, cn: str, names, eku, public_key, days: int) -> x509.Certificate:
     now = _now()
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(days=days))
@@ -253,10 +268,87 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+# --------------------------------------------------------------------------- requests (CSR)
+#
+# With a request, a client's private keys never leave its host: `certs request` writes
+# tls.key, identity.key and request.csr; the CA checks the request and returns tls.pem.
+# The CSR carries the binding URI and, in an extension, an Ed25519 signature proving that
+# the requester holds the identity key it asks the CA to bind (over the id and the TLS
+# public key, so it cannot be lifted into another request).
+
+POP_OID = x509.ObjectIdentifier("2.25.53875489915881438719831030983344795932")  # X.667 UUID OID
+POP_LABEL = b"secagg/v1/csr-proof-of-possession|"
+
+
+def _pop_message(client_id: int, tls_public_key) -> bytes:
+    spki = tls_public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return POP_LABEL + client_id.to_bytes(8, "big") + spki
+
+
+def request(client_id: int, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """On the client host: new TLS and identity keys plus ``request.csr`` for the CA."""
+    if not (1 <= client_id < MAX_CLIENT_ID):
+        raise ConfigError(f"client id must be an integer from 1 to {MAX_CLIENT_ID - 1}, got {client_id}")
+    target = Path(out)
+    if (target / "tls.key").exists() and not force:
+        raise ConfigError(f"{target} already holds keys; pass --force to replace them")
+    target.mkdir(parents=True, exist_ok=True)
+    identity = IdentityKey.generate()
+    key = ec.generate_private_key(ec.SECP256R1())
+    proof = identity.sign(_pop_message(client_id, key.public_key()))
+    uri = f"secagg://client/{client_id}/ed25519/{identity.public_bytes.hex()}"
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"secagg client {client_id}")]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(POP_OID, proof), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     _write_private(target / "tls.key", _pem_private(key))
     _write_private(target / "identity.key", _identity_pem(identity))
+    (target / "request.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return target / "request.csr"
+
+
+def issue_from_request(
+    ca_dir: str | os.PathLike, client_id: int, csr_pem: bytes, *, out: str | os.PathLike | None = None,
+    days: int = DEFAULT_DAYS, force: bool = False,
+) -> Path:
+    """On the CA: check a client's request and write ``tls.pem`` and ``ca.pem`` (no private keys)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise ConfigError("the request is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise InvalidSignature("the request's signature does not verify")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise ConfigError("the request's TLS key must be an elliptic-curve key (made by `secagg certs request`)")
+    try:
+        uris = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        proof = csr.extensions.get_extension_for_oid(POP_OID).value.value
+    except x509.ExtensionNotFound:
+        raise ConfigError("the request lacks the secagg identity binding; create it with `secagg certs request`") from None
+    matches = [m for m in (CLIENT_URI.match(u) for u in uris) if m]
+    if len(uris) != 1 or len(matches) != 1:
+        raise ConfigError("the request must carry exactly one secagg://client/<id>/ed25519/<hex> name")
+    if int(matches[0]["id"]) != client_id:
+        raise ConfigError(f"the request is for client {matches[0]['id']}, not client {client_id}")
+    identity_key = bytes.fromhex(matches[0]["key"])
+    verify_signature(identity_key, proof, _pop_message(client_id, csr.public_key()))
+    d_ca = Path(ca_dir)
+    ca_cert, ca_key = _load_ca(d_ca)
+    target = Path(out) if out is not None else d_ca / f"client-{client_id}"
+    if (target / "tls.pem").exists() and not force:
+        raise ConfigError(f"{target} already holds a certificate; pass --force to replace it")
+    target.mkdir(parents=True, exist_ok=True)
+    cert = _sign(ca_cert, ca_key, cn=f"secagg client {client_id}",
+                 names=[x509.UniformResourceIdentifier(matches[0].group(0))],
+                 eku=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=csr.public_key(), days=days)
+    (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return target
 
 

@@ -50,8 +50,26 @@ def register(subparsers, name: str, help_text: str) -> None:
         "--ip", action="append", default=None, help="server IP address (repeatable; default 127.0.0.1)"
     )
     p_issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p_issue.add_argument(
+        "--csr", default=None,
+        help="issue from a client's request (`secagg certs request`): writes only tls.pem and ca.pem",
+    )
     p_issue.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     p_issue.set_defaults(func=_issue)
+
+    p_req = sub.add_parser(
+        "request",
+        help="on a client host: create its keys and a certificate request for the CA",
+        description=(
+            "Writes tls.key and identity.key (kept on this host) and request.csr into --out. "
+            "Send request.csr to the CA (`secagg certs issue CLIENT_ID --csr request.csr`) and put "
+            "the tls.pem and ca.pem it returns next to the keys."
+        ),
+    )
+    p_req.add_argument("client_id", type=int, metavar="CLIENT_ID")
+    p_req.add_argument("--out", required=True, help="directory for the keys and request.csr")
+    p_req.add_argument("--force", action="store_true", help="overwrite existing keys")
+    p_req.set_defaults(func=_request)
 
     p_show = sub.add_parser("show", help="print the protocol identity bound in a certificate")
     p_show.add_argument("cert", help="PEM certificate (e.g. certs/client-3/tls.pem)")
@@ -66,8 +84,27 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request(args: argparse.Namespace) -> int:
+    from federation.transport.certs import request
+
+    path = request(args.client_id, args.out, force=args.force)
+    print(f"keys in {path.parent} (keep them there); send {path} to the CA")
+    return 0
+
+
 def _issue(args: argparse.Namespace) -> int:
-    from federation.transport.certs import issue
+    from federation.transport.certs import issue, issue_from_request
+
+    if args.csr is not None:
+        from pathlib import Path
+
+        if args.client_id is None or args.server:
+            print("secagg certs issue --csr needs the CLIENT_ID the request is for", file=sys.stderr)
+            return 2
+        target = issue_from_request(args.dir, args.client_id, Path(args.csr).read_bytes(),
+                                    out=args.out, days=args.days, force=args.force)
+        print(f"issued client {args.client_id} certificate in {target} (tls.pem, ca.pem); send both back")
+        return 0
 
     dns = tuple(args.dns) if args.dns else ("localhost",)
     ips = tuple(args.ip) if args.ip else ("127.0.0.1",)
