@@ -213,7 +213,7 @@ def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | N
 <title>Privacy budget report - {e(Path(data["ledger"]).name)}</title>
 <style>
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }}
+       max-width: 1300px; color: #222; line-height: 1.45; padding: 0 1em; }}
 h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
 .ok {{ background: #e8f6ec; border: 1px solid #3a8f55; padding: .7em; border-radius: 4px; }}
 .bad {{ background: #fdeaea; border: 2px solid #c0392b; padding: .7em; border-radius: 4px;
@@ -224,6 +224,7 @@ h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
 table {{ border-collapse: collapse; font-size: .85em; width: 100%; }}
 th, td {{ border: 1px solid #ccc; padding: .25em .45em; text-align: right; }}
 th {{ background: #f3f3f3; }}
+.scroll {{ overflow-x: auto; }}
 td:nth-child(4), td:nth-child(5), td:nth-child(6) {{ text-align: left; }}
 .st-reserved {{ color: #b9770e; }} .st-aborted {{ color: #7f8c8d; }} .st-released {{ color: #1e8449; }}
 code {{ font-size: .85em; word-break: break-all; }}
@@ -243,7 +244,7 @@ Unit of privacy: <b>{e(data["unit"])}</b>.</p>
 <h2>Epsilon over releases</h2>
 {f'<img id="epsilon-plot" alt="cumulative epsilon per release for each accountant" src="{plot}">' if plot else "<p>No releases yet.</p>"}
 <h2>Releases</h2>
-<table id="releases"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>
+<div class="scroll"><table id="releases"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>
 <p>Status: <i>released</i> - the aggregate went out; <i>reserved</i> - spend recorded before
 release, no release confirmed (in progress or interrupted; counted anyway); <i>aborted</i> -
 abandoned (counted anyway).</p>
