@@ -24,9 +24,9 @@ import os
 
 import numpy as np
 
-from secagg.errors import ConfigError, InputError
 from privacy._checks import check_noise_multiplier, check_positive
 from privacy.events import SampledGaussianEvent, dpfedavg_event
+from secagg.errors import ConfigError, InputError
 
 
 def clip_update(update: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
