@@ -65,9 +65,14 @@ def worker(root: str, port: int, ids: list[int]) -> None:
     asyncio.run(main())
 
 
-def run_mode(root: Path, mode: str, n: int, dim: int, rounds: int, workers: int, graph: str) -> dict:
+def run_mode(root: Path, label: str, n: int, dim: int, rounds: int, workers: int) -> dict:
     port = free_port()
-    options = f"dim = {dim}\n" + (f'clip = 1000.0\ngraph = "{graph}"\n' if mode == "masking" else "")
+    mode, _, graph = label.partition("-")
+    options = f"dim = {dim}\n"
+    if mode == "masking":
+        options += f'clip = 1000.0\ngraph = "{graph or "complete"}"\n'
+    elif mode == "ckks":
+        options += "clip = 100.0\n"
     (root / f"server-{mode}.toml").write_text(
         f'[server]\ncredentials = "ca/server"\nmode = "{mode}"\nrounds = {rounds}\n'
         f"expected_clients = {n}\nthreshold = {n // 2 + 1}\njoin_timeout = 300\nstage_timeout = 300\n"
@@ -105,7 +110,7 @@ def run_mode(root: Path, mode: str, n: int, dim: int, rounds: int, workers: int,
     for p in procs:
         p.wait(timeout=120)
     return {
-        "mode": mode if mode != "masking" else f"masking-{graph}",
+        "mode": label,
         "clients": n, "dim": dim, "rounds": len(lines),
         "all_ok": all(x["ok"] for x in lines),
         "included": [len(x.get("included", [])) for x in lines],
@@ -121,7 +126,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4, help="client processes")
-    ap.add_argument("--graph", default="complete", choices=("complete", "sparse"))
+    ap.add_argument("--modes", default="plain,masking-complete",
+                    help="comma-separated: plain (baseline, always run), masking-complete, masking-sparse, ckks")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "load_grpc.json"))
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -139,15 +145,13 @@ def main() -> None:
         for c in range(1, args.clients + 1):
             issue(root / "ca", client_id=c)
         cert_seconds = time.perf_counter() - t
-        results = [
-            run_mode(root, "plain", args.clients, args.dim, args.rounds, args.workers, args.graph),
-            run_mode(root, "masking", args.clients, args.dim, args.rounds, args.workers, args.graph),
-        ]
+        modes = ["plain"] + [m for m in args.modes.split(",") if m and m != "plain"]
+        results = [run_mode(root, m, args.clients, args.dim, args.rounds, args.workers) for m in modes]
     report = {
         "benchmark": "grpc-mtls-loopback-load",
         "command": "python benchmarks/bench_load.py " + " ".join(
             f"--{k} {v}" for k, v in (("clients", args.clients), ("dim", args.dim), ("rounds", args.rounds),
-                                      ("workers", args.workers), ("graph", args.graph))),
+                                      ("workers", args.workers), ("modes", args.modes))),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "certificate_issue_seconds": round(cert_seconds, 2),
         "baseline": "plain: float32 updates in the clear, summed by the server (insecure)",
