@@ -171,7 +171,10 @@ class Ledger:
 
     ``Ledger(path, budget_epsilon=3.0, delta=1e-5)`` creates the file or opens it (the
     stored budget and delta must then match); ``Ledger.open(path)`` opens an existing
-    ledger with its stored parameters (for reports).
+    ledger with its stored parameters (for reports). ``accountant`` enforces the budget;
+    ``track`` lists the accountants whose cumulative epsilon is stored on every row
+    (default all three; fewer is faster, e.g. ``track=("prv",)``). ``key`` (>= 16 random
+    bytes) turns the hash chain into an HMAC chain.
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class Ledger:
         budget_epsilon: float | None,
         delta: float | None,
         accountant: str = "prv",
+        track: tuple[str, ...] | None = None,
         key: bytes | None = None,
         dataset_size: int | None = None,
         _must_exist: bool = False,
@@ -204,6 +208,7 @@ class Ledger:
                 self.budget_epsilon = float(meta["budget_epsilon"])
                 self.delta = float(meta["delta"])
                 self.accountant = meta["accountant"]
+                self.track = tuple(meta.get("track", ",".join(ACCOUNTANTS)).split(","))
                 if budget_epsilon is not None and float(budget_epsilon) != self.budget_epsilon:
                     raise ConfigError(
                         f"{self.path} was created with budget_epsilon={self.budget_epsilon}, not "
@@ -224,6 +229,12 @@ class Ledger:
                 self.budget_epsilon = check_epsilon(budget_epsilon, name="budget_epsilon")
                 self.delta = check_delta(delta, dataset_size=dataset_size)
                 self.accountant = check_accountant(accountant)
+                track = tuple(ACCOUNTANTS if track is None else track)
+                for name in track:
+                    check_accountant(name)
+                if self.accountant not in track:
+                    track = (self.accountant, *track)
+                self.track = tuple(n for n in ACCOUNTANTS if n in track)
                 self._create()
         except BaseException:
             self._conn.close()
@@ -259,6 +270,7 @@ class Ledger:
                 "budget_epsilon": repr(self.budget_epsilon),
                 "delta": repr(self.delta),
                 "accountant": self.accountant,
+                "track": ",".join(self.track),
                 "created_at": created,
                 "keyed": "1" if self._key else "0",
             }
@@ -287,7 +299,8 @@ class Ledger:
 
     def _genesis(self, meta: dict[str, str]) -> str:
         fields = {k: meta.get(k) for k in (
-            "schema_version", "budget_epsilon", "delta", "accountant", "created_at", "keyed")}
+            "schema_version", "budget_epsilon", "delta", "accountant", "track", "created_at",
+            "keyed")}
         return self._digest(GENESIS_LABEL + json.dumps(fields, sort_keys=True).encode())
 
     def _row_hash(self, values: dict[str, Any]) -> str:
@@ -392,9 +405,10 @@ class Ledger:
     def _cumulative(
         self, events: list[SampledGaussianEvent], known: dict[str, float] | None = None
     ) -> dict[str, float | None]:
-        out: dict[str, float | None] = dict(known or {})
-        for name in ACCOUNTANTS:
-            if name in out:
+        out: dict[str, float | None] = {n: None for n in ACCOUNTANTS}
+        out.update(known or {})
+        for name in self.track:
+            if out[name] is not None:
                 continue
             try:
                 out[name] = epsilon_of_events(events, delta=self.delta, accountant=name)
@@ -512,11 +526,16 @@ class Ledger:
         return iter(self.rows())
 
     def spent(self) -> dict[str, float]:
-        """Cumulative epsilon by each accountant (as stored at the last reservation)."""
+        """Cumulative epsilon by each tracked accountant (as stored at the last reservation).
+
+        NaN where an accountant could not bound the composition (e.g. PRV with very weak
+        noise); the enforcing accountant always has a value.
+        """
         rows = self.rows()
         if not rows:
-            return {n: 0.0 for n in ACCOUNTANTS}
-        return {n: (v if v is not None else math.nan) for n, v in rows[-1].epsilon.items()}
+            return {n: 0.0 for n in self.track}
+        last = rows[-1].epsilon
+        return {n: (last[n] if last[n] is not None else math.nan) for n in self.track}
 
     def remaining(self) -> float:
         """Budget left by the enforcing accountant."""

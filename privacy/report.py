@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def report_json(ledger_path: str | Path, *, key: bytes | None = None) -> dict[st
             "delta": ledger.delta,
             "enforcing_accountant": ledger.accountant,
             "unit": ledger.level,
-            "spent": spent,
+            "spent": {n: (None if math.isnan(v) else v) for n, v in spent.items()},
+            "tracked_accountants": list(ledger.track),
             "remaining": ledger.remaining(),
             "fraction_used": spent[ledger.accountant] / ledger.budget_epsilon,
             "releases": len(rows),
@@ -156,7 +158,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return "-" if math.isnan(v) else f"{v:.{digits}g}"
     return html.escape(str(v))
 
 
@@ -204,7 +206,8 @@ def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | N
             ]) + "</tr>"
         )
     spent_items = "".join(
-        f"<li>{e(ACCOUNTANT_LABELS[n])}: <b>{_fmt(data['spent'][n])}</b></li>" for n in ACCOUNTANTS
+        f"<li>{e(ACCOUNTANT_LABELS[n])}: <b>{_fmt(data['spent'].get(n))}</b></li>"
+        for n in ACCOUNTANTS if n in data["spent"]
     )
     assumptions = "".join(f"<li>{e(a)}</li>" for a in data["assumptions"])
     page = f"""<!DOCTYPE html>

@@ -167,3 +167,16 @@ def test_hmac_keyed_chain(tmp_path):
             led.verify()
     with pytest.raises(ConfigError, match="16 random bytes"):
         Ledger(tmp_path / "k2.sqlite", budget_epsilon=3.0, delta=1e-5, key=b"short")
+
+
+def test_tracking_fewer_accountants(tmp_path):
+    path = tmp_path / "fast.sqlite"
+    with Ledger(path, budget_epsilon=3.0, delta=1e-5, accountant="rdp", track=("rdp",)) as led:
+        e = led.reserve(Spend(EV, round=1))
+        assert e.epsilon["rdp"] is not None and e.epsilon["prv"] is None and e.epsilon["pld"] is None
+        assert set(led.spent()) == {"rdp"}
+        led.verify(recompute=True)
+    with Ledger.open(path) as led:
+        assert led.track == ("rdp",)
+    with pytest.raises(ConfigError, match="accountant must be one of"):
+        Ledger(tmp_path / "x.sqlite", budget_epsilon=3.0, delta=1e-5, track=("moments",))
