@@ -7,6 +7,7 @@ Recipes:
   ``"prv"``, ``"pld"`` or ``"rdp"`` accountant.
 * :func:`privacy.make_private` -- wrap a model, optimizer and data loader with Opacus.
 * :class:`privacy.ledger.Ledger` -- append-only, hash-chained, budget-enforcing ledger.
+* :mod:`privacy.dpfedavg` -- user-level DP-FedAvg pieces (update clipping, noise on the sum).
 * :mod:`privacy.distributed` -- per-client discrete noise for masked aggregation.
 * :mod:`privacy.report` -- HTML / JSON budget reports.
 
