@@ -654,3 +654,32 @@ def test_precomputed_encryptions_of_zero_are_used_once():
     second = again.encrypt_chunks(np.full(10, 0.5))
     assert first != second  # fresh randomness: equal updates give unrelated ciphertexts
     assert len(pool) == len(r.config.chunk_sizes)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 4),
+    dim=st.sampled_from([3, 4095, 4096]),
+    scheme=st.sampled_from(["ckks", "bfv"]),
+    data=st.data(),
+)
+def test_weighted_sum_property(n, dim, scheme, data):
+    x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False)))
+    w = np.array(data.draw(st.lists(st.integers(1, 10_000), min_size=n, max_size=n)), dtype=np.float64)
+    result = secagg.aggregate(x, protocol="ckks", weights=w, scheme=scheme)
+    exact = (w[:, None] * x).sum(0)
+    assert np.max(np.abs(result.total - exact)) <= result.max_quantization_error
+    assert np.max(np.abs(result.total / w.sum() - exact / w.sum())) < 1e-6  # the FedAvg mean
+
+
+def test_context_with_evaluation_keys_is_refused():
+    r = Round(2, 10)
+    r.holder._ctx.generate_galois_keys()
+    p = r.config.params
+    with_keys = r.holder._ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
+                                        save_relin_keys=True)
+    forged = seal(HeContext(r.config.round_id, "server", p.scheme, p.poly_modulus_degree, p.coeff_mod_bit_sizes,
+                            p.scale_bits, p.plain_modulus_bits, with_keys, r.holder.fingerprint),
+                  KEYHOLDER_ID, r.holder.identity)
+    with pytest.raises(KeyRoleError):
+        HeServer(r.config, forged, r.holder.public_key, {})
