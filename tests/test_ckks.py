@@ -683,3 +683,11 @@ def test_context_with_evaluation_keys_is_refused():
                   KEYHOLDER_ID, r.holder.identity)
     with pytest.raises(KeyRoleError):
         HeServer(r.config, forged, r.holder.public_key, {})
+
+
+@pytest.mark.parametrize("kw", [{}, {"scheme": "bfv", "key_holders": 2}])
+def test_audit_through_the_api(kw):
+    x = np.random.default_rng(11).uniform(-1, 1, (3, 200))
+    result = secagg.aggregate(x, protocol="ckks", audit=True, **kw)
+    assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
+    assert result.parameters["audit"] == 1

@@ -46,6 +46,7 @@ def aggregate_ckks(
     release_grid_bits: int | None = None,
     precompute: bool = True,
     key_holders: int = 1,
+    audit: bool = False,
     **unsupported,
 ) -> AggregateResult:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
@@ -59,7 +60,8 @@ def aggregate_ckks(
     summed clients comes back from the decryption, and the server never sees a weight.
     FedAvg is ``total / sum(weights[included])``. ``key_holders`` > 1 (with
     ``scheme="bfv"``) splits every update into additive shares, one per key holder, so that
-    no single key holder can decrypt anything (the upload grows by that factor).
+    no single key holder can decrypt anything (the upload grows by that factor). ``audit``:
+    the key holder(s) re-add the signed uploads and refuse an aggregate that is not their sum.
     ``timings`` for ``client.*`` are per client means.
     """
     if unsupported:
@@ -140,11 +142,13 @@ def aggregate_ckks(
     timings["server.sum"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    checks = [{"uploads": [parts[j] for parts in uploads], "client_keys": client_keys} if audit else {}
+              for j in range(key_holders)]
     if split:
-        shares = [h.decrypt_share(a, s.public_key) for h, a, s in zip(holders, aggregates, servers)]
+        shares = [h.decrypt_share(a, s.public_key, **c) for h, a, s, c in zip(holders, aggregates, servers, checks)]
         result = combine_shares(round, shares)
     else:
-        result = holders[0].decrypt(aggregates[0], servers[0].public_key)
+        result = holders[0].decrypt(aggregates[0], servers[0].public_key, **checks[0])
     timings["keyholder.decrypt"] = time.perf_counter() - t
 
     total, error = result.values, result.error_bound
@@ -170,6 +174,7 @@ def aggregate_ckks(
             "release_grid_bits": round.release_grid_bits if params.scheme == "ckks" else 0,
             "min_clients": round.min_clients,
             "key_holders": round.key_holders,
+            "audit": int(audit),
         },
     )
 
