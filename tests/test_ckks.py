@@ -421,6 +421,8 @@ def test_weighted_fedavg_scale_travels_encrypted(scheme):
     assert np.max(np.abs(result.total - exact)) <= result.max_quantization_error
     fedavg = result.total / w[inc].sum()
     assert np.max(np.abs(fedavg - exact / w[inc].sum())) < 1e-6
+    # the weight sum of exactly the summed clients comes back from the decryption
+    assert abs(result.parameters["weight_sum"] - w[inc].sum()) <= result.max_quantization_error
 
 
 def test_weighted_upload_carries_no_plaintext_weight():

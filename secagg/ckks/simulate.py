@@ -58,7 +58,8 @@ def aggregate_ckks(
     ``total`` is the weighted sum sum_i w_i x_i over ``included``: each client encrypts
     f_i * x_i and f_i = w_i / sum(w) in an extra slot, so the weight sum of exactly the
     summed clients comes back from the decryption, and the server never sees a weight.
-    FedAvg is ``total / sum(weights[included])``. ``key_holders`` > 1 (with
+    FedAvg is ``total / parameters["weight_sum"]`` (the decrypted weight sum, equal to
+    ``sum(weights[included])`` up to the error bound). ``key_holders`` > 1 (with
     ``scheme="bfv"``) splits every update into additive shares, one per key holder, so that
     no single key holder can decrypt anything (the upload grows by that factor). ``audit``:
     the key holder(s) re-add the signed uploads and refuse an aggregate that is not their sum.
@@ -152,9 +153,12 @@ def aggregate_ckks(
     timings["keyholder.decrypt"] = time.perf_counter() - t
 
     total, error = result.values, result.error_bound
+    extra: dict[str, float] = {}
     if fractions is not None:
         w_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
         total, error = total * w_total, error * w_total
+        # the included clients' weight sum, as decrypted from the weight slots
+        extra["weight_sum"] = float(result.weight_sum) * w_total
     return AggregateResult(
         total=total,
         included=result.included,
@@ -175,6 +179,7 @@ def aggregate_ckks(
             "min_clients": round.min_clients,
             "key_holders": round.key_holders,
             "audit": int(audit),
+            **extra,
         },
     )
 
