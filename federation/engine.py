@@ -173,8 +173,9 @@ class Federation:
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
         )
-        torch.manual_seed(config.seed)
-        self._model = self.build()
+        with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
+            torch.manual_seed(config.seed)
+            self._model = self.build()
         self.params = get_flat(self._model)
         self.noise_plan: DistributedNoisePlan | None = None
         if config.dp == "user-distributed":

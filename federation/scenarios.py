@@ -8,7 +8,7 @@ finance        8 banks, credit-card default data (``finance/`` under ``--data-di
                (Dirichlet), DP-SGD clients, CKKS: the server adds ciphertexts and holds no key.
 iot            100 small devices (scikit-learn's 8x8 digits stand in for sensor readings), 30 per
                round, sparse SecAgg+ graph, 16-bit update quantization, 10 % random dropouts.
-mnist          MNIST over 20 clients, GroupNorm CNN, DP-SGD, masking (``mnist/raw`` under
+mnist          MNIST over 10 clients, GroupNorm CNN, DP-SGD, masking (``mnist/raw`` under
                ``--data-dir``).
 femnist        FEMNIST, one client per writer (natural non-IID), GroupNorm CNN, masking.
 =============  ===============================================================================
@@ -45,8 +45,8 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "finance": Scenario(
         "finance", "8 banks, credit-card default prediction", "bank",
-        dict(dataset="finance", num_clients=8, partition="dirichlet", alpha=1.0, model="logreg",
-             rounds=8, clients_per_round=8, local_epochs=1, batch_size=128, lr=0.2,
+        dict(dataset="finance", num_clients=8, partition="dirichlet", alpha=2.0, model="logreg",
+             rounds=8, clients_per_round=8, local_epochs=1, batch_size=64, lr=0.2,
              protection="ckks", update_clip=10.0,
              dp="dpsgd", noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, budget_epsilon=5.0,
              out_dir="out/demo-finance", name="finance"),
@@ -55,20 +55,20 @@ SCENARIOS: dict[str, Scenario] = {
     "iot": Scenario(
         "iot", "100 devices, sparse secure aggregation with quantized updates", "device",
         dict(dataset="digits", num_clients=100, partition="iid", model="mlp", hidden=32,
-             rounds=10, clients_per_round=30, local_epochs=2, batch_size=8, lr=0.1,
+             rounds=10, clients_per_round=30, local_epochs=2, batch_size=8, lr=0.5,
              protection="masking-sparse", bits=16, update_clip=5.0, dropout_rate=0.1,
              out_dir="out/demo-iot", name="iot"),
         "Each device talks to a few neighbours only (SecAgg+), uploads 16-bit masked integers, "
         "and 10 % of devices drop at random stages.",
     ),
     "mnist": Scenario(
-        "mnist", "20 clients, MNIST digits with DP-SGD", "client",
-        dict(dataset="mnist", num_clients=20, partition="iid", model="cnn", rounds=5,
-             clients_per_round=20, local_epochs=1, batch_size=64, lr=0.5, momentum=0.0,
+        "mnist", "10 clients, MNIST digits with DP-SGD", "client",
+        dict(dataset="mnist", num_clients=10, partition="iid", model="cnn", rounds=10,
+             clients_per_round=10, local_epochs=1, batch_size=256, lr=1.0, momentum=0.0,
              protection="masking", update_clip=20.0,
-             dp="dpsgd", noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, budget_epsilon=8.0,
+             dp="dpsgd", noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, budget_epsilon=4.0,
              out_dir="out/demo-mnist", name="mnist"),
-        "Each client runs DP-SGD on 3000 digits with a GroupNorm CNN; updates are masked.",
+        "Each client runs DP-SGD on 6000 digits with a GroupNorm CNN; updates are masked.",
     ),
     "femnist": Scenario(
         "femnist", "FEMNIST writers as natural clients", "writer",
