@@ -6,12 +6,16 @@ Contexts travel sealed (:func:`secagg.wire.seal`). Uploads and aggregates are me
 and Ed25519 hashes what it signs twice with SHA-512, so they are hash-then-sign: a small
 sealed *header* carries a BLAKE2b-256 digest of the ciphertext chunks, and the outer
 (unsigned, schema-checked) message carries the header and the chunks. The receiver checks
-the signature on the header, then the digest over the chunks, then their structure. Ciphertexts are TenSEAL's own ``serialize()`` bytes, one TenSEAL
-vector (= one SEAL ciphertext) per chunk of ``params.slots`` values; the number of chunks
-and the values in each are derived from the round's declared dimension, never read from
-the message. ``fingerprint`` is SHA-256 over the public context (public key included),
+the signature on the header, then the digest over the chunks, then their structure.
+
+Ciphertexts are TenSEAL's own ``serialize()`` bytes, one TenSEAL vector (= one SEAL
+ciphertext) per chunk of ``params.slots`` values; the number of chunks and the values in
+each are derived from the round's declared dimension, never read from the message. ``fingerprint`` is SHA-256 over the public context (public key included),
 so a ciphertext made under another key, or a context from another key holder, is refused
 instead of decrypting to silent garbage.
+
+Compatibility rule (as in :mod:`secagg.wire`): the meaning of a field never changes; a new
+field or meaning is a new ``TYPE``.
 """
 
 from __future__ import annotations
