@@ -44,6 +44,7 @@ import hmac
 import json
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -196,7 +197,12 @@ class Ledger:
         exists = self.path.exists() and self.path.stat().st_size > 0
         if _must_exist and not exists:
             raise ConfigError(f"no ledger at {self.path}; create it with Ledger(path, budget_epsilon=..., delta=...)")
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        # One connection, usable from several threads (e.g. a server's worker threads);
+        # every access goes through self._lock. Other processes are serialised by SQLite's
+        # BEGIN IMMEDIATE in _tx.
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
+                                     check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -256,7 +262,8 @@ class Ledger:
 
     def _meta(self) -> dict[str, str]:
         try:
-            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+            with self._lock:
+                rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as exc:
             raise LedgerIntegrityError(f"{self.path} is not a privacy ledger ({exc})") from exc
         return {r["key"]: r["value"] for r in rows}
@@ -281,14 +288,22 @@ class Ledger:
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('head_hash', ?)", (genesis,))
 
     def _tx(self):
-        conn = self._conn
+        conn, lock = self._conn, self._lock
 
         class _Tx:
             def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")
+                lock.acquire()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    lock.release()
+                    raise
 
             def __exit__(self_inner, exc_type, exc, tb):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                try:
+                    conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    lock.release()
 
         return _Tx()
 
@@ -327,7 +342,8 @@ class Ledger:
 
     def _raw_entries(self) -> list[sqlite3.Row]:
         try:
-            return self._conn.execute("SELECT * FROM entries ORDER BY seq").fetchall()
+            with self._lock:
+                return self._conn.execute("SELECT * FROM entries ORDER BY seq").fetchall()
         except sqlite3.DatabaseError as exc:
             raise LedgerIntegrityError(f"{self.path}: cannot read entries ({exc})") from exc
 

@@ -180,3 +180,37 @@ def test_tracking_fewer_accountants(tmp_path):
         assert led.track == ("rdp",)
     with pytest.raises(ConfigError, match="accountant must be one of"):
         Ledger(tmp_path / "x.sqlite", budget_epsilon=3.0, delta=1e-5, track=("moments",))
+
+
+def test_concurrent_reservations_never_overdraw(tmp_path):
+    # Two handles on one file (as two server processes would have) and several threads:
+    # the check-then-append is atomic, so the budget is never exceeded.
+    import threading
+
+    path = tmp_path / "race.sqlite"
+    budget = privacy.epsilon(noise_multiplier=1.0, sample_rate=0.05, steps=3, delta=1e-5,
+                             accountant="rdp") + 1e-9  # exactly three rounds fit
+    handles = [Ledger(path, budget_epsilon=budget, delta=1e-5, accountant="rdp", track=("rdp",))
+               for _ in range(2)]
+    refused, errors = [], []
+
+    def worker(led, rnd):
+        try:
+            led.reserve(Spend(EV, round=rnd))
+        except PrivacyBudgetExceeded:
+            refused.append(rnd)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(handles[i % 2], i)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(refused) == 3
+    with Ledger.open(path) as led:
+        assert len(led.rows()) == 3 and led.spent()["rdp"] <= budget
+        led.verify(recompute=True)
+    for h in handles:
+        h.close()
