@@ -66,7 +66,7 @@ def main() -> None:
                             dropouts={"masked_input": [i + 1 for i in dropped_rows]})
         total = res["total"]
         keep = ("round_seconds", "setup_seconds", "client_cpu_seconds", "degree", "threshold",
-                "upload_bytes_per_param")
+                "upload_bytes_per_param", "masked_input_bytes_per_param")
         line = {k: round(res[k], 3) if isinstance(res[k], float) else res[k] for k in keep}
         line["included"] = len(res["included"])
         line["server_timings"] = {k: round(v, 3) for k, v in res["server_timings"].items()}
