@@ -269,3 +269,36 @@ def test_large_update_streams_in_chunks(pki):
                  expected_clients=3, threshold=2, max_message_bytes=8 << 20)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     np.testing.assert_allclose(reports[0].outcome.total, np.full(dim, 6.0), atol=1e-2)
+
+
+def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    from federation.transport.ckks_mode import CkksClientRound
+
+    def flaky_holder(mode, ctx, params):
+        inner = CkksClientRound(ctx, params)
+
+        class Holder:
+            done = False
+
+            def receive(self, payload):
+                reply = inner.receive(payload)
+                return None if (ctx.round == 0 and inner.step == 3) else reply  # never returns the sum
+
+        return Holder()
+
+    async def clients(port):
+        cs = ClientSettings(server=f"localhost:{port}")
+        tasks = [run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)]
+        tasks += honest(pki, port, (2, 3, 4))
+        return await asyncio.gather(*tasks)
+
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 1}, expected_clients=4,
+                 threshold=3, rounds=2, stage_timeout=4.0)
+    reports, results = asyncio.run(with_server(pki, s, clients))
+    r0, r1 = reports
+    assert not r0.ok and "key holder did not return" in r0.reason and r0.outcome is None
+    assert all(0 not in res.rounds or res.rounds[0] is None for res in results)  # nothing released
+    assert r1.ok and r1.outcome.included == (1, 2, 3, 4)
+    expected = sum(np.clip(update(c, 1), -10, 10).astype(np.float64) for c in (1, 2, 3, 4))
+    np.testing.assert_allclose(r1.outcome.total, expected, atol=1e-4)
