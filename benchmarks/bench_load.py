@@ -50,7 +50,7 @@ def worker(root: str, port: int, ids: list[int]) -> None:
     from federation.transport.grpc_client import ClientSettings, run_client
 
     dim = int(os.environ["BENCH_DIM"])
-    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120)
+    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("plain", "masking", "ckks"))
 
     async def main():
         reports = await asyncio.gather(*[

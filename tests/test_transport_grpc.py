@@ -302,3 +302,13 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
     assert r1.ok and r1.outcome.included == (1, 2, 3, 4)
     expected = sum(np.clip(update(c, 1), -10, 10).astype(np.float64) for c in (1, 2, 3, 4))
     np.testing.assert_allclose(r1.outcome.total, expected, atol=1e-4)
+
+
+def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
+    async def clients(port):
+        return await asyncio.gather(*honest(pki, port, (1, 2)))
+
+    s = settings(mode="plain", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
+    reports, results = asyncio.run(with_server(pki, s, clients))
+    assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
+    assert all(res.failed[0] == "refused mode 'plain'" for res in results)

@@ -90,6 +90,8 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
+    if "modes" in table:
+        table["modes"] = tuple(str(m) for m in table["modes"])
     return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 

@@ -46,6 +46,9 @@ class ClientSettings:
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     connect_timeout: float = 30.0
+    # Protocol modes this client takes part in. The server names the mode of each round; a
+    # client never lets it pick the insecure "plain" baseline unless listed here.
+    modes: tuple[str, ...] = ("masking", "ckks")
 
 
 @dataclass
@@ -126,6 +129,11 @@ async def run_client(
                 if isinstance(frame, RoundStart):
                     current, mode_name, session = frame.round, frame.mode, None
                     expecting, got = ["params", "broadcast"] if frame.broadcast else ["params"], {}
+                    if mode_name not in settings.modes:
+                        log.error("client %d: refusing round %d: mode %r is not in this client's modes %s",
+                                  cid, current, mode_name, list(settings.modes))
+                        report.failed[current] = f"refused mode {mode_name!r}"
+                        mode_name = ""  # payloads of this round are read and ignored
                 elif isinstance(frame, Chunk):
                     payload = reassembler.feed(frame)
                     if payload is None:
@@ -140,6 +148,8 @@ async def run_client(
                     if expecting:
                         got[expecting.pop(0)] = payload
                         if expecting:
+                            continue
+                        if not mode_name:
                             continue
                         try:
                             if "broadcast" in got:

@@ -206,6 +206,8 @@ class AggregationServer:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
         log.info("listening on %s:%d (mutual TLS, mode=%s)", s.host, self.port, s.mode)
+        if s.mode == "plain":
+            log.warning("mode 'plain' is the INSECURE baseline: the server sees every client's update")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:

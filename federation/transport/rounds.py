@@ -29,6 +29,7 @@ Modes are registered by name in :data:`MODES`; ``plain`` below is the insecure b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -113,6 +114,7 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {}
+log = logging.getLogger("secagg.client")
 
 
 def register_mode(mode: Mode) -> None:
@@ -222,6 +224,8 @@ class PlainServerRound:
 
 class PlainClientRound:
     def __init__(self, ctx: ClientContext, params: bytes) -> None:
+        log.warning("client %d: round %d is in mode 'plain' -- the server will see this update in the clear",
+                    ctx.client_id, ctx.round)
         cfg = wire.decode(params, expect=PlainConfig)
         if cfg.round != ctx.round:
             raise ReplayError(f"round parameters for round {cfg.round} in round {ctx.round}")

@@ -57,10 +57,13 @@ def _join(args: argparse.Namespace) -> int:
     trainer = None
     if cfg.training is not None:
         from federation.config import ExperimentConfig
-        from federation.transport.training import TrainingClient
+        from federation.transport.training import MODES, TrainingClient
 
         experiment = ExperimentConfig.from_toml(cfg.training["experiment"])
         trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)))
+        # take part only in the protection the experiment names (never a weaker one)
+        if experiment.protection in MODES:
+            cfg.settings.modes = (MODES[experiment.protection][0],)
     out = Path(args.out) if args.out else None
 
     def on_round_end(r: int, total) -> None:
