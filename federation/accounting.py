@@ -4,9 +4,9 @@ Two DP modes:
 
 - ``dpsgd`` (record level): every client runs DP-SGD on its own records. A client with n_k
   samples takes steps_k = epochs * ceil(n_k / B) steps per round at sampling rate q_k = B / n_k.
-  The federation's epsilon after r rounds is the worst client's, assuming it took part in every
-  round: max_k eps(q_k, sigma, r * steps_k). Client sampling would only lower it, so this is
-  an upper bound that needs no knowledge of who was sampled.
+  The federation's epsilon after r rounds is bounded by the worst client's, assuming it took
+  part in every round: eps(max_k q_k, sigma, r * max_k steps_k). Client sampling would only
+  lower it, so this is an upper bound that needs no knowledge of who was sampled.
 - ``user`` / ``user-distributed`` (user level, DP-FedAvg, McMahan et al. 2018): each client's
   whole update is clipped to C and Gaussian noise of std z*C is added to the sum (by the server,
   or in discrete shares by the clients inside masking). One round is a Gaussian mechanism,
@@ -48,7 +48,6 @@ class RoundAccountant:
         client_sample_rate: float = 1.0,
         clip: float | None = None,
         accountant: str = "prv",
-        horizon: int = 1,
         distributed_event: SampledGaussianEvent | None = None,
     ) -> None:
         if mode not in DP_MODES:
@@ -62,7 +61,6 @@ class RoundAccountant:
         self._distributed_event = distributed_event
         if mode == "user-distributed" and distributed_event is None:
             raise ConfigError("user-distributed accounting needs the event of the planned noise shares")
-        self.horizon = horizon  # planned rounds: picks the worst client profile over the whole run
         self.accountant = privacy.accountant.check_accountant(accountant)
         # Clients with the same (q, steps) have the same epsilon: keep one of each.
         self._client_profiles = sorted(
@@ -73,10 +71,10 @@ class RoundAccountant:
     def round_event(self) -> SampledGaussianEvent:
         """The privacy event of one round, as the ledger records it.
 
-        Record level: the event of the worst client (the profile with the largest epsilon over
-        the planned rounds). Clients hold disjoint data, so the federation's guarantee is the
-        worst client's (parallel composition), and composing this event round after round is
-        exactly that client's DP-SGD accounting.
+        Record level: one DP-SGD event with the largest per-client sampling rate and the most
+        per-client steps, which bounds every client's round. Clients hold disjoint data, so the
+        federation's guarantee is the worst client's (parallel composition); composing this
+        event round after round bounds that client's DP-SGD accounting, whatever the horizon.
         """
         if self.mode == "none":
             raise ConfigError("dp = 'none' releases are not accounted; there is no round event")
@@ -89,13 +87,12 @@ class RoundAccountant:
 
     @cached_property
     def _worst_profile_event(self) -> SampledGaussianEvent:
-        events = [dpsgd_event(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=steps,
-                              max_grad_norm=self.clip) for q, steps in self._client_profiles]
-        if len(events) == 1:
-            return events[0]
-        horizon = max(self.horizon, 1)
-        return max(events, key=lambda e: privacy.epsilon_of_events(
-            [e] * horizon, delta=self.delta, accountant="rdp"))
+        # Epsilon grows with both the sampling rate and the number of steps, so the event with the
+        # largest rate and the most steps of any client bounds every client, for any horizon.
+        q = max(q for q, _ in self._client_profiles)
+        steps = max(s for _, s in self._client_profiles)
+        return dpsgd_event(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=steps,
+                           max_grad_norm=self.clip)
 
     def epsilon_after(self, rounds: int) -> float:
         """Cumulative epsilon after ``rounds`` rounds; 0 without DP (nothing is claimed then)."""

@@ -61,7 +61,7 @@ def progress(fed: Federation, *, as_json: bool, noun: str = "client") -> Iterato
             bar.console.print(round_line(r, noun, private=private))
             acc = "" if r.accuracy is None else f"acc {r.accuracy:.3f}"
             eps = f" eps {r.epsilon:.2f}" if private else ""
-            bar.update(task, completed=r.round, status=acc + eps)
+            bar.update(task, completed=r.round, status=f"{acc}{eps} up {_bytes(r.bytes_up_total)}")
 
         yield emit
 

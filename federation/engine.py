@@ -189,7 +189,7 @@ class Federation:
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
             client_sample_rate=config.sampling_rate if config.sampling == "poisson" else 1.0,
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
-            accountant=config.accountant, horizon=config.rounds,
+            accountant=config.accountant,
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
         )
         self.executor = executor or SequentialExecutor()

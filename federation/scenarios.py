@@ -48,7 +48,7 @@ SCENARIOS: dict[str, Scenario] = {
         dict(dataset="finance", num_clients=8, partition="dirichlet", alpha=2.0, model="logreg",
              rounds=8, clients_per_round=8, local_epochs=1, batch_size=64, lr=0.2,
              protection="ckks", update_clip=10.0,
-             dp="dpsgd", noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, budget_epsilon=5.0,
+             dp="dpsgd", noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, budget_epsilon=5.0,
              out_dir="out/demo-finance", name="finance"),
         "Each bank encrypts its update under CKKS; the server adds ciphertexts without any secret key.",
     ),

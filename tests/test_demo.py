@@ -62,3 +62,14 @@ def test_bad_demo_options_fail_before_training(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err
     assert not out.exists()
+
+
+def test_demo_runs_again_in_a_new_folder_and_resumes_the_latest(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--rounds", "1", "--set", "dp=none", "--set", "budget_epsilon=none", "--json"]) == 0
+    first = json_lines(capsys.readouterr().out)[-1]["out_dir"]
+    assert main(["demo", "--rounds", "2", "--set", "dp=none", "--set", "budget_epsilon=none", "--json",
+                 "--resume"]) == 0
+    resumed = json_lines(capsys.readouterr().out)
+    assert [e["round"] for e in resumed if e["event"] == "round"] == [2]  # round 1 came from the checkpoint
+    assert resumed[-1]["out_dir"] == first and resumed[-1]["rounds"] == 2

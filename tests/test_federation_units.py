@@ -221,11 +221,16 @@ def test_config_errors_name_the_key(tmp_path):
 # ------------------------------------------------------------------ accounting
 
 def test_record_level_accounting_is_the_worst_clients_dpsgd_epsilon():
-    acct = RoundAccountant(mode="dpsgd", delta=1e-5, noise_multiplier=1.2, client_sizes=[100, 40, 100],
-                           batch_size=10, epochs=1, accountant="rdp", horizon=5)
-    # the 40-sample client has the largest sampling rate: its DP-SGD epsilon is the federation's
-    expected = privacy.epsilon(noise_multiplier=1.2, sample_rate=10 / 40, steps=5 * 4, delta=1e-5, accountant="rdp")
+    sizes = [100, 40, 95]
+    acct = RoundAccountant(mode="dpsgd", delta=1e-5, noise_multiplier=1.2, client_sizes=sizes,
+                           batch_size=10, epochs=1, accountant="rdp")
+    # largest sampling rate (40-sample client) and most steps (100-sample client) bound every client
+    expected = privacy.epsilon(noise_multiplier=1.2, sample_rate=10 / 40, steps=5 * 10, delta=1e-5, accountant="rdp")
     assert acct.epsilon_after(5) == pytest.approx(expected)
+    for n in sizes:
+        own = privacy.epsilon(noise_multiplier=1.2, sample_rate=10 / n, steps=5 * -(-n // 10), delta=1e-5,
+                              accountant="rdp")
+        assert own <= expected
     assert acct.epsilon_after(0) == 0.0
     assert acct.rounds_within(expected, 50) == 5
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 SCENARIO_NAMES = ("hospitals", "finance", "iot", "mnist", "femnist")
 
@@ -28,6 +30,19 @@ def _main(args: argparse.Namespace) -> int:
 
     scenario = SCENARIOS[args.scenario]
     config = scenario_config(args.scenario)
+    if args.opt_out_dir is None:
+        # each demo run gets its own folder, so `make demo` can be run again (`--out` to choose);
+        # --resume continues the latest one
+        base = Path(config.out_dir)
+        if args.resume:
+            runs = sorted(p.parent for p in base.glob("*/checkpoint.json"))
+            if not runs:
+                from secagg.errors import ConfigError
+
+                raise ConfigError(f"no {args.scenario} demo run to resume under {base}/; pass --out DIR")
+            config.out_dir = str(runs[-1])
+        else:
+            config.out_dir = str(base / time.strftime("%Y%m%d-%H%M%S"))
     apply_overrides(config, args)
     if not config.protection.startswith("masking") and "threshold" not in " ".join(args.set_options):
         config.threshold = None  # the scenario's masking threshold means nothing for other protections
