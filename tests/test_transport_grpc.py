@@ -33,7 +33,7 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     init_ca(root / "ca")
     issue(root / "ca", server=True)
-    for cid in range(1, 10):
+    for cid in range(1, 14):
         issue(root / "ca", client_id=cid)
     init_ca(root / "evil")
     issue(root / "evil", client_id=1)
@@ -186,8 +186,15 @@ async def _garbage(call, c):
 async def _flood(call, c):
     await call.read()
     data = b"\0" * frames.MIN_CHUNK_BYTES
-    for i in range(400):  # well-formed chunks of one huge payload, as fast as possible
-        await call.write(wire.encode(frames.Chunk(seq=1, index=i, count=1000, data=data)))
+    for i in range(60):  # well-formed chunks of one payload, faster than the rate limit
+        await call.write(wire.encode(frames.Chunk(seq=1, index=i, count=60, data=data)))
+
+
+async def _oversize(call, c):
+    await call.read()
+    data = b"\0" * (600 << 10)
+    for i in range(2):  # 2 x 600 KiB, over the test's 1 MiB payload limit
+        await call.write(wire.encode(frames.Chunk(seq=1, index=i, count=2, data=data)))
 
 
 async def _forged(call, c):
@@ -203,7 +210,7 @@ async def _forged(call, c):
 creds_holder: dict = {}
 
 
-def test_server_survives_garbage_flood_forgery_stall_and_replay(pki, caplog):
+def test_server_survives_garbage_flood_oversize_forgery_stall_and_replay(pki, caplog):
     creds_holder["pki"] = pki
     replay_store: dict[int, bytes] = {}
 
@@ -227,32 +234,35 @@ def test_server_survives_garbage_flood_forgery_stall_and_replay(pki, caplog):
 
     async def clients(port):
         cs = ClientSettings(server=f"localhost:{port}")
-        tasks = honest(pki, port, range(1, 5))
+        tasks = honest(pki, port, (1, 2, 3, 4, 11, 12, 13))
         tasks.append(run_client(cs, creds(pki, 5), lambda r: update(5, r), make_round=stalling_round))
         tasks.append(run_client(cs, creds(pki, 6), lambda r: update(6, r), make_round=replaying_round))
         tasks.append(_raw_client(pki, port, 7, _garbage))
         tasks.append(_raw_client(pki, port, 8, _forged))
         tasks.append(_raw_client(pki, port, 9, _flood))
+        tasks.append(_raw_client(pki, port, 10, _oversize))
         return await asyncio.gather(*tasks)
 
     caplog.set_level(logging.INFO, logger="secagg.server")
-    s = settings(expected_clients=9, threshold=3, rounds=2, stage_timeout=4.0, rejoin_timeout=0.5,
-                 frames_per_second=50.0, frame_burst=100.0)
+    s = settings(expected_clients=13, threshold=3, rounds=2, stage_timeout=4.0, rejoin_timeout=0.5,
+                 frames_per_second=20.0, frame_burst=40.0, max_message_bytes=1 << 20)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     r0, r1 = reports
     assert r0.ok and r1.ok
     assert "malformed frame" in r0.dropped[7]
     assert "identity mismatch" in r0.dropped[8]
     assert "rate limit" in r0.dropped[9]
+    assert "exceeds the 1048576-byte message limit" in r0.dropped[10]
     assert "no reply in stage 'share' within 4s" in r0.dropped[5]
     assert 6 in r0.outcome.included
     assert "ReplayError" in r1.dropped[6] or "another round" in r1.dropped[6]
-    expected0 = sum(update(c, 0).astype(np.float64) for c in (1, 2, 3, 4, 6))
+    assert r0.outcome.included == (1, 2, 3, 4, 6, 11, 12, 13)
+    expected0 = sum(update(c, 0).astype(np.float64) for c in (1, 2, 3, 4, 6, 11, 12, 13))
     np.testing.assert_allclose(r0.outcome.total, expected0, atol=1e-3)
-    assert r1.outcome.included == (1, 2, 3, 4)
-    expected1 = sum(update(c, 1).astype(np.float64) for c in (1, 2, 3, 4))
+    assert r1.outcome.included == (1, 2, 3, 4, 11, 12, 13)
+    expected1 = sum(update(c, 1).astype(np.float64) for c in (1, 2, 3, 4, 11, 12, 13))
     np.testing.assert_allclose(r1.outcome.total, expected1, atol=1e-3)
-    for cid in (5, 6, 7, 8, 9):
+    for cid in (5, 6, 7, 8, 9, 10):
         assert f"dropped client {cid}" in caplog.text
 
 
