@@ -58,7 +58,7 @@ def progress(fed: Federation, *, as_json: bool, noun: str = "client") -> Iterato
         task = bar.add_task("rounds", total=fed.config.rounds, status="")
 
         def emit(r: RoundResult) -> None:
-            bar.console.print(round_line(r, noun, private=private))
+            bar.console.print(round_line(r, noun, private=private), soft_wrap=True, highlight=False)
             acc = "" if r.accuracy is None else f"acc {r.accuracy:.3f}"
             eps = f" eps {r.epsilon:.2f}" if private else ""
             bar.update(task, completed=r.round, status=f"{acc}{eps} up {_bytes(r.bytes_up_total)}")

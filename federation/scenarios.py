@@ -72,7 +72,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "femnist": Scenario(
         "femnist", "FEMNIST writers as natural clients", "writer",
-        dict(dataset="femnist", num_clients=100, partition="natural", model="cnn", rounds=10,
+        dict(dataset="femnist", num_clients=100, partition="natural", model="cnn", rounds=20,
              clients_per_round=20, local_epochs=2, batch_size=16, lr=0.1,
              protection="masking", update_clip=20.0, dropout_rate=0.05,
              out_dir="out/demo-femnist", name="femnist"),
