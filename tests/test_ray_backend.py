@@ -70,11 +70,12 @@ def test_federation_engine_with_ray_training_and_aggregation(local_ray, tmp_path
     from federation.transport.ray_backend import RayAggregator, RayExecutor
 
     def cfg(name):
-        return ExperimentConfig.from_dict(dict(
-            dataset="breast_cancer", num_clients=6, clients_per_round=6, rounds=2, batch_size=16, lr=0.1,
-            protection="masking", deterministic=True, seed=4, out_dir=str(tmp_path / name),
-            dropout_schedule=[{"round": 2, "stage": "masked_input", "clients": [1]}],
-        ))
+        return ExperimentConfig.from_dict({
+            "dataset": "breast_cancer", "num_clients": 6, "clients_per_round": 6, "rounds": 2,
+            "batch_size": 16, "lr": 0.1, "protection": "masking", "deterministic": True, "seed": 4,
+            "out_dir": str(tmp_path / name),
+            "dropout_schedule": [{"round": 2, "stage": "masked_input", "clients": [1]}],
+        })
 
     with pytest.warns(UserWarning, match="deterministic"):
         local = Federation(cfg("local"))

@@ -362,7 +362,7 @@ class RayAggregator:
                 "use the in-process aggregator for dp = 'user-distributed'"
             )
         matrix = np.asarray(vectors, dtype=np.float64)
-        n, dim = matrix.shape
+        n = matrix.shape[0]
         if clip is None:  # as secagg.aggregate: the range is the batch's largest |coordinate|
             options = {"clip": float(np.max(np.abs(matrix))) or 1.0, "clip_mode": "coordinate"}
         else:
