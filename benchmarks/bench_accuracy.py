@@ -5,7 +5,8 @@
 For each scenario (``federation.scenarios``) three variants run on the same seed, data split and
 hyper-parameters:
 
-- ``plain``: protection none, no DP -- the baseline (plain float FedAvg, the server sees every update);
+- ``plain``: protection none, no DP -- the baseline (plain float FedAvg, the server sees every update;
+  the scenario's ``without_dp`` settings, e.g. MNIST's non-DP learning rate);
 - ``secure``: the scenario's protection (masking, SecAgg+ or CKKS), no DP;
 - ``secure+dp``: the scenario's protection and its DP mode at the stated epsilon (record-level DP-SGD,
   or user-level DP-FedAvg for the IoT scenario, which trains without DP in the demo).
@@ -46,14 +47,12 @@ EXTRA_DP = {
 
 def variant_config(scenario: str, variant: str, *, rounds: int | None, data_dir: str | None,
                    out: Path, seed: int) -> ExperimentConfig:
-    cfg = scenario_config(scenario)
+    cfg = scenario_config(scenario, dp=variant == "secure+dp")
     cfg.data_dir = data_dir
     cfg.seed = seed
     cfg.out_dir = str(out / f"{scenario}-{variant}")
     if rounds is not None:
         cfg.rounds = rounds
-    if variant in ("plain", "secure"):
-        cfg.dp, cfg.budget_epsilon = "none", None
     if variant == "plain":
         cfg.protection, cfg.threshold = "none", None
     if variant == "secure+dp" and cfg.dp == "none":

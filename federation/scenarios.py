@@ -16,7 +16,7 @@ femnist        FEMNIST, one client per writer (natural non-IID), GroupNorm CNN, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from federation.config import ExperimentConfig
 from secagg.errors import ConfigError
@@ -29,6 +29,9 @@ class Scenario:
     client_noun: str
     options: dict
     story: str
+    # options that replace the DP-tuned ones when the scenario runs without DP (e.g. DP-SGD's
+    # large learning rate, which diverges without per-example clipping)
+    without_dp: dict = field(default_factory=dict)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -69,6 +72,7 @@ SCENARIOS: dict[str, Scenario] = {
              dp="dpsgd", noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, budget_epsilon=4.0,
              out_dir="out/demo-mnist", name="mnist"),
         "Each client runs DP-SGD on 6000 digits with a GroupNorm CNN; updates are masked.",
+        without_dp={"lr": 0.1},
     ),
     "femnist": Scenario(
         "femnist", "FEMNIST writers as natural clients", "writer",
@@ -81,8 +85,12 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def scenario_config(name: str) -> ExperimentConfig:
-    """A fresh config for scenario ``name``."""
+def scenario_config(name: str, *, dp: bool = True) -> ExperimentConfig:
+    """A fresh config for scenario ``name``; ``dp=False`` turns DP off with the non-DP settings."""
     if name not in SCENARIOS:
         raise ConfigError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
-    return ExperimentConfig.from_dict(dict(SCENARIOS[name].options))
+    scenario = SCENARIOS[name]
+    options = dict(scenario.options)
+    if not dp:
+        options.update(dp="none", budget_epsilon=None, **scenario.without_dp)
+    return ExperimentConfig.from_dict(options)

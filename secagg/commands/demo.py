@@ -29,7 +29,8 @@ def _main(args: argparse.Namespace) -> int:
     from secagg.commands.run import apply_overrides, execute
 
     scenario = SCENARIOS[args.scenario]
-    config = scenario_config(args.scenario)
+    dp_off = args.opt_dp == "none" or any(o.replace(" ", "") == "dp=none" for o in args.set_options)
+    config = scenario_config(args.scenario, dp=not dp_off)
     if args.opt_out_dir is None:
         # each demo run gets its own folder, so `make demo` can be run again (`--out` to choose);
         # --resume continues the latest one
