@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
+
+if importlib.util.find_spec("grpc") is None:  # the CLI lists the command as unavailable, naming the extra
+    raise ImportError(f"`secagg {__name__.rsplit('.', 1)[-1]}` needs grpcio: pip install 'secagg[grpc]'")
 
 
 def register(subparsers, name: str, help_text: str) -> None:
