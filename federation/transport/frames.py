@@ -91,10 +91,11 @@ class Dropped(wire.Message):
 
 @wire.message
 class Bye(wire.Message):
-    """Server -> client: no more rounds; close the stream."""
+    """Server -> client: close the stream. ``final``: no more rounds (else: come back later)."""
 
     TYPE = "transport.bye"
     reason: str
+    final: bool
 
 
 def chunk_payload(payload: bytes, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:

@@ -61,6 +61,7 @@ class ClientReport:
     dropped: dict[int, str] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     bye: str = ""  # the server's goodbye; empty if the connection ended without one
+    finished: bool = False  # the server said there are no more rounds
     lost: str = ""  # why the connection was lost, if it was
 
 
@@ -203,7 +204,7 @@ async def run_client(
                     report.dropped[frame.round] = frame.reason
                     session = None
                 elif isinstance(frame, Bye):
-                    report.bye = frame.reason
+                    report.bye, report.finished = frame.reason, frame.final
                     break
             with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 await call.done_writing()

@@ -212,7 +212,7 @@ class AggregationServer:
 
     async def stop(self, grace: float = 1.0) -> None:
         for conn in list(self._conns.values()):
-            conn.send_frame(wire.encode(Bye(reason="server shutting down")))
+            conn.send_frame(wire.encode(Bye(reason="server shutting down", final=False)))
             conn.close()
         if self._server is not None:
             await self._server.stop(grace)
@@ -241,7 +241,7 @@ class AggregationServer:
     async def finish(self, reason: str) -> None:
         """Tell every client there are no more rounds and close the streams."""
         for conn in list(self._conns.values()):
-            conn.send_frame(wire.encode(Bye(reason=reason)))
+            conn.send_frame(wire.encode(Bye(reason=reason, final=True)))
             conn.close()
         await asyncio.sleep(0.2)  # let the goodbyes flush
 

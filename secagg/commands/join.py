@@ -80,6 +80,8 @@ def _join(args: argparse.Namespace) -> int:
         print(json.dumps(line), flush=True)
 
     async def session() -> int:
+        # Reconnect while the server is unreachable, restarting or shutting down, for up to
+        # --retry seconds after the last progress; stop when it says there are no more rounds.
         deadline = time.monotonic() + args.retry
         while True:
             report = await run_client(
@@ -88,10 +90,11 @@ def _join(args: argparse.Namespace) -> int:
             )
             for r, reason in sorted(report.dropped.items()):
                 print(json.dumps({"round": r, "client": peer.client_id, "dropped": reason}), flush=True)
-            if report.bye or not report.lost:
+            if report.finished:
                 return 0
+            why = report.lost or report.bye or "the stream ended without a goodbye"
             if time.monotonic() >= deadline:
-                print(f"secagg join: connection lost: {report.lost}", file=sys.stderr)
+                print(f"secagg join: connection ended before the last round: {why}", file=sys.stderr)
                 return 1
             await asyncio.sleep(1.0)
             if report.rounds:  # made progress: the retry window starts again
