@@ -84,8 +84,8 @@ def run_variant(cfg: ExperimentConfig) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| scenario | data / clients | plain FedAvg (baseline) | secure aggregation | secure aggregation + DP | epsilon (delta) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| scenario | data / clients | plain FedAvg (baseline) | secure aggregation | secure aggregation + DP | epsilon (delta, DP mode, noise) | upload, bytes/param (plain = 4) |",
+             "|---|---|---|---|---|---|---|"]
     for name, entry in results["scenarios"].items():
         v = entry["variants"]
 
@@ -97,8 +97,9 @@ def markdown(results: dict) -> str:
         eps = "" if dp is None else f"{dp['epsilon']:.2f} ({dp['delta']:g}, {dp['dp']}, sigma {dp['noise_multiplier']:g})"
         sec = v.get("secure")
         sec_name = "" if sec is None else f" ({sec['protection']})"
+        up = "" if sec is None else f"{sec['bytes_up_per_param']:.1f}"
         lines.append(f"| {name} | {entry['dataset']} / {entry['num_clients']} | {acc('plain')} | "
-                     f"{acc('secure')}{sec_name} | {acc('secure+dp')} | {eps} |")
+                     f"{acc('secure')}{sec_name} | {acc('secure+dp')} | {eps} | {up} |")
     return "\n".join(lines)
 
 
