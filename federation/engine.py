@@ -377,7 +377,7 @@ class Federation:
         vectors, clip = self.encode_updates(updates)
         aborted = None
         result: AggregateResult | None = None
-        minimum = max(2, self.config.threshold or 2) if self.config.protection.startswith("masking") else 1
+        minimum = 1 if self.config.protection == "none" else max(2, self.config.threshold or 2)
         uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
         if len(sampled) < minimum or uploading < 1:
             aborted = f"{len(sampled)} client(s) sampled, {uploading} uploading: too few for the protocol"

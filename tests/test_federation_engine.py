@@ -255,3 +255,19 @@ def test_central_user_level_noise_is_added_to_the_sum(tmp_path):
 def test_user_level_dp_runs_end_to_end(tmp_path):
     _, summary = run(user_dp_config(tmp_path, "user-distributed", rounds=2))
     assert summary.rounds[1].epsilon > summary.rounds[0].epsilon > 0
+
+
+def test_a_round_below_threshold_aborts_keeps_the_model_and_still_counts_the_spend(tmp_path):
+    from privacy.ledger import Ledger
+
+    drops = [{"round": 2, "stage": "share", "clients": [0, 1, 2]}]
+    fed, summary = run(config(tmp_path, rounds=3, protection="masking", threshold=4, dp="dpsgd",
+                              noise_multiplier=1.5, budget_epsilon=30.0, accountant="rdp",
+                              dropout_schedule=drops))
+    aborted = summary.rounds[1]
+    assert aborted.aborted and "abandoned" in aborted.aborted and aborted.included == []
+    assert summary.rounds[0].accuracy == aborted.accuracy  # the model did not move in round 2
+    assert summary.rounds[2].aborted is None
+    with Ledger.open(tmp_path / "run" / "ledger.db") as ledger:
+        assert [e.status for e in ledger.rows()] == ["released", "aborted", "released"]
+    assert summary.rounds[2].epsilon == pytest.approx(fed.accountant.epsilon_after(3))
