@@ -28,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from federation.aggregators import protocol_available  # noqa: E402
-from federation.config import ExperimentConfig  # noqa: E402
-from federation.data import default_data_dir  # noqa: E402
-from federation.engine import Federation  # noqa: E402
-from federation.scenarios import scenario_config  # noqa: E402
+from federation.aggregators import protocol_available
+from federation.config import ExperimentConfig
+from federation.data import default_data_dir
+from federation.engine import Federation
+from federation.scenarios import scenario_config
 
 # DP for scenarios whose demo trains without it: user-level DP-FedAvg, noise on the secure sum.
 EXTRA_DP = {
@@ -89,7 +89,7 @@ def markdown(results: dict) -> str:
     for name, entry in results["scenarios"].items():
         v = entry["variants"]
 
-        def acc(key):
+        def acc(key, v=v):
             r = v.get(key)
             return "not run" if r is None else f"{r['final_accuracy']:.4f}"
 

@@ -21,7 +21,6 @@ can reserve a round's spend before the round runs (write-ahead) and any reader c
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from functools import cached_property, lru_cache
 
 import numpy as np

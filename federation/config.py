@@ -24,10 +24,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
 
 from federation.accounting import DP_MODES
 from federation.aggregators import PROTECTIONS, STAGES
@@ -103,7 +107,7 @@ class ExperimentConfig:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build from a flat or sectioned mapping; unknown keys and wrong types are errors."""
         flat: dict[str, Any] = {}
         for key, value in data.items():
@@ -122,7 +126,7 @@ class ExperimentConfig:
         return config
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "ExperimentConfig":
+    def from_toml(cls, path: str | Path) -> ExperimentConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")

@@ -142,7 +142,10 @@ def _tabular(name: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, seed:
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
     mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
     std[std == 0] = 1.0
-    norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        return ((a - mean) / std).astype(np.float32)
+
     return Dataset(name, norm(x_tr), y_tr.astype(np.int64), norm(x_te), y_te.astype(np.int64), num_classes)
 
 

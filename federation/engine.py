@@ -43,13 +43,19 @@ import torch
 
 from federation import checkpoint as ckpt_io
 from federation.accounting import DistributedNoisePlan, RoundAccountant
-from federation.aggregators import PRE_UPLOAD_STAGES, STAGES, Aggregator, make_aggregator, protocol_available
+from federation.aggregators import (
+    PRE_UPLOAD_STAGES,
+    STAGES,
+    Aggregator,
+    make_aggregator,
+    protocol_available,
+)
 from federation.config import ExperimentConfig
-from privacy.ledger import Ledger, LedgerEntry, Spend
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
+from privacy.ledger import Ledger, LedgerEntry, Spend
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
 from secagg.result import AggregateResult
 
@@ -244,7 +250,7 @@ class Federation:
         return entry, float(entry.epsilon[ledger.accountant])
 
     @staticmethod
-    def close_reservation(ledger: Ledger | None, entry: LedgerEntry | None, result: "RoundResult") -> None:
+    def close_reservation(ledger: Ledger | None, entry: LedgerEntry | None, result: RoundResult) -> None:
         if ledger is None or entry is None or entry.status != "reserved":
             return
         if result.aborted:
@@ -396,7 +402,7 @@ class Federation:
         per_param = result.bytes_up_per_param if result is not None else 0.0
         result_row = RoundResult(
             round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=int(round(per_param * vectors.shape[1] * len(included))),
+            bytes_up_total=round(per_param * vectors.shape[1] * len(included)),
             sampled=list(sampled), included=included,
             dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
             train_loss=float(np.mean([u.loss for u in trained])) if trained else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,14 @@ import torch
 import privacy
 from federation.accounting import RoundAccountant
 from federation.config import ExperimentConfig
-from federation.data import Dataset, _read_idx, check_available, default_data_dir, load_dataset, partition
+from federation.data import (
+    Dataset,
+    _read_idx,
+    check_available,
+    default_data_dir,
+    load_dataset,
+    partition,
+)
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import LocalTraining, train_client
@@ -138,7 +144,7 @@ def test_models_are_opacus_compatible_and_flatten_round_trips(name, shape):
 
 def test_local_training_never_writes_into_the_global_parameters():
     data = toy()
-    build = lambda: build_model("logreg", (4,), 3)  # noqa: E731
+    build = lambda: build_model("logreg", (4,), 3)
     params = get_flat(build())
     before = params.copy()
     update = train_client(build, params, data.x_train, data.y_train, LocalTraining(lr=0.5), client=0, seed=1)
@@ -148,7 +154,7 @@ def test_local_training_never_writes_into_the_global_parameters():
 
 def test_dpsgd_local_training_runs_and_is_noisy():
     data = toy(200)
-    build = lambda: build_model("logreg", (4,), 3)  # noqa: E731
+    build = lambda: build_model("logreg", (4,), 3)
     params = get_flat(build())
     cfg = LocalTraining(batch_size=20, dp_sgd=True, noise_multiplier=1.0, max_grad_norm=1.0)
     a = train_client(build, params, data.x_train, data.y_train, cfg, client=0, seed=1)
