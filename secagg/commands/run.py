@@ -30,6 +30,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per round, then a summary")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output folder after a crash (no budget is re-spent)")
+    parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
+                        help="where clients train and run the masking protocol: this process (default) "
+                             "or Ray workers (needs the ray extra)")
 
 
 def apply_overrides(config, args: argparse.Namespace) -> None:
@@ -55,11 +58,30 @@ def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
     """Build the federation (every check happens here, before training), run it, report."""
     import torch
 
-    from federation.console import print_summary, progress
     from federation.engine import Federation
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    fed = Federation(config)
+    if args.backend == "ray":
+        import ray
+
+        from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
+
+        started = start_ray()
+        try:
+            aggregator = None
+            if config.protection.startswith("masking") and config.dp != "user-distributed":
+                aggregator = RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
+                                           seed=config.seed if config.deterministic else None)
+            return _run(Federation(config, executor=RayExecutor(), aggregator=aggregator), args, noun)
+        finally:
+            if started:
+                ray.shutdown()
+    return _run(Federation(config), args, noun)
+
+
+def _run(fed, args: argparse.Namespace, noun: str) -> int:
+    from federation.console import print_summary, progress
+
     with progress(fed, as_json=args.json, noun=noun) as on_round:
         summary = fed.run(resume=args.resume, on_round=on_round)
     print_summary(fed, summary, as_json=args.json, noun=noun)
