@@ -66,10 +66,10 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "mnist": Scenario(
         "mnist", "10 clients, MNIST digits with DP-SGD", "client",
-        dict(dataset="mnist", num_clients=10, partition="iid", model="cnn", rounds=10,
+        dict(dataset="mnist", num_clients=10, partition="iid", model="cnn", rounds=15,
              clients_per_round=10, local_epochs=1, batch_size=256, lr=2.0, momentum=0.0,
              protection="masking", update_clip=20.0,
-             dp="dpsgd", noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, budget_epsilon=4.0,
+             dp="dpsgd", noise_multiplier=1.4, max_grad_norm=1.0, delta=1e-5, budget_epsilon=3.0,
              out_dir="out/demo-mnist", name="mnist"),
         "Each client runs DP-SGD on 6000 digits with a GroupNorm CNN; updates are masked.",
         without_dp={"lr": 0.1},
