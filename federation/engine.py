@@ -235,14 +235,17 @@ class Federation:
     def reserve_budget(self, ledger: Ledger | None, rnd: int, participants: int) -> tuple[LedgerEntry | None, float]:
         """Write-ahead: record the round's spend before any client trains.
 
-        A round that already has a reservation (the run crashed during or after it) re-runs
-        under that reservation: resuming never spends twice.
+        A round whose reservation is still open (the run crashed before the aggregate was
+        released and committed) re-runs under that reservation: nothing left the process, so
+        resuming does not spend twice. A round that was already committed (crash after the
+        release, before the checkpoint) or aborted gets a new reservation: its earlier
+        aggregate was released, and the re-run releases another one, so both count.
         """
         if ledger is None:
             return None, 0.0
-        earlier = [e for e in ledger.rows() if e.round == rnd]
-        if earlier:
-            entry = earlier[-1]
+        open_reservations = [e for e in ledger.rows() if e.round == rnd and e.status == "reserved"]
+        if open_reservations:
+            entry = open_reservations[-1]
         else:
             entry = ledger.reserve(Spend(self.accountant.round_event(), round=rnd,
                                          participants=participants or None,

@@ -174,6 +174,25 @@ def test_resume_continues_to_the_same_model_without_re_spending(tmp_path):
     assert rows[-1].epsilon["rdp"] == pytest.approx(summary.rounds[-1].epsilon)
 
 
+def test_a_round_committed_before_the_crash_is_counted_again_when_rerun(tmp_path):
+    """Crash after the release was committed but before the checkpoint: the re-run is a second release."""
+    from privacy.ledger import Ledger
+
+    opts = dict(rounds=2, dp="dpsgd", noise_multiplier=1.5, budget_epsilon=30.0, accountant="rdp")
+    run(config(tmp_path, "crashed", **{**opts, "rounds": 1}))
+    fed = Federation(config(tmp_path, "crashed", **opts))
+    with Ledger(tmp_path / "crashed" / "ledger.db", budget_epsilon=30.0, delta=1e-5, accountant="rdp") as ledger:
+        entry, _ = fed.reserve_budget(ledger, 2, 6)
+        ledger.commit(entry, participants=6)  # released, then the process died before checkpointing
+    summary = fed.run(resume=True)
+    assert [r.round for r in summary.rounds][-1] == 2
+    with Ledger.open(tmp_path / "crashed" / "ledger.db") as ledger:
+        rows = ledger.rows()
+    assert [e.round for e in rows] == [1, 2, 2]  # the lost release and the re-run both count
+    assert [e.status for e in rows] == ["released", "released", "released"]
+    assert rows[-1].epsilon["rdp"] > rows[-2].epsilon["rdp"]
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     fed, _ = run(config(tmp_path, rounds=1, strategy="fedadam"))
     tensors = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
