@@ -19,7 +19,7 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
-from secagg.protocol.client import TRANSITIONS, ClientSession, ClientState
+from secagg.protocol.client import TRANSITIONS, ClientState
 from secagg.protocol.common import Stage
 from secagg.protocol.messages import (
     ConsistencyRequest,

@@ -15,7 +15,7 @@ from secagg.protocol.messages import (
     UnmaskResponse,
 )
 from secagg.protocol.server import ServerState
-from tests.protocol_harness import make_round, run_until, step
+from tests.protocol_harness import make_round, run_until
 
 small_bytes = st.binary(max_size=80)
 ids = st.integers(-2, 9)

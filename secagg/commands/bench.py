@@ -36,7 +36,8 @@ def register(sub, name: str, help_text: str) -> None:
     try:
         from secagg.bench.ckks import add_ckks_arguments
     except ImportError as exc:
-        ckks.set_defaults(func=lambda args: _unavailable("ckks", exc))
+        reason = str(exc)  # `exc` is unbound once the except block ends
+        ckks.set_defaults(func=lambda args: _unavailable("ckks", reason))
     else:
         add_ckks_arguments(ckks)
         _common(ckks)
@@ -63,8 +64,8 @@ def _run_ckks(args: argparse.Namespace) -> int:
     return _emit(run_ckks_bench(**options), args)
 
 
-def _unavailable(mode: str, exc: Exception) -> int:
-    print(f"secagg bench {mode}: unavailable ({exc}); install the extra with `pip install secagg[he]`", file=sys.stderr)
+def _unavailable(mode: str, reason: str) -> int:
+    print(f"secagg bench {mode}: unavailable ({reason}); install the extra with `pip install secagg[he]`", file=sys.stderr)
     return 2
 
 

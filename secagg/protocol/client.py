@@ -42,8 +42,16 @@ from secagg.errors import (
     UnexpectedMessage,
     WireError,
 )
-from secagg.keys import LABEL_SHARE_ENCRYPTION, IdentityKey, KeyPair, agree, decrypt, encrypt, pair_context
-from secagg.keys import verify_signature
+from secagg.keys import (
+    LABEL_SHARE_ENCRYPTION,
+    IdentityKey,
+    KeyPair,
+    agree,
+    decrypt,
+    encrypt,
+    pair_context,
+    verify_signature,
+)
 from secagg.prg import MaskAccumulator
 from secagg.protocol.common import (
     SECRET_BYTES,
