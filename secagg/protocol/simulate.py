@@ -159,7 +159,9 @@ def _bind_row(client_noise: Callable[[int, int, float], np.ndarray], row: int) -
 
 def _check_updates(updates: np.ndarray) -> np.ndarray:
     try:
-        matrix = np.asarray(updates, dtype=np.float64)
+        matrix = np.asarray(updates)
+        if not np.issubdtype(matrix.dtype, np.floating):
+            matrix = matrix.astype(np.float64)  # float32/float64 inputs are used as they are, no copy
     except (TypeError, ValueError):
         raise InputError("updates must be a numeric (n_clients, dim) array") from None
     if matrix.ndim != 2:
