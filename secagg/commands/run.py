@@ -24,7 +24,8 @@ OVERRIDES: list[tuple[str, str, type, str]] = [
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     for flag, option, kind, text in OVERRIDES:
-        parser.add_argument(flag, dest=f"opt_{option}", type=kind, default=None, help=text)
+        metavar = {int: "N", float: "X"}.get(kind, {"out_dir": "DIR", "data_dir": "DIR"}.get(option, "NAME"))
+        parser.add_argument(flag, dest=f"opt_{option}", type=kind, default=None, metavar=metavar, help=text)
     parser.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config option, e.g. --set lr=0.05 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per round, then a summary")
