@@ -27,5 +27,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
+bench: $(STAMP)
+	$(VENV)/bin/secagg bench masking --clients 100 --dim 1e6 --dropout 0.1 --out benchmarks/results/make-bench/masking_complete.json
+	$(VENV)/bin/secagg bench masking --clients 100 --dim 1e6 --dropout 0.1 --graph sparse --out benchmarks/results/make-bench/masking_sparse.json
+	$(VENV)/bin/secagg bench ckks --clients 10 --dim 1e5 --out benchmarks/results/make-bench/ckks.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info
