@@ -25,11 +25,11 @@ from typing import Protocol
 import numpy as np
 
 from secagg.errors import ConfigError
+from secagg.protocol.common import PRE_UPLOAD_STAGE_NAMES as PRE_UPLOAD_STAGES
+from secagg.protocol.common import STAGE_NAMES as STAGES
 from secagg.result import AggregateResult
 
 PROTECTIONS = ("none", "masking", "masking-sparse", "ckks")
-STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
-PRE_UPLOAD_STAGES = ("advertise", "share", "masked_input")
 
 
 class Aggregator(Protocol):

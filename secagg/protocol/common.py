@@ -27,6 +27,12 @@ class Stage(enum.Enum):
     UNMASK = "unmask"
 
 
+STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
+# A client that drops at one of these stages never delivers its masked input, so it is
+# left out of the sum; one that drops later has already uploaded and still counts.
+PRE_UPLOAD_STAGE_NAMES: tuple[str, ...] = (Stage.ADVERTISE.value, Stage.SHARE.value, Stage.MASKED_INPUT.value)
+
+
 def graph_of(config: RoundConfig) -> Graph:
     if config.degree >= len(config.clients) - 1:
         return complete_graph(config.clients, config.threshold)

@@ -17,12 +17,9 @@ from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
 from secagg.keys import IdentityKey, derive
 from secagg.protocol.client import ClientSession
-from secagg.protocol.common import SERVER_ID, Stage
+from secagg.protocol.common import SERVER_ID, STAGE_NAMES, Stage
 from secagg.protocol.server import ServerSession, plan_round
 from secagg.result import AggregateResult
-
-STAGES = tuple(s.value for s in Stage)
-
 
 class InMemoryRound:
     """One server and its clients joined by an in-memory link (a test and simulation harness)."""
@@ -183,8 +180,8 @@ def _check_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dic
     out: dict[str, list[int]] = {}
     seen: set[int] = set()
     for stage, rows in dropouts.items():
-        if stage not in STAGES:
-            raise ConfigError(f"unknown dropout stage {stage!r}; stages are {', '.join(STAGES)}")
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"unknown dropout stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
         rows = [int(r) for r in rows]
         if any(not 0 <= r < n for r in rows):
             raise ConfigError(f"dropout indices for {stage!r} must be client rows 0..{n - 1}")
