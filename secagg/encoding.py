@@ -41,18 +41,10 @@ class FixedPointCodec:
     headroom: float = 0.0  # extra per-coordinate range reserved for distributed noise
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"bits must be between 8 and 32, got {self.bits}")
-        if self.clip_mode not in CLIP_MODES:
-            raise ConfigError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
-        if not (self.clip > 0 and math.isfinite(self.clip)):
-            raise ConfigError(f"clip must be a positive finite number, got {self.clip}")
+        _check_parameters(clip=self.clip, bits=self.bits, max_clients=self.max_clients,
+                          clip_mode=self.clip_mode, headroom=self.headroom)
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ConfigError(f"scale must be a positive finite number, got {self.scale}")
-        if self.max_clients < 1:
-            raise ConfigError("max_clients must be at least 1")
-        if not (self.headroom >= 0 and math.isfinite(self.headroom)):
-            raise ConfigError(f"headroom must be a non-negative finite number, got {self.headroom}")
         worst = self.max_clients * ((self.clip + self.headroom) * self.scale + 1)
         if worst >= 2 ** (self.bits - 1):
             raise OverflowRisk(
@@ -70,12 +62,7 @@ class FixedPointCodec:
         ``headroom`` reserves extra per-coordinate range (in update units) for noise that
         clients add after clipping, e.g. 10 standard deviations of distributed DP noise.
         """
-        if not (clip > 0 and math.isfinite(clip)):
-            raise ConfigError(f"clip must be a positive finite number, got {clip}")
-        if max_clients < 1:
-            raise ConfigError("max_clients must be at least 1")
-        if bits not in SUPPORTED_BITS:
-            raise ConfigError(f"bits must be between 8 and 32, got {bits}")
+        _check_parameters(clip=clip, bits=bits, max_clients=max_clients, clip_mode=clip_mode, headroom=headroom)
         if 2 ** (bits - 1) / max_clients - 1 <= 0:
             raise OverflowRisk(f"{max_clients} clients cannot be summed in {bits} bits; use more bits")
         span = clip + headroom
@@ -139,6 +126,20 @@ class FixedPointCodec:
         half = self.modulus >> 1
         signed = np.where(r >= half, r - self.modulus, r)
         return signed.astype(np.float64) / self.scale
+
+
+def _check_parameters(*, clip: float, bits: int, max_clients: int, clip_mode: str, headroom: float) -> None:
+    """The checks a codec's parameters must pass whether the scale is given or derived."""
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"bits must be between 8 and 32, got {bits}")
+    if clip_mode not in CLIP_MODES:
+        raise ConfigError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ConfigError(f"clip must be a positive finite number, got {clip}")
+    if max_clients < 1:
+        raise ConfigError("max_clients must be at least 1")
+    if not (headroom >= 0 and math.isfinite(headroom)):
+        raise ConfigError(f"headroom must be a non-negative finite number, got {headroom}")
 
 
 def check_vector(x: np.ndarray, dim: int | None = None) -> np.ndarray:
