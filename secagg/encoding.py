@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from secagg.errors import ConfigError, InputError, OverflowRisk
+from secagg.prg import expand_uint64
 
 CLIP_MODES = ("l2", "coordinate")
 SUPPORTED_BITS = range(8, 33)
@@ -160,7 +161,5 @@ def check_vector(x: np.ndarray, dim: int | None = None) -> np.ndarray:
 
 def _uniform01(size: int, seed: bytes | None) -> np.ndarray:
     """Uniform [0,1) doubles from the AES-CTR PRG (53-bit resolution)."""
-    from secagg.prg import expand_uint64
-
     words = expand_uint64(seed if seed is not None else os.urandom(32), size, label=b"rounding")
     return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -16,6 +16,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.errors import ConfigError
+from secagg.keys import derive
 
 SEED_BYTES = 32
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of keystream per chunk: fits in L2, amortises call overhead
@@ -44,8 +45,6 @@ def expand_uint32(seed: bytes, count: int, *, offset: int = 0) -> np.ndarray:
 def expand_uint64(seed: bytes, count: int, *, label: bytes = b"") -> np.ndarray:
     """``count`` uniform uint64 values (used for unbiased rounding, not for masks)."""
     if label:
-        from secagg.keys import derive
-
         seed = derive(seed, label=b"secagg/v1/prg|" + label, context=b"")
     return expand_uint32(seed, 2 * count).view("<u8")
 
