@@ -22,6 +22,7 @@ import enum
 import os
 import time
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
@@ -131,6 +132,7 @@ class ServerSession:
         missing = [c for c in config.clients if c not in self._identities]
         if missing:
             raise LocalProtocolError(f"no identity key registered for clients {missing}")
+        self._clients = frozenset(config.clients)
         self._graph = graph_of(config)
         self._codec = codec_of(config)
         self.stage: Stage | None = None
@@ -167,14 +169,7 @@ class ServerSession:
         """Clients whose message the current stage still waits for."""
         if self.stage is None or self.state is not ServerState.COLLECTING:
             return frozenset()
-        eligible = {
-            Stage.ADVERTISE: frozenset(self.config.clients),
-            Stage.SHARE: self._u1,
-            Stage.MASKED_INPUT: self._u2,
-            Stage.CONSISTENCY: self._u3,
-            Stage.UNMASK: self._u4,
-        }[self.stage]
-        return eligible - self._answered() - frozenset(self.rejected)
+        return self._eligible() - self._answered() - self.rejected.keys()
 
     def receive(self, data: bytes) -> int:
         """Take one sealed client message; return the sender id. Errors leave state unchanged."""
@@ -230,18 +225,29 @@ class ServerSession:
             raise RemoteProtocolError(f"client {sender} signed a message claiming to be from {msg.client}", sender)
         if sender in self._answered():
             raise ReplayError(f"client {sender} already answered stage {self.stage.value}")
-        if sender not in self.expected():
+        if sender not in self._eligible():  # rejected senders were turned away in receive()
             raise UnexpectedMessage(f"client {sender} is not part of stage {self.stage.value}", sender)
         self._RECEIVERS[type(msg)](self, sender, msg)
 
-    def _answered(self) -> frozenset[int]:
-        return frozenset({
-            Stage.ADVERTISE: self._keys,
-            Stage.SHARE: self._shares,
+    def _eligible(self) -> frozenset[int]:
+        """Clients allowed to answer the current stage: those that answered the previous one."""
+        return {
+            Stage.ADVERTISE: self._clients,
+            Stage.SHARE: self._u1,
+            Stage.MASKED_INPUT: self._u2,
+            Stage.CONSISTENCY: self._u3,
+            Stage.UNMASK: self._u4,
+        }[self.stage]
+
+    def _answered(self) -> AbstractSet[int]:
+        """Clients that answered the current stage (a live view, not a copy)."""
+        return {
+            Stage.ADVERTISE: self._keys.keys(),
+            Stage.SHARE: self._shares.keys(),
             Stage.MASKED_INPUT: self._masked_from,
-            Stage.CONSISTENCY: self._signatures,
-            Stage.UNMASK: self._responses,
-        }[self.stage])
+            Stage.CONSISTENCY: self._signatures.keys(),
+            Stage.UNMASK: self._responses.keys(),
+        }[self.stage]
 
     def _on_advertise(self, sender: int, msg: AdvertiseKeys) -> None:
         self._keys[sender] = msg
@@ -297,7 +303,7 @@ class ServerSession:
 
     def _close_advertise(self) -> dict[int, bytes]:
         self._u1 = frozenset(self._keys)
-        self._record_dropped(Stage.ADVERTISE, frozenset(self.config.clients) - self._u1)
+        self._record_dropped(Stage.ADVERTISE, self._clients - self._u1)
         self._require(self._u1, "advertised keys")
         return {
             u: self._seal(KeyDirectory(self.config.round_id, u, {
