@@ -418,7 +418,7 @@ class AggregationServer:
     def _check_seal(conn: _Conn, payload: bytes) -> None:
         """The seal must name this stream's certificate identity and verify under its key."""
         try:
-            sender, body, signature = _peek_sealed(payload)
+            sender, body, signature = wire.unverified_envelope(payload, max_bytes=len(payload))
         except WireError as exc:
             raise _Kick(f"malformed payload: {exc}") from None
         if sender != conn.cid:
@@ -521,22 +521,6 @@ class AggregationServer:
         finally:
             self._account(-conn.reassembler.release())
         self._drop(self._round, conn.cid, reason, kick=True)
-
-
-def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
-    """(sender id, signed body, signature) of a sealed payload, not yet verified."""
-    import msgpack
-
-    try:
-        items = msgpack.unpackb(payload, raw=False, max_array_len=16, max_map_len=0, strict_map_key=False)
-    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types for bad input
-        raise WireError("payload is not a sealed secagg message") from None
-    if not (isinstance(items, list) and len(items) == 6 and items[0] == wire.MAGIC and items[2] == "signed"):
-        raise WireError("payload is not a sealed secagg message")
-    _, _, _, sender, body, signature = items
-    if type(sender) is not int or not isinstance(body, bytes) or not isinstance(signature, bytes):
-        raise WireError("malformed signed envelope")
-    return sender, body, signature
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:
