@@ -22,6 +22,7 @@ each field has its declared type and stays within its declared size. Any failure
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -152,17 +153,30 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
-def _build(cls: type[Message], body: dict) -> Message:
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[frozenset[str], tuple[tuple[str, Any, str], ...]]:
+    """``cls``'s field names and, per field, (name, resolved type hint, error label).
+
+    Resolving the string annotations (``typing.get_type_hints``) costs far more than
+    checking a small message, and a class's schema never changes once registered, so it
+    is resolved once per class rather than once per decoded message.
+    """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    if set(body) != set(names):
-        missing = sorted(set(names) - set(body))
-        extra = sorted(map(str, set(body) - set(names)))
+    fields = tuple(
+        (f.name, hints[f.name], f"{cls.TYPE}.{f.name}")
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    )
+    return frozenset(name for name, *_ in fields), fields
+
+
+def _build(cls: type[Message], body: dict) -> Message:
+    names, fields = _schema(cls)
+    if body.keys() != names:
+        missing = sorted(names - set(body))
+        extra = sorted(map(str, set(body) - names))
         raise WireError(f"{cls.TYPE}: schema mismatch (missing {missing}, unexpected {extra})")
     limits = cls.FIELD_LIMITS
-    values = {}
-    for name in names:
-        values[name] = _check(body[name], hints[name], f"{cls.TYPE}.{name}", limits.get(name, MAX_FIELD_BYTES))
+    values = {name: _check(body[name], hint, where, limits.get(name, MAX_FIELD_BYTES)) for name, hint, where in fields}
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:  # __post_init__ invariants

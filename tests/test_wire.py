@@ -87,3 +87,27 @@ def test_bit_flips_in_a_sealed_message_are_always_detected(position, bit):
     sealed[position % len(sealed)] ^= 1 << bit
     with pytest.raises(SecAggError):
         wire.open_sealed(bytes(sealed), lookup)
+
+
+def test_a_message_schema_is_resolved_once_per_class(monkeypatch):
+    # The per-class schema cache: decoding many messages of one type resolves its type
+    # hints once, and the cached schema still rejects what the fresh one would.
+    import typing
+
+    calls = []
+    real = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda cls: calls.append(cls) or real(cls))
+    wire._schema.cache_clear()
+    data = wire.encode(ConsistencyRequest(ROUND, (1, 2, 3)))
+    for _ in range(5):
+        assert wire.decode(data, expect=ConsistencyRequest).survivors == (1, 2, 3)
+    assert calls == [ConsistencyRequest]
+    names, fields = wire._schema(ConsistencyRequest)
+    assert names == {"round_id", "survivors"}
+    hints = real(ConsistencyRequest)
+    assert [(name, hint) for name, hint, _ in fields] == [(name, hints[name]) for name in ("round_id", "survivors")]
+    bad = msgpack.packb([wire.MAGIC, wire.WIRE_VERSION, ConsistencyRequest.TYPE,
+                         {"round_id": ROUND, "survivors": ["1"]}], use_bin_type=True)
+    with pytest.raises(WireError, match="survivors"):
+        wire.decode(bad)
+    wire._schema.cache_clear()

@@ -175,6 +175,8 @@ class AggregationServer:
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.reports: list[RoundReport] = []
+        self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -365,6 +367,34 @@ class AggregationServer:
         if kick and conn is not None:
             conn.close()
 
+    def _admit(self, conn: _Conn, first: Chunk) -> int | None:
+        """At a payload's first chunk: the bytes this client may send now, or None to discard it unread.
+
+        Only a client the running stage awaits may have a payload buffered, and only up to
+        the stage's limit; anything else is read and thrown away chunk by chunk, so an
+        unsolicited message never costs the server memory.
+        """
+        state = self._round
+        if state is None or conn.cid not in state.active or conn.cid not in state.driver.awaiting():  # type: ignore[attr-defined]
+            conn.unexpected += 1
+            if conn.unexpected > self.settings.max_unexpected_messages:
+                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+            where = "no round is running" if state is None else f"stage {state.driver.stage()!r} does not await it"  # type: ignore[attr-defined]
+            log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
+                     first.count, where)
+            return None
+        return self._stage_limit(state)
+
+    def _stage_limit(self, state: _RoundState) -> int:
+        """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
+        bound = getattr(state.driver, "max_payload_bytes", None)
+        limit = self.settings.max_message_bytes
+        return min(limit, int(bound())) if callable(bound) else limit
+
+    def _account(self, delta: int) -> None:
+        self.buffered_bytes += delta
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+
     def _deliver(self, conn: _Conn, payload: bytes) -> None:
         state = self._round
         if state is None or conn.cid not in state.active or conn.cid not in state.pending():
@@ -469,9 +499,15 @@ class AggregationServer:
                     raise _Kick(f"rate limit: more than {self.settings.frames_per_second:g} frames/s")
                 try:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
-                    payload = conn.reassembler.feed(frame)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                held = conn.reassembler.buffered
+                try:
+                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                except WireError as exc:
+                    raise _Kick(f"refused message: {exc}") from None
+                finally:
+                    self._account(conn.reassembler.buffered - held)
                 if payload is not None:
                     self._deliver(conn, payload)
         except _Kick as exc:
@@ -482,6 +518,8 @@ class AggregationServer:
             return
         except Exception as exc:  # noqa: BLE001 -- connection reset and friends
             reason = f"disconnected (stream error: {type(exc).__name__})"
+        finally:
+            self._account(-conn.reassembler.release())
         self._drop(self._round, conn.cid, reason, kick=True)
 
 

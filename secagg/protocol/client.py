@@ -154,6 +154,7 @@ class ClientSession:
         self._mask_keys: KeyPair | None = None
         self._self_seed: bytes | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (cipher_pk, mask_pk)
+        self._share_keys: dict[int, bytes] = {}  # id -> share-encryption key, until shares are in
         self._held: dict[int, ShareBundle] = {}  # shares I hold, by owner (including my own)
         self._sharers: frozenset[int] = frozenset()  # U2 within my neighbourhood
         self._signed_survivors: tuple[int, ...] | None = None
@@ -275,6 +276,7 @@ class ClientSession:
             if (bundle.round_id, bundle.sender, bundle.recipient) != (config.round_id, sender, self.client_id):
                 raise InvalidShare(f"share from {sender} is bound to another round or pair")
             self._held[sender] = bundle
+        self._share_keys.clear()  # no share is encrypted or decrypted after this stage
         sharers = frozenset(msg.ciphertexts) | {self.client_id}
         if len(sharers) < config.threshold:
             raise NotEnoughSurvivors(f"only {len(sharers)} neighbours shared keys; the threshold is {config.threshold}")
@@ -366,10 +368,14 @@ class ClientSession:
         return acc.value & np.uint32(codec.modulus - 1)
 
     def _share_key(self, peer: int) -> bytes:
-        return agree(
-            self._cipher_keys.private, self._peer_keys[peer][0],
-            label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
-        )
+        """The key for shares exchanged with ``peer``, agreed once (used to encrypt, then to decrypt)."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            key = self._share_keys[peer] = agree(
+                self._cipher_keys.private, self._peer_keys[peer][0],
+                label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
+            )
+        return key
 
     def _share_ad(self, sender: int, recipient: int) -> bytes:
         return self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
@@ -389,5 +395,6 @@ class ClientSession:
         self.state = ClientState.ABORTED
         self.abort_reason = f"{type(exc).__name__}: {exc}"
         self._held.clear()
+        self._share_keys.clear()
         self._self_seed = None
         self._mask_keys = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 
 import numpy as np
@@ -33,7 +34,14 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
 PRE_UPLOAD_STAGE_NAMES: tuple[str, ...] = (Stage.ADVERTISE.value, Stage.SHARE.value, Stage.MASKED_INPUT.value)
 
 
+@functools.lru_cache(maxsize=8)
 def graph_of(config: RoundConfig) -> Graph:
+    """The round's graph, built once per configuration and shared by every party in the process.
+
+    A sparse graph costs one key derivation per client (the public permutation), so n
+    clients simulated in one process would otherwise derive n^2 keys. The graph is public
+    and a function of the configuration alone, so sharing it reveals nothing.
+    """
     if config.degree >= len(config.clients) - 1:
         return complete_graph(config.clients, config.threshold)
     return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=config.graph_seed)
