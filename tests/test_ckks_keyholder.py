@@ -278,3 +278,59 @@ def test_split_bfv_out_of_range_is_refused_after_combining():
     parts = [h.decrypt_share(s.aggregate(), s.public_key, s.uploads, keys) for h, s in zip(holders, servers)]
     with pytest.raises(InvalidCiphertext, match="exceeds"):
         combine_shares(config, parts)
+
+
+# --------------------------------------------------------------------------- the same over the transport mode
+
+
+def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(tmp_path):
+    """The gRPC key holder (its CkksClientRound) gets the uploads with the aggregate and checks them."""
+    pytest.importorskip("grpc")
+    from federation.transport.certs import Credentials, init_ca, issue
+    from federation.transport.ckks_mode import CkksContextRequest, CkksContexts, CkksDecryptRequest, CkksDirectory
+    from federation.transport.ckks_mode import CkksClientRound, CkksRelease
+    from federation.transport.rounds import ClientContext
+    from secagg import wire
+
+    init_ca(tmp_path / "ca")
+    server_creds = Credentials.load(issue(tmp_path / "ca", server=True))
+    creds = {1: Credentials.load(issue(tmp_path / "ca", client_id=1, role="keyholder")),
+             2: Credentials.load(issue(tmp_path / "ca", client_id=2)),
+             3: Credentials.load(issue(tmp_path / "ca", client_id=3))}
+    dim = 50
+    directory = wire.encode(CkksDirectory(
+        round=0, round_id=new_round_id(), dim=dim, scheme="ckks", value_bound=1.0, min_clients=2,
+        participants=(1, 2, 3), keyholder=1, server_certificate=server_creds.cert_pem,
+        certificates={c: cr.cert_pem for c, cr in creds.items()}))
+    xs = {c: np.full(dim, 0.1 * c) for c in creds}
+
+    def session(c):
+        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].ca_pem, keyholder=1), directory)
+
+    def run(make_request):
+        rounds = {c: session(c) for c in creds}
+        _, contexts = wire.open_sealed(rounds[1].receive(wire.encode(CkksContextRequest(round=0))),
+                                       {1: creds[1].identity.public_bytes}.get, expect=CkksContexts)
+        config = rounds[1].config
+        server = HeServer(config, contexts.for_server, creds[1].identity.public_bytes,
+                          {i: creds[c].identity.public_bytes for i, c in enumerate((1, 2, 3))},
+                          identity=server_creds.identity)
+        for c in (1, 2):  # client 3 drops before uploading
+            server.receive(rounds[c].receive(contexts.for_clients))
+        return rounds[1].receive(wire.encode(make_request(config, server, rounds[1].holder)))
+
+    sealed = run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads))
+    _, release = wire.open_sealed(sealed, {1: creds[1].identity.public_bytes}.get, expect=CkksRelease)
+    assert release.included == (0, 1)
+    np.testing.assert_allclose(np.frombuffer(release.values, "<f8"), xs[1] + xs[2], atol=1e-6)
+
+    def forged(cfg, server, holder):
+        n = CKKS.poly_modulus_degree
+        honest = decode(server.uploads[0], expect=HeCiphertexts).chunks[0]
+        chunk = forge_chunk(honest, server._ctx, CKKS, dim, np.zeros(n, np.uint64), np.full(n, 2**28, np.uint64))
+        return CkksDecryptRequest(0, forged_aggregate(cfg, server, holder.fingerprint, [chunk]), server.uploads)
+
+    with pytest.raises(MaliciousServerDetected):
+        run(forged)
+    with pytest.raises(MaliciousServerDetected):  # the real sum, but without the uploads to check it
+        run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads[:1]))

@@ -784,6 +784,11 @@ class HeServer:
     def included(self) -> tuple[int, ...]:
         return tuple(self._included)
 
+    @property
+    def tenseal_context(self) -> ts.Context:
+        """The parameters-only TenSEAL context (no key of any kind); do not mutate it."""
+        return self._ctx
+
     def receive(self, upload: bytes) -> int:
         """Authenticate, validate and add one client's upload; returns the client id.
 
