@@ -14,7 +14,8 @@ new meaning, is a new message ``TYPE`` or a new ``WIRE_VERSION``; decoders rejec
 versions they do not know instead of guessing.
 
 Decoding checks, before anything else sees the data: the total size, the magic and
-version, that the type is known, that exactly the declared fields are present, and that
+version, that the type is known, that arrays and maps occur only where the type's schema
+has them (:mod:`secagg.wire_shape`, before msgpack builds a single object), that exactly the declared fields are present, and that
 each field has its declared type and stays within its declared size. Any failure is a
 :class:`~secagg.errors.WireError`, never a crash.
 """
@@ -31,12 +32,12 @@ import msgpack
 
 from secagg.errors import InvalidSignature, WireError
 from secagg.keys import IdentityKey, verify_signature
+from secagg.wire_shape import MAX_COLLECTION, check_shape
 
 MAGIC = "secagg"
 WIRE_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # largest message a decoder accepts unless told otherwise
 MAX_FIELD_BYTES = 64 * 1024 * 1024 * 4  # per bytes-field upper bound (a 2^26-parameter uint32 vector)
-MAX_COLLECTION = 1 << 20  # largest tuple / mapping a field may hold
 
 _REGISTRY: dict[str, type[Message]] = {}
 
@@ -131,18 +132,35 @@ def _unpack_frame(data: bytes, max_bytes: int) -> list:
             f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit; "
             "send large vectors in chunks or raise the limit on both sides"
         )
+    data = bytes(data)
+    check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)  # before msgpack allocates anything
     try:
-        items = msgpack.unpackb(
-            bytes(data), raw=False, strict_map_key=False, use_list=True,
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, use_list=True,
             max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed message: {type(exc).__name__}") from None
-    if not isinstance(items, list) or len(items) < 3 or items[0] != MAGIC:
-        raise WireError("not a secagg message (bad magic)")
-    if items[1] != WIRE_VERSION:
-        raise WireError(f"unsupported wire version {items[1]!r}; this build speaks version {WIRE_VERSION}")
-    return items
+
+
+def _fields_of(type_name: str):
+    cls = _REGISTRY.get(type_name)
+    return None if cls is None else _schema(cls)[1]
+
+
+def unverified_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, bytes, bytes]:
+    """(sender id, signed payload, signature) of a sealed message, NOT yet verified.
+
+    For a receiver that checks the seal against a key of its own choosing (the transport
+    checks it against the key in the sender's certificate) before handing the message on.
+    """
+    items = _unpack_frame(data, max_bytes)
+    if len(items) != 6 or items[2] != "signed":
+        raise WireError("payload is not a sealed secagg message")
+    _, _, _, sender, payload, signature = items
+    if type(sender) is not int or not isinstance(payload, bytes) or not isinstance(signature, bytes):
+        raise WireError("malformed signed envelope")
+    return sender, payload, signature
 
 
 def _to_wire(value: Any) -> Any:
