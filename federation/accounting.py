@@ -105,6 +105,11 @@ class RoundAccountant:
                                          accountant=self.accountant)
 
     @property
+    def claims_sampling(self) -> bool:
+        """True when the round event claims amplification by user-level client sampling."""
+        return self.mode in ("user", "user-distributed") and self.round_event().sample_rate < 1.0
+
+    @property
     def is_private(self) -> bool:
         return self.mode != "none"
 
