@@ -111,7 +111,7 @@ class ExperimentConfig:
         """Build from a flat or sectioned mapping; unknown keys and wrong types are errors.
 
         Values must already have their option's type (a TOML ``noise_multiplier = "1.5"`` is
-        an error, not a silent conversion); only :meth:`set` with ``from_text`` parses strings.
+        an error, not a silent conversion); :meth:`set` parses command-line strings.
         """
         flat: dict[str, Any] = {}
         for key, value in data.items():
@@ -129,7 +129,7 @@ class ExperimentConfig:
                 flat[key] = value
         config = cls()
         for key, value in flat.items():
-            config.set(key, value)
+            config.set(key, value, from_text=False)
         return config
 
     @classmethod
@@ -143,9 +143,9 @@ class ExperimentConfig:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         return cls.from_dict(data)
 
-    def set(self, key: str, value: Any, *, from_text: bool = False) -> None:
-        """Set one option; checks name and type. ``from_text``: ``value`` is a string from the
-        command line (``--set lr=0.05``) and is parsed to the option's type."""
+    def set(self, key: str, value: Any, *, from_text: bool = True) -> None:
+        """Set one option; checks name and type. With ``from_text`` a string (from the command
+        line: ``--set lr=0.05``) is parsed to the option's type; without, it must have it."""
         types = {f.name: f.type for f in fields(self)}
         if key not in types:
             raise ConfigError(f"unknown option {key!r}{_did_you_mean(key, types)}; "

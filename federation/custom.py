@@ -225,7 +225,7 @@ def build_config(config: ExperimentConfig | None, options: Mapping[str, Any],
             raise ConfigError(f"num_clients={given['num_clients']} but client_data holds "
                               f"{len(custom.parts)} sites; leave num_clients out")
     for key, value in given.items():
-        config.set(key, value)
+        config.set(key, value, from_text=False)
     if custom is not None:
         config.model, config.dataset = custom.model_name, custom.dataset_name
         config.num_clients = len(custom.parts)

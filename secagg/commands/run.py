@@ -47,7 +47,7 @@ def apply_overrides(config, args: argparse.Namespace) -> None:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        config.set(key.strip(), value.strip(), from_text=True)
+        config.set(key.strip(), value.strip())
     if config.data_dir is None:
         from federation.data import default_data_dir
 
