@@ -57,9 +57,9 @@ def make_deployment(root: Path, n_clients: int, *, rounds: int, expected: int, t
     init_ca(root / "ca")
     issue(root / "ca", server=True)
     for cid in range(1, n_clients + 1):
-        issue(root / "ca", client_id=cid)
+        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")
         (root / f"client-{cid}.toml").write_text(
-            f'[client]\ncredentials = "ca/client-{cid}"\n'
+            f'[client]\ncredentials = "ca/client-{cid}"\nkeyholder = 1\n'
             f'[client.input]\nkind = "synthetic"\ndim = {DIM}\nseed = {cid}\n'
         )
     (root / "server.toml").write_text(

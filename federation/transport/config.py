@@ -93,6 +93,11 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "modes" in table:
         table["modes"] = tuple(str(m) for m in table["modes"])
+    if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):
+        raise ConfigError(
+            f"{path}: [client] keyholder must be the client id (an integer >= 1) of the ckks key holder this "
+            "client trusts, the one the CA issued with `secagg certs issue ID --role keyholder`"
+        )
     return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 

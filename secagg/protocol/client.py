@@ -64,6 +64,7 @@ from secagg.protocol.common import (
     seed_commitment,
 )
 from secagg.protocol.messages import (
+    MAX_DIM,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -132,7 +133,7 @@ class ClientPolicy:
     work a server can demand.
     """
 
-    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = 1 << 28) -> None:
+    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = MAX_DIM) -> None:
         self.min_threshold_fraction = min_threshold_fraction
         self.max_dim = max_dim
 
