@@ -187,3 +187,23 @@ def test_shape_check_accepts_every_well_formed_message(survivors, ciphertexts):
     for msg in messages:
         assert wire.decode(wire.encode(msg)) == msg
         assert wire.open_sealed(wire.seal(msg, 3, KEY), lookup) == (3, msg)
+
+
+def test_a_seal_signs_the_payload_digest_so_any_change_to_a_large_payload_is_refused():
+    vector = bytes(range(256)) * 4096  # 1 MiB masked vector
+    sealed = wire.seal(MaskedInput(ROUND, 3, vector), 3, KEY)
+    sender, msg = wire.open_sealed(sealed, lookup)
+    assert (sender, msg.vector) == (3, vector)
+    _, _, _, _, payload, signature = msgpack.unpackb(sealed, raw=False)
+    other_key = IdentityKey.generate()
+    for tampered in (payload[:-1] + bytes([payload[-1] ^ 1]), payload[: len(payload) // 2] + payload[len(payload) // 2:][::-1]):
+        forged = msgpack.packb([wire.MAGIC, wire.WIRE_VERSION, "signed", 3, tampered, signature], use_bin_type=True)
+        with pytest.raises(InvalidSignature):
+            wire.open_sealed(forged, lookup)
+    # The signature is bound to the sender id: replaying it under another id fails.
+    resent = msgpack.packb([wire.MAGIC, wire.WIRE_VERSION, "signed", 4, payload, signature], use_bin_type=True)
+    with pytest.raises(InvalidSignature):
+        wire.open_sealed(resent, lambda party: KEY.public_bytes if party == 4 else None)
+    # And to the signer's key.
+    with pytest.raises(InvalidSignature):
+        wire.open_sealed(sealed, lambda party: other_key.public_bytes)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from cryptography import x509
 
 from federation.transport import frames
 from federation.transport.certs import Credentials, identity_from_pem
@@ -54,12 +55,14 @@ from federation.transport.frames import (
     RoundStart,
     TokenBucket,
 )
+from federation.transport.revocation import RevocationList
 from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
 
 log = logging.getLogger("secagg.server")
+CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
 
 
 @dataclass
@@ -77,12 +80,15 @@ class ServerSettings:
     rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
     stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
     hello_timeout: float = 10.0
+    keepalive_seconds: float = 20.0  # ping every connection this often...
+    keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     frames_per_second: float = 2000.0
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
     max_connections: int = 4096
+    crl: str | None = None  # revocation list (PEM CRL); `secagg serve` defaults it to <credentials>/crl.pem
     share_result: bool = True  # send the released aggregate back to the participants
     first_round: int = 0
 
@@ -106,6 +112,8 @@ class _Kick(Exception):
 class _Conn:
     def __init__(self, cid: int, key: bytes, cert_pem: bytes, settings: ServerSettings, peer: str) -> None:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
@@ -113,6 +121,7 @@ class _Conn:
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
+        self.task: asyncio.Task | None = None  # the stream's handler, cancelled if a close does not flush
 
     def send_frame(self, data: bytes) -> None:
         if not self.closed:
@@ -124,9 +133,13 @@ class _Conn:
             self.send_frame(f)
 
     def close(self) -> None:
+        """End the stream once the queued frames are written; cancel it if they are not within
+        ``CLOSE_GRACE`` seconds (a stopped client that reads nothing must not hold it open)."""
         if not self.closed:
             self.closed = True
             self.out.put_nowait(None)
+            if self.task is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, self.task.cancel)
 
 
 @dataclass
@@ -169,6 +182,7 @@ class AggregationServer:
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
+        self._revocation = RevocationList(settings.crl, credentials.ca_pem)
         self._conns: dict[int, _Conn] = {}
         self._round: _RoundState | None = None
         self._joined = asyncio.Event()
@@ -188,7 +202,9 @@ class AggregationServer:
                 ("grpc.max_receive_message_length", frame_limit),
                 ("grpc.max_send_message_length", frame_limit),
                 ("grpc.max_concurrent_streams", 4),
-                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_time_ms", int(s.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
@@ -233,6 +249,7 @@ class AggregationServer:
         ``broadcast`` (e.g. the global model) is sent to every participant before the protocol starts.
         """
         s = self.settings
+        self._enforce_revocation()
         participants = await self._wait_for_clients(s.join_timeout if first else s.rejoin_timeout)
         report = await self._run_round(number, participants, broadcast)
         self.reports.append(report)
@@ -306,7 +323,8 @@ class AggregationServer:
                 stage = driver.stage()
                 await self._wait_stage(state)
                 for cid in sorted(state.pending()):
-                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s", kick=False)
+                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s "
+                               "(disconnected; it must reconnect to take part again)", kick=True)
                 out = driver.close_stage()
                 log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
         except SecAggError as exc:
@@ -358,12 +376,12 @@ class AggregationServer:
         if state is not None and cid in state.active:
             state.active.discard(cid)
             state.dropped[cid] = reason
-            log.warning("round %d: dropped client %d: %s", state.number, cid, reason)
+            log.warning("round %d: dropped client %d (%s): %s", state.number, cid, conn.peer if conn else "gone", reason)
             if conn is not None:
                 conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
             state.progress.set()
         elif kick:
-            log.warning("client %d disconnected by the server: %s", cid, reason)
+            log.warning("client %d (%s) disconnected by the server: %s", cid, conn.peer if conn else "gone", reason)
         if kick and conn is not None:
             conn.close()
 
@@ -394,6 +412,13 @@ class AggregationServer:
     def _account(self, delta: int) -> None:
         self.buffered_bytes += delta
         self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+
+    def _drop_conn(self, conn: _Conn, reason: str) -> None:
+        """Drop and disconnect ``conn`` -- unless a newer connection for its id replaced it already."""
+        if self._conns.get(conn.cid) is conn:
+            self._drop(self._round, conn.cid, reason, kick=True)
+        else:
+            conn.close()
 
     def _deliver(self, conn: _Conn, payload: bytes) -> None:
         state = self._round
@@ -428,6 +453,31 @@ class AggregationServer:
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
 
+    def _enforce_revocation(self) -> None:
+        """Re-read the revocation list if it changed; drop connected clients it now lists."""
+        if not self._revocation.refresh():
+            return
+        for conn in list(self._conns.values()):
+            if conn.serial in self._revocation.serials and not conn.closed:
+                self._drop(self._round, conn.cid, f"certificate serial {conn.serial:x} was revoked", kick=True)
+
+    def _displace(self, cid: int, cert_pem: bytes, peer: str) -> bool:
+        """A second connection for ``cid``: True if it replaces the first (same or newer certificate)."""
+        old = self._conns.get(cid)
+        if old is None or old.closed:
+            return True
+        new = x509.load_pem_x509_certificate(cert_pem)
+        if new.serial_number == old.serial:
+            why = "the same certificate connected again"
+        elif new.not_valid_before_utc > old.issued:
+            why = f"a newer certificate (serial {new.serial_number:x}) connected"
+        else:
+            log.warning("refused client %d (%s): already connected with a certificate at least as new (from %s)",
+                        cid, peer, old.peer)
+            return False
+        self._drop(self._round, cid, f"replaced: {why} from {peer}", kick=True)
+        return True
+
     # ----------------------------------------------------------------- streams
 
     async def _session(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -442,6 +492,11 @@ class AggregationServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}")
             return
         cid = peer.client_id
+        self._enforce_revocation()
+        if self._revocation.is_revoked(pem):
+            log.warning("refused client %d (%s): its certificate is revoked", cid, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused: this certificate has been revoked")
+            return
         try:
             first = await asyncio.wait_for(context.read(), self.settings.hello_timeout)
             if first is grpc.aio.EOF:
@@ -463,11 +518,11 @@ class AggregationServer:
                 "identity mismatch: the hello must be sealed by the Ed25519 key bound in your certificate",
             )
             return
-        if cid in self._conns and not self._conns[cid].closed:
-            log.warning("refused client %d (%s): already connected", cid, context.peer())
+        if not self._displace(cid, pem, context.peer()):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
         conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
+        conn.task = asyncio.current_task()
         self._conns[cid] = conn
         log.info("client %d connected from %s", cid, context.peer())
         self._joined.set()
@@ -483,13 +538,16 @@ class AggregationServer:
         finally:
             reader.cancel()
             conn.closed = True
-            if self._conns.get(cid) is conn:
+            if self._conns.get(cid) is conn:  # not replaced by a newer connection for the same id
                 del self._conns[cid]
-            self._drop(self._round, cid, "disconnected", kick=False)
+                self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
-        reason = "disconnected (the client closed its stream)"
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        reason = (
+            "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
+            f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
+        )
         try:
             while True:
                 data = await context.read()
@@ -512,7 +570,7 @@ class AggregationServer:
                     self._deliver(conn, payload)
         except _Kick as exc:
             reason = str(exc)
-            self._drop(self._round, conn.cid, reason, kick=True)
+            self._drop_conn(conn, reason)
             return
         except asyncio.CancelledError:
             return
@@ -520,7 +578,7 @@ class AggregationServer:
             reason = f"disconnected (stream error: {type(exc).__name__})"
         finally:
             self._account(-conn.reassembler.release())
-        self._drop(self._round, conn.cid, reason, kick=True)
+        self._drop_conn(conn, reason)
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:

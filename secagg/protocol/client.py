@@ -64,6 +64,7 @@ from secagg.protocol.common import (
     seed_commitment,
 )
 from secagg.protocol.messages import (
+    MAX_DIM,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -132,7 +133,7 @@ class ClientPolicy:
     work a server can demand.
     """
 
-    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = 1 << 28) -> None:
+    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = MAX_DIM) -> None:
         self.min_threshold_fraction = min_threshold_fraction
         self.max_dim = max_dim
 
@@ -442,12 +443,12 @@ class ClientSession:
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
         encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
-        acc = MaskAccumulator(config.dim, initial=encoded)
+        acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
         acc.add(self._self_seed, 1)
         for peer in sorted(self._sharers - {self.client_id}):
             seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
             acc.add(seed, pairwise_sign(self.client_id, peer))
-        return acc.value & np.uint32(codec.modulus - 1)
+        return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
 
     def _share_key(self, peer: int) -> bytes:
         """The key for shares exchanged with ``peer``, agreed once (used to encrypt, then to decrypt)."""

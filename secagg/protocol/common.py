@@ -78,11 +78,12 @@ def pack_residues(residues: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_residues(data: bytes, dim: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_residues`; at 32 bits a read-only view of ``data`` (no copy)."""
     width = bytes_per_element(bits)
     if len(data) != dim * width:
         raise WireError(f"masked vector must be {dim * width} bytes for dim={dim}, bits={bits}; got {len(data)}")
     if width == 4:
-        return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        return np.frombuffer(data, dtype="<u4")
     padded = np.zeros((dim, 4), dtype=np.uint8)
     padded[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(dim, width)
     return padded.view("<u4").reshape(dim).astype(np.uint32)
