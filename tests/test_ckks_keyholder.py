@@ -183,9 +183,9 @@ def test_verified_sum_is_released_once_and_only_by_its_key_holder():
 # --------------------------------------------------------------------------- (c) BFV out of range, corrupted
 
 
-def _bfv_round_with_cheater(values_of_cheater: np.ndarray, mutate=None):
+def _round_with_cheater(values_of_cheater: np.ndarray, mutate=None, params: HeParams = BFV):
     """Client 0 honest (zeros), client 1 skips its own range check (or corrupts its bytes)."""
-    config = RoundConfig(new_round_id(), 10, 2, BFV, value_bound=1.0)
+    config = RoundConfig(new_round_id(), 10, 2, params, value_bound=1.0)
     holder = KeyHolder(config)
     ids = [IdentityKey.generate() for _ in range(2)]
     keys = {i: k.public_bytes for i, k in enumerate(ids)}
@@ -193,8 +193,9 @@ def _bfv_round_with_cheater(values_of_cheater: np.ndarray, mutate=None):
     cctx = holder.context_for_clients()
     server.receive(HeClient(0, config, cctx, holder.public_key, ids[0]).encrypt(np.zeros(10)))
     cheat = HeClient(1, config, cctx, holder.public_key, ids[1])
-    packed = config.pack(np.rint(values_of_cheater * config.quantization).astype(np.int64))
-    chunks = cheat.encrypt_values(packed)  # its own encoding, no range check
+    if params.scheme == "bfv":
+        values_of_cheater = config.pack(np.rint(values_of_cheater * config.quantization).astype(np.int64))
+    chunks = cheat.encrypt_values(values_of_cheater)  # its own encoding, no range check
     if mutate is not None:
         chunks = tuple(mutate(bytearray(c)) for c in chunks)
     server.receive(cheat.seal_upload(chunks))  # signed: the server cannot tell
@@ -202,21 +203,22 @@ def _bfv_round_with_cheater(values_of_cheater: np.ndarray, mutate=None):
 
 
 def test_bfv_out_of_range_input_is_refused_at_decryption():
-    config, decrypt = _bfv_round_with_cheater(np.full(10, 9.0))  # 9.0 with bound 1
+    config, decrypt = _round_with_cheater(np.full(10, 9.0))  # 9.0 with bound 1
     with pytest.raises(InvalidCiphertext, match="exceeds"):
         decrypt()
     # anything beyond n x bound, up to 2^headroom x n x bound, cannot wrap back into range
-    config, decrypt = _bfv_round_with_cheater(np.full(10, 2.0**BFV_HEADROOM_BITS * 2 - 1.5))
+    config, decrypt = _round_with_cheater(np.full(10, 2.0**BFV_HEADROOM_BITS * 2 - 1.5))
     with pytest.raises(InvalidCiphertext, match="exceeds"):
         decrypt()
 
 
-def test_bfv_malicious_client_can_shift_the_sum_only_within_n_times_bound():
+@pytest.mark.parametrize("params", [BFV, CKKS], ids=["bfv", "ckks"])
+def test_malicious_client_can_shift_the_sum_only_within_n_times_bound(params):
     """The documented residual: a contribution is unchecked on its own; the sum must stay in +-n*B."""
-    _, decrypt = _bfv_round_with_cheater(np.full(10, 1.9))  # beyond its own bound, sum still <= 2
+    _, decrypt = _round_with_cheater(np.full(10, 1.9), params=params)  # beyond its own bound, sum <= 2
     out = decrypt()
-    assert np.allclose(out.values, 1.9, atol=1e-9)
-    _, decrypt = _bfv_round_with_cheater(np.full(10, 2.0 + 1e-6))
+    assert np.allclose(out.values, 1.9, atol=1e-6)
+    _, decrypt = _round_with_cheater(np.full(10, -2.0 - 1e-4), params=params)
     with pytest.raises(InvalidCiphertext, match="exceeds"):
         decrypt()
 
@@ -232,7 +234,7 @@ def test_bfv_re_signed_bit_flips_are_refused_at_decryption():
             c[pos] ^= 1 << int(rng.integers(0, 8))
             return bytes(c)
 
-        _, decrypt = _bfv_round_with_cheater(np.zeros(10), flip)
+        _, decrypt = _round_with_cheater(np.zeros(10), flip)
         try:
             out = decrypt()
         except InvalidCiphertext:
@@ -334,3 +336,16 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
         run(forged)
     with pytest.raises(MaliciousServerDetected):  # the real sum, but without the uploads to check it
         run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads[:1]))
+
+
+def test_aggregate_names_the_key_holders():
+    import secagg
+
+    x = np.random.default_rng(3).uniform(-1, 1, (3, 40))
+    ids = [IdentityKey.generate(), IdentityKey.generate()]
+    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids)
+    assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
+    from secagg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keyholders lists 1"):
+        secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])

@@ -299,9 +299,16 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
 
         return Holder()
 
+    async def reconnecting_holder(cs):
+        # missing the decrypt stage disconnects the holder; it reconnects, as `secagg join --retry` does
+        first = await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        assert not first.finished and 0 in first.dropped
+        await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        return first
+
     async def clients(port):
         cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
-        tasks = [run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)]
+        tasks = [reconnecting_holder(cs)]
         tasks += honest(pki, port, (2, 3, 4))
         return await asyncio.gather(*tasks)
 
