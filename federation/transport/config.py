@@ -92,6 +92,8 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "modes" in table:
         table["modes"] = tuple(str(m) for m in table["modes"])
+    # Round ids this client signed in survive restarts: by default next to the credentials.
+    table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 

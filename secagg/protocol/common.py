@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from secagg.encoding import FixedPointCodec
 from secagg.errors import WireError
 from secagg.graph import Graph, complete_graph, sparse_graph
 from secagg.keys import LABEL_PAIRWISE_MASK, agree, pair_context
-from secagg.protocol.messages import RoundConfig
+from secagg.protocol.messages import AdvertiseKeys, RoundConfig
 
 SERVER_ID = 0
 SECRET_BYTES = 32
@@ -33,10 +34,26 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
 PRE_UPLOAD_STAGE_NAMES: tuple[str, ...] = (Stage.ADVERTISE.value, Stage.SHARE.value, Stage.MASKED_INPUT.value)
 
 
-def graph_of(config: RoundConfig) -> Graph:
+def round_digest(round_id: bytes, adverts: Mapping[int, AdvertiseKeys]) -> bytes:
+    """Hash of the round id and every signed advert: the graph seed, and what consistency signatures bind.
+
+    The server cannot choose it: the adverts carry every honest client's fresh keys, drawn
+    after the round id is fixed. It can only grind, by relaying a different subset of adverts
+    or re-drawing its colluders' keys, one hash per try; the planner assumes 2^40 tries
+    (``ClientPolicy.grinding_bits``).
+    """
+    h = hashlib.sha256(b"secagg/v2/round-digest|" + round_id)
+    for client in sorted(adverts):
+        advert = adverts[client]
+        h.update(client.to_bytes(4, "big") + advert.cipher_public_key + advert.mask_public_key)
+    return h.digest()
+
+
+def graph_of(config: RoundConfig, seed: bytes) -> Graph:
+    """The round's graph over all its clients; ``seed`` is :func:`round_digest` of the adverts."""
     if config.degree >= len(config.clients) - 1:
         return complete_graph(config.clients, config.threshold)
-    return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=config.graph_seed)
+    return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=seed)
 
 
 def codec_of(config: RoundConfig) -> FixedPointCodec:
