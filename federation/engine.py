@@ -18,10 +18,13 @@ One round, step by step (each a method, so another backend can replace one step)
    DP, then the strategy's server step;
 8. ledger commit, checkpoint.
 
-Randomness: every round's public randomness (sampling, faults, batch order) is derived from
-``(seed, round)``, so a resumed run draws exactly what an uninterrupted one would. DP noise and
-the protocol's keys and masks come from the operating system unless ``deterministic = true``
-(insecure, for tests and benchmarks: it derives them from the seed too, and warns).
+Randomness: which clients take part in a round is drawn from the operating system
+(``os.urandom``) at round time -- the ledger's amplification by sampling holds only if the
+sample is unpredictable -- and only counts of sampled clients reach shared files when a
+sampling rate q < 1 is claimed. Simulated faults and batch order are public and derived from
+``(seed, round)``. DP noise and the protocol's keys and masks come from the operating system
+unless ``deterministic = true`` (insecure, for tests and benchmarks: it derives all of them
+from the seed, warns, and the ledger and report say so).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
+from privacy.dpfedavg import fixed_sample, poisson_sample
 from privacy.ledger import Ledger, LedgerEntry, Spend
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
 from secagg.result import AggregateResult
@@ -118,9 +122,17 @@ class RoundResult:
     max_quantization_error: float
     seconds: float
     aborted: str | None = None
+    sampled_count: int | None = None
+    included_count: int | None = None
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self, *, redact: bool = False) -> dict:
+        """The round as JSON; ``redact`` keeps counts and drops who was sampled, included or
+        dropped (needed when the ledger claims amplification by client sampling)."""
+        data = asdict(self)
+        if redact:
+            data.update(sampled=[], included=[], dropped={}, sampled_count=len(self.sampled),
+                        included_count=len(self.included))
+        return data
 
 
 @dataclass
@@ -147,6 +159,11 @@ class Federation:
     Everything that can be wrong with the configuration (options, data files, protocol
     availability, privacy budget) is checked here, before any client trains.
     """
+
+    #: Whether this backend draws each round's clients as configured (``sample_clients``). A
+    #: backend whose participants are whoever is connected sets False: the ledger then records
+    #: q = 1 (no amplification by sampling is claimed).
+    samples_clients: bool = True
 
     def __init__(
         self,
@@ -193,7 +210,8 @@ class Federation:
         self.accountant = RoundAccountant(
             mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
-            client_sample_rate=config.sampling_rate if config.sampling == "poisson" else 1.0,
+            client_sample_rate=(config.sampling_rate
+                                if config.sampling == "poisson" and self.samples_clients else 1.0),
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=config.accountant,
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
@@ -265,11 +283,30 @@ class Federation:
     def _round_rng(self, rnd: int, stream: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.config.seed, rnd, stream]))
 
+    @property
+    def redact_cohorts(self) -> bool:
+        """True when the ledger claims amplification by client sampling (q < 1): who was
+        sampled must then stay secret, so shared files carry counts only."""
+        return self.accountant.claims_sampling
+
+    def round_json(self, result: RoundResult) -> dict:
+        """A round as it may be written to shared files (metrics, checkpoint, console)."""
+        return result.to_json(redact=self.redact_cohorts)
+
     def sample_clients(self, rnd: int) -> list[int]:
-        c, rng = self.config, self._round_rng(rnd, 1)
+        """The round's clients, drawn from ``os.urandom`` now (never from the public seed).
+
+        ``deterministic = true`` (tests only) derives them from ``(seed, round)`` instead.
+        """
+        c = self.config
+        if c.deterministic:
+            rng = self._round_rng(rnd, 1)
+            if c.sampling == "poisson":
+                return [int(i) for i in np.flatnonzero(rng.random(c.num_clients) < c.sampling_rate)]
+            return sorted(int(i) for i in rng.choice(c.num_clients, c.clients_per_round, replace=False))
         if c.sampling == "poisson":
-            return [int(i) for i in np.flatnonzero(rng.random(c.num_clients) < c.sampling_rate)]
-        return sorted(int(i) for i in rng.choice(c.num_clients, c.clients_per_round, replace=False))
+            return poisson_sample(c.num_clients, c.sampling_rate)
+        return fixed_sample(c.num_clients, c.clients_per_round)
 
     def plan_faults(self, rnd: int, sampled: Sequence[int]) -> dict[str, list[int]]:
         """Stage -> row indices (positions in ``sampled``) of the clients dropping there."""
@@ -459,11 +496,11 @@ class Federation:
             summary.rounds.append(result)
             ckpt_io.save(self.out_dir, ckpt_io.Checkpoint(
                 round=rnd, params=self.params, strategy_state=self.strategy.state_arrays(),
-                fingerprint=c.fingerprint(), seed=c.seed, metrics=[r.to_json() for r in summary.rounds],
+                fingerprint=c.fingerprint(), seed=c.seed, metrics=[self.round_json(r) for r in summary.rounds],
                 torch_rng_state=torch.get_rng_state().tolist(),
             ))
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(result.to_json()) + "\n")
+                fh.write(json.dumps(self.round_json(result)) + "\n")
             if on_round is not None:
                 on_round(result)
 

@@ -235,11 +235,27 @@ def issue(
     if not names:
         raise ConfigError("a server certificate needs at least one --dns name or --ip address")
     cert = _sign(ca_cert, ca_key, cn=cn, names=names, eku=eku, public_key=key.public_key(), days=days)
+    if not server:
+        _retire(d_ca, ca_cert, target / "tls.pem")
     (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_private(target / "tls.key", _pem_private(key))
     _write_private(target / "identity.key", _identity_pem(identity))
     return target
+
+
+def _retire(ca_dir: Path, ca_cert, old_cert: Path) -> None:
+    """Re-issuing an id revokes the certificate it replaces (when this CA issued it)."""
+    if not old_cert.is_file():
+        return
+    from federation.transport.revocation import issued_by, revoke
+
+    try:
+        previous = x509.load_pem_x509_certificate(old_cert.read_bytes())
+    except ValueError:
+        return
+    if issued_by(previous, ca_cert):
+        revoke(ca_dir, old_cert.read_bytes(), reason=x509.ReasonFlags.superseded)
 
 
 def _sign(ca_cert, ca_key, *, cn: str, names, eku, public_key, days: int) -> x509.Certificate:
@@ -347,6 +363,7 @@ def issue_from_request(
     cert = _sign(ca_cert, ca_key, cn=f"secagg client {client_id}",
                  names=[x509.UniformResourceIdentifier(matches[0].group(0))],
                  eku=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=csr.public_key(), days=days)
+    _retire(d_ca, ca_cert, target / "tls.pem")
     (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return target

@@ -55,10 +55,11 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
     state_dir = _resolve(base, table.pop("state_dir", None))
     training = _resolve(base, table.pop("training", None))
+    crl = _resolve(base, table.pop("crl", None)) or creds / "crl.pem"
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
-    settings = ServerSettings(**table)
+    settings = ServerSettings(**table, crl=str(crl))
     settings.options = dict(settings.options)
     settings.check()
     return ServerConfig(settings, creds, state_dir, training)

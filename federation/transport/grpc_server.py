@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from cryptography import x509
 
 from federation.transport import frames
 from federation.transport.certs import Credentials, identity_from_pem
@@ -54,6 +55,7 @@ from federation.transport.frames import (
     RoundStart,
     TokenBucket,
 )
+from federation.transport.revocation import RevocationList
 from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
@@ -83,6 +85,7 @@ class ServerSettings:
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
     max_connections: int = 4096
+    crl: str | None = None  # revocation list (PEM CRL); `secagg serve` defaults it to <credentials>/crl.pem
     share_result: bool = True  # send the released aggregate back to the participants
     first_round: int = 0
 
@@ -106,6 +109,8 @@ class _Kick(Exception):
 class _Conn:
     def __init__(self, cid: int, key: bytes, cert_pem: bytes, settings: ServerSettings, peer: str) -> None:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
@@ -169,12 +174,15 @@ class AggregationServer:
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
+        self._revocation = RevocationList(settings.crl, credentials.ca_pem)
         self._conns: dict[int, _Conn] = {}
         self._round: _RoundState | None = None
         self._joined = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.reports: list[RoundReport] = []
+        self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -231,6 +239,7 @@ class AggregationServer:
         ``broadcast`` (e.g. the global model) is sent to every participant before the protocol starts.
         """
         s = self.settings
+        self._enforce_revocation()
         participants = await self._wait_for_clients(s.join_timeout if first else s.rejoin_timeout)
         report = await self._run_round(number, participants, broadcast)
         self.reports.append(report)
@@ -365,6 +374,41 @@ class AggregationServer:
         if kick and conn is not None:
             conn.close()
 
+    def _admit(self, conn: _Conn, first: Chunk) -> int | None:
+        """At a payload's first chunk: the bytes this client may send now, or None to discard it unread.
+
+        Only a client the running stage awaits may have a payload buffered, and only up to
+        the stage's limit; anything else is read and thrown away chunk by chunk, so an
+        unsolicited message never costs the server memory.
+        """
+        state = self._round
+        if state is None or conn.cid not in state.active or conn.cid not in state.driver.awaiting():  # type: ignore[attr-defined]
+            conn.unexpected += 1
+            if conn.unexpected > self.settings.max_unexpected_messages:
+                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+            where = "no round is running" if state is None else f"stage {state.driver.stage()!r} does not await it"  # type: ignore[attr-defined]
+            log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
+                     first.count, where)
+            return None
+        return self._stage_limit(state)
+
+    def _stage_limit(self, state: _RoundState) -> int:
+        """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
+        bound = getattr(state.driver, "max_payload_bytes", None)
+        limit = self.settings.max_message_bytes
+        return min(limit, int(bound())) if callable(bound) else limit
+
+    def _account(self, delta: int) -> None:
+        self.buffered_bytes += delta
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+
+    def _drop_conn(self, conn: _Conn, reason: str) -> None:
+        """Drop and disconnect ``conn`` -- unless a newer connection for its id replaced it already."""
+        if self._conns.get(conn.cid) is conn:
+            self._drop(self._round, conn.cid, reason, kick=True)
+        else:
+            conn.close()
+
     def _deliver(self, conn: _Conn, payload: bytes) -> None:
         state = self._round
         if state is None or conn.cid not in state.active or conn.cid not in state.pending():
@@ -388,7 +432,7 @@ class AggregationServer:
     def _check_seal(conn: _Conn, payload: bytes) -> None:
         """The seal must name this stream's certificate identity and verify under its key."""
         try:
-            sender, body, signature = _peek_sealed(payload)
+            sender, body, signature = wire.unverified_envelope(payload, max_bytes=len(payload))
         except WireError as exc:
             raise _Kick(f"malformed payload: {exc}") from None
         if sender != conn.cid:
@@ -397,6 +441,31 @@ class AggregationServer:
             verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
+
+    def _enforce_revocation(self) -> None:
+        """Re-read the revocation list if it changed; drop connected clients it now lists."""
+        if not self._revocation.refresh():
+            return
+        for conn in list(self._conns.values()):
+            if conn.serial in self._revocation.serials and not conn.closed:
+                self._drop(self._round, conn.cid, f"certificate serial {conn.serial:x} was revoked", kick=True)
+
+    def _displace(self, cid: int, cert_pem: bytes, peer: str) -> bool:
+        """A second connection for ``cid``: True if it replaces the first (same or newer certificate)."""
+        old = self._conns.get(cid)
+        if old is None or old.closed:
+            return True
+        new = x509.load_pem_x509_certificate(cert_pem)
+        if new.serial_number == old.serial:
+            why = "the same certificate connected again"
+        elif new.not_valid_before_utc > old.issued:
+            why = f"a newer certificate (serial {new.serial_number:x}) connected"
+        else:
+            log.warning("refused client %d (%s): already connected with a certificate at least as new (from %s)",
+                        cid, peer, old.peer)
+            return False
+        self._drop(self._round, cid, f"replaced: {why} from {peer}", kick=True)
+        return True
 
     # ----------------------------------------------------------------- streams
 
@@ -412,6 +481,11 @@ class AggregationServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}")
             return
         cid = peer.client_id
+        self._enforce_revocation()
+        if self._revocation.is_revoked(pem):
+            log.warning("refused client %d (%s): its certificate is revoked", cid, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused: this certificate has been revoked")
+            return
         try:
             first = await asyncio.wait_for(context.read(), self.settings.hello_timeout)
             if first is grpc.aio.EOF:
@@ -433,8 +507,7 @@ class AggregationServer:
                 "identity mismatch: the hello must be sealed by the Ed25519 key bound in your certificate",
             )
             return
-        if cid in self._conns and not self._conns[cid].closed:
-            log.warning("refused client %d (%s): already connected", cid, context.peer())
+        if not self._displace(cid, pem, context.peer()):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
         conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
@@ -453,9 +526,9 @@ class AggregationServer:
         finally:
             reader.cancel()
             conn.closed = True
-            if self._conns.get(cid) is conn:
+            if self._conns.get(cid) is conn:  # not replaced by a newer connection for the same id
                 del self._conns[cid]
-            self._drop(self._round, cid, "disconnected", kick=False)
+                self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
         reason = "disconnected (the client closed its stream)"
@@ -469,36 +542,28 @@ class AggregationServer:
                     raise _Kick(f"rate limit: more than {self.settings.frames_per_second:g} frames/s")
                 try:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
-                    payload = conn.reassembler.feed(frame)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                held = conn.reassembler.buffered
+                try:
+                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                except WireError as exc:
+                    raise _Kick(f"refused message: {exc}") from None
+                finally:
+                    self._account(conn.reassembler.buffered - held)
                 if payload is not None:
                     self._deliver(conn, payload)
         except _Kick as exc:
             reason = str(exc)
-            self._drop(self._round, conn.cid, reason, kick=True)
+            self._drop_conn(conn, reason)
             return
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 -- connection reset and friends
             reason = f"disconnected (stream error: {type(exc).__name__})"
-        self._drop(self._round, conn.cid, reason, kick=True)
-
-
-def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
-    """(sender id, signed body, signature) of a sealed payload, not yet verified."""
-    import msgpack
-
-    try:
-        items = msgpack.unpackb(payload, raw=False, max_array_len=16, max_map_len=0, strict_map_key=False)
-    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types for bad input
-        raise WireError("payload is not a sealed secagg message") from None
-    if not (isinstance(items, list) and len(items) == 6 and items[0] == wire.MAGIC and items[2] == "signed"):
-        raise WireError("payload is not a sealed secagg message")
-    _, _, _, sender, body, signature = items
-    if type(sender) is not int or not isinstance(body, bytes) or not isinstance(signature, bytes):
-        raise WireError("malformed signed envelope")
-    return sender, body, signature
+        finally:
+            self._account(-conn.reassembler.release())
+        self._drop_conn(conn, reason)
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:

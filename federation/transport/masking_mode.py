@@ -37,7 +37,7 @@ from secagg import wire
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InvalidSignature, RemoteProtocolError, ReplayError
 from secagg.protocol.client import ClientSession
-from secagg.protocol.common import SERVER_ID
+from secagg.protocol.common import SERVER_ID, Stage
 from secagg.protocol.plan import ClientPolicy, plan_round
 from secagg.protocol.replay import FileRoundIds
 from secagg.protocol.server import ServerSession, ServerState
@@ -108,6 +108,20 @@ class MaskingServerRound:
 
     def close_stage(self) -> dict[int, bytes]:
         return self.session.close_stage()
+
+    def max_payload_bytes(self) -> int:
+        """Largest sealed message one client may send at the current stage.
+
+        Key, share and unmask messages grow with the number of clients (at most 1 KiB per
+        peer with their signatures and ciphertexts); only the masked input carries the
+        vector (at most 4 bytes per coordinate). The transport refuses a larger message
+        at its first chunk, before holding any of it.
+        """
+        cfg = self.session.config
+        limit = (64 << 10) + (1 << 10) * len(cfg.clients)
+        if self.session.stage is Stage.MASKED_INPUT:
+            limit += cfg.dim * -(-cfg.bits // 8)
+        return limit
 
     @property
     def done(self) -> bool:

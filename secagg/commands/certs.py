@@ -1,4 +1,4 @@
-"""`secagg certs init|issue|show`: a small CA for mutual TLS between server and clients.
+"""`secagg certs init|issue|request|revoke|show`: a small CA for mutual TLS between server and clients.
 
 The client certificate binds the client id to its Ed25519 protocol identity key (see
 ``federation.transport.certs``), so the server refuses a client whose messages are signed
@@ -71,6 +71,22 @@ def register(subparsers, name: str, help_text: str) -> None:
     p_req.add_argument("--force", action="store_true", help="overwrite existing keys")
     p_req.set_defaults(func=_request)
 
+    p_rev = sub.add_parser(
+        "revoke",
+        help="revoke the certificate of CLIENT_ID (or --cert) in the CA's revocation list",
+        description=(
+            "Adds the certificate to DIR/crl.pem, signed by the CA (and refreshes DIR/server/crl.pem "
+            "if the server bundle is there). A running server re-reads the list when it changes: the "
+            "certificate is refused at its next connection and dropped at the next round start. "
+            "`certs issue ID --force` revokes the certificate it replaces in the same way."
+        ),
+    )
+    p_rev.add_argument("client_id", nargs="?", type=int, metavar="CLIENT_ID",
+                       help="revoke DIR/client-<id>/tls.pem")
+    p_rev.add_argument("--cert", default=None, help="revoke this PEM certificate instead")
+    p_rev.add_argument("--dir", default="certs", help="CA directory (default: ./certs)")
+    p_rev.set_defaults(func=_revoke)
+
     p_show = sub.add_parser("show", help="print the protocol identity bound in a certificate")
     p_show.add_argument("cert", help="PEM certificate (e.g. certs/client-3/tls.pem)")
     p_show.set_defaults(func=_show)
@@ -114,6 +130,24 @@ def _issue(args: argparse.Namespace) -> int:
     )
     what = "server" if args.server else f"client {args.client_id}"
     print(f"issued {what} credentials in {target} (ca.pem, tls.pem, tls.key, identity.key)")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from federation.transport.revocation import certificate_serial, revoke
+
+    if (args.client_id is None) == (args.cert is None):
+        print("secagg certs revoke needs a CLIENT_ID or --cert PATH (one of them)", file=sys.stderr)
+        return 2
+    cert = Path(args.cert) if args.cert else Path(args.dir) / f"client-{args.client_id}" / "tls.pem"
+    if not cert.is_file():
+        print(f"secagg certs revoke: no certificate at {cert}", file=sys.stderr)
+        return 1
+    pem = cert.read_bytes()
+    path = revoke(args.dir, pem)
+    print(f"revoked certificate serial {certificate_serial(pem):x} ({cert}); revocation list: {path}")
     return 0
 
 

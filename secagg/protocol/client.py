@@ -109,6 +109,31 @@ TRANSITIONS: dict[ClientState, dict[type, ClientState]] = {
 }
 
 
+@wire.message
+class ClientSnapshot(wire.Message):
+    """A paused :class:`ClientSession` (see ``ClientSession.snapshot``). Holds this round's
+    secrets: it never leaves the client's own machine."""
+
+    TYPE = "masking.client_snapshot.v2"  # v2: digest, unusable
+    client_id: int
+    state: str
+    abort_reason: str
+    identities: dict[int, bytes]
+    config: bytes  # encoded RoundConfig, or b"" before the first message
+    cipher_private: bytes
+    mask_private: bytes
+    self_seed: bytes
+    peer_cipher_keys: dict[int, bytes]
+    peer_mask_keys: dict[int, bytes]
+    held: dict[int, bytes]  # encoded ShareBundle by owner
+    sharers: tuple[int, ...]
+    digest: bytes  # round_digest of the adverts (the graph seed), b"" before the key directory
+    unusable: tuple[int, ...]
+    signed_survivors: tuple[int, ...]
+    signed: bool
+    upload_bytes: int
+
+
 class ClientSession:
     """One client's part in one round. Create a new session for every round."""
 
@@ -149,6 +174,7 @@ class ClientSession:
         self._mask_keys: KeyPair | None = None
         self._self_seed: bytes | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (cipher_pk, mask_pk)
+        self._share_keys: dict[int, bytes] = {}  # id -> share-encryption key, until shares are in
         self._held: dict[int, ShareBundle] = {}  # shares I hold, by owner (including my own)
         self._sharers: frozenset[int] = frozenset()  # U2 within my neighbourhood
         self._unusable: set[int] = set()  # sharers whose encrypted share did not decrypt
@@ -189,6 +215,70 @@ class ClientSession:
         sealed = wire.seal(reply, self.client_id, self._identity)
         self.upload_bytes += len(sealed)
         return sealed
+
+    def snapshot(self) -> bytes:
+        """This session's state as bytes, to continue the round in another process.
+
+        For hosts that keep no Python object between two messages of a round (a Flower
+        SuperNode runs its ClientApp afresh for every message). The bytes hold this
+        round's secrets (private keys, self-mask seed, the shares held for neighbours):
+        keep them on the client's machine, as the live session would be. The update,
+        rounding seed and noise callback are not kept: pass the update again with
+        :meth:`set_update` before the masked-input stage.
+        """
+        def raw(keys: KeyPair | None) -> bytes:
+            return b"" if keys is None else keys.private_bytes()
+
+        return wire.encode(ClientSnapshot(
+            client_id=self.client_id, state=self.state.value, abort_reason=self.abort_reason or "",
+            identities=dict(self._identities),
+            config=b"" if self._config is None else wire.encode(self._config),
+            cipher_private=raw(self._cipher_keys), mask_private=raw(self._mask_keys),
+            self_seed=self._self_seed or b"",
+            peer_cipher_keys={p: k[0] for p, k in self._peer_keys.items()},
+            peer_mask_keys={p: k[1] for p, k in self._peer_keys.items()},
+            held={owner: wire.encode(bundle) for owner, bundle in self._held.items()},
+            sharers=tuple(sorted(self._sharers)), digest=self._digest, unusable=tuple(sorted(self._unusable)),
+            signed_survivors=self._signed_survivors or (), signed=self._signed_survivors is not None,
+            upload_bytes=self.upload_bytes,
+        ))
+
+    @classmethod
+    def resume(cls, data: bytes, identity: IdentityKey, *, policy: ClientPolicy | None = None,
+               randbytes: Callable[[int], bytes] = os.urandom) -> ClientSession:
+        """Rebuild a session from :meth:`snapshot` bytes; ``identity`` is the client's own key.
+
+        The client's policy is the caller's, never the snapshot's. A snapshot of an aborted
+        session resumes aborted.
+        """
+        snap = wire.decode(data, expect=ClientSnapshot)
+        session = cls(snap.client_id, identity, snap.identities, policy=policy, randbytes=randbytes)
+        if session._identities.get(snap.client_id) not in (None, identity.public_bytes):
+            raise LocalProtocolError("the snapshot belongs to another identity key")
+        try:
+            session.state = ClientState(snap.state)
+        except ValueError:
+            raise WireError(f"unknown client state {snap.state!r} in a session snapshot") from None
+        session.abort_reason = snap.abort_reason or None
+        if snap.config:
+            session._config = wire.decode(snap.config, expect=RoundConfig)
+        if snap.digest:
+            if session._config is None:
+                raise WireError("session snapshot: a graph digest without a round configuration")
+            session._digest = snap.digest
+            session._neighbours = graph_of(session._config, snap.digest).neighbours(snap.client_id)
+        session._unusable = set(snap.unusable)
+        session._cipher_keys = KeyPair.from_private_bytes(snap.cipher_private) if snap.cipher_private else None
+        session._mask_keys = KeyPair.from_private_bytes(snap.mask_private) if snap.mask_private else None
+        session._self_seed = snap.self_seed or None
+        if set(snap.peer_cipher_keys) != set(snap.peer_mask_keys):
+            raise WireError("session snapshot: peer key maps disagree")
+        session._peer_keys = {p: (snap.peer_cipher_keys[p], snap.peer_mask_keys[p]) for p in snap.peer_cipher_keys}
+        session._held = {owner: wire.decode(b, expect=ShareBundle) for owner, b in snap.held.items()}
+        session._sharers = frozenset(snap.sharers)
+        session._signed_survivors = tuple(snap.signed_survivors) if snap.signed else None
+        session.upload_bytes = snap.upload_bytes
+        return session
 
     # -- stage handlers -----------------------------------------------------------------
 
@@ -277,6 +367,7 @@ class ClientSession:
                 self._unusable.add(sender)
                 continue
             self._held[sender] = bundle
+        self._share_keys.clear()  # no share is encrypted or decrypted after this stage
         sharers = frozenset(msg.ciphertexts) | {self.client_id}
         if len(sharers) < config.threshold:
             raise NotEnoughSurvivors(f"only {len(sharers)} neighbours shared keys; the threshold is {config.threshold}")
@@ -366,12 +457,12 @@ class ClientSession:
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
         encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
-        acc = MaskAccumulator(config.dim, initial=encoded)
+        acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
         acc.add(self._self_seed, 1)
         for peer in sorted(self._sharers - {self.client_id}):
             seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
             acc.add(seed, pairwise_sign(self.client_id, peer))
-        return acc.value & np.uint32(codec.modulus - 1)
+        return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
 
     def _open_share(self, sender: int, blob: bytes) -> ShareBundle | None:
         """The sender's share bundle for this client, or None if it does not decrypt or decode."""
@@ -388,10 +479,14 @@ class ClientSession:
         return bundle
 
     def _share_key(self, peer: int) -> bytes:
-        return agree(
-            self._cipher_keys.private, self._peer_keys[peer][0],
-            label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
-        )
+        """The key for shares exchanged with ``peer``, agreed once (used to encrypt, then to decrypt)."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            key = self._share_keys[peer] = agree(
+                self._cipher_keys.private, self._peer_keys[peer][0],
+                label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
+            )
+        return key
 
     def _share_ad(self, sender: int, recipient: int) -> bytes:
         return self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
@@ -411,5 +506,6 @@ class ClientSession:
         self.state = ClientState.ABORTED
         self.abort_reason = f"{type(exc).__name__}: {exc}"
         self._held.clear()
+        self._share_keys.clear()
         self._self_seed = None
         self._mask_keys = None

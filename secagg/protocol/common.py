@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Mapping
 
@@ -49,8 +50,15 @@ def round_digest(round_id: bytes, adverts: Mapping[int, AdvertiseKeys]) -> bytes
     return h.digest()
 
 
+@functools.lru_cache(maxsize=8)
 def graph_of(config: RoundConfig, seed: bytes) -> Graph:
-    """The round's graph over all its clients; ``seed`` is :func:`round_digest` of the adverts."""
+    """The round's graph over all its clients; ``seed`` is :func:`round_digest` of the adverts.
+
+    Built once per (configuration, seed) and shared by every party in the process: a sparse
+    graph costs one key derivation per client (the public permutation), so n clients
+    simulated in one process would otherwise derive n^2 keys. The graph is public, so
+    sharing it reveals nothing.
+    """
     if config.degree >= len(config.clients) - 1:
         return complete_graph(config.clients, config.threshold)
     return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=seed)
@@ -87,11 +95,12 @@ def pack_residues(residues: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_residues(data: bytes, dim: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_residues`; at 32 bits a read-only view of ``data`` (no copy)."""
     width = bytes_per_element(bits)
     if len(data) != dim * width:
         raise WireError(f"masked vector must be {dim * width} bytes for dim={dim}, bits={bits}; got {len(data)}")
     if width == 4:
-        return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        return np.frombuffer(data, dtype="<u4")
     padded = np.zeros((dim, 4), dtype=np.uint8)
     padded[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(dim, width)
     return padded.view("<u4").reshape(dim).astype(np.uint32)

@@ -135,6 +135,11 @@ class ServerSession:
         self._u3: frozenset[int] = frozenset()
         self._u4: frozenset[int] = frozenset()
 
+    @property
+    def graph(self) -> Graph | None:
+        """The round's graph, known once the advertise stage closed (its seed hashes the adverts)."""
+        return self._graph
+
     # -- driving ------------------------------------------------------------------------
 
     def start(self) -> dict[int, bytes]:
