@@ -256,8 +256,8 @@ def test_server_survives_garbage_flood_oversize_forgery_stall_and_replay(pki, ca
     assert "identity mismatch" in r0.dropped[8]
     # the flood and the oversize message are refused by the stage's own limit (77 KiB for the
     # 13-client advertise stage), at the first chunk for the flood that declares 60 chunks
-    assert "60 chunks is larger than the 78848-byte limit of this stage" in r0.dropped[9]
-    assert "exceeds the 78848-byte limit of this stage" in r0.dropped[10]
+    assert "60 chunks is larger than the 84992-byte limit of this stage" in r0.dropped[9]
+    assert "exceeds the 84992-byte limit of this stage" in r0.dropped[10]
     assert "no reply in stage 'share' within 4s" in r0.dropped[5]
     assert 6 in r0.outcome.included
     assert "ReplayError" in r1.dropped[6] or "another round" in r1.dropped[6]

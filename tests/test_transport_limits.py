@@ -93,11 +93,12 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await call.write(f)
 
     async def scenario():
-        server = await _started(pki, settings(expected_clients=5, threshold=3, stage_timeout=10.0))
+        # six clients, two attacking: the masking plan's t = 4 (up to one colluder assumed) still holds
+        server = await _started(pki, settings(expected_clients=6, threshold=3, stage_timeout=10.0))
         try:
             serving = asyncio.ensure_future(server.serve())
             await asyncio.wait_for(asyncio.gather(
-                *honest(pki, server.port, (1, 2, 3)),
+                *honest(pki, server.port, (1, 2, 3, 6)),
                 _attacker(pki, server.port, 4, big_count), _attacker(pki, server.port, 5, big_chunk),
             ), 60)
             reports = await asyncio.wait_for(serving, 60)
@@ -106,8 +107,8 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await server.stop(0)
 
     server, (report,) = asyncio.run(scenario())
-    assert report.ok and report.outcome.included == (1, 2, 3)
-    limit = (64 << 10) + 5 * (1 << 10)
+    assert report.ok and report.outcome.included == (1, 2, 3, 6)
+    limit = (64 << 10) + 6 * (1 << 10)
     assert f"a payload of 60 chunks is larger than the {limit}-byte limit of this stage" in report.dropped[4]
     assert f"exceeds the {limit}-byte limit of this stage" in report.dropped[5]
     assert server.peak_buffered_bytes == 0  # neither attacker had a byte held
