@@ -124,3 +124,11 @@ def test_a_float32_update_is_kept_without_a_copy_and_masked_in_place():
     kept = np.arange(8, dtype=np.uint32)
     prg.MaskAccumulator(8, initial=kept).add(bytes(32))
     np.testing.assert_array_equal(kept, np.arange(8))
+
+
+def test_the_largest_update_a_client_accepts_fits_the_masked_input_field():
+    from secagg import wire
+    from secagg.protocol.client import ClientPolicy
+    from secagg.protocol.messages import MaskedInput
+
+    assert MaskedInput.FIELD_LIMITS["vector"] == 4 * ClientPolicy().max_dim > wire.MAX_FIELD_BYTES

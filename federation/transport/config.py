@@ -95,6 +95,11 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         table["modes"] = tuple(str(m) for m in table["modes"])
     # Round ids this client signed in survive restarts: by default next to the credentials.
     table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
+    if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):
+        raise ConfigError(
+            f"{path}: [client] keyholder must be the client id (an integer >= 1) of the ckks key holder this "
+            "client trusts, the one the CA issued with `secagg certs issue ID --role keyholder`"
+        )
     return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 

@@ -56,6 +56,10 @@ class ClientSettings:
     min_participants: int = 3
     collusion: float = 1 / 3
     round_ids: str | None = None
+    # ckks: the client id of the key holder this client trusts. Its certificate must carry
+    # the CA's key-holder role; a round naming any other key holder is refused. Unset: this
+    # client refuses every ckks round (the server never chooses the key holder for it).
+    keyholder: int | None = None
 
 
 @dataclass
@@ -172,6 +176,7 @@ async def run_client(
                             ctx = ClientContext(
                                 round=current, client_id=cid, identity=credentials.identity,
                                 update=update, ca_pem=credentials.ca_pem, policy=policy,
+                                keyholder=settings.keyholder,
                             )
                             if make_round is not None:
                                 session = make_round(mode_name, ctx, got["params"])

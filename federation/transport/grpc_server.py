@@ -62,6 +62,7 @@ from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
 
 log = logging.getLogger("secagg.server")
+CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
 
 
 @dataclass
@@ -79,6 +80,8 @@ class ServerSettings:
     rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
     stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
     hello_timeout: float = 10.0
+    keepalive_seconds: float = 20.0  # ping every connection this often...
+    keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     frames_per_second: float = 2000.0
@@ -118,6 +121,7 @@ class _Conn:
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
+        self.task: asyncio.Task | None = None  # the stream's handler, cancelled if a close does not flush
 
     def send_frame(self, data: bytes) -> None:
         if not self.closed:
@@ -129,9 +133,13 @@ class _Conn:
             self.send_frame(f)
 
     def close(self) -> None:
+        """End the stream once the queued frames are written; cancel it if they are not within
+        ``CLOSE_GRACE`` seconds (a stopped client that reads nothing must not hold it open)."""
         if not self.closed:
             self.closed = True
             self.out.put_nowait(None)
+            if self.task is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, self.task.cancel)
 
 
 @dataclass
@@ -194,7 +202,9 @@ class AggregationServer:
                 ("grpc.max_receive_message_length", frame_limit),
                 ("grpc.max_send_message_length", frame_limit),
                 ("grpc.max_concurrent_streams", 4),
-                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_time_ms", int(s.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
@@ -313,7 +323,8 @@ class AggregationServer:
                 stage = driver.stage()
                 await self._wait_stage(state)
                 for cid in sorted(state.pending()):
-                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s", kick=False)
+                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s "
+                               "(disconnected; it must reconnect to take part again)", kick=True)
                 out = driver.close_stage()
                 log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
         except SecAggError as exc:
@@ -365,12 +376,12 @@ class AggregationServer:
         if state is not None and cid in state.active:
             state.active.discard(cid)
             state.dropped[cid] = reason
-            log.warning("round %d: dropped client %d: %s", state.number, cid, reason)
+            log.warning("round %d: dropped client %d (%s): %s", state.number, cid, conn.peer if conn else "gone", reason)
             if conn is not None:
                 conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
             state.progress.set()
         elif kick:
-            log.warning("client %d disconnected by the server: %s", cid, reason)
+            log.warning("client %d (%s) disconnected by the server: %s", cid, conn.peer if conn else "gone", reason)
         if kick and conn is not None:
             conn.close()
 
@@ -511,6 +522,7 @@ class AggregationServer:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
         conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
+        conn.task = asyncio.current_task()
         self._conns[cid] = conn
         log.info("client %d connected from %s", cid, context.peer())
         self._joined.set()
@@ -531,8 +543,11 @@ class AggregationServer:
                 self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
-        reason = "disconnected (the client closed its stream)"
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        reason = (
+            "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
+            f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
+        )
         try:
             while True:
                 data = await context.read()

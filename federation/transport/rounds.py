@@ -98,6 +98,7 @@ class ClientContext:
     update: np.ndarray
     ca_pem: bytes = b""  # to verify the peer certificates a server relays
     policy: ClientPolicy | None = None  # the client's own masking policy (None: the library default)
+    keyholder: int | None = None  # ckks: the key holder's client id this client trusts (its own config)
 
 
 @dataclass(frozen=True)

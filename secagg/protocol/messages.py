@@ -12,6 +12,7 @@ from secagg.wire import Message, message
 
 ROUND_ID_BYTES = 16
 MAX_PARTIES = 1 << 20
+MAX_DIM = 1 << 28  # the most parameters a round may have (a client's default policy limit)
 
 
 def _check_round(round_id: bytes) -> None:
@@ -138,6 +139,9 @@ class MaskedInput(Message):
     """Client -> server: the masked, encoded update (packed little-endian residues)."""
 
     TYPE = "masking.masked_input"
+    # A whole update up to MAX_DIM 4-byte residues (a BERT-base update is 440 MB); the
+    # server bounds each message by its own round's dimension before parsing it.
+    FIELD_LIMITS = {"vector": 4 * MAX_DIM}
     round_id: bytes
     client: int
     vector: bytes

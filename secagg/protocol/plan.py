@@ -38,7 +38,7 @@ from functools import lru_cache
 
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError
-from secagg.protocol.messages import ROUND_ID_BYTES, RoundConfig
+from secagg.protocol.messages import MAX_DIM, ROUND_ID_BYTES, RoundConfig
 from secagg.protocol.replay import RoundIdStore, default_round_ids
 
 GRAPHS = ("complete", "sparse")
@@ -63,7 +63,7 @@ class ClientPolicy:
     collusion: float = 1 / 3
     security_bits: int = 40
     grinding_bits: int = 40
-    max_dim: int = 1 << 28
+    max_dim: int = MAX_DIM
     round_ids: RoundIdStore = field(default_factory=default_round_ids)
 
     def __post_init__(self) -> None:
