@@ -130,3 +130,60 @@ def test_keepalive_closes_a_stopped_process(pki, tmp_path, caplog):
 
     assert asyncio.run(scenario()), "the stopped client's connection was never closed"
     assert re.search(r"client 5 \(ipv[46]:\S+\) disconnected by the server: disconnected \(.*keepalive", caplog.text)
+
+
+class _StopsAfter:
+    """Answers the first ``n`` server messages, then never again."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def receive(self, payload):
+        self.calls += 1
+        return self.inner.receive(payload) if self.calls <= self.n else None
+
+    done = False
+
+
+def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
+    """A client that stops after its masked input is in the sum; the round log must not call it dropped."""
+    import json
+
+    from federation.transport.grpc_client import run_client
+    from federation.transport.grpc_server import serve_forever_with_state
+    from federation.transport.masking_mode import MaskingClientRound
+    from tests.test_transport_grpc import update
+
+    lines = []
+
+    async def scenario():
+        s = settings(expected_clients=4, threshold=3, rounds=1, stage_timeout=2.0)
+        port_ready = asyncio.get_running_loop().create_future()
+        serving = asyncio.ensure_future(serve_forever_with_state(
+            s, Credentials.load(pki / "ca" / "server"), tmp_path / "state", print_line=lines.append,
+            ready=port_ready.set_result))
+        port = await port_ready
+        cs = ClientSettings(server=f"localhost:{port}")
+        late = run_client(cs, creds(pki, 4), lambda r: update(4, r),
+                          make_round=lambda mode, ctx, params: _StopsAfter(MaskingClientRound(ctx, params), 3))
+        await asyncio.wait_for(asyncio.gather(late, *honest(pki, port, (1, 2, 3))), 60)
+        return await asyncio.wait_for(serving, 60)
+
+    assert asyncio.run(scenario())
+    (line,) = lines
+    assert line["ok"] and line["included"] == [1, 2, 3, 4] and line["stage_timeout"] == 2.0
+    assert "4" not in line["dropped"]  # its input is in the sum
+    assert json.loads((tmp_path / "state" / "rounds.jsonl").read_text()) == line
+
+
+def test_failed_rounds_are_recorded_with_their_reason(pki, tmp_path):
+    from federation.transport.grpc_server import serve_forever_with_state
+
+    s = settings(expected_clients=2, threshold=2, rounds=1, join_timeout=0.5)
+    ok = asyncio.run(serve_forever_with_state(s, Credentials.load(pki / "ca" / "server"), tmp_path / "state"))
+    assert not ok
+    import json
+
+    (line,) = [json.loads(x) for x in (tmp_path / "state" / "rounds.jsonl").read_text().splitlines()]
+    assert line["ok"] is False and "only 0 clients connected, the threshold is 2" in line["reason"]
+    assert not (tmp_path / "state" / "progress.json").exists()

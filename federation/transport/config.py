@@ -168,3 +168,12 @@ def record_round(state_dir: Path, number: int, total: np.ndarray, summary: dict)
     tmp = state_dir / ".progress.json"
     tmp.write_text(json.dumps({"completed": number}))
     os.replace(tmp, state_dir / "progress.json")
+
+
+def record_failed_round(state_dir: Path, summary: dict) -> None:
+    """Log a failed round in rounds.jsonl with its reason (no aggregate, and the progress marker does not move)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / "rounds.jsonl").open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

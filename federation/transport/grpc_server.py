@@ -79,7 +79,8 @@ class ServerSettings:
     join_timeout: float = 60.0  # first round: how long to wait for expected_clients
     rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
     stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
-    hello_timeout: float = 10.0
+    hello_timeout: float = 10.0  # after the TLS handshake: the signed hello must arrive within this
+    handshake_timeout: float = 10.0  # a connection that has not finished the TLS handshake is closed
     keepalive_seconds: float = 20.0  # ping every connection this often...
     keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
@@ -97,8 +98,12 @@ class ServerSettings:
             raise ConfigError(
                 f"threshold must be between 1 and expected_clients ({self.expected_clients}), got {self.threshold}"
             )
-        if self.stage_timeout <= 0 or self.join_timeout <= 0:
-            raise ConfigError("stage_timeout and join_timeout must be positive seconds")
+        if min(self.stage_timeout, self.join_timeout, self.hello_timeout, self.handshake_timeout,
+               self.keepalive_seconds, self.keepalive_timeout) <= 0:
+            raise ConfigError("stage_timeout, join_timeout, hello_timeout, handshake_timeout, keepalive_seconds "
+                              "and keepalive_timeout must be positive seconds")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -197,6 +202,7 @@ class AggregationServer:
     async def start(self) -> int:
         s = self.settings
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        cap = connection_cap(s.max_connections)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", frame_limit),
@@ -207,6 +213,11 @@ class AggregationServer:
                 ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # a TCP connection that has not completed the TLS handshake within this is closed...
+                ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout * 1000)),
+                # ...and connections beyond the cap are closed as they arrive, so idle sockets
+                # cannot exhaust the process's file descriptors
+                ("grpc.max_allowed_incoming_connections", cap),
             ],
             maximum_concurrent_rpcs=s.max_connections,
         )
@@ -223,7 +234,8 @@ class AggregationServer:
         if not self.port:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
-        log.info("listening on %s:%d (mutual TLS, mode=%s)", s.host, self.port, s.mode)
+        log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
+                 s.host, self.port, s.mode, cap, s.handshake_timeout)
         if s.mode == "plain":
             log.warning("mode 'plain' is the INSECURE baseline: the server sees every client's update")
         return self.port
@@ -352,7 +364,9 @@ class AggregationServer:
             log.info(
                 "round %d done in %.3fs: %d included, %d dropped", number, seconds, len(included), len(state.dropped)
             )
-        return RoundReport(number, ok, reason, outcome, participants, dict(state.dropped), seconds)
+        # a client whose input is in the sum was not dropped from the round, whatever happened to it later
+        dropped = {c: r for c, r in state.dropped.items() if c not in included}
+        return RoundReport(number, ok, reason, outcome, participants, dropped, seconds)
 
     async def _wait_stage(self, state: _RoundState) -> None:
         deadline = time.monotonic() + self.settings.stage_timeout
@@ -581,15 +595,28 @@ class AggregationServer:
         self._drop_conn(conn, reason)
 
 
+def connection_cap(wanted: int, reserve: int = 64) -> int:
+    """``wanted`` connections, lowered to what the open-file limit allows (``reserve`` kept for files and logs)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft - reserve >= wanted:
+        return wanted
+    cap = max(1, soft - reserve)
+    log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
+    return cap
+
+
 def total_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f8").copy()
 
 
-def report_summary(report: RoundReport) -> dict:
-    """One JSON-able line per round: what was released and who was dropped (and why)."""
+def report_summary(report: RoundReport, stage_timeout: float | None = None) -> dict:
+    """One JSON-able line per round: what was released, who was dropped (and why), or why it failed."""
     line = {
         "round": report.round, "ok": report.ok, "seconds": round(report.seconds, 4),
         "participants": len(report.participants),
+        **({"stage_timeout": stage_timeout} if stage_timeout is not None else {}),
         "dropped": {str(c): r for c, r in sorted(report.dropped.items())},
     }
     if report.ok and report.outcome is not None:
@@ -614,7 +641,7 @@ async def serve_forever_with_state(
     next one starts, so a server killed at any point restarts at the first round it had
     not finished; a round cut short by the crash is run again from scratch with fresh keys.
     """
-    from federation.transport.config import read_progress, record_round
+    from federation.transport.config import read_progress, record_failed_round, record_round
 
     done = read_progress(state_dir)
     total_rounds = settings.first_round + settings.rounds
@@ -624,9 +651,11 @@ async def serve_forever_with_state(
         settings.rounds = max(0, total_rounds - settings.first_round)
 
     def on_round(report: RoundReport) -> None:
-        line = report_summary(report)
+        line = report_summary(report, settings.stage_timeout)
         if report.ok and state_dir is not None and report.outcome is not None:
             record_round(state_dir, report.round, report.outcome.total, line)
+        elif state_dir is not None:
+            record_failed_round(state_dir, line)
         print_line(line)
 
     server = AggregationServer(settings, credentials, on_round=on_round)
