@@ -168,7 +168,8 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
         return out
 
     async def scenario():
-        s = settings(expected_clients=1, threshold=1, max_connections=5, handshake_timeout=1.0,
+        # three clients: a masking round of fewer is refused by every client's policy
+        s = settings(expected_clients=3, threshold=2, max_connections=5, handshake_timeout=1.0,
                      options={"dim": 4, "clip": 1.0})
         server = await _started(pki, s)
         socks = []
@@ -184,11 +185,12 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
                 if states(socks) == ["closed"] * 8:
                     break
             late = states(socks)
-            # a legitimate client still gets in
-            client = asyncio.ensure_future(run_client(ClientSettings(server=f"localhost:{server.port}"),
-                                                      creds(pki, 1), lambda r: np.zeros(4, np.float32)))
+            # legitimate clients still get in
+            clients = [asyncio.ensure_future(run_client(ClientSettings(server=f"localhost:{server.port}"),
+                                                        creds(pki, c), lambda r: np.zeros(4, np.float32)))
+                       for c in (1, 2, 3)]
             reports = await asyncio.wait_for(server.serve(), 30)
-            await asyncio.wait_for(client, 30)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
             return early, late, reports
         finally:
             for sock in socks:
@@ -198,4 +200,4 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
     early, late, (report,) = asyncio.run(scenario())
     assert early.count("closed") == 3 and early.count("open") == 5  # three over the cap of five
     assert late == ["closed"] * 8  # none finished a handshake within handshake_timeout
-    assert report.ok and report.participants == (1,)
+    assert report.ok and report.participants == (1, 2, 3)
