@@ -10,11 +10,11 @@ from secagg.protocol.common import SERVER_ID, Stage
 from secagg.protocol.simulate import InMemoryRound
 
 
-def make_round(n=6, dim=8, graph="complete", threshold=None, degree=None, seed=0):
+def make_round(n=6, dim=8, graph="complete", threshold=None, degree=None, seed=0, policy=None):
     rng = np.random.default_rng(seed)
     updates = rng.uniform(-1, 1, (n, dim))
     codec = FixedPointCodec.for_clients(clip=1.0, max_clients=n, clip_mode="coordinate")
-    return InMemoryRound(updates, codec, graph=graph, threshold=threshold, degree=degree), updates
+    return InMemoryRound(updates, codec, graph=graph, threshold=threshold, degree=degree, policy=policy), updates
 
 
 def step(session, outgoing, skip=()):
