@@ -34,7 +34,7 @@ def pki(tmp_path_factory):
     init_ca(root / "ca")
     issue(root / "ca", server=True)
     for cid in range(1, 14):
-        issue(root / "ca", client_id=cid)
+        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")  # 1 may hold ckks keys
     init_ca(root / "evil")
     issue(root / "evil", client_id=1)
     return root
@@ -70,8 +70,8 @@ async def with_server(pki, s: ServerSettings, clients):
     return reports, client_results
 
 
-def honest(pki, port, cids, **kw):
-    cs = ClientSettings(server=f"localhost:{port}")
+def honest(pki, port, cids, keyholder: int | None = 1, **kw):
+    cs = ClientSettings(server=f"localhost:{port}", keyholder=keyholder)
     return [run_client(cs, creds(pki, c), lambda r, c=c: update(c, r), **kw) for c in cids]
 
 
@@ -299,13 +299,20 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
 
         return Holder()
 
+    async def reconnecting_holder(cs):
+        # missing the decrypt stage disconnects the holder; it reconnects, as `secagg join --retry` does
+        first = await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        assert not first.finished and 0 in first.dropped
+        await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        return first
+
     async def clients(port):
-        cs = ClientSettings(server=f"localhost:{port}")
-        tasks = [run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)]
+        cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
+        tasks = [reconnecting_holder(cs)]
         tasks += honest(pki, port, (2, 3, 4))
         return await asyncio.gather(*tasks)
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 1}, expected_clients=4,
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4,
                  threshold=3, rounds=2, stage_timeout=4.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     r0, r1 = reports
@@ -324,3 +331,57 @@ def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
     assert all(res.failed[0] == "refused mode 'plain'" for res in results)
+
+
+def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
+    """Run a ckks round; return the server's reports, the clients' and why each client refused."""
+    from federation.transport.ckks_mode import CkksClientRound
+
+    refusals: dict[int, str] = {}
+
+    def watch(mode, ctx, params):
+        try:
+            return CkksClientRound(ctx, params)  # a refusal raises here, before any key exists
+        except Exception as exc:
+            refusals[ctx.client_id] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    async def clients(port):
+        return await asyncio.gather(*honest(pki, port, cids, keyholder=keyholder, make_round=watch))
+
+    reports, results = asyncio.run(with_server(pki, s, clients))
+    return reports, results, refusals
+
+
+@pytest.mark.parametrize("named", [3, 2])
+def test_a_server_naming_another_key_holder_is_refused_by_every_client(pki, named):
+    """Clients trust client 1 (CA key-holder role, their own config); the server names another."""
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": named}, expected_clients=4,
+                 threshold=3, stage_timeout=3.0)
+    reports, results, refusals = _ckks_refusals(pki, s, (1, 2, 3, 4), keyholder=1)
+    assert not reports[0].ok and reports[0].outcome is None
+    assert sorted(refusals) == [1, 2, 3, 4]  # every client, the named one included, refused
+    for why in refusals.values():
+        assert why.startswith("MaliciousServerDetected") and f"names client {named}" in why
+    assert all(res.rounds.get(0) is None for res in results)  # nothing released
+
+
+def test_a_client_whose_certificate_lacks_the_key_holder_role_is_never_a_key_holder(pki):
+    """Even if every client's config names client 3, its certificate was not issued as a key holder."""
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 3}, expected_clients=3,
+                 threshold=2, stage_timeout=3.0)
+    reports, _, refusals = _ckks_refusals(pki, s, (1, 2, 3), keyholder=3)
+    assert not reports[0].ok
+    assert sorted(refusals) == [1, 2, 3]
+    assert all("key-holder role" in why for why in refusals.values())
+
+
+def test_a_client_that_trusts_no_key_holder_refuses_ckks_rounds(pki):
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=2, threshold=2, stage_timeout=3.0)
+    reports, _, refusals = _ckks_refusals(pki, s, (1, 2), keyholder=None)
+    assert not reports[0].ok
+    assert sorted(refusals) == [1, 2]
+    assert all("trusts no key holder" in why for why in refusals.values())

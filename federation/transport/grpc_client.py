@@ -49,6 +49,10 @@ class ClientSettings:
     # Protocol modes this client takes part in. The server names the mode of each round; a
     # client never lets it pick the insecure "plain" baseline unless listed here.
     modes: tuple[str, ...] = ("masking", "ckks")
+    # ckks: the client id of the key holder this client trusts. Its certificate must carry
+    # the CA's key-holder role; a round naming any other key holder is refused. Unset: this
+    # client refuses every ckks round (the server never chooses the key holder for it).
+    keyholder: int | None = None
 
 
 @dataclass
@@ -163,7 +167,7 @@ async def run_client(
                                 update = await asyncio.to_thread(input_for_round, current)
                             ctx = ClientContext(
                                 round=current, client_id=cid, identity=credentials.identity,
-                                update=update, ca_pem=credentials.ca_pem,
+                                update=update, ca_pem=credentials.ca_pem, keyholder=settings.keyholder,
                             )
                             if make_round is not None:
                                 session = make_round(mode_name, ctx, got["params"])

@@ -96,6 +96,7 @@ class ClientContext:
     identity: IdentityKey
     update: np.ndarray
     ca_pem: bytes = b""  # to verify the peer certificates a server relays
+    keyholder: int | None = None  # ckks: the key holder's client id this client trusts (its own config)
 
 
 @dataclass(frozen=True)
