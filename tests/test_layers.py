@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "privacy": ("privacy",),
     "federation": ("federation",),
     # The command line is the top layer: it parses, calls one public function and prints.
-    "application": ("secagg.cli", "secagg.commands"),
+    "application": ("secagg.cli", "secagg.commands", "secagg.__main__"),
 }
 ORDER = ("core", "privacy", "federation", "application")
 # Third-party packages only some layers may use: the core runs with numpy + cryptography alone.
