@@ -123,7 +123,8 @@ def test_a_client_whose_dp_sgd_spends_more_than_the_ledger_records_does_not_uplo
 def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_path):
     pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
     plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
-    workflow = SecAggPlusWorkflow(num_shares=5, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    # 7 shares: degree 6 over 10 nodes, where the planner's secure threshold is 6 (one neighbour may drop)
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
     secure, grid = run_in_process(secure=True, num_nodes=NODES, rounds=ROUNDS, fit_workflow=workflow, drop=[DROP])
 
     start = initial_parameters()[0]
@@ -134,7 +135,7 @@ def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_pat
     assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
     dropped_node = grid.node_ids[DROP[1]]
     assert workflow.reports[1].dropped[dropped_node].startswith("masked_input")
-    assert workflow.reports[0].degree == 4 and workflow.reports[0].threshold == 3
+    assert workflow.reports[0].degree == 6 and workflow.reports[0].threshold == 6  # 3 raised to the secure minimum
 
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         assert ledger.verify(recompute=True).releases == ROUNDS

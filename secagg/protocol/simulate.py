@@ -18,7 +18,8 @@ from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
 from secagg.keys import IdentityKey, derive
 from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID, STAGE_NAMES, Stage
-from secagg.protocol.server import ServerSession, plan_round
+from secagg.protocol.plan import plan_round
+from secagg.protocol.server import ServerSession
 from secagg.result import AggregateResult
 
 class InMemoryRound:
