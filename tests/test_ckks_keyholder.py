@@ -336,3 +336,16 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
         run(forged)
     with pytest.raises(MaliciousServerDetected):  # the real sum, but without the uploads to check it
         run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads[:1]))
+
+
+def test_aggregate_names_the_key_holders():
+    import secagg
+
+    x = np.random.default_rng(3).uniform(-1, 1, (3, 40))
+    ids = [IdentityKey.generate(), IdentityKey.generate()]
+    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids)
+    assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
+    from secagg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keyholders lists 1"):
+        secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])

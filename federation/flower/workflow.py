@@ -8,7 +8,8 @@ the same place in a legacy Flower app (``DefaultWorkflow(fit_workflow=...)`` wit
      spend is reserved in the privacy ledger before any node trains (write-ahead);
   2. ``hello``: every sampled node sends its Ed25519 identity key; the nodes that answered
      get protocol ids 1..n, and the round is planned (graph degree from ``num_shares``,
-     threshold from ``reconstruction_threshold`` raised to what clients accept);
+     threshold from ``reconstruction_threshold`` raised to the secure minimum of
+     :func:`secagg.protocol.plan.plan_round`, the rule clients enforce);
   3. the five protocol stages of :class:`~secagg.protocol.ServerSession` (advertise, share,
      masked input, consistency, unmask), one Flower ``send_and_receive`` each; the
      masked-input request carries the strategy's fit instructions, as in Flower's workflow;
@@ -43,7 +44,7 @@ from secagg import wire
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, NotEnoughSurvivors, SecAggError
 from secagg.keys import IdentityKey
-from secagg.protocol import ClientPolicy, ServerSession, Stage, plan_round
+from secagg.protocol import ServerSession, Stage, plan_round
 from secagg.protocol.common import SERVER_ID
 
 log = logging.getLogger("secagg.flower")
@@ -70,8 +71,8 @@ class SecAggWorkflow:
 
     Arguments as Flower's ``SecAggPlusWorkflow``: ``num_shares`` (neighbourhood size, a
     count or a fraction of the sampled nodes; 1 or 1.0 = everyone, the complete graph),
-    ``reconstruction_threshold`` (count or fraction of a neighbourhood; raised to a strict
-    majority, the least clients accept), ``max_weight`` (public bound on ``num_examples``),
+    ``reconstruction_threshold`` (count or fraction of a neighbourhood; raised to the secure
+    minimum of the planner, the least clients accept), ``max_weight`` (public bound on ``num_examples``),
     ``clipping_range`` (per-coordinate bound on parameters), ``modulus_range`` (2^bits of the
     masking ring, at most 2^32) and ``timeout`` (seconds per stage). ``quantization_range``
     is accepted for compatibility and not used: the encoding takes the finest fixed-point
@@ -173,8 +174,7 @@ class SecAggWorkflow:
         dim = sum(int(a.size) for a in arrays) + 1
         codec = FixedPointCodec.for_clients(clip=self.clipping_range, max_clients=n, bits=self.bits,
                                             clip_mode="coordinate")
-        config = plan_round(tuple(nodes), dim, codec, graph="complete" if degree >= n - 1 else "sparse",
-                            threshold=threshold, degree=degree if degree < n - 1 else None)
+        config = self._plan(tuple(nodes), dim, codec, degree, threshold)
         report.threshold, report.degree = config.threshold, config.degree
         server_identity = self._round_identity()
         ids = {SERVER_ID: server_identity.public_bytes, **{pid: identities[nid] for pid, nid in nodes.items()}}
@@ -250,13 +250,26 @@ class SecAggWorkflow:
         size = degree + 1
         t = self.reconstruction_threshold
         threshold = round(t * size) if isinstance(t, float) else int(t)
-        least = math.floor(ClientPolicy().min_threshold_fraction * size) + 1
-        if threshold < least:
-            log.warning("reconstruction threshold %d raised to %d: clients refuse a threshold at or below half "
-                        "their neighbourhood of %d (a server plus a minority could unmask one client)",
-                        threshold, least, size)
-            threshold = least
         return degree, min(threshold, size)
+
+    def _plan(self, nodes: tuple[int, ...], dim: int, codec: FixedPointCodec, degree: int, threshold: int):
+        """The round's parameters from the one planning rule; what the nodes' policies refuse is raised."""
+        n = len(nodes)
+        sparse = degree < n - 1
+        try:
+            config = plan_round(nodes, dim, codec, graph="sparse" if sparse else "complete",
+                                threshold=threshold, degree=degree if sparse else None)
+        except ConfigError:
+            if not sparse:
+                raise
+            log.warning("num_shares gives degree %d, too small for %d nodes under the clients' collusion bound; "
+                        "using the smallest secure degree instead", degree, n)
+            config = plan_round(nodes, dim, codec, graph="sparse")
+        if config.threshold > threshold:
+            log.warning("reconstruction threshold %d raised to %d: clients refuse less (with up to a third of "
+                        "the other nodes colluding, a lower threshold lets the server unmask one node)",
+                        threshold, config.threshold)
+        return config
 
     def _round_identity(self) -> IdentityKey:
         """The server's signing key for one round (fresh each round; the nodes learn it in the directory)."""

@@ -46,6 +46,7 @@ def aggregate_ckks(
     release_grid_bits: int | None = None,
     precompute: bool = True,
     key_holders: int = 1,
+    keyholders: Sequence[IdentityKey] | None = None,
     **unsupported,
 ) -> AggregateResult:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
@@ -62,7 +63,9 @@ def aggregate_ckks(
     ``scheme="bfv"``) splits every update into additive shares, one per key holder, so that
     no single key holder can decrypt anything (the upload grows by that factor). Every key
     holder always re-adds the signed uploads the server forwards and refuses an aggregate
-    that is not their sum (``timings["keyholder.verify"]``; it is not optional).
+    that is not their sum (it is not optional; its time is in ``keyholder.decrypt``).
+    ``keyholders``: the Ed25519 identities of the key holder(s) (default: fresh ones); every
+    client is built with their public keys and accepts only contexts they signed.
     ``timings`` for ``client.*`` are per client means.
     """
     if unsupported:
@@ -97,10 +100,13 @@ def aggregate_ckks(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    holders = [KeyHolder(round) for _ in range(key_holders)]
+    if keyholders is not None and len(keyholders) != key_holders:
+        raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
+    holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * key_holders)]
     client_ctxs = [h.context_for_clients() for h in holders]
     server_ctxs = [h.context_for_server() for h in holders]
-    holder_keys = [h.public_key for h in holders]
+    # the clients' pinned key-holder keys come from the caller's argument when it names them
+    holder_keys = [k.public_bytes for k in keyholders] if keyholders else [h.public_key for h in holders]
     timings["keyholder.keygen"] = time.perf_counter() - t
 
     identities = {i: IdentityKey.generate() for i in range(n)}
