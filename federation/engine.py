@@ -43,6 +43,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from federation import checkpoint as ckpt_io
 from federation.accounting import DistributedNoisePlan, RoundAccountant
@@ -54,6 +55,7 @@ from federation.aggregators import (
     protocol_available,
 )
 from federation.config import ExperimentConfig
+from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
@@ -126,6 +128,7 @@ class RoundResult:
     aborted: str | None = None
     sampled_count: int | None = None
     included_count: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the caller's evaluate(model) hook
 
     def to_json(self, *, redact: bool = False) -> dict:
         """The round as JSON; ``redact`` keeps counts and drops who was sampled, included or
@@ -156,10 +159,23 @@ class RunSummary:
 
 
 class Federation:
-    """An in-process federated experiment built from an :class:`ExperimentConfig`.
+    """A federated experiment run in this process: a built-in scenario from an
+    :class:`ExperimentConfig`, or the caller's own model and per-site data.
 
-    Everything that can be wrong with the configuration (options, data files, protocol
-    availability, privacy budget) is checked here, before any client trains.
+    Own model and data (every option of :class:`ExperimentConfig` is a keyword)::
+
+        fed = Federation(model=make_model, client_data=[(x1, y1), (x2, y2), (x3, y3)],
+                         loss=torch.nn.CrossEntropyLoss(), test_data=(x_test, y_test),
+                         protection="masking", dp="dpsgd", budget_epsilon=8.0, rounds=5)
+        summary = fed.run()
+
+    ``model`` is an ``nn.Module`` or a function returning a fresh one; ``client_data`` holds one
+    ``(x, y)`` pair (or torch Dataset) per site, and each site trains only on its own records;
+    ``loss(output, y)`` is the mean loss of a batch (default: cross-entropy); ``train(model,
+    loader)`` replaces the engine's local SGD (not with DP-SGD: see LocalTraining);
+    ``evaluate(model) -> {name: value}`` adds metrics of the global model to every evaluated
+    round. Everything that can be wrong (options, data, model, protocol availability, privacy
+    budget) is checked here, before any client trains.
     """
 
     #: Whether this backend draws each round's clients as configured (``sample_clients``). A
@@ -169,34 +185,54 @@ class Federation:
 
     def __init__(
         self,
-        config: ExperimentConfig,
+        config: ExperimentConfig | None = None,
         *,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
+        client_data: Sequence[object] | None = None,
+        test_data: object = None,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        train: TrainHook | None = None,
+        evaluate: EvaluateHook | None = None,
         executor: ClientExecutor | None = None,
         aggregator: Aggregator | None = None,
         dataset: Dataset | None = None,
+        **options: object,
     ) -> None:
+        custom = None
+        if model is not None or client_data is not None:
+            if dataset is not None:
+                raise ConfigError("pass either client_data= (per-site data) or dataset=, not both")
+            custom = custom_setup(model, client_data, test_data)
+        elif test_data is not None:
+            raise ConfigError("test_data= goes with model= and client_data=; a built-in dataset has its own test split")
+        config = build_config(config, options, custom, dataset)
         config.validate(strict=True)
         if aggregator is None:
             missing = protocol_available(config.protection)
             if missing:
                 raise ConfigError(missing + "; use protection = 'none' until it is installed")
-        if dataset is None:
+        if dataset is None and custom is None:
             check_available(config.dataset, config.data_dir)
         if config.deterministic:
             warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
                           "this is for tests and benchmarks only and gives no privacy", stacklevel=2)
         self.config = config
-        self.dataset = dataset if dataset is not None else load_dataset(
-            config.dataset, config.data_dir, seed=config.seed)
-        self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
-                               alpha=config.alpha, seed=config.seed)
+        self.evaluate_hook = evaluate
+        if custom is not None:
+            self.dataset, self.parts, self.build = custom.dataset, custom.parts, custom.build
+        else:
+            self.dataset = dataset if dataset is not None else load_dataset(
+                config.dataset, config.data_dir, seed=config.seed)
+            self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
+                                   alpha=config.alpha, seed=config.seed)
+            self.build = partial(build_model, config.model, self.dataset.input_shape,
+                                 self.dataset.num_classes, hidden=config.hidden)
         self.sizes = [len(p) for p in self.parts]
-        self.build = partial(build_model, config.model, self.dataset.input_shape,
-                             self.dataset.num_classes, hidden=config.hidden)
         self.local = LocalTraining(
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+            loss=loss, train=train,
         )
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
@@ -440,9 +476,19 @@ class Federation:
         self.params = self.strategy.apply(self.params, mean.astype(np.float32)).astype(np.float32)
         return True
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """(accuracy, loss) of the global model on the test split (None where not defined)."""
         set_flat(self._model, self.params)
-        return evaluate(self._model, self.dataset.x_test, self.dataset.y_test)
+        return evaluate(self._model, self.dataset.x_test, self.dataset.y_test, loss=self.local.loss)
+
+    def metrics(self) -> dict[str, float]:
+        """The caller's ``evaluate(model)`` metrics of the global model ({} without the hook)."""
+        if self.evaluate_hook is None:
+            return {}
+        set_flat(self._model, self.params)
+        self._model.eval()
+        with torch.no_grad():
+            return check_metrics(self.evaluate_hook(self._model))
 
     # ----------------------------------------------------------------- loop
     def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
@@ -468,9 +514,11 @@ class Federation:
             if not self.apply_aggregate(result):
                 aborted = "no client's update counted"
         accuracy = loss = None
+        metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
-        trained = [u for u in updates if u is not None]
+            metrics = self.metrics()
+        trained = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
         included = [sampled[i] for i in result.included] if result is not None else []
         per_param = result.bytes_up_per_param if result is not None else 0.0
         result_row = RoundResult(
@@ -478,7 +526,7 @@ class Federation:
             bytes_up_total=round(per_param * vectors.shape[1] * len(included)),
             sampled=list(sampled), included=included,
             dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
-            train_loss=float(np.mean([u.loss for u in trained])) if trained else None,
+            train_loss=float(np.mean(trained)) if trained else None, metrics=metrics,
             max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
             seconds=time.perf_counter() - start, aborted=aborted,
         )

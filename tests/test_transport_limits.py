@@ -93,11 +93,12 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await call.write(f)
 
     async def scenario():
-        server = await _started(pki, settings(expected_clients=5, threshold=3, stage_timeout=10.0))
+        # six clients, two attacking: the masking plan's t = 4 (up to one colluder assumed) still holds
+        server = await _started(pki, settings(expected_clients=6, threshold=3, stage_timeout=10.0))
         try:
             serving = asyncio.ensure_future(server.serve())
             await asyncio.wait_for(asyncio.gather(
-                *honest(pki, server.port, (1, 2, 3)),
+                *honest(pki, server.port, (1, 2, 3, 6)),
                 _attacker(pki, server.port, 4, big_count), _attacker(pki, server.port, 5, big_chunk),
             ), 60)
             reports = await asyncio.wait_for(serving, 60)
@@ -106,8 +107,8 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await server.stop(0)
 
     server, (report,) = asyncio.run(scenario())
-    assert report.ok and report.outcome.included == (1, 2, 3)
-    limit = (64 << 10) + 5 * (1 << 10)
+    assert report.ok and report.outcome.included == (1, 2, 3, 6)
+    limit = (64 << 10) + 6 * (1 << 10)
     assert f"a payload of 60 chunks is larger than the {limit}-byte limit of this stage" in report.dropped[4]
     assert f"exceeds the {limit}-byte limit of this stage" in report.dropped[5]
     assert server.peak_buffered_bytes == 0  # neither attacker had a byte held
@@ -130,7 +131,8 @@ def test_rate_limit_applies_to_discarded_chunks(pki, caplog):
             await server.stop(0)
 
     asyncio.run(scenario())
-    assert "client 1 disconnected by the server: rate limit: more than 20 frames/s" in caplog.text
+    assert re.search(r"client 1 \(ipv[46]:\S+\) disconnected by the server: rate limit: more than 20 frames/s",
+                     caplog.text)
 
 
 @pytest.mark.parametrize("count", [2, 60])
@@ -144,3 +146,58 @@ def test_reassembler_asks_before_keeping(count):
         out = r.feed(ch, admit=lambda first: seen.append((first.index, r.buffered)))
         assert r.buffered == 0
     assert out is None and seen == [(0, 0)]
+
+
+def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
+    """Raw TCP connections that never start TLS: beyond the cap closed at once, the rest after the handshake timeout."""
+    import socket
+
+    import numpy as np
+
+    from federation.transport.grpc_client import run_client
+
+    def states(socks) -> list[str]:
+        out = []
+        for s in socks:
+            try:
+                out.append("closed" if s.recv(16) == b"" else "data")
+            except TimeoutError:
+                out.append("open")
+            except OSError:
+                out.append("closed")
+        return out
+
+    async def scenario():
+        # three clients: a masking round of fewer is refused by every client's policy
+        s = settings(expected_clients=3, threshold=2, max_connections=5, handshake_timeout=1.0,
+                     options={"dim": 4, "clip": 1.0})
+        server = await _started(pki, s)
+        socks = []
+        try:
+            for _ in range(8):
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.settimeout(0.01)
+                socks.append(sock)
+            await asyncio.sleep(0.3)
+            early = states(socks)
+            for _ in range(300):  # the handshake timeout is 1 s; allow a loaded machine 15 s
+                await asyncio.sleep(0.05)
+                if states(socks) == ["closed"] * 8:
+                    break
+            late = states(socks)
+            # legitimate clients still get in
+            clients = [asyncio.ensure_future(run_client(ClientSettings(server=f"localhost:{server.port}"),
+                                                        creds(pki, c), lambda r: np.zeros(4, np.float32)))
+                       for c in (1, 2, 3)]
+            reports = await asyncio.wait_for(server.serve(), 30)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+            return early, late, reports
+        finally:
+            for sock in socks:
+                sock.close()
+            await server.stop(0)
+
+    early, late, (report,) = asyncio.run(scenario())
+    assert early.count("closed") == 3 and early.count("open") == 5  # three over the cap of five
+    assert late == ["closed"] * 8  # none finished a handshake within handshake_timeout
+    assert report.ok and report.participants == (1, 2, 3)

@@ -62,6 +62,7 @@ from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
 
 log = logging.getLogger("secagg.server")
+CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
 
 
 @dataclass
@@ -78,7 +79,10 @@ class ServerSettings:
     join_timeout: float = 60.0  # first round: how long to wait for expected_clients
     rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
     stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
-    hello_timeout: float = 10.0
+    hello_timeout: float = 10.0  # after the TLS handshake: the signed hello must arrive within this
+    handshake_timeout: float = 10.0  # a connection that has not finished the TLS handshake is closed
+    keepalive_seconds: float = 20.0  # ping every connection this often...
+    keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     frames_per_second: float = 2000.0
@@ -94,8 +98,12 @@ class ServerSettings:
             raise ConfigError(
                 f"threshold must be between 1 and expected_clients ({self.expected_clients}), got {self.threshold}"
             )
-        if self.stage_timeout <= 0 or self.join_timeout <= 0:
-            raise ConfigError("stage_timeout and join_timeout must be positive seconds")
+        if min(self.stage_timeout, self.join_timeout, self.hello_timeout, self.handshake_timeout,
+               self.keepalive_seconds, self.keepalive_timeout) <= 0:
+            raise ConfigError("stage_timeout, join_timeout, hello_timeout, handshake_timeout, keepalive_seconds "
+                              "and keepalive_timeout must be positive seconds")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -118,6 +126,7 @@ class _Conn:
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
+        self.task: asyncio.Task | None = None  # the stream's handler, cancelled if a close does not flush
 
     def send_frame(self, data: bytes) -> None:
         if not self.closed:
@@ -129,9 +138,13 @@ class _Conn:
             self.send_frame(f)
 
     def close(self) -> None:
+        """End the stream once the queued frames are written; cancel it if they are not within
+        ``CLOSE_GRACE`` seconds (a stopped client that reads nothing must not hold it open)."""
         if not self.closed:
             self.closed = True
             self.out.put_nowait(None)
+            if self.task is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, self.task.cancel)
 
 
 @dataclass
@@ -189,14 +202,22 @@ class AggregationServer:
     async def start(self) -> int:
         s = self.settings
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        cap = connection_cap(s.max_connections)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", frame_limit),
                 ("grpc.max_send_message_length", frame_limit),
                 ("grpc.max_concurrent_streams", 4),
-                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_time_ms", int(s.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # a TCP connection that has not completed the TLS handshake within this is closed...
+                ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout * 1000)),
+                # ...and connections beyond the cap are closed as they arrive, so idle sockets
+                # cannot exhaust the process's file descriptors
+                ("grpc.max_allowed_incoming_connections", cap),
             ],
             maximum_concurrent_rpcs=s.max_connections,
         )
@@ -213,7 +234,8 @@ class AggregationServer:
         if not self.port:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
-        log.info("listening on %s:%d (mutual TLS, mode=%s)", s.host, self.port, s.mode)
+        log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
+                 s.host, self.port, s.mode, cap, s.handshake_timeout)
         if s.mode == "plain":
             log.warning("mode 'plain' is the INSECURE baseline: the server sees every client's update")
         return self.port
@@ -318,7 +340,8 @@ class AggregationServer:
                 stage = driver.stage()
                 await self._wait_stage(state)
                 for cid in sorted(state.pending()):
-                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s", kick=False)
+                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s "
+                               "(disconnected; it must reconnect to take part again)", kick=True)
                 out = driver.close_stage()
                 log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
         except SecAggError as exc:
@@ -353,7 +376,9 @@ class AggregationServer:
             log.info(
                 "round %d done in %.3fs: %d included, %d dropped", number, seconds, len(included), len(state.dropped)
             )
-        return RoundReport(number, ok, reason, outcome, participants, dict(state.dropped), seconds)
+        # a client whose input is in the sum was not dropped from the round, whatever happened to it later
+        dropped = {c: r for c, r in state.dropped.items() if c not in included}
+        return RoundReport(number, ok, reason, outcome, participants, dropped, seconds)
 
     async def _wait_stage(self, state: _RoundState) -> None:
         deadline = time.monotonic() + self.settings.stage_timeout
@@ -377,12 +402,12 @@ class AggregationServer:
         if state is not None and cid in state.active:
             state.active.discard(cid)
             state.dropped[cid] = reason
-            log.warning("round %d: dropped client %d: %s", state.number, cid, reason)
+            log.warning("round %d: dropped client %d (%s): %s", state.number, cid, conn.peer if conn else "gone", reason)
             if conn is not None:
                 conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
             state.progress.set()
         elif kick:
-            log.warning("client %d disconnected by the server: %s", cid, reason)
+            log.warning("client %d (%s) disconnected by the server: %s", cid, conn.peer if conn else "gone", reason)
         if kick and conn is not None:
             conn.close()
 
@@ -523,6 +548,7 @@ class AggregationServer:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
         conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
+        conn.task = asyncio.current_task()
         self._conns[cid] = conn
         log.info("client %d connected from %s", cid, context.peer())
         self._joined.set()
@@ -543,8 +569,11 @@ class AggregationServer:
                 self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
-        reason = "disconnected (the client closed its stream)"
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        reason = (
+            "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
+            f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
+        )
         try:
             while True:
                 data = await context.read()
@@ -578,15 +607,28 @@ class AggregationServer:
         self._drop_conn(conn, reason)
 
 
+def connection_cap(wanted: int, reserve: int = 64) -> int:
+    """``wanted`` connections, lowered to what the open-file limit allows (``reserve`` kept for files and logs)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft - reserve >= wanted:
+        return wanted
+    cap = max(1, soft - reserve)
+    log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
+    return cap
+
+
 def total_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f8").copy()
 
 
-def report_summary(report: RoundReport) -> dict:
-    """One JSON-able line per round: what was released and who was dropped (and why)."""
+def report_summary(report: RoundReport, stage_timeout: float | None = None) -> dict:
+    """One JSON-able line per round: what was released, who was dropped (and why), or why it failed."""
     line = {
         "round": report.round, "ok": report.ok, "seconds": round(report.seconds, 4),
         "participants": len(report.participants),
+        **({"stage_timeout": stage_timeout} if stage_timeout is not None else {}),
         "dropped": {str(c): r for c, r in sorted(report.dropped.items())},
     }
     if report.ok and report.outcome is not None:
@@ -611,7 +653,7 @@ async def serve_forever_with_state(
     next one starts, so a server killed at any point restarts at the first round it had
     not finished; a round cut short by the crash is run again from scratch with fresh keys.
     """
-    from federation.transport.config import read_progress, record_round
+    from federation.transport.config import read_progress, record_failed_round, record_round
 
     done = read_progress(state_dir)
     total_rounds = settings.first_round + settings.rounds
@@ -621,9 +663,11 @@ async def serve_forever_with_state(
         settings.rounds = max(0, total_rounds - settings.first_round)
 
     def on_round(report: RoundReport) -> None:
-        line = report_summary(report)
+        line = report_summary(report, settings.stage_timeout)
         if report.ok and state_dir is not None and report.outcome is not None:
             record_round(state_dir, report.round, report.outcome.total, line)
+        elif state_dir is not None:
+            record_failed_round(state_dir, line)
         print_line(line)
 
     server = AggregationServer(settings, credentials, on_round=on_round)

@@ -54,6 +54,11 @@ def register(subparsers, name: str, help_text: str) -> None:
         "--csr", default=None,
         help="issue from a client's request (`secagg certs request`): writes only tls.pem and ca.pem",
     )
+    p_issue.add_argument(
+        "--role", choices=("client", "keyholder"), default="client",
+        help="client certificates: 'keyholder' lets this client hold the ckks round keys "
+             "(clients still name the key holder they trust in their own config)",
+    )
     p_issue.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     p_issue.set_defaults(func=_issue)
 
@@ -117,8 +122,14 @@ def _issue(args: argparse.Namespace) -> int:
         if args.client_id is None or args.server:
             print("secagg certs issue --csr needs the CLIENT_ID the request is for", file=sys.stderr)
             return 2
-        target = issue_from_request(args.dir, args.client_id, Path(args.csr).read_bytes(),
-                                    out=args.out, days=args.days, force=args.force)
+        csr = Path(args.csr)
+        if not csr.is_file():
+            from secagg.errors import ConfigError
+
+            raise ConfigError(f"no certificate request at {csr}; the client writes it with "
+                              f"`secagg certs request {args.client_id} --out DIR` (DIR/request.csr)")
+        target = issue_from_request(args.dir, args.client_id, csr.read_bytes(),
+                                    out=args.out, days=args.days, force=args.force, role=args.role)
         print(f"issued client {args.client_id} certificate in {target} (tls.pem, ca.pem); send both back")
         return 0
 
@@ -126,9 +137,9 @@ def _issue(args: argparse.Namespace) -> int:
     ips = tuple(args.ip) if args.ip else ("127.0.0.1",)
     target = issue(
         args.dir, client_id=args.client_id, server=args.server, dns=dns, ips=ips,
-        out=args.out, days=args.days, force=args.force,
+        out=args.out, days=args.days, force=args.force, role=args.role,
     )
-    what = "server" if args.server else f"client {args.client_id}"
+    what = "server" if args.server else f"client {args.client_id}" + (" (key holder)" if args.role == "keyholder" else "")
     print(f"issued {what} credentials in {target} (ca.pem, tls.pem, tls.key, identity.key)")
     return 0
 
@@ -157,6 +168,6 @@ def _show(args: argparse.Namespace) -> int:
     from federation.transport.certs import identity_from_pem
 
     peer = identity_from_pem(Path(args.cert).read_bytes())
-    who = "server" if peer.role == "server" else f"client {peer.client_id}"
+    who = "server" if peer.role == "server" else f"client {peer.client_id}" + (" (key holder)" if peer.keyholder else "")
     sys.stdout.write(f"{who}\nsubject: {peer.subject}\ned25519: {peer.identity_public_key.hex()}\n")
     return 0

@@ -18,7 +18,8 @@ from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
 from secagg.keys import IdentityKey, derive
 from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID, STAGE_NAMES, Stage
-from secagg.protocol.server import ServerSession, plan_round
+from secagg.protocol.plan import plan_round
+from secagg.protocol.server import ServerSession
 from secagg.result import AggregateResult
 
 class InMemoryRound:
@@ -168,9 +169,9 @@ def _check_updates(updates: np.ndarray) -> np.ndarray:
         raise InputError("secure aggregation needs at least 2 clients (one client's sum is its update)")
     if dim < 1:
         raise InputError("updates must have at least one coordinate")
-    bad_rows = np.flatnonzero(~np.all(np.isfinite(matrix), axis=1))
-    if bad_rows.size:
-        raise InputError(f"updates of clients {bad_rows.tolist()} contain NaN/inf; drop or fix them before aggregating")
+    bad_rows = [i for i, row in enumerate(matrix) if not np.isfinite(row).all()]  # one row's mask at a time
+    if bad_rows:
+        raise InputError(f"updates of clients {bad_rows} contain NaN/inf; drop or fix them before aggregating")
     return matrix
 
 
