@@ -142,3 +142,28 @@ def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_pat
         rows = ledger.rows()
         assert [r.status for r in rows] == ["released"] * ROUNDS
         assert [r.released_participants for r in rows] == [NODES, NODES - 1, NODES]
+
+
+@pytest.mark.slow  # Flower's simulation engine (Ray) polls between messages: a few minutes on 2 cores
+def test_flower_simulation_with_the_mod_and_workflow_equals_plain_fedavg(tmp_path):
+    pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'flwr[simulation]'")
+    from flwr.simulation import run_simulation
+
+    from tests.flower_harness import client_app, server_app
+
+    plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
+    workflow = SecAggPlusWorkflow(num_shares=5, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    out: dict = {}
+    run_simulation(
+        server_app=server_app(rounds=ROUNDS, num_nodes=NODES, fit_workflow=workflow, out=out),
+        client_app=client_app(secure=True, drop=[DROP]),
+        num_supernodes=NODES,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    np.testing.assert_allclose(out["parameters"][0], plain[0], rtol=0, atol=_error_bound(workflow))
+    assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
+    assert any(why.startswith("masked_input") for why in workflow.reports[1].dropped.values())
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == ROUNDS
+        assert [r.released_participants for r in ledger.rows()] == [NODES, NODES - 1, NODES]
