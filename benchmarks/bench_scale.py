@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from secagg.encoding import FixedPointCodec
-from secagg.protocol.common import Stage, graph_of
+from secagg.protocol.common import Stage
 from secagg.protocol.simulate import InMemoryRound
 
 
@@ -107,7 +107,7 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> di
     round_s = time.perf_counter() - started
     server = session.server
     exact = updates[[c - 1 for c in server.included]].astype(np.float64).sum(axis=0)
-    g = graph_of(session.config)
+    g = session.server.graph
     survivors = frozenset(server.included)
     lost = set(server.dropped_at.get(Stage.MASKED_INPUT.value, ()))
     masks = len(survivors) + sum(len(g.neighbours(o) & survivors) for o in lost)

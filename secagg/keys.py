@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from secagg.errors import InvalidShare, InvalidSignature
+from secagg.errors import InvalidPublicKey, InvalidShare, InvalidSignature
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -73,6 +73,21 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, contex
     except ValueError:
         raise InvalidShare("peer public key is invalid (low-order point or wrong length)") from None
     return derive(shared, label=label, context=context)
+
+
+_PROBE = X25519PrivateKey.generate()
+
+
+def check_public_key(public: bytes) -> None:
+    """Raise :class:`InvalidPublicKey` unless ``public`` is a usable X25519 key.
+
+    A low-order point gives the all-zero shared secret with every private key (clamped
+    scalars are multiples of 8), so one exchange with any key tells it apart.
+    """
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise InvalidPublicKey("X25519 public key is a low-order point or malformed") from None
 
 
 def derive(secret: bytes, *, label: bytes, context: bytes) -> bytes:

@@ -8,22 +8,20 @@ simulation engine does, without Ray or polling, so a many-node test stays fast.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp.grid import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from federation.flower.grid import InProcessGrid
 
 FEATURES, CLASSES = 8, 2
 # DP-SGD settings of the torch clients (federation.training.LocalTraining; imported lazily so the
@@ -146,61 +144,10 @@ def server_app(*, rounds: int, num_nodes: int, fit_workflow, out: dict) -> Serve
     return app
 
 
-class InProcessGrid(Grid):
-    """Flower ``Grid`` delivering messages to ClientApps in this process (see module docstring)."""
-
-    def __init__(self, app: ClientApp, num_nodes: int, *, run_id: int = 1) -> None:
-        self._app = app
-        self._run = Run.create_empty(run_id)
-        # What a ServerApp process knows about itself (Flower's runtime sets it before main()).
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, run_id
-        # Flower node ids are large random integers; any distinct ones will do.
-        self.node_ids = [(0x5EC << 40) + 7919 * (i + 1) for i in range(num_nodes)]
-        self.contexts = {
-            nid: Context(run_id=run_id, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
-                         state=RecordDict(), run_config={})
-            for i, nid in enumerate(self.node_ids)
-        }
-        self._replies: dict[str, Message] = {}
-        self.messages_sent = 0
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            msg.metadata.__dict__["_run_id"] = self._run.run_id
-            self.messages_sent += 1
-            try:
-                reply = self._app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as exc:  # noqa: BLE001 -- as the simulation engine: the app's exception becomes an error reply
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(m) for m in message_ids if m in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-
 def run_in_process(*, secure: bool, num_nodes: int, rounds: int, fit_workflow=None, drop=(), mod=None,
-                   kind: str = "dpsgd", claimed: dict[str, float] | None = None):
-    grid = InProcessGrid(client_app(secure=secure, drop=drop, mod=mod, kind=kind, claimed=claimed), num_nodes)
+                   kind: str = "dpsgd", claimed: dict[str, float] | None = None, node_config=None):
+    grid = InProcessGrid(client_app(secure=secure, drop=drop, mod=mod, kind=kind, claimed=claimed), num_nodes,
+                         node_config=node_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     params = run_server(grid, context, rounds=rounds, num_nodes=num_nodes, fit_workflow=fit_workflow, kind=kind)
     return params, grid

@@ -119,11 +119,95 @@ def test_a_client_whose_dp_sgd_spends_more_than_the_ledger_records_does_not_uplo
     np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
 
 
+def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
+    import copy
+
+    from flwr.app import Context, RecordDict
+
+    from federation.flower.grid import InProcessGrid
+    from tests.flower_harness import client_app, run_server
+
+    sent = []
+
+    class RecordingGrid(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            sent.extend(copy.deepcopy(m) for m in messages)
+            return super().push_messages(messages)
+
+    grid = RecordingGrid(client_app(secure=True, kind="lsq"), 4)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5)
+    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+               rounds=1, num_nodes=4, fit_workflow=workflow, kind="lsq")
+    assert workflow.reports[0].aborted is None
+    node = grid.node_ids[0]
+    hello, advertise = [m for m in sent if m.metadata.dst_node_id == node][:2]
+    replies = grid.send_and_receive([hello, advertise])  # the same round, sent again (a fresh hello first)
+    assert not replies[0].has_error()
+    assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A CA with a server and five client credential directories (client ids 11..15)."""
+    from federation.transport.certs import init_ca, issue
+
+    ca = tmp_path_factory.mktemp("ca")
+    init_ca(ca)
+    return {"server": issue(ca, server=True), **{p: issue(ca, client_id=11 + p) for p in range(5)}}
+
+
+def _with_credentials(deployment):
+    return lambda pid: {"secagg-credentials": str(deployment[pid])}
+
+
+def test_with_a_ca_nodes_take_their_certified_ids_and_the_round_equals_plain_fedavg(deployment):
+    plain, _ = run_in_process(secure=False, num_nodes=5, rounds=1, kind="lsq")
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, credentials=deployment["server"])
+    secure, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    assert workflow.reports[0].aborted is None and len(workflow.reports[0].included) == 5
+    np.testing.assert_allclose(secure[0], plain[0], rtol=0, atol=_error_bound(workflow, 5, None))
+
+
+class KeySwappingWorkflow(SecAggWorkflow):
+    """An active server that puts its own key in place of node 12's (a man in the middle)."""
+
+    def _enrol(self, hellos, report):
+        nodes, identities, certificates = super()._enrol(hellos, report)
+        from secagg.keys import IdentityKey
+
+        identities[12] = IdentityKey.generate().public_bytes
+        return nodes, identities, certificates
+
+
+def test_with_a_ca_a_server_substituting_a_key_is_refused_by_every_node(deployment):
+    workflow = KeySwappingWorkflow(num_shares=1.0, reconstruction_threshold=0.5, credentials=deployment["server"])
+    params, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None
+    assert all(why.startswith("advertise: MaliciousServerDetected") for why in report.dropped.values())
+    assert len(report.dropped) == 5
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
+def test_a_node_with_credentials_refuses_a_server_that_relays_uncertified_keys(deployment):
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5)  # no CA on the server
+    params, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None
+    assert all("lacks certificates" in why for why in report.dropped.values()) and len(report.dropped) == 5
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
 @pytest.mark.slow  # DP-SGD (Opacus) for 10 nodes x 3 rounds, twice: ~1-2 min on a 2-core machine
 def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_path):
     pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
     plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
-    workflow = SecAggPlusWorkflow(num_shares=5, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    # 7 shares: degree 6 over 10 nodes, where the planner's secure threshold is 6 (one neighbour may drop)
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
     secure, grid = run_in_process(secure=True, num_nodes=NODES, rounds=ROUNDS, fit_workflow=workflow, drop=[DROP])
 
     start = initial_parameters()[0]
@@ -134,10 +218,35 @@ def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_pat
     assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
     dropped_node = grid.node_ids[DROP[1]]
     assert workflow.reports[1].dropped[dropped_node].startswith("masked_input")
-    assert workflow.reports[0].degree == 4 and workflow.reports[0].threshold == 3
+    assert workflow.reports[0].degree == 6 and workflow.reports[0].threshold == 6  # 3 raised to the secure minimum
 
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         assert ledger.verify(recompute=True).releases == ROUNDS
         rows = ledger.rows()
         assert [r.status for r in rows] == ["released"] * ROUNDS
         assert [r.released_participants for r in rows] == [NODES, NODES - 1, NODES]
+
+
+@pytest.mark.slow  # Flower's simulation engine (Ray) polls between messages: a few minutes on 2 cores
+def test_flower_simulation_with_the_mod_and_workflow_equals_plain_fedavg(tmp_path):
+    pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'flwr[simulation]'")
+    from flwr.simulation import run_simulation
+
+    from tests.flower_harness import client_app, server_app
+
+    plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    out: dict = {}
+    run_simulation(
+        server_app=server_app(rounds=ROUNDS, num_nodes=NODES, fit_workflow=workflow, out=out),
+        client_app=client_app(secure=True, drop=[DROP]),
+        num_supernodes=NODES,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    np.testing.assert_allclose(out["parameters"][0], plain[0], rtol=0, atol=_error_bound(workflow))
+    assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
+    assert any(why.startswith("masked_input") for why in workflow.reports[1].dropped.values())
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == ROUNDS
+        assert [r.released_participants for r in ledger.rows()] == [NODES, NODES - 1, NODES]

@@ -21,13 +21,16 @@ from tests.protocol_harness import make_round, run_until, step
 
 
 def test_the_graph_is_built_once_per_configuration_and_matches_a_fresh_build():
-    session, _ = make_round(n=12, graph="sparse", degree=4)
-    config = session.config
-    assert graph_of(config) is graph_of(config)
-    fresh = sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=config.graph_seed)
-    assert all(graph_of(config).neighbours(c) == fresh.neighbours(c) for c in config.clients)
-    other, _ = make_round(n=12, graph="sparse", degree=4)  # a new round has a new graph seed
-    assert graph_of(other.config) is not graph_of(config)
+    session, _ = make_round(n=12, graph="sparse", degree=8)
+    run_until(session, Stage.MASKED_INPUT)
+    config, seed = session.config, session.server._digest
+    assert graph_of(config, seed) is graph_of(config, seed) is session.server.graph
+    fresh = sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=seed)
+    assert all(graph_of(config, seed).neighbours(c) == fresh.neighbours(c) for c in config.clients)
+    other, _ = make_round(n=12, graph="sparse", degree=8)  # a new round has new adverts, so a new seed
+    run_until(other, Stage.MASKED_INPUT)
+    assert other.server._digest != seed
+    assert graph_of(other.config, other.server._digest) is not graph_of(config, seed)
 
 
 def test_each_share_key_is_agreed_once_and_forgotten_once_shares_are_in(monkeypatch):

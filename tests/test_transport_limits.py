@@ -93,11 +93,12 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await call.write(f)
 
     async def scenario():
-        server = await _started(pki, settings(expected_clients=5, threshold=3, stage_timeout=10.0))
+        # six clients, two attacking: the masking plan's t = 4 (up to one colluder assumed) still holds
+        server = await _started(pki, settings(expected_clients=6, threshold=3, stage_timeout=10.0))
         try:
             serving = asyncio.ensure_future(server.serve())
             await asyncio.wait_for(asyncio.gather(
-                *honest(pki, server.port, (1, 2, 3)),
+                *honest(pki, server.port, (1, 2, 3, 6)),
                 _attacker(pki, server.port, 4, big_count), _attacker(pki, server.port, 5, big_chunk),
             ), 60)
             reports = await asyncio.wait_for(serving, 60)
@@ -106,8 +107,8 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
             await server.stop(0)
 
     server, (report,) = asyncio.run(scenario())
-    assert report.ok and report.outcome.included == (1, 2, 3)
-    limit = (64 << 10) + 5 * (1 << 10)
+    assert report.ok and report.outcome.included == (1, 2, 3, 6)
+    limit = (64 << 10) + 6 * (1 << 10)
     assert f"a payload of 60 chunks is larger than the {limit}-byte limit of this stage" in report.dropped[4]
     assert f"exceeds the {limit}-byte limit of this stage" in report.dropped[5]
     assert server.peak_buffered_bytes == 0  # neither attacker had a byte held
@@ -167,7 +168,8 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
         return out
 
     async def scenario():
-        s = settings(expected_clients=1, threshold=1, max_connections=5, handshake_timeout=1.0,
+        # three clients: a masking round of fewer is refused by every client's policy
+        s = settings(expected_clients=3, threshold=2, max_connections=5, handshake_timeout=1.0,
                      options={"dim": 4, "clip": 1.0})
         server = await _started(pki, s)
         socks = []
@@ -183,11 +185,12 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
                 if states(socks) == ["closed"] * 8:
                     break
             late = states(socks)
-            # a legitimate client still gets in
-            client = asyncio.ensure_future(run_client(ClientSettings(server=f"localhost:{server.port}"),
-                                                      creds(pki, 1), lambda r: np.zeros(4, np.float32)))
+            # legitimate clients still get in
+            clients = [asyncio.ensure_future(run_client(ClientSettings(server=f"localhost:{server.port}"),
+                                                        creds(pki, c), lambda r: np.zeros(4, np.float32)))
+                       for c in (1, 2, 3)]
             reports = await asyncio.wait_for(server.serve(), 30)
-            await asyncio.wait_for(client, 30)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
             return early, late, reports
         finally:
             for sock in socks:
@@ -197,4 +200,4 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
     early, late, (report,) = asyncio.run(scenario())
     assert early.count("closed") == 3 and early.count("open") == 5  # three over the cap of five
     assert late == ["closed"] * 8  # none finished a handshake within handshake_timeout
-    assert report.ok and report.participants == (1,)
+    assert report.ok and report.participants == (1, 2, 3)

@@ -93,6 +93,8 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "modes" in table:
         table["modes"] = tuple(str(m) for m in table["modes"])
+    # Round ids this client signed in survive restarts: by default next to the credentials.
+    table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):
         raise ConfigError(
             f"{path}: [client] keyholder must be the client id (an integer >= 1) of the ckks key holder this "

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from secagg.bench.limits import check_bench_size
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import (
@@ -68,7 +69,7 @@ def run_ckks_bench(
     release_grid_bits: int | None = None, precompute: bool = True, key_holders: int = 1,
 ) -> dict:
     """Return the benchmark figures as a flat dict (see ``secagg bench ckks --help``)."""
-    dim = int(dim)
+    clients, dim = check_bench_size(clients=clients, dim=dim)
     params = _params(scheme, poly_modulus_degree, coeff_mod_bit_sizes, scale_bits)
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)
     plain_sum_s = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))

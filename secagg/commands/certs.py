@@ -122,7 +122,13 @@ def _issue(args: argparse.Namespace) -> int:
         if args.client_id is None or args.server:
             print("secagg certs issue --csr needs the CLIENT_ID the request is for", file=sys.stderr)
             return 2
-        target = issue_from_request(args.dir, args.client_id, Path(args.csr).read_bytes(),
+        csr = Path(args.csr)
+        if not csr.is_file():
+            from secagg.errors import ConfigError
+
+            raise ConfigError(f"no certificate request at {csr}; the client writes it with "
+                              f"`secagg certs request {args.client_id} --out DIR` (DIR/request.csr)")
+        target = issue_from_request(args.dir, args.client_id, csr.read_bytes(),
                                     out=args.out, days=args.days, force=args.force, role=args.role)
         print(f"issued client {args.client_id} certificate in {target} (tls.pem, ca.pem); send both back")
         return 0
