@@ -123,13 +123,16 @@ def decode_shares(blobs: Sequence[bytes], *, secret_bytes: int) -> np.ndarray:
 MAX_CORRECTED = 64  # Berlekamp-Welch uses at most t + 2 * 64 shares: O((t + 128)^3) field operations
 
 
-def honest_holders(holders: Sequence[int], shares: np.ndarray, threshold: int) -> list[int] | None:
-    """The holders whose share of one secret lies on the polynomial most shares agree on.
+def honest_holders(
+    holders: Sequence[int], shares: np.ndarray, threshold: int
+) -> tuple[list[int], list[int]] | None:
+    """(holders whose share lies on the polynomial, holders whose share does not), for one secret.
 
     ``shares[h, limb]``: one share per holder. Berlekamp-Welch decoding of a random linear
     combination of the limbs (a wrong share survives the combination with probability
     1 - 1/p) finds an error locator E; holders where E is non-zero are provably on the
-    true polynomial. Returns at least ``threshold`` holders, or None when more than
+    true polynomial. The first list has at least ``threshold`` holders; the second lists the
+    holders examined (at most t + 2 * MAX_CORRECTED) that are off it. None when more than
     (h - t) / 2 of the shares used are wrong.
     """
     h = len(holders)
@@ -157,7 +160,14 @@ def honest_holders(holders: Sequence[int], shares: np.ndarray, threshold: int) -
     for coefficient in locator[::-1]:
         at_x = (at_x * xs + int(coefficient)) % PRIME
     good = [int(x) for x, e in zip(xs.tolist(), at_x.tolist()) if e != 0]
-    return good if len(good) >= threshold else None
+    if len(good) < threshold:
+        return None
+    # Roots of E are not necessarily wrong (E may have spare roots): test them against P.
+    weights = [lagrange_at(tuple(good[:threshold]), x) for x in xs.tolist()]
+    base = np.asarray([ys[np.flatnonzero(xs == g)[0]] for g in good[:threshold]], dtype=np.int64)
+    wrong = [int(x) for x, w, y in zip(xs.tolist(), weights, ys.tolist())
+             if int(np.dot(np.asarray(w, dtype=object), base.astype(object)) % PRIME) != y]
+    return [x for x in xs.tolist() if x not in wrong], wrong
 
 
 def _divides(divisor: list[int], dividend: list[int]) -> bool:
@@ -218,6 +228,19 @@ def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
             if i != j:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
+
+
+def lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Lagrange basis values at ``x`` for the points ``xs`` in GF(p)."""
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
         weights.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(weights)
 

@@ -70,7 +70,7 @@ def encode(msg: Message) -> bytes:
     """Serialise a registered message (unsigned)."""
     if type(msg).TYPE not in _REGISTRY:
         raise WireError(f"{type(msg).__name__} is not a registered wire message")
-    body = {f.name: _to_wire(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    body = {name: _to_wire(getattr(msg, name)) for name, _, _ in _schema(type(msg))[1]}
     return msgpack.packb([MAGIC, WIRE_VERSION, type(msg).TYPE, body], use_bin_type=True)
 
 
@@ -212,8 +212,6 @@ def _build(cls: type[Message], body: dict) -> Message:
 
 
 def _check(value: Any, hint: Any, where: str, limit: int) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
     if hint is int:
         if type(value) is not int:
             raise WireError(f"{where}: expected int, got {type(value).__name__}")
@@ -236,6 +234,11 @@ def _check(value: Any, hint: Any, where: str, limit: int) -> Any:
         if len(value) > limit:
             raise WireError(f"{where}: {len(value)} bytes exceeds the {limit}-byte field limit")
         return value
+    fast = _CONTAINER_CHECKS.get(hint)
+    if fast is not None:
+        return fast(value, where, limit)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     if origin is tuple:
         if not isinstance(value, list):
             raise WireError(f"{where}: expected a sequence")
@@ -253,3 +256,33 @@ def _check(value: Any, hint: Any, where: str, limit: int) -> Any:
             for k, v in value.items()
         }
     raise TypeError(f"{where}: unsupported field type {hint!r} in a wire schema")
+
+
+# The containers every protocol message uses, checked in one loop each instead of one
+# recursive call per item; the checks and error messages are exactly those above.
+def _check_int_tuple(value: Any, where: str, limit: int) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise WireError(f"{where}: expected a sequence")
+    for v in value:
+        if type(v) is not int:
+            raise WireError(f"{where}[]: expected int, got {type(v).__name__}")
+    return tuple(value)
+
+
+def _check_bytes_by_int(value: Any, where: str, limit: int) -> dict[int, bytes]:
+    if not isinstance(value, dict):
+        raise WireError(f"{where}: expected a mapping")
+    for k, v in value.items():
+        if type(k) is not int:
+            raise WireError(f"{where} key: expected int, got {type(k).__name__}")
+        if not isinstance(v, bytes):
+            raise WireError(f"{where}[{k!r}]: expected bytes, got {type(v).__name__}")
+        if len(v) > limit:
+            raise WireError(f"{where}[{k!r}]: {len(v)} bytes exceeds the {limit}-byte field limit")
+    return value
+
+
+_CONTAINER_CHECKS: dict[Any, Callable[[Any, str, int], Any]] = {
+    tuple[int, ...]: _check_int_tuple,
+    dict[int, bytes]: _check_bytes_by_int,
+}

@@ -207,3 +207,24 @@ def test_a_seal_signs_the_payload_digest_so_any_change_to_a_large_payload_is_ref
     # And to the signer's key.
     with pytest.raises(InvalidSignature):
         wire.open_sealed(sealed, lambda party: other_key.public_bytes)
+
+
+_ITEMS = st.one_of(st.integers(-5, 5), st.binary(max_size=6), st.text(max_size=2), st.none(), st.booleans())
+
+
+@settings(max_examples=100, deadline=None)
+@given(hint=st.sampled_from([tuple[int, ...], dict[int, bytes]]),
+       value=st.one_of(st.lists(_ITEMS, max_size=4), st.dictionaries(st.integers(0, 9) | st.text(max_size=1), _ITEMS,
+                                                                     max_size=4), _ITEMS))
+def test_container_fast_checks_match_the_general_schema_check(hint, value):
+    def outcome(checks):
+        saved = wire._CONTAINER_CHECKS
+        wire._CONTAINER_CHECKS = checks
+        try:
+            return "ok", wire._check(value, hint, "M.f", 4)
+        except WireError as exc:
+            return "error", str(exc)
+        finally:
+            wire._CONTAINER_CHECKS = saved
+
+    assert outcome(wire._CONTAINER_CHECKS) == outcome({})

@@ -411,9 +411,10 @@ class ServerSession:
         t = self.config.threshold
         shares = self._share_matrix(tuple(holders), [owner], field)[:, 0, :]
         for _ in range(3):  # a wrong share hides in the random limb combination with probability 1/p
-            good = shamir.honest_holders(holders, shares, t)
-            if good is None:
+            decoded = shamir.honest_holders(holders, shares, t)
+            if decoded is None:
                 break
+            good, wrong = decoded
             index = {h: i for i, h in enumerate(holders)}
             chosen = good[:t]
             limbs = shamir.interpolate_at_zero(
@@ -421,7 +422,7 @@ class ServerSession:
             )
             secret = shamir.secrets_from_limbs(limbs, SECRET_BYTES)[0]
             if secret is not None and valid(owner, secret):
-                for h in set(holders) - set(good):
+                for h in wrong:
                     self.suspects[h] = (
                         f"its share of client {owner}'s {field.replace('_', ' ')[:-1]} is off the polynomial "
                         f"the other shares and the commitment agree on (it or client {owner} lied)"
