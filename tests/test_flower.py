@@ -119,6 +119,34 @@ def test_a_client_whose_dp_sgd_spends_more_than_the_ledger_records_does_not_uplo
     np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
 
 
+def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
+    import copy
+
+    from flwr.app import Context, RecordDict
+
+    from federation.flower.grid import InProcessGrid
+    from tests.flower_harness import client_app, run_server
+
+    sent = []
+
+    class RecordingGrid(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            sent.extend(copy.deepcopy(m) for m in messages)
+            return super().push_messages(messages)
+
+    grid = RecordingGrid(client_app(secure=True, kind="lsq"), 4)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5)
+    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+               rounds=1, num_nodes=4, fit_workflow=workflow, kind="lsq")
+    assert workflow.reports[0].aborted is None
+    node = grid.node_ids[0]
+    hello, advertise = [m for m in sent if m.metadata.dst_node_id == node][:2]
+    replies = grid.send_and_receive([hello, advertise])  # the same round, sent again (a fresh hello first)
+    assert not replies[0].has_error()
+    assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
+
+
 @pytest.mark.slow  # DP-SGD (Opacus) for 10 nodes x 3 rounds, twice: ~1-2 min on a 2-core machine
 def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_path):
     pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
@@ -153,7 +181,7 @@ def test_flower_simulation_with_the_mod_and_workflow_equals_plain_fedavg(tmp_pat
     from tests.flower_harness import client_app, server_app
 
     plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
-    workflow = SecAggPlusWorkflow(num_shares=5, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
     out: dict = {}
     run_simulation(
         server_app=server_app(rounds=ROUNDS, num_nodes=NODES, fit_workflow=workflow, out=out),

@@ -18,6 +18,7 @@ nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -33,13 +34,18 @@ from secagg.errors import InputError, LocalProtocolError, MaliciousServerDetecte
 from secagg.keys import IdentityKey
 from secagg.protocol import ClientPolicy, ClientSession
 from secagg.protocol.common import SERVER_ID, Stage
+from secagg.protocol.replay import MemoryRoundIds
 
 NODE_RECORD = "secagg.node"  # the node's long-term Ed25519 identity (private bytes)
 SESSION_RECORD = "secagg.session"  # the current round's paused session
 
 
 def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message, Context, Callable], Message]:
-    """A client mod enforcing ``policy`` (the protocol's default policy when None)."""
+    """A client mod enforcing ``policy`` (the protocol's default policy when None).
+
+    The round ids the node has signed in are kept in its Flower Context (a SuperNode may run
+    each message in a fresh process), whatever store ``policy.round_ids`` names.
+    """
 
     def mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -53,10 +59,11 @@ def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message,
         stage, payload = _field(record, "stage", str), _field(record, "payload", bytes)
         if stage == HELLO:
             return _reply(msg, stage, _hello(ctxt))
+        node_policy = dataclasses.replace(policy or ClientPolicy(), round_ids=ContextRoundIds(ctxt))
         if stage == Stage.ADVERTISE.value:
-            session = _start_session(msg, ctxt, record, policy)
+            session = _start_session(msg, ctxt, record, node_policy)
         else:
-            session = _resume(ctxt, policy)
+            session = _resume(ctxt, node_policy)
         if stage == Stage.MASKED_INPUT.value:
             session.set_update(_train(msg, ctxt, call_next))
         try:
@@ -69,6 +76,21 @@ def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message,
 
 
 secagg_mod = make_secagg_mod()
+
+
+class ContextRoundIds(MemoryRoundIds):
+    """The node's round-id claims (see :mod:`secagg.protocol.replay`), kept in its Context."""
+
+    def __init__(self, ctxt: Context, capacity: int = 4096) -> None:
+        super().__init__(capacity)
+        self._ctxt = ctxt
+        node = ctxt.state.config_records.get(NODE_RECORD)
+        for key in [] if node is None else node.get("round_ids", []):
+            self._seen[key] = None
+
+    def _record(self, key: bytes) -> None:
+        node = self._ctxt.state.config_records[NODE_RECORD]
+        node["round_ids"] = list(self._seen)[-self.capacity:]  # the new claim is the last one
 
 
 def _hello(ctxt: Context) -> bytes:

@@ -18,8 +18,9 @@ the masks cancel exactly, so the released sum is bit-identical to the in-process
 the same updates (tests/test_ray_backend.py checks it). Keys and masks still come from
 the OS CSPRNG.
 
-Use a local Ray (started and stopped here, ``num_cpus``) or an existing cluster
-(``address="ray://host:10001"`` or ``"auto"``).
+Use a new local Ray (started and stopped here, ``num_cpus``) or an existing cluster
+(``address="HOST:PORT"`` or ``"auto"``; token authentication and shipping the package to
+the workers are handled in :mod:`federation.transport.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -258,17 +259,10 @@ def make_pools(ids: Sequence[int], *, num_actors: int | None = None, seed: int |
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` or start a local Ray; return True if this call started it."""
-    ray = _require_ray()
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-    return True
+    """Start a new local Ray or join the cluster at ``address`` (see :mod:`.ray_cluster`); True if this call did."""
+    from federation.transport.ray_cluster import connect
+
+    return connect(address, num_cpus)
 
 
 def run_ray_rounds(
