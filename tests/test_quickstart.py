@@ -44,6 +44,7 @@ def test_the_quickstart_script_runs_as_documented(tmp_path, monkeypatch, capsys)
     assert recorded["model"]["model"] == "custom: __main__:make_model"
     assert recorded["data"]["dataset"] == "custom: 5 sites, 133 records"
     assert recorded["data"]["num_clients"] == 5 and recorded["privacy"]["dp"] == "dpsgd"
+    assert "partition" not in recorded["data"] and "hidden" not in recorded["model"]  # not used
 
     from privacy.ledger import Ledger
 
