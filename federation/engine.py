@@ -252,7 +252,7 @@ class Federation:
             client_sample_rate=(config.sampling_rate
                                 if config.sampling == "poisson" and self.samples_clients else 1.0),
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
-            accountant=config.accountant,
+            accountant=enforcing_accountant(config),
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
         )
         self.executor = executor or SequentialExecutor()
@@ -297,7 +297,8 @@ class Federation:
         if not self.accountant.is_private:
             return None
         return Ledger(self.out_dir / LEDGER_FILE, budget_epsilon=self.config.budget_epsilon,
-                      delta=self.config.delta, accountant=self.config.accountant, key=self.ledger_key())
+                      delta=self.config.delta, accountant=enforcing_accountant(self.config),
+                      key=self.ledger_key())
 
     @property
     def spend_note(self) -> str:
@@ -607,6 +608,12 @@ class Federation:
                 fh.write(json.dumps(self.round_json(result)) + "\n")
             if on_round is not None:
                 on_round(result)
+
+
+def enforcing_accountant(config: ExperimentConfig) -> str:
+    """The accountant that enforces the budget: the configured one, except for distributed
+    discrete Gaussian noise, which only RDP has a proof for (PRV/PLD would treat it as Gaussian)."""
+    return "rdp" if config.dp == "user-distributed" else config.accountant
 
 
 def _head(ledger: Ledger | None) -> dict | None:
