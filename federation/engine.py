@@ -118,6 +118,7 @@ class RoundResult:
     max_quantization_error: float
     seconds: float
     aborted: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # evaluation_metrics() when evaluated
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -376,6 +377,11 @@ class Federation:
         set_flat(self._model, self.params)
         return evaluate(self._model, self.dataset.x_test, self.dataset.y_test)
 
+    def evaluation_metrics(self) -> dict[str, float]:
+        """Test metrics beyond accuracy and loss, from the last :meth:`evaluate` (a hook for
+        subclasses, e.g. the recommender's HR@10; none here)."""
+        return {}
+
     # ----------------------------------------------------------------- loop
     def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
         start = time.perf_counter()
@@ -398,8 +404,10 @@ class Federation:
         if result is not None and not self.apply_aggregate(result):
             aborted = "no client's update counted"
         accuracy = loss = None
+        metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
+            metrics = self.evaluation_metrics()
         trained = [u for u in updates if u is not None]
         included = [sampled[i] for i in result.included] if result is not None else []
         per_param = result.bytes_up_per_param if result is not None else 0.0
@@ -410,7 +418,7 @@ class Federation:
             dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
             train_loss=float(np.mean([u.loss for u in trained])) if trained else None,
             max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
-            seconds=time.perf_counter() - start, aborted=aborted,
+            seconds=time.perf_counter() - start, aborted=aborted, metrics=metrics,
         )
         self.close_reservation(ledger, entry, result_row)
         return result_row
