@@ -50,7 +50,9 @@ def worker(root: str, port: int, ids: list[int]) -> None:
     from federation.transport.grpc_client import ClientSettings, run_client
 
     dim = int(os.environ["BENCH_DIM"])
-    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("plain", "masking", "ckks"))
+    # client 1 holds the CA's key-holder role; every client trusts it for ckks rounds
+    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("plain", "masking", "ckks"),
+                              keyholder=1)
 
     async def main():
         reports = await asyncio.gather(*[
@@ -143,7 +145,7 @@ def main() -> None:
         init_ca(root / "ca")
         issue(root / "ca", server=True)
         for c in range(1, args.clients + 1):
-            issue(root / "ca", client_id=c)
+            issue(root / "ca", client_id=c, role="keyholder" if c == 1 else "client")
         cert_seconds = time.perf_counter() - t
         modes = ["plain"] + [m for m in args.modes.split(",") if m and m != "plain"]
         results = [run_mode(root, m, args.clients, args.dim, args.rounds, args.workers) for m in modes]

@@ -26,6 +26,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 
 import privacy
+from privacy._checks import check_delta
 from privacy.events import SampledGaussianEvent, dpfedavg_event, dpsgd_event
 from secagg.errors import ConfigError
 
@@ -60,6 +61,11 @@ class RoundAccountant:
         self._distributed_event = distributed_event
         if mode == "user-distributed" and distributed_event is None:
             raise ConfigError("user-distributed accounting needs the event of the planned noise shares")
+        if mode != "none":
+            # delta must stay below 1/n for the unit protected: records of the largest client
+            # (record level) or users (user level); otherwise it allows releasing one outright.
+            units = (max(client_sizes) if mode == "dpsgd" else len(client_sizes)) if client_sizes else None
+            check_delta(delta, dataset_size=units)
         self.accountant = privacy.accountant.check_accountant(accountant)
         # Clients with the same (q, steps) have the same epsilon: keep one of each.
         self._client_profiles = sorted(
@@ -103,6 +109,11 @@ class RoundAccountant:
     def _epsilon(self, rounds: int) -> float:
         return privacy.epsilon_of_events([self.round_event()] * rounds, delta=self.delta,
                                          accountant=self.accountant)
+
+    @property
+    def claims_sampling(self) -> bool:
+        """True when the round event claims amplification by user-level client sampling."""
+        return self.mode in ("user", "user-distributed") and self.round_event().sample_rate < 1.0
 
     @property
     def is_private(self) -> bool:

@@ -108,21 +108,28 @@ class ExperimentConfig:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
-        """Build from a flat or sectioned mapping; unknown keys and wrong types are errors."""
+        """Build from a flat or sectioned mapping; unknown keys and wrong types are errors.
+
+        Values must already have their option's type (a TOML ``noise_multiplier = "1.5"`` is
+        an error, not a silent conversion); :meth:`set` parses command-line strings.
+        """
         flat: dict[str, Any] = {}
         for key, value in data.items():
             if key in SECTIONS and isinstance(value, dict):
                 for sub, sub_value in value.items():
                     if sub not in SECTIONS[key]:
                         home = next((s for s, ks in SECTIONS.items() if sub in ks), None)
-                        hint = f" (it belongs in [{home}])" if home else ""
+                        hint = f" (it belongs in [{home}])" if home else _did_you_mean(sub, SECTIONS[key])
                         raise ConfigError(f"unknown key {sub!r} in [{key}]{hint}")
                     flat[sub] = sub_value
+            elif isinstance(value, dict):
+                raise ConfigError(f"unknown section [{key}]{_did_you_mean(key, SECTIONS, quote='[]')}; "
+                                  f"sections are {', '.join(f'[{k}]' for k in SECTIONS)}")
             else:
                 flat[key] = value
         config = cls()
         for key, value in flat.items():
-            config.set(key, value)
+            config.set(key, value, from_text=False)
         return config
 
     @classmethod
@@ -136,12 +143,14 @@ class ExperimentConfig:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         return cls.from_dict(data)
 
-    def set(self, key: str, value: Any) -> None:
-        """Set one option, converting strings from the command line; checks name and type."""
+    def set(self, key: str, value: Any, *, from_text: bool = True) -> None:
+        """Set one option; checks name and type. With ``from_text`` a string (from the command
+        line: ``--set lr=0.05``) is parsed to the option's type; without, it must have it."""
         types = {f.name: f.type for f in fields(self)}
         if key not in types:
-            raise ConfigError(f"unknown option {key!r}; known options: {', '.join(sorted(types))}")
-        setattr(self, key, _coerce(key, types[key], value))
+            raise ConfigError(f"unknown option {key!r}{_did_you_mean(key, types)}; "
+                              f"known options: {', '.join(sorted(types))}")
+        setattr(self, key, _coerce(key, types[key], value, from_text=from_text))
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The config grouped as in the TOML file (None values left out: TOML has no null)."""
@@ -179,6 +188,8 @@ class ExperimentConfig:
         for key, allowed in (("dataset", DATASETS), ("partition", PARTITIONS), ("model", MODELS),
                              ("strategy", STRATEGIES), ("protection", PROTECTIONS), ("dp", DP_MODES),
                              ("sampling", ("fixed", "poisson"))):
+            if key in ("dataset", "model") and str(getattr(self, key)).startswith(CUSTOM_PREFIX):
+                continue  # the caller's own model or data, given to Federation(model=, client_data=)
             need(getattr(self, key) in allowed,
                  f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
         need((self.model == "mf") == (self.dataset in ("shops", "movielens")),
@@ -239,12 +250,31 @@ class ExperimentConfig:
         return problems
 
 
-def _coerce(key: str, type_text: str, value: Any) -> Any:
-    """Convert ``value`` to the option's type; strings come from ``--set key=value``."""
+CUSTOM_PREFIX = "custom:"  # model / dataset supplied as Python objects (see federation.custom)
+
+
+def _did_you_mean(name: str, known: Any, *, quote: str = "''") -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {quote[0]}{close[0]}{quote[-1]}?)" if close else ""
+
+
+def _coerce(key: str, type_text: str, value: Any, *, from_text: bool = False) -> Any:
+    """Check ``value`` against the option's type; with ``from_text``, parse a command-line string."""
     optional = "None" in type_text
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+    if value is None and optional:
+        return None
+    if from_text and optional and isinstance(value, str) and value.lower() in ("none", "null", ""):
         return None
     base = type_text.replace(" | None", "")
+    if not from_text and isinstance(value, str) and base != "str":
+        try:
+            _coerce(key, type_text, value, from_text=True)
+            hint = "; write the value without quotes"
+        except ConfigError:
+            hint = ""
+        raise ConfigError(f"option {key!r} expects {type_text}, got the string {value!r}{hint}")
     try:
         if base == "bool":
             if isinstance(value, str):

@@ -46,7 +46,7 @@ def progress(fed: Federation, *, as_json: bool, noun: str = "client") -> Iterato
     private = fed.accountant.is_private
     if as_json:
         def emit(r: RoundResult) -> None:
-            print(json.dumps({"event": "round", **r.to_json()}), flush=True)
+            print(json.dumps({"event": "round", **fed.round_json(r)}), flush=True)
 
         yield emit
         return

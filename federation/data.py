@@ -21,12 +21,12 @@ A missing file raises :class:`secagg.errors.DataError` naming every file expecte
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from privacy.datasets import read_idx
 from secagg.errors import ConfigError, DataError
 
 DATASETS = ("breast_cancer", "digits", "finance", "mnist", "fashion_mnist", "femnist", "shops", "movielens")
@@ -140,7 +140,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
         return _tabular(name, x, y, num_classes=2, seed=seed)
     if name in _IMAGE_FOLDERS:
         folder = root / _IMAGE_FOLDERS[name]
-        x_tr, y_tr, x_te, y_te = (_read_idx(folder / f) for f in IDX_FILES)
+        x_tr, y_tr, x_te, y_te = (read_idx(folder / f) for f in IDX_FILES)
         return Dataset(name, _images(x_tr), y_tr.astype(np.int64), _images(x_te), y_te.astype(np.int64), 10)
     # femnist
     with np.load(root / FEMNIST_FILE, allow_pickle=False) as npz:
@@ -169,20 +169,6 @@ def _tabular(name: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, seed:
 def _images(x: np.ndarray) -> np.ndarray:
     """uint8 (n, 28, 28) -> float32 (n, 1, 28, 28), normalised with MNIST's mean and std."""
     return ((x.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None, :, :]
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip-compressed), the format of MNIST and Fashion-MNIST."""
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} but the file holds {body.size} values")
-    return body.reshape(dims)
 
 
 def partition(

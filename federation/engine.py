@@ -18,10 +18,13 @@ One round, step by step (each a method, so another backend can replace one step)
    DP, then the strategy's server step;
 8. ledger commit, checkpoint.
 
-Randomness: every round's public randomness (sampling, faults, batch order) is derived from
-``(seed, round)``, so a resumed run draws exactly what an uninterrupted one would. DP noise and
-the protocol's keys and masks come from the operating system unless ``deterministic = true``
-(insecure, for tests and benchmarks: it derives them from the seed too, and warns).
+Randomness: which clients take part in a round is drawn from the operating system
+(``os.urandom``) at round time -- the ledger's amplification by sampling holds only if the
+sample is unpredictable -- and only counts of sampled clients reach shared files when a
+sampling rate q < 1 is claimed. Simulated faults and batch order are public and derived from
+``(seed, round)``. DP noise and the protocol's keys and masks come from the operating system
+unless ``deterministic = true`` (insecure, for tests and benchmarks: it derives all of them
+from the seed, warns, and the ledger and report say so).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from federation import checkpoint as ckpt_io
 from federation.accounting import DistributedNoisePlan, RoundAccountant
@@ -51,10 +55,12 @@ from federation.aggregators import (
     protocol_available,
 )
 from federation.config import ExperimentConfig
+from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
+from privacy.dpfedavg import fixed_sample, poisson_sample
 from privacy.ledger import Ledger, LedgerEntry, Spend
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
 from secagg.result import AggregateResult
@@ -118,10 +124,18 @@ class RoundResult:
     max_quantization_error: float
     seconds: float
     aborted: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)  # evaluation_metrics() when evaluated
+    sampled_count: int | None = None
+    included_count: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the caller's evaluate(model) hook
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self, *, redact: bool = False) -> dict:
+        """The round as JSON; ``redact`` keeps counts and drops who was sampled, included or
+        dropped (needed when the ledger claims amplification by client sampling)."""
+        data = asdict(self)
+        if redact:
+            data.update(sampled=[], included=[], dropped={}, sampled_count=len(self.sampled),
+                        included_count=len(self.included))
+        return data
 
 
 @dataclass
@@ -143,42 +157,80 @@ class RunSummary:
 
 
 class Federation:
-    """An in-process federated experiment built from an :class:`ExperimentConfig`.
+    """A federated experiment run in this process: a built-in scenario from an
+    :class:`ExperimentConfig`, or the caller's own model and per-site data.
 
-    Everything that can be wrong with the configuration (options, data files, protocol
-    availability, privacy budget) is checked here, before any client trains.
+    Own model and data (every option of :class:`ExperimentConfig` is a keyword)::
+
+        fed = Federation(model=make_model, client_data=[(x1, y1), (x2, y2), (x3, y3)],
+                         loss=torch.nn.CrossEntropyLoss(), test_data=(x_test, y_test),
+                         protection="masking", dp="dpsgd", budget_epsilon=8.0, rounds=5)
+        summary = fed.run()
+
+    ``model`` is an ``nn.Module`` or a function returning a fresh one; ``client_data`` holds one
+    ``(x, y)`` pair (or torch Dataset) per site, and each site trains only on its own records;
+    ``loss(output, y)`` is the mean loss of a batch (default: cross-entropy); ``train(model,
+    loader)`` replaces the engine's local SGD (not with DP-SGD: see LocalTraining);
+    ``evaluate(model) -> {name: value}`` adds metrics of the global model to every evaluated
+    round. Everything that can be wrong (options, data, model, protocol availability, privacy
+    budget) is checked here, before any client trains.
     """
+
+    #: Whether this backend draws each round's clients as configured (``sample_clients``). A
+    #: backend whose participants are whoever is connected sets False: the ledger then records
+    #: q = 1 (no amplification by sampling is claimed).
+    samples_clients: bool = True
 
     def __init__(
         self,
-        config: ExperimentConfig,
+        config: ExperimentConfig | None = None,
         *,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
+        client_data: Sequence[object] | None = None,
+        test_data: object = None,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        train: TrainHook | None = None,
+        evaluate: EvaluateHook | None = None,
         executor: ClientExecutor | None = None,
         aggregator: Aggregator | None = None,
         dataset: Dataset | None = None,
+        **options: object,
     ) -> None:
+        custom = None
+        if model is not None or client_data is not None:
+            if dataset is not None:
+                raise ConfigError("pass either client_data= (per-site data) or dataset=, not both")
+            custom = custom_setup(model, client_data, test_data)
+        elif test_data is not None:
+            raise ConfigError("test_data= goes with model= and client_data=; a built-in dataset has its own test split")
+        config = build_config(config, options, custom, dataset)
         config.validate(strict=True)
         if aggregator is None:
             missing = protocol_available(config.protection)
             if missing:
                 raise ConfigError(missing + "; use protection = 'none' until it is installed")
-        if dataset is None:
+        if dataset is None and custom is None:
             check_available(config.dataset, config.data_dir)
         if config.deterministic:
             warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
                           "this is for tests and benchmarks only and gives no privacy", stacklevel=2)
         self.config = config
-        self.dataset = dataset if dataset is not None else load_dataset(
-            config.dataset, config.data_dir, seed=config.seed)
-        self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
-                               alpha=config.alpha, seed=config.seed)
+        self.evaluate_hook = evaluate
+        if custom is not None:
+            self.dataset, self.parts, self.build = custom.dataset, custom.parts, custom.build
+        else:
+            self.dataset = dataset if dataset is not None else load_dataset(
+                config.dataset, config.data_dir, seed=config.seed)
+            self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
+                                   alpha=config.alpha, seed=config.seed)
+            self.build = partial(build_model, config.model, self.dataset.input_shape,
+                                 self.dataset.num_classes, hidden=config.hidden)
         self.sizes = [len(p) for p in self.parts]
-        self.build = partial(build_model, config.model, self.dataset.input_shape,
-                             self.dataset.num_classes, hidden=config.hidden)
         self.local = LocalTraining(
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+            loss=loss, train=train,
         )
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
@@ -194,7 +246,8 @@ class Federation:
         self.accountant = RoundAccountant(
             mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
-            client_sample_rate=config.sampling_rate if config.sampling == "poisson" else 1.0,
+            client_sample_rate=(config.sampling_rate
+                                if config.sampling == "poisson" and self.samples_clients else 1.0),
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=config.accountant,
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
@@ -266,11 +319,30 @@ class Federation:
     def _round_rng(self, rnd: int, stream: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.config.seed, rnd, stream]))
 
+    @property
+    def redact_cohorts(self) -> bool:
+        """True when the ledger claims amplification by client sampling (q < 1): who was
+        sampled must then stay secret, so shared files carry counts only."""
+        return self.accountant.claims_sampling
+
+    def round_json(self, result: RoundResult) -> dict:
+        """A round as it may be written to shared files (metrics, checkpoint, console)."""
+        return result.to_json(redact=self.redact_cohorts)
+
     def sample_clients(self, rnd: int) -> list[int]:
-        c, rng = self.config, self._round_rng(rnd, 1)
+        """The round's clients, drawn from ``os.urandom`` now (never from the public seed).
+
+        ``deterministic = true`` (tests only) derives them from ``(seed, round)`` instead.
+        """
+        c = self.config
+        if c.deterministic:
+            rng = self._round_rng(rnd, 1)
+            if c.sampling == "poisson":
+                return [int(i) for i in np.flatnonzero(rng.random(c.num_clients) < c.sampling_rate)]
+            return sorted(int(i) for i in rng.choice(c.num_clients, c.clients_per_round, replace=False))
         if c.sampling == "poisson":
-            return [int(i) for i in np.flatnonzero(rng.random(c.num_clients) < c.sampling_rate)]
-        return sorted(int(i) for i in rng.choice(c.num_clients, c.clients_per_round, replace=False))
+            return poisson_sample(c.num_clients, c.sampling_rate)
+        return fixed_sample(c.num_clients, c.clients_per_round)
 
     def plan_faults(self, rnd: int, sampled: Sequence[int]) -> dict[str, list[int]]:
         """Stage -> row indices (positions in ``sampled``) of the clients dropping there."""
@@ -373,14 +445,19 @@ class Federation:
         self.params = self.strategy.apply(self.params, mean.astype(np.float32)).astype(np.float32)
         return True
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """(accuracy, loss) of the global model on the test split (None where not defined)."""
         set_flat(self._model, self.params)
-        return evaluate(self._model, self.dataset.x_test, self.dataset.y_test)
+        return evaluate(self._model, self.dataset.x_test, self.dataset.y_test, loss=self.local.loss)
 
-    def evaluation_metrics(self) -> dict[str, float]:
-        """Test metrics beyond accuracy and loss, from the last :meth:`evaluate` (a hook for
-        subclasses, e.g. the recommender's HR@10; none here)."""
-        return {}
+    def metrics(self) -> dict[str, float]:
+        """The caller's ``evaluate(model)`` metrics of the global model ({} without the hook)."""
+        if self.evaluate_hook is None:
+            return {}
+        set_flat(self._model, self.params)
+        self._model.eval()
+        with torch.no_grad():
+            return check_metrics(self.evaluate_hook(self._model))
 
     # ----------------------------------------------------------------- loop
     def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
@@ -407,8 +484,8 @@ class Federation:
         metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
-            metrics = self.evaluation_metrics()
-        trained = [u for u in updates if u is not None]
+            metrics = self.metrics()
+        trained = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
         included = [sampled[i] for i in result.included] if result is not None else []
         per_param = result.bytes_up_per_param if result is not None else 0.0
         result_row = RoundResult(
@@ -416,9 +493,9 @@ class Federation:
             bytes_up_total=round(per_param * vectors.shape[1] * len(included)),
             sampled=list(sampled), included=included,
             dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
-            train_loss=float(np.mean([u.loss for u in trained])) if trained else None,
+            train_loss=float(np.mean(trained)) if trained else None, metrics=metrics,
             max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
-            seconds=time.perf_counter() - start, aborted=aborted, metrics=metrics,
+            seconds=time.perf_counter() - start, aborted=aborted,
         )
         self.close_reservation(ledger, entry, result_row)
         return result_row
@@ -467,11 +544,11 @@ class Federation:
             summary.rounds.append(result)
             ckpt_io.save(self.out_dir, ckpt_io.Checkpoint(
                 round=rnd, params=self.params, strategy_state=self.strategy.state_arrays(),
-                fingerprint=c.fingerprint(), seed=c.seed, metrics=[r.to_json() for r in summary.rounds],
+                fingerprint=c.fingerprint(), seed=c.seed, metrics=[self.round_json(r) for r in summary.rounds],
                 torch_rng_state=torch.get_rng_state().tolist(),
             ))
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(result.to_json()) + "\n")
+                fh.write(json.dumps(self.round_json(result)) + "\n")
             if on_round is not None:
                 on_round(result)
 

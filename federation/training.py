@@ -39,12 +39,23 @@ class LocalTraining:
     dp_sgd: bool = False
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    #: the caller's loss ``loss(output, y) -> scalar tensor`` (mean over the batch); None:
+    #: cross-entropy over class logits
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: the caller's training step ``train(model, loader) -> mean loss | None`` (see
+    #: federation.custom.TrainHook); None: SGD on ``loss``
+    train: Callable[[nn.Module, torch.utils.data.DataLoader], float | None] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("local training needs epochs >= 1, batch_size >= 1 and lr > 0")
         if self.dp_sgd and (self.noise_multiplier < 0 or self.max_grad_norm <= 0):
             raise ConfigError("DP-SGD needs noise_multiplier >= 0 and max_grad_norm > 0")
+        if self.dp_sgd and self.train is not None:
+            raise ConfigError(
+                "a custom train= hook runs its own optimizer, so DP-SGD cannot be guaranteed for it; "
+                "drop train= (the engine then runs DP-SGD with your loss=) or use dp = 'user' "
+                "(the update is clipped and noised after your training)")
 
     def sample_rate(self, num_samples: int) -> float:
         return min(1.0, self.batch_size / max(num_samples, 1))
@@ -92,6 +103,8 @@ def train_client(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=gen
     )
+    if config.train is not None:
+        return _train_with_hook(model, global_params, loader, len(y), config, client)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     train_model: nn.Module = model
     if config.dp_sgd:
@@ -119,8 +132,29 @@ def train_client(
     )
 
 
+def _train_with_hook(model: nn.Module, global_params: np.ndarray, loader, num_samples: int,
+                     config: LocalTraining, client: int) -> ClientUpdate:
+    """Run the caller's ``train(model, loader)``; the update is what it did to the model."""
+    model.train()
+    loss = config.train(model, loader)  # type: ignore[misc]  # checked by the caller
+    if loss is not None and not isinstance(loss, (int, float)):
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = float(loss.detach())
+        else:
+            raise ConfigError(f"the train hook returned {type(loss).__name__}; return the mean loss "
+                              "(a float) or None")
+    delta = get_flat(model) - global_params
+    if not np.all(np.isfinite(delta)):
+        raise ConfigError(f"client {client}: the train hook produced NaN or infinite weights; "
+                          "lower the learning rate")
+    epochs_steps = config.steps(num_samples)
+    return ClientUpdate(client=client, delta=delta.astype(np.float32), num_samples=num_samples,
+                        loss=float("nan") if loss is None else float(loss), steps=epochs_steps,
+                        sample_rate=config.sample_rate(num_samples))
+
+
 def _local_loop(train_model, params, anchor, loader, optimizer, config: LocalTraining) -> tuple[float, int, int]:
-    criterion = nn.CrossEntropyLoss()
+    criterion = config.loss if config.loss is not None else nn.CrossEntropyLoss()
     total_loss, batches, steps = 0.0, 0, 0
     for _ in range(config.epochs):
         for xb, yb in loader:
@@ -141,16 +175,28 @@ def _local_loop(train_model, params, anchor, loader, optimizer, config: LocalTra
     return total_loss, batches, steps
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 2048) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on (x, y)."""
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 2048,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float | None, float | None]:
+    """(accuracy, mean loss) of ``model`` on (x, y); (None, None) without test records.
+
+    ``loss`` is the training loss (mean over a batch; None: cross-entropy). Accuracy is the
+    share of argmax predictions equal to integer labels, and None when the model does not
+    output class scores (e.g. regression).
+    """
+    if len(y) == 0:
+        return None, None
     model.eval()
-    correct, loss_sum = 0, 0.0
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    correct, loss_sum, classify = 0, 0.0, True
+    criterion = loss if loss is not None else nn.CrossEntropyLoss()
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             xb = torch.as_tensor(x[start:start + batch_size])
             yb = torch.as_tensor(y[start:start + batch_size])
-            logits = model(xb)
-            loss_sum += float(criterion(logits, yb))
-            correct += int((logits.argmax(1) == yb).sum())
-    return correct / max(len(y), 1), loss_sum / max(len(y), 1)
+            out = model(xb)
+            loss_sum += float(criterion(out, yb)) * len(yb)
+            classify = classify and out.ndim == 2 and out.shape[1] > 1 and not yb.is_floating_point()
+            if classify:
+                correct += int((out.argmax(1) == yb).sum())
+    return (correct / len(y) if classify else None), loss_sum / len(y)

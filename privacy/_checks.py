@@ -42,7 +42,17 @@ def check_steps(value: int, *, name: str = "steps") -> int:
     return int(value)
 
 
+#: Largest delta accepted whatever the dataset: a delta this large is a real chance of total
+#: failure, and accountants report meaningless (even negative) epsilons near it.
+MAX_DELTA = 0.1
+
+
 def check_delta(value: float, *, dataset_size: int | None = None, name: str = "delta") -> float:
+    """``delta`` in (0, 0.1), and below ``1/dataset_size`` when the size is known.
+
+    ``dataset_size`` is the number of units the guarantee protects (records of the largest
+    dataset for record-level DP, users for user-level DP).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ConfigError(f"{name} must be a real number in (0, 1), got {value!r}")
     if not 0.0 < value < 1.0:
@@ -57,6 +67,11 @@ def check_delta(value: float, *, dataset_size: int | None = None, name: str = "d
                 f"{name}={value!r} is >= 1/n = 1/{n}: such a delta allows releasing a whole record "
                 f"outright; choose delta < {1.0 / n:.3g} (e.g. {_suggest_delta(n):.0e})"
             )
+    if value >= MAX_DELTA:
+        raise ConfigError(
+            f"{name}={value!r} is too large to be a privacy guarantee (it must be below "
+            f"{MAX_DELTA:g} and below 1/number of records or users); choose e.g. 1e-5"
+        )
     return float(value)
 
 

@@ -33,14 +33,15 @@ def _find(data_dir: Path, name: str) -> Path:
     )
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzip-compressed unsigned-byte IDX file, the format of MNIST and Fashion-MNIST."""
     with gzip.open(path, "rb") as fh:
         data = fh.read()
     if len(data) < 4:
         raise DataError(f"{path} is not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -62,7 +63,7 @@ def load_mnist(data_dir: str | Path) -> dict[str, np.ndarray]:
     data_dir = Path(data_dir)
     out: dict[str, np.ndarray] = {}
     for key, name in MNIST_FILES.items():
-        arr = _read_idx(_find(data_dir, name))
+        arr = read_idx(_find(data_dir, name))
         if key.endswith("images"):
             out[key] = ((arr.astype(np.float32) / 255.0) - MNIST_MEAN) / MNIST_STD
         else:

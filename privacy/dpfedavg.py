@@ -2,7 +2,8 @@
 
 One round, central noise (the server, or a trusted aggregator, adds the noise):
 
-1. sample each client with probability ``q`` (Poisson) -- the engine does this;
+1. sample each client with probability ``q`` (Poisson, :func:`poisson_sample`, from
+   ``os.urandom`` at round time) -- the engine does this;
 2. each client clips its whole update to L2 norm ``clip_norm`` (:func:`clip_update`);
 3. the aggregate *sum* of clipped updates gets Gaussian noise of std
    ``noise_multiplier * clip_norm`` (:func:`add_gaussian_noise`);
@@ -21,12 +22,44 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 
 import numpy as np
 
 from privacy._checks import check_noise_multiplier, check_positive
 from privacy.events import SampledGaussianEvent, dpfedavg_event
 from secagg.errors import ConfigError, InputError
+
+
+def _uniform53(size: int) -> np.ndarray:
+    """``size`` uniform doubles in [0, 1), 53 bits each, from ``os.urandom``."""
+    bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def poisson_sample(population: int, rate: float) -> list[int]:
+    """Poisson sampling for user-level DP: each of ``population`` clients independently with
+    probability ``rate``, drawn from ``os.urandom`` at call time.
+
+    Amplification by sampling (the accountant's ``q < 1``) holds only if nobody can predict or
+    learn who was sampled: the draw must never come from a public seed, and its outcome must
+    not be published (the engine writes counts, not identities, to shared files).
+    """
+    if isinstance(population, bool) or not isinstance(population, int) or population < 0:
+        raise ConfigError(f"population must be an integer >= 0, got {population!r}")
+    if not 0.0 < rate <= 1.0:
+        raise ConfigError(f"rate must lie in (0, 1], got {rate!r}")
+    if population == 0:
+        return []
+    return [int(i) for i in np.flatnonzero(_uniform53(population) < rate)]
+
+
+def fixed_sample(population: int, count: int) -> list[int]:
+    """``count`` distinct clients out of ``population``, uniformly, from ``os.urandom``
+    (sorted). A fixed-size cohort claims no amplification (the ledger records q = 1)."""
+    if not 0 <= count <= population:
+        raise ConfigError(f"cannot sample {count} of {population} clients")
+    return sorted(secrets.SystemRandom().sample(range(population), count))
 
 
 def clip_update(update: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:

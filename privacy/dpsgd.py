@@ -39,7 +39,7 @@ from privacy._checks import (
 )
 from privacy.accountant import AccountantName, epsilon_of_events
 from privacy.events import SampledGaussianEvent, dpsgd_event
-from secagg.errors import ConfigError
+from secagg.errors import ConfigError, UnsupportedEventError
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -103,6 +103,7 @@ class PrivateTraining:
     dataset_size: int
     device: torch.device
     privacy_engine: Any = field(repr=False)
+    poisson_sampling: bool = True
 
     @property
     def steps(self) -> int:
@@ -110,7 +111,17 @@ class PrivateTraining:
         return sum(int(n) for _, _, n in self.privacy_engine.accountant.history)
 
     def event(self) -> SampledGaussianEvent:
-        """Record-level privacy event of all steps taken so far."""
+        """Record-level privacy event of all steps taken so far.
+
+        Refused for shuffled fixed-size batches (``poisson_sampling=False``): recording a
+        Poisson-sampled event for them would state an epsilon nobody proved.
+        """
+        if not self.poisson_sampling:
+            raise UnsupportedEventError(
+                "this training used shuffled fixed-size batches (poisson_sampling=False); the "
+                "Poisson-subsampled Gaussian event does not describe it and no accountant here "
+                "bounds it: train with poisson_sampling=True to get an epsilon"
+            )
         return dpsgd_event(
             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
             steps=self.steps, max_grad_norm=self.max_grad_norm,
@@ -166,6 +177,10 @@ def make_private(
 
     ``secure_mode=True`` makes Opacus draw noise from a CSPRNG (needs ``torchcsprng``);
     without it the noise comes from torch's default generator, fine for experiments only.
+
+    ``poisson_sampling=False`` trains on shuffled fixed-size batches. No accountant here
+    bounds that sampling scheme, so such a run has no privacy event: :meth:`PrivateTraining.event`
+    and :meth:`PrivateTraining.epsilon` refuse it (use it only to test mechanics or time steps).
     """
     noise_multiplier = check_noise_multiplier(noise_multiplier)
     max_grad_norm = check_positive(max_grad_norm, name="max_grad_norm")
@@ -222,10 +237,17 @@ def make_private(
         )
     batch_size = data_loader.batch_size or 1
     sample_rate = 1.0 / len(p_loader) if poisson_sampling else min(1.0, batch_size / n)
+    if not poisson_sampling:
+        warnings.warn(
+            "poisson_sampling=False: shuffled fixed-size batches are not what the accountants "
+            "bound; this training has no privacy event and no epsilon",
+            RuntimeWarning, stacklevel=2,
+        )
     return PrivateTraining(
         model=p_model, optimizer=p_opt, data_loader=p_loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         sample_rate=float(sample_rate), dataset_size=n, device=dev, privacy_engine=engine,
+        poisson_sampling=poisson_sampling,
     )
 
 

@@ -167,6 +167,29 @@ def _canonical(values: dict[str, Any]) -> bytes:
                       separators=(",", ":")).encode()
 
 
+def _check_ledger_file(path: Path) -> None:
+    """Raise LedgerIntegrityError unless ``path`` is an SQLite file holding a ledger's tables.
+
+    Checked through a read-only connection, so a text file or another application's database
+    is reported and left exactly as it was (opening it read-write would switch it to WAL mode).
+    """
+    with open(path, "rb") as fh:
+        magic = fh.read(16)
+    if magic != b"SQLite format 3\x00":
+        raise LedgerIntegrityError(f"{path} is not a privacy ledger (not an SQLite file); pass the "
+                                   "ledger.db an experiment wrote")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise LedgerIntegrityError(f"{path} is not a privacy ledger ({exc})") from None
+    finally:
+        conn.close()
+    if not {"meta", "entries"} <= tables:
+        raise LedgerIntegrityError(f"{path} is an SQLite file but not a privacy ledger (it has no meta and "
+                                   "entries tables); pass the ledger.db an experiment wrote")
+
+
 class Ledger:
     """Budget-enforcing privacy ledger in one SQLite file.
 
@@ -197,6 +220,8 @@ class Ledger:
         exists = self.path.exists() and self.path.stat().st_size > 0
         if _must_exist and not exists:
             raise ConfigError(f"no ledger at {self.path}; create it with Ledger(path, budget_epsilon=..., delta=...)")
+        if exists:
+            _check_ledger_file(self.path)  # before any PRAGMA: a read must never modify another file
         # One connection, usable from several threads (e.g. a server's worker threads);
         # every access goes through self._lock. Other processes are serialised by SQLite's
         # BEGIN IMMEDIATE in _tx.

@@ -1,9 +1,13 @@
-"""The ``secagg`` command line.
+"""The ``secagg`` command line (also ``python -m secagg``).
 
 Each subcommand lives in its own module under ``secagg.commands`` and exposes
 ``register(subparsers)``; the module is imported lazily so that ``secagg --help`` works
 with only the core installed, and a subcommand whose extra is missing says which extra
-to install.
+to install, whatever arguments follow it.
+
+Exit status: 0 done; 1 a handled error (bad input, missing file, refused budget: one line on
+stderr, no traceback); 2 wrong usage (unknown flag, missing argument, missing extra);
+70 a bug in secagg (the traceback is printed: please report it).
 """
 
 from __future__ import annotations
@@ -34,38 +38,74 @@ def build_parser() -> argparse.ArgumentParser:
             "Run `secagg COMMAND --help` for each command."
         ),
     )
+    from secagg import __version__
+
+    parser.add_argument("--version", action="version", version=f"secagg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name, help_text in COMMANDS:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # an optional extra is missing, or the command is not built
-            stub = sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]")
+            stub = sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]", add_help=False)
+            stub.add_argument("_ignored", nargs=argparse.REMAINDER)  # say what is missing, whatever follows
             stub.set_defaults(_unavailable=str(exc))
             continue
         module.register(sub, name, help_text)
     return parser
 
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`secagg ... | head`): not an error. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("secagg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
+        return EXIT_OK
     if getattr(args, "_unavailable", None):
         print(
             f"secagg {args.command}: unavailable ({args._unavailable}). "
             "Install the missing extra, e.g. `pip install secagg[dp,he,grpc,fl]`.",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     from secagg.errors import SecAggError
 
     try:
         return int(args.func(args) or 0)
     except SecAggError as exc:
         print(f"secagg {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # a path the user gave (config, ledger, certificate) that cannot be read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"secagg {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        raise
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"secagg {args.command}: internal error (a bug in secagg, not in your input); please report "
+              "it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from secagg.errors import ConfigError, InputError, OverflowRisk
 from secagg.prg import expand_uint64
 
 CLIP_MODES = ("l2", "coordinate")
+ENCODE_CHUNK = 1 << 20  # entries encoded per pass (a multiple of 2: rounding-stream offsets stay block-aligned)
 SUPPORTED_BITS = range(8, 33)
 
 
@@ -86,47 +87,86 @@ class FixedPointCodec:
         return n / self.scale
 
     def clip_update(self, x: np.ndarray) -> np.ndarray:
-        """Clip ``x`` to the codec's bound; refuses NaN/inf and non-vectors."""
-        x = check_vector(x)
+        """Clip ``x`` to the codec's bound (as float64); refuses NaN/inf and non-vectors."""
+        x = check_vector(x).astype(np.float64, copy=False)
         if self.clip_mode == "coordinate":
             return np.clip(x, -self.clip, self.clip)
-        norm = float(np.linalg.norm(x))
-        if norm > self.clip:
-            return x * (self.clip / norm)
-        return x
+        factor = self._l2_factor(x)
+        return x if factor is None else x * factor
 
     def encode(
         self, x: np.ndarray, *, rounding_seed: bytes | None = None, integer_noise: np.ndarray | None = None
     ) -> np.ndarray:
-        """Clip, scale, stochastically round, add ``integer_noise`` and map to residues mod 2^bits."""
-        clipped = self.clip_update(x)
-        scaled = clipped.astype(np.float64) * self.scale
-        floor = np.floor(scaled)
-        frac = scaled - floor
-        uniform = _uniform01(frac.size, rounding_seed).reshape(frac.shape)
-        integers = (floor + (uniform < frac)).astype(np.int64)
+        """Clip, scale, stochastically round, add ``integer_noise`` and map to residues mod 2^bits.
+
+        Works through the vector ``ENCODE_CHUNK`` entries at a time, so the float64 and
+        int64 temporaries stay a few MiB whatever the dimension; the output is the same
+        as encoding the whole vector at once (the rounding stream is read at each chunk's
+        offset).
+        """
+        x = check_vector(x)
         if integer_noise is not None:
-            noise = np.asarray(integer_noise)
-            if noise.shape != integers.shape or not np.issubdtype(noise.dtype, np.integer):
-                raise InputError(f"integer noise must be an integer vector of {integers.shape[0]} entries")
-            limit = self.headroom * self.scale
-            if np.any(np.abs(noise) > limit):
-                raise OverflowRisk(
-                    "noise exceeds the headroom reserved in the encoding; raise `noise_headroom`"
-                )
-            integers = integers + noise.astype(np.int64)
+            integer_noise = np.asarray(integer_noise)
+            if integer_noise.shape != x.shape or not np.issubdtype(integer_noise.dtype, np.integer):
+                raise InputError(f"integer noise must be an integer vector of {x.shape[0]} entries")
+        factor = None if self.clip_mode == "coordinate" else self._l2_factor(x)
+        seed = rounding_seed if rounding_seed is not None else os.urandom(32)
+        out = np.empty(x.shape[0], dtype=np.uint32)
+        for start in range(0, x.shape[0], ENCODE_CHUNK):
+            stop = min(start + ENCODE_CHUNK, x.shape[0])
+            noise = None if integer_noise is None else integer_noise[start:stop]
+            out[start:stop] = self._encode_chunk(x[start:stop], factor, _uniform01(seed, start, stop - start), noise)
+        return out
+
+    def _encode_chunk(
+        self, x: np.ndarray, factor: float | None, uniform: np.ndarray, noise: np.ndarray | None
+    ) -> np.ndarray:
+        scaled = x.astype(np.float64)  # always a fresh copy, worked on in place
+        if self.clip_mode == "coordinate":
+            np.clip(scaled, -self.clip, self.clip, out=scaled)
+        elif factor is not None:
+            scaled *= factor
+        scaled *= self.scale
+        floor = np.floor(scaled)
+        frac = np.subtract(scaled, floor, out=scaled)
+        integers = (floor + (uniform < frac)).astype(np.int64)
+        if noise is not None:
+            if np.any(np.abs(noise) > self.headroom * self.scale):
+                raise OverflowRisk("noise exceeds the headroom reserved in the encoding; raise `noise_headroom`")
+            integers += noise.astype(np.int64)
         return self.to_ring(integers)
+
+    def _l2_factor(self, x: np.ndarray) -> float | None:
+        """The factor that scales ``x`` down to L2 norm ``clip``, or None if it is within it."""
+        if x.dtype == np.float64:
+            norm = float(np.linalg.norm(x))
+        else:  # float32: square and sum in float64, a chunk at a time (no float64 copy of x)
+            norm = math.sqrt(sum(
+                float(np.dot(part, part)) for part in
+                (x[i:i + ENCODE_CHUNK].astype(np.float64) for i in range(0, x.shape[0], ENCODE_CHUNK))
+            ))
+        return self.clip / norm if norm > self.clip else None
 
     def to_ring(self, integers: np.ndarray) -> np.ndarray:
         """Signed integers -> residues mod 2^bits stored as uint32."""
         return (integers.astype(np.int64) & (self.modulus - 1)).astype(np.uint32)
 
     def decode_sum(self, residues: np.ndarray) -> np.ndarray:
-        """Residues of a sum of encodings -> float sum (centred lift, then unscale)."""
-        r = np.asarray(residues, dtype=np.int64) & (self.modulus - 1)
-        half = self.modulus >> 1
-        signed = np.where(r >= half, r - self.modulus, r)
-        return signed.astype(np.float64) / self.scale
+        """Residues of a sum of encodings -> float sum (centred lift, then unscale).
+
+        The centred lift is a sign extension: shift the residue's top bit into bit 31 and
+        read the word as int32 (an arithmetic shift back brings it down), so the only
+        float64 array is the output.
+        """
+        r = np.asarray(residues)
+        if r.dtype != np.uint32:
+            r = (r.astype(np.int64) & (self.modulus - 1)).astype(np.uint32)
+        shift = 32 - self.bits
+        if shift:
+            signed = (r << np.uint32(shift)).view(np.int32) >> shift
+        else:
+            signed = r.view(np.int32)
+        return signed / self.scale
 
 
 def _check_parameters(*, clip: float, bits: int, max_clients: int, clip_mode: str, headroom: float) -> None:
@@ -144,22 +184,29 @@ def _check_parameters(*, clip: float, bits: int, max_clients: int, clip_mode: st
 
 
 def check_vector(x: np.ndarray, dim: int | None = None) -> np.ndarray:
-    """Return ``x`` as a 1-D float64 array or raise :class:`InputError` explaining why not."""
+    """Return ``x`` as a 1-D float array or raise :class:`InputError` explaining why not.
+
+    float32 and float64 vectors are returned as they are (no copy: a model's float32
+    update is never doubled in memory); any other numeric type becomes float64.
+    """
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(x)
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
     except (TypeError, ValueError):
         raise InputError("update must be a numeric vector") from None
     if arr.ndim != 1:
         raise InputError(f"update must be a 1-D vector, got shape {arr.shape}; flatten it first")
     if dim is not None and arr.shape[0] != dim:
         raise InputError(f"update has {arr.shape[0]} entries, the round expects {dim}")
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
+    bad = sum(int(np.count_nonzero(~np.isfinite(arr[i:i + ENCODE_CHUNK])))
+              for i in range(0, arr.shape[0], ENCODE_CHUNK))
+    if bad:
         raise InputError(f"update contains {bad} NaN/inf values; fix the local training step (lower lr, clip)")
     return arr
 
 
-def _uniform01(size: int, seed: bytes | None) -> np.ndarray:
-    """Uniform [0,1) doubles from the AES-CTR PRG (53-bit resolution)."""
-    words = expand_uint64(seed if seed is not None else os.urandom(32), size, label=b"rounding")
+def _uniform01(seed: bytes, offset: int, count: int) -> np.ndarray:
+    """Uniform [0,1) doubles (53-bit resolution): entries ``offset..offset+count`` of the seed's rounding stream."""
+    words = expand_uint64(seed, count, label=b"rounding", offset=offset)
     return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

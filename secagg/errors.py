@@ -73,6 +73,10 @@ class InvalidSignature(CryptoError):
     """A signature did not verify: the message was forged, altered or signed by someone else."""
 
 
+class InvalidPublicKey(CryptoError):
+    """A public key is unusable (e.g. a low-order X25519 point that would make every shared secret zero)."""
+
+
 class InvalidShare(CryptoError):
     """A secret share could not be decrypted or is inconsistent."""
 

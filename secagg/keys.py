@@ -11,6 +11,7 @@ HKDF without ``info``).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from secagg.errors import InvalidShare, InvalidSignature
+from secagg.errors import InvalidPublicKey, InvalidShare, InvalidSignature
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -68,10 +69,25 @@ class KeyPair:
 def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, context: bytes) -> bytes:
     """X25519 then HKDF-SHA256 into a 32-byte key bound to ``label`` and ``context``."""
     try:
-        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        shared = private.exchange(_x25519_public(bytes(peer_public)))
     except ValueError:
         raise InvalidShare("peer public key is invalid (low-order point or wrong length)") from None
     return derive(shared, label=label, context=context)
+
+
+_PROBE = X25519PrivateKey.generate()
+
+
+def check_public_key(public: bytes) -> None:
+    """Raise :class:`InvalidPublicKey` unless ``public`` is a usable X25519 key.
+
+    A low-order point gives the all-zero shared secret with every private key (clamped
+    scalars are multiples of 8), so one exchange with any key tells it apart.
+    """
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise InvalidPublicKey("X25519 public key is a low-order point or malformed") from None
 
 
 def derive(secret: bytes, *, label: bytes, context: bytes) -> bytes:
@@ -128,6 +144,19 @@ class IdentityKey:
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
     """Raise :class:`InvalidSignature` unless ``signature`` is valid; never returns a bool."""
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+        _ed25519_public(bytes(public_key)).verify(signature, data)
     except (_CryptoInvalidSignature, ValueError):
         raise InvalidSignature("signature does not verify") from None
+
+
+# Loading a public key decodes a curve point; a party checks the same peers' keys several
+# times a round (adverts, then consistency signatures), so loaded keys are kept. Public
+# data only; a key that fails to load raises and is not cached.
+@functools.lru_cache(maxsize=1 << 14)
+def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _x25519_public(raw: bytes) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(raw)

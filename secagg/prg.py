@@ -20,7 +20,8 @@ from secagg.keys import derive
 
 SEED_BYTES = 32
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of keystream per chunk: fits in L2, amortises call overhead
-_ZEROS = bytes(CHUNK_ELEMENTS * 4)
+_ZEROS = memoryview(bytes(CHUNK_ELEMENTS * 4))  # a view, so slicing it copies nothing
+_BLOCK_SLACK = 4  # update_into wants room for one more AES block (16 bytes) than it writes
 
 
 def _keystream_cipher(seed: bytes, element_offset: int):
@@ -33,20 +34,25 @@ def _keystream_cipher(seed: bytes, element_offset: int):
 
 
 def expand_uint32(seed: bytes, count: int, *, offset: int = 0) -> np.ndarray:
-    """``count`` uniform uint32 values: elements ``offset .. offset+count`` of the seed's stream."""
-    out = np.empty(count, dtype=np.uint32)
+    """``count`` uniform uint32 values: elements ``offset .. offset+count`` of the seed's stream.
+
+    One cipher runs through the whole range (CTR keeps its counter between calls) and
+    writes its keystream straight into the result, chunk by chunk.
+    """
+    out = np.empty(count + _BLOCK_SLACK, dtype=np.uint32)
+    target = memoryview(out).cast("B")
+    enc = _keystream_cipher(seed, offset)
     for start in range(0, count, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, count)
-        enc = _keystream_cipher(seed, offset + start)
-        out[start:stop] = np.frombuffer(enc.update(_ZEROS[: (stop - start) * 4]), dtype="<u4")
-    return out
+        n = min(CHUNK_ELEMENTS, count - start)
+        enc.update_into(_ZEROS[: n * 4], target[start * 4:])
+    return out[:count]
 
 
-def expand_uint64(seed: bytes, count: int, *, label: bytes = b"") -> np.ndarray:
-    """``count`` uniform uint64 values (used for unbiased rounding, not for masks)."""
+def expand_uint64(seed: bytes, count: int, *, label: bytes = b"", offset: int = 0) -> np.ndarray:
+    """``count`` uniform uint64 values, entries ``offset ..`` of the stream (for rounding, not masks)."""
     if label:
         seed = derive(seed, label=b"secagg/v1/prg|" + label, context=b"")
-    return expand_uint32(seed, 2 * count).view("<u8")
+    return expand_uint32(seed, 2 * count, offset=2 * offset).view("<u8")
 
 
 class MaskAccumulator:
@@ -54,10 +60,12 @@ class MaskAccumulator:
 
     One scratch buffer is reused for every seed, and each seed's keystream is written
     straight into it (``update_into``), so masking d parameters with m seeds costs m
-    AES-CTR passes and m vector adds, with no per-seed allocation.
+    AES-CTR passes and m vector adds, with no per-seed allocation. ``copy=False`` lets
+    the accumulator take over ``initial`` (e.g. a freshly encoded update) instead of
+    copying it.
     """
 
-    def __init__(self, dim: int, *, initial: np.ndarray | None = None) -> None:
+    def __init__(self, dim: int, *, initial: np.ndarray | None = None, copy: bool = True) -> None:
         if dim < 0:
             raise ConfigError("dimension must be non-negative")
         self.dim = dim
@@ -66,8 +74,8 @@ class MaskAccumulator:
         else:
             if initial.dtype != np.uint32 or initial.shape != (dim,):
                 raise ConfigError("initial accumulator must be a uint32 vector of the round's dimension")
-            self.value = initial.copy()
-        self._scratch = bytearray(CHUNK_ELEMENTS * 4 + 16)
+            self.value = initial.copy() if copy else initial
+        self._scratch = bytearray((CHUNK_ELEMENTS + _BLOCK_SLACK) * 4)
         self._scratch_view = np.frombuffer(self._scratch, dtype="<u4")
 
     def add(self, seed: bytes, sign: int = 1) -> None:
@@ -75,10 +83,10 @@ class MaskAccumulator:
         if sign not in (1, -1):
             raise ConfigError("mask sign must be +1 or -1")
         op = np.add if sign == 1 else np.subtract
+        enc = _keystream_cipher(seed, 0)
         for start in range(0, self.dim, CHUNK_ELEMENTS):
             stop = min(start + CHUNK_ELEMENTS, self.dim)
             n = stop - start
-            enc = _keystream_cipher(seed, start)
             enc.update_into(_ZEROS[: n * 4], self._scratch)
             part = self.value[start:stop]
             op(part, self._scratch_view[:n], out=part)

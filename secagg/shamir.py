@@ -9,8 +9,12 @@ product below 2^62, so sharing and reconstruction are plain vectorised int64 num
 arithmetic over all limbs of all secrets at once.
 
 Reconstruction computes the Lagrange coefficients for a set of share holders once
-(cached), then applies them to every secret held by that set in one pass -- the server's
-unmasking cost is O(t^2 + t * secrets * limbs), not one interpolation per secret.
+(cached), then applies them to every secret held by that set in one vectorised pass -- the
+server's unmasking cost is O(t^2 + t * secrets * limbs), not one interpolation per secret.
+
+When some shares are wrong, :func:`honest_holders` finds them by Berlekamp-Welch decoding
+(the shares of one secret are a Reed-Solomon codeword): with h shares and threshold t it
+corrects up to (h - t) / 2 wrong ones.
 """
 
 from __future__ import annotations
@@ -69,21 +73,148 @@ def reconstruct(holders: Sequence[int], shares: np.ndarray, *, secret_bytes: int
 
     Pass exactly ``threshold`` holders: extra shares cost time and add nothing.
     """
+    secrets = secrets_from_limbs(interpolate_at_zero(holders, shares, secret_bytes=secret_bytes), secret_bytes)
+    if any(s is None for s in secrets):
+        raise InvalidShare("shares are inconsistent (reconstructed limb out of range)")
+    return secrets
+
+
+def interpolate_at_zero(holders: Sequence[int], shares: np.ndarray, *, secret_bytes: int) -> np.ndarray:
+    """The polynomials through ``shares[h, s, limb]`` at x = 0: an (s, limb) int64 array.
+
+    One vectorised pass: weights are split into 16-bit halves so every partial sum of
+    products stays below 2^63 (t < 2^16 holders).
+    """
     xs = tuple(int(h) for h in holders)
     shares = np.asarray(shares)
     if shares.ndim != 3 or shares.shape[0] != len(xs):
         raise InvalidShare("share array must be (holders, secrets, limbs)")
     if shares.shape[2] != limbs_for(secret_bytes):
         raise InvalidShare("shares have the wrong number of limbs for this secret size")
+    if len(xs) >= 1 << 16:
+        raise ConfigError("at most 65535 share holders per reconstruction")
     if np.any(shares >= PRIME):
         raise InvalidShare("share value outside the field")
-    weights = lagrange_at_zero(xs)
-    acc = np.zeros(shares.shape[1:], dtype=np.int64)
-    for weight, share in zip(weights, shares.astype(np.int64)):
-        acc = (acc + weight * share) % PRIME
-    if np.any(acc >= 1 << (8 * LIMB_BYTES)):
-        raise InvalidShare("shares are inconsistent (reconstructed limb out of range)")
-    return _from_limbs(acc, secret_bytes)
+    weights = np.asarray(lagrange_at_zero(xs), dtype=np.int64)
+    values = shares.astype(np.int64)
+    low = np.tensordot(weights & 0xFFFF, values, axes=1) % PRIME
+    high = np.tensordot(weights >> 16, values, axes=1) % PRIME
+    return (low + (high << 16) % PRIME) % PRIME
+
+
+def secrets_from_limbs(limbs: np.ndarray, secret_bytes: int) -> list[bytes | None]:
+    """(s, limb) field elements -> s byte strings; None for a secret with a limb >= 2^24 (inconsistent shares)."""
+    bad = np.any(limbs >= 1 << (8 * LIMB_BYTES), axis=1)
+    out = _from_limbs(np.where(limbs >= 1 << (8 * LIMB_BYTES), 0, limbs), secret_bytes)
+    return [None if b else s for s, b in zip(out, bad.tolist())]
+
+
+def decode_shares(blobs: Sequence[bytes], *, secret_bytes: int) -> np.ndarray:
+    """Many serialised shares -> a (count, limbs) uint32 array, in one pass; raises on any bad one."""
+    size = share_bytes(secret_bytes)
+    if any(len(b) != size for b in blobs):
+        raise InvalidShare(f"every share must be {size} bytes")
+    out = np.frombuffer(b"".join(blobs), dtype="<u4").reshape(len(blobs), size // 4).astype(np.uint32)
+    if np.any(out >= PRIME):
+        raise InvalidShare("share value outside the field")
+    return out
+
+
+MAX_CORRECTED = 64  # Berlekamp-Welch uses at most t + 2 * 64 shares: O((t + 128)^3) field operations
+
+
+def honest_holders(
+    holders: Sequence[int], shares: np.ndarray, threshold: int
+) -> tuple[list[int], list[int]] | None:
+    """(holders whose share lies on the polynomial, holders whose share does not), for one secret.
+
+    ``shares[h, limb]``: one share per holder. Berlekamp-Welch decoding of a random linear
+    combination of the limbs (a wrong share survives the combination with probability
+    1 - 1/p) finds an error locator E; holders where E is non-zero are provably on the
+    true polynomial. The first list has at least ``threshold`` holders; the second lists the
+    holders examined (at most t + 2 * MAX_CORRECTED) that are off it. None when more than
+    (h - t) / 2 of the shares used are wrong.
+    """
+    h = len(holders)
+    errors = min((h - threshold) // 2, MAX_CORRECTED)
+    if errors < 1:
+        return None
+    used = threshold + 2 * errors
+    xs = np.asarray(holders[:used], dtype=np.int64)
+    mix = _random_field_elements((shares.shape[1],))
+    ys = np.zeros(used, dtype=np.int64)
+    for limb in range(shares.shape[1]):
+        ys = (ys + shares[:used, limb].astype(np.int64) * int(mix[limb])) % PRIME
+    powers = np.ones((used, errors + threshold), dtype=np.int64)
+    for j in range(1, errors + threshold):
+        powers[:, j] = powers[:, j - 1] * xs % PRIME
+    # Unknowns: Q's errors + threshold coefficients, then E's errors + 1; Q(x_i) - y_i E(x_i) = 0.
+    system = np.concatenate([powers, (PRIME - ys)[:, None] * powers[:, : errors + 1] % PRIME], axis=1)
+    solution = _null_vector(system)
+    if solution is None:
+        return None
+    locator = solution[errors + threshold:]
+    if not _divides([int(c) for c in locator], [int(c) for c in solution[: errors + threshold]]):
+        return None  # more wrong shares than the code corrects
+    at_x = np.zeros(used, dtype=np.int64)
+    for coefficient in locator[::-1]:
+        at_x = (at_x * xs + int(coefficient)) % PRIME
+    good = [int(x) for x, e in zip(xs.tolist(), at_x.tolist()) if e != 0]
+    if len(good) < threshold:
+        return None
+    # Roots of E are not necessarily wrong (E may have spare roots): test them against P.
+    weights = [lagrange_at(tuple(good[:threshold]), x) for x in xs.tolist()]
+    base = np.asarray([ys[np.flatnonzero(xs == g)[0]] for g in good[:threshold]], dtype=np.int64)
+    wrong = [int(x) for x, w, y in zip(xs.tolist(), weights, ys.tolist())
+             if int(np.dot(np.asarray(w, dtype=object), base.astype(object)) % PRIME) != y]
+    return [x for x in xs.tolist() if x not in wrong], wrong
+
+
+def _divides(divisor: list[int], dividend: list[int]) -> bool:
+    """Whether polynomial ``divisor`` divides ``dividend`` over GF(p) (coefficients lowest first)."""
+    while divisor and divisor[-1] == 0:
+        divisor = divisor[:-1]
+    if not divisor:
+        return False
+    rest = list(dividend)
+    inverse = pow(divisor[-1], -1, PRIME)
+    for top in range(len(rest) - 1, len(divisor) - 2, -1):
+        factor = rest[top] * inverse % PRIME
+        if factor:
+            shift = top - len(divisor) + 1
+            for i, c in enumerate(divisor):
+                rest[shift + i] = (rest[shift + i] - factor * c) % PRIME
+    return not any(rest[: len(divisor) - 1])
+
+
+def _null_vector(matrix: np.ndarray) -> np.ndarray | None:
+    """A non-zero v with matrix @ v = 0 over GF(p) (Gauss-Jordan on numpy rows), or None."""
+    a = matrix % PRIME
+    rows, cols = a.shape
+    pivots: list[int] = []
+    r = 0
+    for c in range(cols):
+        if r == rows:
+            break
+        nonzero = np.flatnonzero(a[r:, c])
+        if nonzero.size == 0:
+            continue
+        p = r + int(nonzero[0])
+        a[[r, p]] = a[[p, r]]
+        a[r] = a[r] * pow(int(a[r, c]), -1, PRIME) % PRIME
+        factors = a[:, c].copy()
+        factors[r] = 0
+        a = (a - factors[:, None] * a[r][None, :] % PRIME) % PRIME
+        pivots.append(c)
+        r += 1
+    free = [c for c in range(cols) if c not in set(pivots)]
+    if not free:
+        return None
+    v = np.zeros(cols, dtype=np.int64)
+    v[free[0]] = 1
+    for i, c in enumerate(pivots):
+        v[c] = (-a[i, free[0]]) % PRIME
+    return v
 
 
 @lru_cache(maxsize=4096)
@@ -97,6 +228,19 @@ def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
             if i != j:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
+
+
+def lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Lagrange basis values at ``x`` for the points ``xs`` in GF(p)."""
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
         weights.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(weights)
 

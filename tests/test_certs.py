@@ -145,3 +145,28 @@ def test_cli_request_then_issue(tmp_path, capsys):
     assert main(["certs", "request", "5", "--out", str(tmp_path / "h5")]) == 0
     assert main(["certs", "issue", "5", "--dir", d, "--csr", str(tmp_path / "h5" / "request.csr")]) == 0
     assert not (tmp_path / "certs" / "client-5" / "tls.key").exists()
+
+
+def test_key_holder_role_is_issued_by_the_ca_only(ca, tmp_path, capsys):
+    """`--role keyholder` marks a client certificate; a plain one, a request or a server cannot claim it."""
+    from federation.transport.certs import KEYHOLDER_ROLE_URI, identity_from_pem, issue_from_request, request
+
+    holder = identity_from_pem((issue(ca, client_id=31, role="keyholder") / "tls.pem").read_bytes())
+    plain = identity_from_pem((issue(ca, client_id=32) / "tls.pem").read_bytes())
+    assert holder.keyholder and holder.role == "client" and holder.client_id == 31
+    assert not plain.keyholder
+    with pytest.raises(ConfigError, match="server never holds keys"):
+        issue(ca, server=True, role="keyholder", out=tmp_path / "srv")
+    with pytest.raises(ConfigError, match="role must be"):
+        issue(ca, client_id=33, role="admin")
+    # a request cannot carry the role (the CA refuses any extra name); the CA grants it
+    csr = request(34, tmp_path / "h34").read_bytes()
+    granted = issue_from_request(ca, 34, csr, out=tmp_path / "k34", role="keyholder")
+    assert identity_from_pem((granted / "tls.pem").read_bytes()).keyholder
+    d = str(tmp_path / "certs")
+    assert main(["certs", "init", "--dir", d]) == 0
+    assert main(["certs", "issue", "7", "--dir", d, "--role", "keyholder"]) == 0
+    capsys.readouterr()
+    assert main(["certs", "show", f"{d}/client-7/tls.pem"]) == 0
+    assert capsys.readouterr().out.startswith("client 7 (key holder)")
+    assert KEYHOLDER_ROLE_URI == "secagg://role/keyholder"

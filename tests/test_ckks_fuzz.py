@@ -52,9 +52,9 @@ CHILD = textwrap.dedent(
             continue
         counts["accepted"] += 1
         try:  # the key holder parses and decrypts what the server accepted
-            vec = _load_vector(holder._ctx, bytes(bad), cfg, 300)
+            vec = _load_vector(holder._ctx, bytes(bad), cfg, cfg.chunk_sizes[0])  # BFV: 300 + check slots
             values = vec.decrypt()
-            assert len(values) == 300
+            assert len(values) == cfg.chunk_sizes[0]
             counts["decrypted"] += 1
         except InvalidCiphertext:
             pass

@@ -13,7 +13,6 @@ from federation.accounting import RoundAccountant
 from federation.config import ExperimentConfig
 from federation.data import (
     Dataset,
-    _read_idx,
     check_available,
     default_data_dir,
     load_dataset,
@@ -22,6 +21,7 @@ from federation.data import (
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import LocalTraining, train_client
+from privacy.datasets import read_idx
 from secagg.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -91,10 +91,10 @@ def test_idx_reader_round_trips(tmp_path):
     header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(header + images.tobytes()))
-    np.testing.assert_array_equal(_read_idx(path), images)
+    np.testing.assert_array_equal(read_idx(path), images)
     path.write_bytes(gzip.compress(bytes([0, 0, 9, 1, 0, 0, 0, 1, 7])))
     with pytest.raises(DataError, match="magic"):
-        _read_idx(path)
+        read_idx(path)
 
 
 def test_missing_files_are_named(tmp_path):

@@ -21,6 +21,7 @@ from secagg.errors import (
 from secagg.keys import IdentityKey
 from secagg.protocol.client import TRANSITIONS, ClientState
 from secagg.protocol.common import Stage
+from secagg.protocol.plan import plan_masking
 from secagg.protocol.messages import (
     ConsistencyRequest,
     KeyDirectory,
@@ -57,11 +58,12 @@ def test_exact_sum_with_dropouts_at_each_stage(stage, graph):
 
 def test_dropouts_at_every_stage_at_once_up_to_n_minus_t():
     rng = np.random.default_rng(2)
-    updates = rng.uniform(-1, 1, (12, 30))
-    # complete graph, t = 7: five clients may vanish in total.
+    updates = rng.uniform(-1, 1, (15, 30))
+    # complete graph, n = 15, up to 4 colluders: t = 10 > (15 + 4) / 2, so five clients may vanish in total.
     dropouts = {"advertise": [0], "share": [1], "masked_input": [2], "consistency": [3], "unmask": [4]}
     result = secagg.aggregate(updates, dropouts=dropouts)
-    assert result.included == tuple(i for i in range(12) if i not in (0, 1, 2))
+    assert result.parameters["threshold"] == 10
+    assert result.included == tuple(i for i in range(15) if i not in (0, 1, 2))
     np.testing.assert_allclose(result.total, exact_sum(updates, result.included), atol=result.max_quantization_error)
 
 
@@ -81,7 +83,7 @@ def test_dropping_during_key_sharing_does_not_kill_the_round():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(4, 10), st.data())
 def test_sum_is_correct_under_random_dropouts(n, data):
-    t = n // 2 + 1
+    t = plan_masking(n).threshold
     stage_of = data.draw(st.lists(st.sampled_from(STAGES + [None]), min_size=n, max_size=n))
     dropouts = {}
     for client, stage in enumerate(stage_of):
@@ -209,7 +211,7 @@ def test_survivor_set_other_than_the_signed_one_is_refused():
 def test_client_refuses_a_threshold_that_is_too_low():
     session, _ = make_round(n=6)
     config = session.config
-    weak = RoundConfig(config.round_id, config.clients, 2, config.degree, config.graph_seed, config.dim,
+    weak = RoundConfig(config.round_id, config.clients, 2, config.degree, config.dim,
                        config.bits, config.clip, config.scale, config.clip_mode, config.headroom)
     with pytest.raises(MaliciousServerDetected, match="threshold 2 is too low"):
         session.clients[1].receive(server_seal(session, weak))
@@ -231,7 +233,7 @@ def _sample(msg_type, session):
     r = session.config.round_id
     return {
         RoundConfig: session.config,
-        KeyDirectory: KeyDirectory(r, 1, {}),
+        KeyDirectory: KeyDirectory(r, {}),
         ShareDelivery: ShareDelivery(r, 1, {}),
         ConsistencyRequest: ConsistencyRequest(r, (1, 2, 3)),
         UnmaskRequest: UnmaskRequest(r, (1, 2, 3), (), {}),
@@ -268,7 +270,7 @@ def test_every_illegal_transition_raises_unexpected_message_and_aborts(state, ms
 
 
 def test_server_rejects_garbage_replays_and_impostors_and_still_completes():
-    session, updates = make_round(n=5, dim=16)
+    session, updates = make_round(n=6, dim=16)  # t = 4: two clients may be rejected
     server = session.server
     outgoing = server.start()
     replies = {c: session.clients[c].receive(m) for c, m in outgoing.items()}
@@ -300,8 +302,8 @@ def test_server_rejects_garbage_replays_and_impostors_and_still_completes():
     outgoing = server.close_stage()
     outgoing = step(session, outgoing)
     step(session, outgoing)
-    assert server.included == (1, 2, 5)
-    np.testing.assert_allclose(server.result, updates[[0, 1, 4]].sum(0), atol=1e-6)
+    assert server.included == (1, 2, 5, 6)
+    np.testing.assert_allclose(server.result, updates[[0, 1, 4, 5]].sum(0), atol=1e-6)
 
 
 def test_message_from_another_round_is_a_replay():

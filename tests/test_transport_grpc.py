@@ -33,8 +33,8 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     init_ca(root / "ca")
     issue(root / "ca", server=True)
-    for cid in range(1, 14):
-        issue(root / "ca", client_id=cid)
+    for cid in range(1, 20):
+        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")  # 1 may hold ckks keys
     init_ca(root / "evil")
     issue(root / "evil", client_id=1)
     return root
@@ -70,8 +70,8 @@ async def with_server(pki, s: ServerSettings, clients):
     return reports, client_results
 
 
-def honest(pki, port, cids, **kw):
-    cs = ClientSettings(server=f"localhost:{port}")
+def honest(pki, port, cids, keyholder: int | None = 1, **kw):
+    cs = ClientSettings(server=f"localhost:{port}", keyholder=keyholder)
     return [run_client(cs, creds(pki, c), lambda r, c=c: update(c, r), **kw) for c in cids]
 
 
@@ -232,9 +232,12 @@ def test_server_survives_garbage_flood_oversize_forgery_stall_and_replay(pki, ca
     def stalling_round(mode, ctx, params):
         return _Staller(MaskingClientRound(ctx, params))
 
+    # 19 clients, 6 of them misbehaving: the masking plan (up to 6 colluders assumed) has t = 13.
+    HONEST = (1, 2, 3, 4) + tuple(range(11, 20))
+
     async def clients(port):
         cs = ClientSettings(server=f"localhost:{port}")
-        tasks = honest(pki, port, (1, 2, 3, 4, 11, 12, 13))
+        tasks = honest(pki, port, HONEST)
         tasks.append(run_client(cs, creds(pki, 5), lambda r: update(5, r), make_round=stalling_round))
         tasks.append(run_client(cs, creds(pki, 6), lambda r: update(6, r), make_round=replaying_round))
         tasks.append(_raw_client(pki, port, 7, _garbage))
@@ -244,23 +247,25 @@ def test_server_survives_garbage_flood_oversize_forgery_stall_and_replay(pki, ca
         return await asyncio.gather(*tasks)
 
     caplog.set_level(logging.INFO, logger="secagg.server")
-    s = settings(expected_clients=13, threshold=3, rounds=2, stage_timeout=4.0, rejoin_timeout=0.5,
+    s = settings(expected_clients=19, threshold=3, rounds=2, stage_timeout=4.0, rejoin_timeout=0.5,
                  frames_per_second=20.0, frame_burst=40.0, max_message_bytes=1 << 20)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     r0, r1 = reports
     assert r0.ok and r1.ok
     assert "malformed frame" in r0.dropped[7]
     assert "identity mismatch" in r0.dropped[8]
-    assert "rate limit" in r0.dropped[9]
-    assert "exceeds the 1048576-byte message limit" in r0.dropped[10]
+    # the flood and the oversize message are refused by the stage's own limit (77 KiB for the
+    # 13-client advertise stage), at the first chunk for the flood that declares 60 chunks
+    assert "60 chunks is larger than the 84992-byte limit of this stage" in r0.dropped[9]
+    assert "exceeds the 84992-byte limit of this stage" in r0.dropped[10]
     assert "no reply in stage 'share' within 4s" in r0.dropped[5]
     assert 6 in r0.outcome.included
     assert "ReplayError" in r1.dropped[6] or "another round" in r1.dropped[6]
-    assert r0.outcome.included == (1, 2, 3, 4, 6, 11, 12, 13)
-    expected0 = sum(update(c, 0).astype(np.float64) for c in (1, 2, 3, 4, 6, 11, 12, 13))
+    assert r0.outcome.included == tuple(sorted(HONEST + (6,)))
+    expected0 = sum(update(c, 0).astype(np.float64) for c in HONEST + (6,))
     np.testing.assert_allclose(r0.outcome.total, expected0, atol=1e-3)
-    assert r1.outcome.included == (1, 2, 3, 4, 11, 12, 13)
-    expected1 = sum(update(c, 1).astype(np.float64) for c in (1, 2, 3, 4, 11, 12, 13))
+    assert r1.outcome.included == HONEST
+    expected1 = sum(update(c, 1).astype(np.float64) for c in HONEST)
     np.testing.assert_allclose(r1.outcome.total, expected1, atol=1e-3)
     for cid in (5, 6, 7, 8, 9, 10):
         assert f"dropped client {cid}" in caplog.text
@@ -297,13 +302,20 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
 
         return Holder()
 
+    async def reconnecting_holder(cs):
+        # missing the decrypt stage disconnects the holder; it reconnects, as `secagg join --retry` does
+        first = await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        assert not first.finished and 0 in first.dropped
+        await run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)
+        return first
+
     async def clients(port):
-        cs = ClientSettings(server=f"localhost:{port}")
-        tasks = [run_client(cs, creds(pki, 1), lambda r: update(1, r), make_round=flaky_holder)]
+        cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
+        tasks = [reconnecting_holder(cs)]
         tasks += honest(pki, port, (2, 3, 4))
         return await asyncio.gather(*tasks)
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 1}, expected_clients=4,
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4,
                  threshold=3, rounds=2, stage_timeout=4.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     r0, r1 = reports
@@ -322,3 +334,57 @@ def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
     assert all(res.failed[0] == "refused mode 'plain'" for res in results)
+
+
+def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
+    """Run a ckks round; return the server's reports, the clients' and why each client refused."""
+    from federation.transport.ckks_mode import CkksClientRound
+
+    refusals: dict[int, str] = {}
+
+    def watch(mode, ctx, params):
+        try:
+            return CkksClientRound(ctx, params)  # a refusal raises here, before any key exists
+        except Exception as exc:
+            refusals[ctx.client_id] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    async def clients(port):
+        return await asyncio.gather(*honest(pki, port, cids, keyholder=keyholder, make_round=watch))
+
+    reports, results = asyncio.run(with_server(pki, s, clients))
+    return reports, results, refusals
+
+
+@pytest.mark.parametrize("named", [3, 2])
+def test_a_server_naming_another_key_holder_is_refused_by_every_client(pki, named):
+    """Clients trust client 1 (CA key-holder role, their own config); the server names another."""
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": named}, expected_clients=4,
+                 threshold=3, stage_timeout=3.0)
+    reports, results, refusals = _ckks_refusals(pki, s, (1, 2, 3, 4), keyholder=1)
+    assert not reports[0].ok and reports[0].outcome is None
+    assert sorted(refusals) == [1, 2, 3, 4]  # every client, the named one included, refused
+    for why in refusals.values():
+        assert why.startswith("MaliciousServerDetected") and f"names client {named}" in why
+    assert all(res.rounds.get(0) is None for res in results)  # nothing released
+
+
+def test_a_client_whose_certificate_lacks_the_key_holder_role_is_never_a_key_holder(pki):
+    """Even if every client's config names client 3, its certificate was not issued as a key holder."""
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 3}, expected_clients=3,
+                 threshold=2, stage_timeout=3.0)
+    reports, _, refusals = _ckks_refusals(pki, s, (1, 2, 3), keyholder=3)
+    assert not reports[0].ok
+    assert sorted(refusals) == [1, 2, 3]
+    assert all("key-holder role" in why for why in refusals.values())
+
+
+def test_a_client_that_trusts_no_key_holder_refuses_ckks_rounds(pki):
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=2, threshold=2, stage_timeout=3.0)
+    reports, _, refusals = _ckks_refusals(pki, s, (1, 2), keyholder=None)
+    assert not reports[0].ok
+    assert sorted(refusals) == [1, 2]
+    assert all("trusts no key holder" in why for why in refusals.values())

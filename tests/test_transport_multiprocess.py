@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,9 +57,9 @@ def make_deployment(root: Path, n_clients: int, *, rounds: int, expected: int, t
     init_ca(root / "ca")
     issue(root / "ca", server=True)
     for cid in range(1, n_clients + 1):
-        issue(root / "ca", client_id=cid)
+        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")
         (root / f"client-{cid}.toml").write_text(
-            f'[client]\ncredentials = "ca/client-{cid}"\n'
+            f'[client]\ncredentials = "ca/client-{cid}"\nkeyholder = 1\n'
             f'[client.input]\nkind = "synthetic"\ndim = {DIM}\nseed = {cid}\n'
         )
     (root / "server.toml").write_text(
@@ -120,7 +121,7 @@ def test_server_and_six_client_processes_one_killed_mid_round(tmp_path, procs, m
     r0, r1 = lines(out)
     assert r0["ok"] and r0["included"] == [1, 2, 3, 4, 5]
     assert list(r0["dropped"]) == ["6"] and r0["dropped"]["6"].startswith("disconnected")
-    assert "dropped client 6: disconnected" in err
+    assert re.search(r"dropped client 6 \(ipv[46]:\S+\): disconnected", err)  # with the peer address
     assert r1["ok"] and r1["included"] == [1, 2, 3, 4, 5]
     for p in clients:
         cout, cerr = p.communicate(timeout=30)

@@ -110,14 +110,14 @@ class ShopsFederation(Federation):
         self.data = data
         shape = TableShape(data.num_items, config.hidden)
         executor = ShopExecutor(data, shape, seed=config.seed, deterministic=config.deterministic)
-        super().__init__(config, executor=executor, aggregator=aggregator, dataset=data.as_dataset())
+        super().__init__(config, executor=executor, aggregator=aggregator, dataset=data.as_dataset(config.dataset))
         self.shops = executor
         self.last_ranking = EMPTY
         self.last_per_shop: tuple[Ranking, ...] = ()
 
     def evaluate(self) -> tuple[float | None, float]:
         """Every shop evaluates locally; returns (None, held-out loss): the recommender's figures
-        are HR@10 and NDCG@10 (:meth:`evaluation_metrics`), not a classification accuracy."""
+        are HR@10 and NDCG@10 (:meth:`metrics`), not a classification accuracy."""
         per_shop = tuple(self.shops.evaluate(shop, self.params) for shop in range(self.data.num_shops))
         total = EMPTY
         for ranking in per_shop:
@@ -125,6 +125,6 @@ class ShopsFederation(Federation):
         self.last_ranking, self.last_per_shop = total, per_shop
         return None, total.loss
 
-    def evaluation_metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         ranking = self.last_ranking.as_dict()
         return {k: ranking[k] for k in ("hr@10", "ndcg@10")}

@@ -89,15 +89,16 @@ class Interactions:
                 f"({cat.min()}-{cat.max()} in a shop's catalogue), "
                 f"{self.num_train + self.num_customers} interactions")
 
-    def as_dataset(self) -> Dataset:
-        """The engine's view: one training row per customer, grouped by shop.
+    def as_dataset(self, name: str) -> Dataset:
+        """The engine's view (registered as dataset ``name``): one training row per customer,
+        grouped by shop.
 
         ``x`` is the customer id, ``y`` and ``groups`` the customer's shop; the test rows are the
         held-out (customer, item) pairs. The partition ``natural`` then gives every shop exactly
         its customers, and client sizes count customers.
         """
         ids = np.arange(self.num_customers, dtype=np.int64)[:, None]
-        return Dataset(self.name, ids, self.shop_of.astype(np.int64), ids.copy(),
+        return Dataset(name, ids, self.shop_of.astype(np.int64), ids.copy(),
                        self.test_item.astype(np.int64), num_classes=self.num_items,
                        groups_train=self.shop_of.astype(np.int64))
 

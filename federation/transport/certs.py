@@ -25,6 +25,12 @@ the server needs nothing else to verify signatures.
 The server certificate carries ``secagg://server/ed25519/<hex>`` in the same way, so
 clients can verify server-signed protocol messages against the key the CA vouched for.
 
+A client certificate issued with the key-holder role (``certs issue ID --role keyholder``)
+also carries ``secagg://role/keyholder``: the CA vouches that this client may generate
+and hold the round keys of the ``ckks`` mode. Clients additionally pin *which* key holder
+they trust by id in their own configuration, so neither the server nor an ordinary client
+certificate can make a client the key holder.
+
 Files (PEM; private keys are written with mode 0600)::
 
     CA_DIR/ca.pem  CA_DIR/ca.key                       -- ca.key never leaves the CA host
@@ -58,6 +64,8 @@ from secagg.keys import IdentityKey, verify_signature
 
 CLIENT_URI = re.compile(r"^secagg://client/(?P<id>[1-9][0-9]{0,6})/ed25519/(?P<key>[0-9a-f]{64})$")
 SERVER_URI = re.compile(r"^secagg://server/ed25519/(?P<key>[0-9a-f]{64})$")
+KEYHOLDER_ROLE_URI = "secagg://role/keyholder"
+CLIENT_ROLES = ("client", "keyholder")
 DEFAULT_DAYS = 365
 MAX_CLIENT_ID = 1 << 20  # the masking protocol numbers clients 1..2^20-1; 0 is the server
 
@@ -70,6 +78,7 @@ class PeerIdentity:
     client_id: int | None
     identity_public_key: bytes  # raw Ed25519 public key (32 bytes)
     subject: str
+    keyholder: bool = False  # a client the CA allowed to hold the ckks round keys
 
 
 @dataclass(frozen=True)
@@ -198,8 +207,11 @@ def issue(
     days: int = DEFAULT_DAYS,
     identity: IdentityKey | None = None,
     force: bool = False,
+    role: str = "client",
 ) -> Path:
     """Issue a client (``client_id``) or server (``server=True``) certificate bundle.
+
+    ``role="keyholder"`` (clients only) adds the key-holder role (see the module docstring).
 
     Writes ``ca.pem``, ``tls.pem``, ``tls.key`` and ``identity.key`` into ``out``
     (default ``CA_DIR/client-<id>`` or ``CA_DIR/server``) and returns that directory. A fresh
@@ -209,6 +221,7 @@ def issue(
         raise ConfigError("issue either a client certificate (CLIENT_ID) or a server certificate (--server)")
     if client_id is not None and not (1 <= client_id < MAX_CLIENT_ID):
         raise ConfigError(f"client id must be an integer from 1 to {MAX_CLIENT_ID - 1} (0 is the server), got {client_id}")
+    _check_role(role, server)
     d_ca = Path(ca_dir)
     ca_cert, ca_key = _load_ca(d_ca)
     target = Path(out) if out is not None else d_ca / ("server" if server else f"client-{client_id}")
@@ -230,16 +243,46 @@ def issue(
         eku = ExtendedKeyUsageOID.SERVER_AUTH
     else:
         cn = f"secagg client {client_id}"
-        names = [x509.UniformResourceIdentifier(f"secagg://client/{client_id}/ed25519/{pub_hex}")]
+        names = _client_names(f"secagg://client/{client_id}/ed25519/{pub_hex}", role)
         eku = ExtendedKeyUsageOID.CLIENT_AUTH
     if not names:
         raise ConfigError("a server certificate needs at least one --dns name or --ip address")
     cert = _sign(ca_cert, ca_key, cn=cn, names=names, eku=eku, public_key=key.public_key(), days=days)
+    if not server:
+        _retire(d_ca, ca_cert, target / "tls.pem")
     (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_private(target / "tls.key", _pem_private(key))
     _write_private(target / "identity.key", _identity_pem(identity))
     return target
+
+
+def _check_role(role: str, server: bool = False) -> None:
+    if role not in CLIENT_ROLES:
+        raise ConfigError(f"role must be one of {CLIENT_ROLES}, got {role!r}")
+    if server and role != "client":
+        raise ConfigError("the key-holder role is for a client certificate; the server never holds keys")
+
+
+def _client_names(identity_uri: str, role: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri)]
+    if role == "keyholder":
+        names.append(x509.UniformResourceIdentifier(KEYHOLDER_ROLE_URI))
+    return names
+
+
+def _retire(ca_dir: Path, ca_cert, old_cert: Path) -> None:
+    """Re-issuing an id revokes the certificate it replaces (when this CA issued it)."""
+    if not old_cert.is_file():
+        return
+    from federation.transport.revocation import issued_by, revoke
+
+    try:
+        previous = x509.load_pem_x509_certificate(old_cert.read_bytes())
+    except ValueError:
+        return
+    if issued_by(previous, ca_cert):
+        revoke(ca_dir, old_cert.read_bytes(), reason=x509.ReasonFlags.superseded)
 
 
 def _sign(ca_cert, ca_key, *, cn: str, names, eku, public_key, days: int) -> x509.Certificate:
@@ -314,9 +357,13 @@ def request(client_id: int, out: str | os.PathLike, *, force: bool = False) -> P
 
 def issue_from_request(
     ca_dir: str | os.PathLike, client_id: int, csr_pem: bytes, *, out: str | os.PathLike | None = None,
-    days: int = DEFAULT_DAYS, force: bool = False,
+    days: int = DEFAULT_DAYS, force: bool = False, role: str = "client",
 ) -> Path:
-    """On the CA: check a client's request and write ``tls.pem`` and ``ca.pem`` (no private keys)."""
+    """On the CA: check a client's request and write ``tls.pem`` and ``ca.pem`` (no private keys).
+
+    The role is the CA's decision (``role="keyholder"``), never read from the request.
+    """
+    _check_role(role)
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
@@ -345,8 +392,9 @@ def issue_from_request(
         raise ConfigError(f"{target} already holds a certificate; pass --force to replace it")
     target.mkdir(parents=True, exist_ok=True)
     cert = _sign(ca_cert, ca_key, cn=f"secagg client {client_id}",
-                 names=[x509.UniformResourceIdentifier(matches[0].group(0))],
+                 names=_client_names(matches[0].group(0), role),
                  eku=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=csr.public_key(), days=days)
+    _retire(d_ca, ca_cert, target / "tls.pem")
     (target / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (target / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return target
@@ -368,6 +416,7 @@ def identity_from_cert(cert: x509.Certificate) -> PeerIdentity:
     except x509.ExtensionNotFound:
         uris = []
     found = []
+    keyholder = KEYHOLDER_ROLE_URI in uris
     for uri in uris:
         m = CLIENT_URI.match(uri)
         if m:
@@ -382,6 +431,8 @@ def identity_from_cert(cert: x509.Certificate) -> PeerIdentity:
             "(expected one secagg://client/<id>/ed25519/<hex> or secagg://server/ed25519/<hex> URI)"
         )
     role, cid, key = found[0]
+    if keyholder and (role != "client" or uris.count(KEYHOLDER_ROLE_URI) != 1):
+        raise InvalidSignature("only a client certificate can carry the key-holder role, once")
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -389,7 +440,8 @@ def identity_from_cert(cert: x509.Certificate) -> PeerIdentity:
     wanted = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
     if wanted not in eku:
         raise InvalidSignature(f"a {role} identity in a certificate without the {role}Auth key usage")
-    return PeerIdentity(role=role, client_id=cid, identity_public_key=key, subject=cert.subject.rfc4514_string())
+    return PeerIdentity(role=role, client_id=cid, identity_public_key=key, subject=cert.subject.rfc4514_string(),
+                        keyholder=keyholder)
 
 
 def identity_from_pem(pem: bytes) -> PeerIdentity:

@@ -1,18 +1,24 @@
 """The CKKS protection mode (``secagg.ckks``) as a transport mode.
 
 Roles over the network. The server never holds a key. One participating client, the
-*key holder* (``keyholder`` option, a client id), generates the round's keys, decrypts the
-single aggregate and returns the plaintext sum; it also contributes its own update like
-every other client. Stages:
+*key holder*, generates the round's keys, decrypts the single aggregate and returns the
+plaintext sum; it also contributes its own update like every other client. The key holder
+is chosen by the clients, never by the server: each client names the key holder it trusts
+in its own configuration (``keyholder`` in ``[client]``), and that client's certificate
+must carry the CA's key-holder role (``secagg certs issue ID --role keyholder``). A round
+whose directory names any other key holder is refused by every client, the named one
+included, so the server cannot promote a client. Stages:
 
 1. ``context``  -- the key holder receives a context request and replies with the
                    public context (for clients) and the parameters-only context (for the
                    server), each sealed with its certificate-bound Ed25519 key;
-2. ``upload``   -- every participant receives the public context, checks the key
-                   holder's signature (its certificate is relayed and checked against the
+2. ``upload``   -- every participant receives the public context, checks that the key
+                   holder it trusts signed it (certificates relayed and checked against the
                    CA), encrypts its clipped update and uploads it; the server adds;
 3. ``decrypt``  -- the key holder receives the sum (sealed by the server's
-                   certificate-bound key), decrypts it once and returns the plaintext.
+                   certificate-bound key) *and every upload in it*; it checks each upload's
+                   signature against the relayed certificates, recomputes the sum itself,
+                   refuses anything else, decrypts once and returns the plaintext.
 
 A client that does not upload by the end of ``upload`` is left out of the sum; if the key
 holder drops, the round fails (nothing is released). Client ``participants[i]`` is
@@ -20,8 +26,8 @@ party ``i`` of :class:`secagg.ckks.RoundConfig`; the server maps indices back to
 ids and checks that every upload arrived on the stream of the client it names.
 
 Options: ``dim`` (required), ``clip`` (per-coordinate bound every client enforces,
-required), ``keyholder`` (client id; default the lowest participant), ``scheme``
-("ckks" or "bfv").
+required), ``scheme`` ("ckks" or "bfv"), ``keyholder`` (client id; default: the one
+participant whose certificate carries the key-holder role -- clients refuse any other).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from federation.transport.certs import verify_certificate
+from federation.transport.certs import identity_from_pem, verify_certificate
 from federation.transport.rounds import (
     ClientContext,
     Mode,
@@ -43,18 +49,23 @@ from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, ne
 from secagg.errors import (
     ConfigError,
     InvalidSignature,
+    MaliciousServerDetected,
     NotEnoughSurvivors,
     RemoteProtocolError,
     ReplayError,
 )
 
+MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
+
 
 @wire.message
 class CkksDirectory(wire.Message):
-    """Round parameters every participant needs to rebuild the same RoundConfig."""
+    """Round parameters every participant needs to rebuild the same RoundConfig, and the
+    CA-signed certificates of the server and of every participant (the key holder checks
+    each upload's signature against them)."""
 
-    TYPE = "transport.ckks.directory"
-    FIELD_LIMITS: ClassVar[dict[str, int]] = {"round_id": 64, "server_certificate": 8192, "keyholder_certificate": 8192}
+    TYPE = "transport.ckks.directory.v2"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"round_id": 64, "server_certificate": 8192, "certificates": 8192}
     round: int
     round_id: bytes
     dim: int
@@ -64,7 +75,7 @@ class CkksDirectory(wire.Message):
     participants: tuple[int, ...]
     keyholder: int
     server_certificate: bytes
-    keyholder_certificate: bytes
+    certificates: dict[int, bytes]
 
 
 @wire.message
@@ -82,6 +93,17 @@ class CkksContexts(wire.Message):
     round: int
     for_clients: bytes
     for_server: bytes
+
+
+@wire.message
+class CkksDecryptRequest(wire.Message):
+    """Server -> key holder: the sealed aggregate and every signed upload it claims to add."""
+
+    TYPE = "transport.ckks.decrypt_request"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"aggregate": wire.DEFAULT_MAX_BYTES, "uploads": wire.DEFAULT_MAX_BYTES}
+    round: int
+    aggregate: bytes
+    uploads: tuple[bytes, ...]
 
 
 @wire.message
@@ -124,6 +146,14 @@ class CkksServerRound:
 
     def stage(self) -> str:
         return self._stage
+
+    def max_payload_bytes(self) -> int:
+        """Largest message one client may send at the current stage (refused at its first chunk)."""
+        if self._stage == "context":
+            return MAX_CONTEXTS_BYTES
+        if self._stage == "upload":
+            return self.config.max_message_bytes
+        return 8 * self.config.dim + (64 << 10)  # the released float64 sum
 
     def awaiting(self) -> frozenset[int]:
         if self._stage == "context":
@@ -172,7 +202,8 @@ class CkksServerRound:
         if self._stage == "upload":
             aggregate = self._server.aggregate()  # raises NotEnoughSurvivors below min_clients
             self._stage = "decrypt"
-            return {self.d.keyholder: aggregate}
+            request = CkksDecryptRequest(self.ctx.round, aggregate, self._server.uploads)
+            return {self.d.keyholder: wire.encode(request)}
         if self._stage == "decrypt":
             if self._release is None:
                 raise NotEnoughSurvivors("the key holder did not return the decrypted sum")
@@ -198,14 +229,23 @@ class CkksClientRound:
             raise ReplayError(f"directory of round {d.round} sent in round {ctx.round}")
         if ctx.client_id not in d.participants:
             raise ConfigError("this client is not a participant of the round")
+        self.holder_key = self._check_keyholder(ctx, d)
         server = verify_certificate(d.server_certificate, ctx.ca_pem)
-        holder = verify_certificate(d.keyholder_certificate, ctx.ca_pem)
-        if server.role != "server" or holder.role != "client" or holder.client_id != d.keyholder:
-            raise InvalidSignature("the relayed server or key-holder certificate is not what it claims")
+        if server.role != "server":
+            raise InvalidSignature("the relayed server certificate is not a server certificate")
+        if set(d.certificates) != set(d.participants):
+            raise InvalidSignature("the directory must relay the certificate of every participant, and only theirs")
+        self.client_keys: dict[int, bytes] = {}
+        for index, cid in enumerate(d.participants):
+            peer = verify_certificate(d.certificates[cid], ctx.ca_pem)
+            if peer.role != "client" or peer.client_id != cid:
+                raise InvalidSignature(f"the certificate relayed for client {cid} names someone else")
+            self.client_keys[index] = peer.identity_public_key
+        if self.client_keys[d.participants.index(ctx.client_id)] != ctx.identity.public_bytes:
+            raise InvalidSignature("the directory does not hold this client's own certificate")
         self.ctx, self.d = ctx, d
         self.config = _round_config(d)
         self.server_key = server.identity_public_key
-        self.holder_key = holder.identity_public_key
         self.is_holder = ctx.client_id == d.keyholder
         bound = d.value_bound
         self.update = np.clip(np.asarray(ctx.update, dtype=np.float64).ravel(), -bound, bound)
@@ -214,6 +254,31 @@ class CkksClientRound:
         self.holder: KeyHolder | None = None
         self.step = 0
         self._done = False
+
+    @staticmethod
+    def _check_keyholder(ctx: ClientContext, d: CkksDirectory) -> bytes:
+        """The trusted key holder's identity key; refuses a round naming any other key holder."""
+        if ctx.keyholder is None:
+            raise ConfigError(
+                "this client trusts no key holder, so it takes part in no ckks round: set `keyholder = ID` in "
+                "[client] to the client whose certificate the CA issued with the key-holder role"
+            )
+        if d.keyholder != ctx.keyholder:
+            raise MaliciousServerDetected(
+                f"the server names client {d.keyholder} as this round's key holder; this client trusts only "
+                f"client {ctx.keyholder}. Refusing the round"
+            )
+        if d.keyholder not in d.certificates:
+            raise InvalidSignature("the directory lacks the key holder's certificate")
+        holder = verify_certificate(d.certificates[d.keyholder], ctx.ca_pem)
+        if holder.role != "client" or holder.client_id != d.keyholder or not holder.keyholder:
+            raise InvalidSignature(
+                f"client {d.keyholder}'s certificate does not carry the CA's key-holder role; "
+                "issue it with `secagg certs issue ID --role keyholder`"
+            )
+        if ctx.client_id == d.keyholder and holder.identity_public_key != ctx.identity.public_bytes:
+            raise InvalidSignature("the relayed key-holder certificate is not this client's own")
+        return holder.identity_public_key
 
     def receive(self, payload: bytes) -> bytes | None:
         me, ident = self.ctx.client_id, self.ctx.identity
@@ -225,11 +290,17 @@ class CkksClientRound:
             return wire.seal(reply, me, ident)
         if self.step == (2 if self.is_holder else 1):
             client = HeClient(self.d.participants.index(me), self.config, payload, self.holder_key, identity=ident)
+            client.precompute()  # the library's fast path: encryptions of zero, then encode and add
             if not self.is_holder:
                 self._done = True
             return client.encrypt(self.update)
         if self.is_holder and self.step == 3:
-            result = self.holder.decrypt(payload, self.server_key)
+            limit = len(self.d.participants) * self.config.max_message_bytes + (1 << 20)
+            request = wire.decode(payload, max_bytes=max(limit, wire.DEFAULT_MAX_BYTES), expect=CkksDecryptRequest)
+            if request.round != self.ctx.round:
+                raise ReplayError(f"decrypt request of round {request.round} in round {self.ctx.round}")
+            # verifies every upload against the relayed certificates and recomputes the sum
+            result = self.holder.decrypt(request.aggregate, self.server_key, request.uploads, self.client_keys)
             self._done = True
             reply = CkksRelease(self.ctx.round, result.values.astype("<f8").tobytes(), tuple(result.included))
             return wire.seal(reply, me, ident)
@@ -247,16 +318,29 @@ def _server(ctx: RoundContext):
         raise ConfigError("the ckks mode needs a positive `dim` option")
     if "clip" not in o:
         raise ConfigError("the ckks mode needs `clip`, the per-coordinate bound every client enforces")
-    keyholder = int(o.get("keyholder", min(ctx.participants)))
+    keyholder = int(o["keyholder"]) if "keyholder" in o else _certified_keyholder(ctx)
     if keyholder not in ctx.participants:
         raise NotEnoughSurvivors(f"the key holder (client {keyholder}) is not connected; the round cannot run")
     directory = CkksDirectory(
         round=ctx.round, round_id=new_round_id(), dim=dim, scheme=str(o.get("scheme", "ckks")),
         value_bound=float(o["clip"]), min_clients=max(2, int(ctx.threshold)),
         participants=tuple(ctx.participants), keyholder=keyholder,
-        server_certificate=ctx.server_certificate, keyholder_certificate=ctx.certificates[keyholder],
+        server_certificate=ctx.server_certificate,
+        certificates={cid: ctx.certificates[cid] for cid in ctx.participants},
     )
     return CkksServerRound(ctx, directory), wire.encode(directory)
+
+
+def _certified_keyholder(ctx: RoundContext) -> int:
+    """The one connected participant whose certificate carries the CA's key-holder role."""
+    holders = [cid for cid in ctx.participants
+               if cid in ctx.certificates and identity_from_pem(ctx.certificates[cid]).keyholder]
+    if len(holders) != 1:
+        raise NotEnoughSurvivors(
+            f"{len(holders)} connected clients hold a key-holder certificate; a ckks round needs exactly one "
+            "(or the `keyholder` option naming the one the clients trust)"
+        )
+    return holders[0]
 
 
 register_mode(Mode("ckks", _server, CkksClientRound, sealed_by_sender=False))

@@ -55,10 +55,11 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
     state_dir = _resolve(base, table.pop("state_dir", None))
     training = _resolve(base, table.pop("training", None))
+    crl = _resolve(base, table.pop("crl", None)) or creds / "crl.pem"
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
-    settings = ServerSettings(**table)
+    settings = ServerSettings(**table, crl=str(crl))
     settings.options = dict(settings.options)
     settings.check()
     return ServerConfig(settings, creds, state_dir, training)
@@ -92,6 +93,13 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "modes" in table:
         table["modes"] = tuple(str(m) for m in table["modes"])
+    # Round ids this client signed in survive restarts: by default next to the credentials.
+    table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
+    if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):
+        raise ConfigError(
+            f"{path}: [client] keyholder must be the client id (an integer >= 1) of the ckks key holder this "
+            "client trusts, the one the CA issued with `secagg certs issue ID --role keyholder`"
+        )
     return ClientConfig(ClientSettings(**table), creds, inp, base, training)
 
 
@@ -160,3 +168,12 @@ def record_round(state_dir: Path, number: int, total: np.ndarray, summary: dict)
     tmp = state_dir / ".progress.json"
     tmp.write_text(json.dumps({"completed": number}))
     os.replace(tmp, state_dir / "progress.json")
+
+
+def record_failed_round(state_dir: Path, summary: dict) -> None:
+    """Log a failed round in rounds.jsonl with its reason (no aggregate, and the progress marker does not move)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / "rounds.jsonl").open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -15,6 +15,7 @@ at least ``MIN_CHUNK_BYTES`` and none more than ``MAX_CHUNK_BYTES``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from secagg import wire
@@ -117,6 +118,11 @@ class Reassembler:
     ``max_chunk_bytes`` is what this side accepts per chunk (senders may use smaller
     chunks); every chunk but the last of a payload must carry at least
     :data:`MIN_CHUNK_BYTES`, so a payload cannot be split into a flood of tiny frames.
+
+    ``admit`` (optional, per call) is consulted once, at the first chunk of a payload,
+    before any byte of it is kept: it returns the byte limit for this payload, or None to
+    read the payload's chunks without keeping them (an unsolicited message). So a receiver
+    never buffers more than it agreed to hold at the moment the payload began.
     """
 
     max_message_bytes: int
@@ -124,33 +130,55 @@ class Reassembler:
     _seq: int = -1
     _parts: list[bytes] = field(default_factory=list)
     _count: int = 0
+    _index: int = -1  # index of the last chunk read of the current payload (-1: none in progress)
     _size: int = 0
+    _limit: int = 0
+    _keep: bool = True
 
-    def feed(self, chunk: Chunk) -> bytes | None:
+    @property
+    def buffered(self) -> int:
+        """Bytes currently held for an incomplete payload."""
+        return self._size if self._keep else 0
+
+    def feed(self, chunk: Chunk, admit: Callable[[Chunk], int | None] | None = None) -> bytes | None:
         """Add one chunk; return the complete payload when its last chunk arrived."""
-        max_chunks = self.max_message_bytes // MIN_CHUNK_BYTES + 1
-        if not self._parts:
+        if self._index < 0:
             if chunk.seq <= self._seq:
                 raise WireError(f"chunk sequence {chunk.seq} is not newer than {self._seq} (replayed payload?)")
+            max_chunks = self.max_message_bytes // MIN_CHUNK_BYTES + 1
             if chunk.index != 0 or not (1 <= chunk.count <= max_chunks):
                 raise WireError(f"payload must start at chunk 0 and have 1..{max_chunks} chunks")
+            limit = self.max_message_bytes if admit is None else admit(chunk)
             self._seq, self._count, self._size = chunk.seq, chunk.count, 0
-        elif chunk.seq != self._seq or chunk.index != len(self._parts) or chunk.count != self._count:
+            self._keep, self._limit = limit is not None, min(limit or 0, self.max_message_bytes)
+            if self._keep and (chunk.count - 1) * MIN_CHUNK_BYTES > self._limit:
+                raise WireError(
+                    f"a payload of {chunk.count} chunks is larger than the {self._limit}-byte limit of this stage"
+                )
+        elif chunk.seq != self._seq or chunk.index != self._index + 1 or chunk.count != self._count:
             raise WireError("chunks arrived out of order or interleaved")
+        self._index = chunk.index
         if len(chunk.data) > self.max_chunk_bytes:
             raise WireError(f"chunk of {len(chunk.data)} bytes exceeds the {self.max_chunk_bytes}-byte chunk limit")
         last = chunk.index == chunk.count - 1
         if not last and len(chunk.data) < MIN_CHUNK_BYTES:
             raise WireError(f"only the last chunk of a payload may be smaller than {MIN_CHUNK_BYTES} bytes")
+        if self._keep:
+            if self._size + len(chunk.data) > self._limit:
+                raise WireError(f"payload exceeds the {self._limit}-byte limit of this stage")
+            self._parts.append(chunk.data)
         self._size += len(chunk.data)
-        if self._size > self.max_message_bytes:
-            raise WireError(f"payload exceeds the {self.max_message_bytes}-byte message limit")
-        self._parts.append(chunk.data)
         if not last:
             return None
-        payload = b"".join(self._parts)
-        self._parts = []
-        return payload
+        self._index = -1
+        parts, self._parts, self._size = self._parts, [], 0
+        return b"".join(parts) if self._keep else None
+
+    def release(self) -> int:
+        """Drop an incomplete payload (the stream ended); return the bytes it held."""
+        freed = self.buffered
+        self._parts, self._size, self._index = [], 0, -1
+        return freed
 
 
 @dataclass

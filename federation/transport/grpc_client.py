@@ -32,6 +32,7 @@ from federation.transport.frames import (
     RoundEnd,
     RoundStart,
 )
+from federation.transport.masking_mode import policy_from_settings
 from federation.transport.rounds import ClientContext, get_mode
 from secagg import __version__, wire
 from secagg.errors import SecAggError
@@ -49,6 +50,16 @@ class ClientSettings:
     # Protocol modes this client takes part in. The server names the mode of each round; a
     # client never lets it pick the insecure "plain" baseline unless listed here.
     modes: tuple[str, ...] = ("masking", "ckks")
+    # This client's masking policy (secagg.protocol.plan.ClientPolicy): the smallest sum it
+    # accepts to be part of, the fraction of other participants it assumes collude with the
+    # server, and the file of round ids it already signed in (kept across restarts).
+    min_participants: int = 3
+    collusion: float = 1 / 3
+    round_ids: str | None = None
+    # ckks: the client id of the key holder this client trusts. Its certificate must carry
+    # the CA's key-holder role; a round naming any other key holder is refused. Unset: this
+    # client refuses every ckks round (the server never chooses the key holder for it).
+    keyholder: int | None = None
 
 
 @dataclass
@@ -110,6 +121,7 @@ async def run_client(
     if cid is None:
         raise SecAggError("the credentials are a server's, not a client's")
     report = ClientReport(cid)
+    policy = policy_from_settings(settings)
     reassembler = Reassembler(settings.max_message_bytes)
     seq = 0
     session = None
@@ -163,7 +175,8 @@ async def run_client(
                                 update = await asyncio.to_thread(input_for_round, current)
                             ctx = ClientContext(
                                 round=current, client_id=cid, identity=credentials.identity,
-                                update=update, ca_pem=credentials.ca_pem,
+                                update=update, ca_pem=credentials.ca_pem, policy=policy,
+                                keyholder=settings.keyholder,
                             )
                             if make_round is not None:
                                 session = make_round(mode_name, ctx, got["params"])

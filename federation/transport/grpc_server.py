@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from cryptography import x509
 
 from federation.transport import frames
 from federation.transport.certs import Credentials, identity_from_pem
@@ -54,12 +55,14 @@ from federation.transport.frames import (
     RoundStart,
     TokenBucket,
 )
+from federation.transport.revocation import RevocationList
 from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
 
 log = logging.getLogger("secagg.server")
+CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
 
 
 @dataclass
@@ -76,13 +79,17 @@ class ServerSettings:
     join_timeout: float = 60.0  # first round: how long to wait for expected_clients
     rejoin_timeout: float = 2.0  # later rounds: how long to wait for missing clients to come back
     stage_timeout: float = 30.0  # per protocol stage; non-responders become dropouts
-    hello_timeout: float = 10.0
+    hello_timeout: float = 10.0  # after the TLS handshake: the signed hello must arrive within this
+    handshake_timeout: float = 10.0  # a connection that has not finished the TLS handshake is closed
+    keepalive_seconds: float = 20.0  # ping every connection this often...
+    keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     frames_per_second: float = 2000.0
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
     max_connections: int = 4096
+    crl: str | None = None  # revocation list (PEM CRL); `secagg serve` defaults it to <credentials>/crl.pem
     share_result: bool = True  # send the released aggregate back to the participants
     first_round: int = 0
 
@@ -91,8 +98,12 @@ class ServerSettings:
             raise ConfigError(
                 f"threshold must be between 1 and expected_clients ({self.expected_clients}), got {self.threshold}"
             )
-        if self.stage_timeout <= 0 or self.join_timeout <= 0:
-            raise ConfigError("stage_timeout and join_timeout must be positive seconds")
+        if min(self.stage_timeout, self.join_timeout, self.hello_timeout, self.handshake_timeout,
+               self.keepalive_seconds, self.keepalive_timeout) <= 0:
+            raise ConfigError("stage_timeout, join_timeout, hello_timeout, handshake_timeout, keepalive_seconds "
+                              "and keepalive_timeout must be positive seconds")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -106,6 +117,8 @@ class _Kick(Exception):
 class _Conn:
     def __init__(self, cid: int, key: bytes, cert_pem: bytes, settings: ServerSettings, peer: str) -> None:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
@@ -113,6 +126,7 @@ class _Conn:
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
+        self.task: asyncio.Task | None = None  # the stream's handler, cancelled if a close does not flush
 
     def send_frame(self, data: bytes) -> None:
         if not self.closed:
@@ -124,9 +138,13 @@ class _Conn:
             self.send_frame(f)
 
     def close(self) -> None:
+        """End the stream once the queued frames are written; cancel it if they are not within
+        ``CLOSE_GRACE`` seconds (a stopped client that reads nothing must not hold it open)."""
         if not self.closed:
             self.closed = True
             self.out.put_nowait(None)
+            if self.task is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, self.task.cancel)
 
 
 @dataclass
@@ -169,26 +187,37 @@ class AggregationServer:
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
+        self._revocation = RevocationList(settings.crl, credentials.ca_pem)
         self._conns: dict[int, _Conn] = {}
         self._round: _RoundState | None = None
         self._joined = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.reports: list[RoundReport] = []
+        self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> int:
         s = self.settings
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        cap = connection_cap(s.max_connections)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", frame_limit),
                 ("grpc.max_send_message_length", frame_limit),
                 ("grpc.max_concurrent_streams", 4),
-                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_time_ms", int(s.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # a TCP connection that has not completed the TLS handshake within this is closed...
+                ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout * 1000)),
+                # ...and connections beyond the cap are closed as they arrive, so idle sockets
+                # cannot exhaust the process's file descriptors
+                ("grpc.max_allowed_incoming_connections", cap),
             ],
             maximum_concurrent_rpcs=s.max_connections,
         )
@@ -205,7 +234,8 @@ class AggregationServer:
         if not self.port:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
-        log.info("listening on %s:%d (mutual TLS, mode=%s)", s.host, self.port, s.mode)
+        log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
+                 s.host, self.port, s.mode, cap, s.handshake_timeout)
         if s.mode == "plain":
             log.warning("mode 'plain' is the INSECURE baseline: the server sees every client's update")
         return self.port
@@ -231,6 +261,7 @@ class AggregationServer:
         ``broadcast`` (e.g. the global model) is sent to every participant before the protocol starts.
         """
         s = self.settings
+        self._enforce_revocation()
         participants = await self._wait_for_clients(s.join_timeout if first else s.rejoin_timeout)
         report = await self._run_round(number, participants, broadcast)
         self.reports.append(report)
@@ -304,7 +335,8 @@ class AggregationServer:
                 stage = driver.stage()
                 await self._wait_stage(state)
                 for cid in sorted(state.pending()):
-                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s", kick=False)
+                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s "
+                               "(disconnected; it must reconnect to take part again)", kick=True)
                 out = driver.close_stage()
                 log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
         except SecAggError as exc:
@@ -332,7 +364,9 @@ class AggregationServer:
             log.info(
                 "round %d done in %.3fs: %d included, %d dropped", number, seconds, len(included), len(state.dropped)
             )
-        return RoundReport(number, ok, reason, outcome, participants, dict(state.dropped), seconds)
+        # a client whose input is in the sum was not dropped from the round, whatever happened to it later
+        dropped = {c: r for c, r in state.dropped.items() if c not in included}
+        return RoundReport(number, ok, reason, outcome, participants, dropped, seconds)
 
     async def _wait_stage(self, state: _RoundState) -> None:
         deadline = time.monotonic() + self.settings.stage_timeout
@@ -356,13 +390,48 @@ class AggregationServer:
         if state is not None and cid in state.active:
             state.active.discard(cid)
             state.dropped[cid] = reason
-            log.warning("round %d: dropped client %d: %s", state.number, cid, reason)
+            log.warning("round %d: dropped client %d (%s): %s", state.number, cid, conn.peer if conn else "gone", reason)
             if conn is not None:
                 conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
             state.progress.set()
         elif kick:
-            log.warning("client %d disconnected by the server: %s", cid, reason)
+            log.warning("client %d (%s) disconnected by the server: %s", cid, conn.peer if conn else "gone", reason)
         if kick and conn is not None:
+            conn.close()
+
+    def _admit(self, conn: _Conn, first: Chunk) -> int | None:
+        """At a payload's first chunk: the bytes this client may send now, or None to discard it unread.
+
+        Only a client the running stage awaits may have a payload buffered, and only up to
+        the stage's limit; anything else is read and thrown away chunk by chunk, so an
+        unsolicited message never costs the server memory.
+        """
+        state = self._round
+        if state is None or conn.cid not in state.active or conn.cid not in state.driver.awaiting():  # type: ignore[attr-defined]
+            conn.unexpected += 1
+            if conn.unexpected > self.settings.max_unexpected_messages:
+                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+            where = "no round is running" if state is None else f"stage {state.driver.stage()!r} does not await it"  # type: ignore[attr-defined]
+            log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
+                     first.count, where)
+            return None
+        return self._stage_limit(state)
+
+    def _stage_limit(self, state: _RoundState) -> int:
+        """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
+        bound = getattr(state.driver, "max_payload_bytes", None)
+        limit = self.settings.max_message_bytes
+        return min(limit, int(bound())) if callable(bound) else limit
+
+    def _account(self, delta: int) -> None:
+        self.buffered_bytes += delta
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+
+    def _drop_conn(self, conn: _Conn, reason: str) -> None:
+        """Drop and disconnect ``conn`` -- unless a newer connection for its id replaced it already."""
+        if self._conns.get(conn.cid) is conn:
+            self._drop(self._round, conn.cid, reason, kick=True)
+        else:
             conn.close()
 
     def _deliver(self, conn: _Conn, payload: bytes) -> None:
@@ -388,7 +457,7 @@ class AggregationServer:
     def _check_seal(conn: _Conn, payload: bytes) -> None:
         """The seal must name this stream's certificate identity and verify under its key."""
         try:
-            sender, body, signature = _peek_sealed(payload)
+            sender, body, signature = wire.unverified_envelope(payload, max_bytes=len(payload))
         except WireError as exc:
             raise _Kick(f"malformed payload: {exc}") from None
         if sender != conn.cid:
@@ -397,6 +466,31 @@ class AggregationServer:
             verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
+
+    def _enforce_revocation(self) -> None:
+        """Re-read the revocation list if it changed; drop connected clients it now lists."""
+        if not self._revocation.refresh():
+            return
+        for conn in list(self._conns.values()):
+            if conn.serial in self._revocation.serials and not conn.closed:
+                self._drop(self._round, conn.cid, f"certificate serial {conn.serial:x} was revoked", kick=True)
+
+    def _displace(self, cid: int, cert_pem: bytes, peer: str) -> bool:
+        """A second connection for ``cid``: True if it replaces the first (same or newer certificate)."""
+        old = self._conns.get(cid)
+        if old is None or old.closed:
+            return True
+        new = x509.load_pem_x509_certificate(cert_pem)
+        if new.serial_number == old.serial:
+            why = "the same certificate connected again"
+        elif new.not_valid_before_utc > old.issued:
+            why = f"a newer certificate (serial {new.serial_number:x}) connected"
+        else:
+            log.warning("refused client %d (%s): already connected with a certificate at least as new (from %s)",
+                        cid, peer, old.peer)
+            return False
+        self._drop(self._round, cid, f"replaced: {why} from {peer}", kick=True)
+        return True
 
     # ----------------------------------------------------------------- streams
 
@@ -412,6 +506,11 @@ class AggregationServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"refused: {exc}")
             return
         cid = peer.client_id
+        self._enforce_revocation()
+        if self._revocation.is_revoked(pem):
+            log.warning("refused client %d (%s): its certificate is revoked", cid, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused: this certificate has been revoked")
+            return
         try:
             first = await asyncio.wait_for(context.read(), self.settings.hello_timeout)
             if first is grpc.aio.EOF:
@@ -433,11 +532,11 @@ class AggregationServer:
                 "identity mismatch: the hello must be sealed by the Ed25519 key bound in your certificate",
             )
             return
-        if cid in self._conns and not self._conns[cid].closed:
-            log.warning("refused client %d (%s): already connected", cid, context.peer())
+        if not self._displace(cid, pem, context.peer()):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {cid} is already connected")
             return
         conn = _Conn(cid, peer.identity_public_key, pem, self.settings, context.peer())
+        conn.task = asyncio.current_task()
         self._conns[cid] = conn
         log.info("client %d connected from %s", cid, context.peer())
         self._joined.set()
@@ -453,13 +552,16 @@ class AggregationServer:
         finally:
             reader.cancel()
             conn.closed = True
-            if self._conns.get(cid) is conn:
+            if self._conns.get(cid) is conn:  # not replaced by a newer connection for the same id
                 del self._conns[cid]
-            self._drop(self._round, cid, "disconnected", kick=False)
+                self._drop(self._round, cid, "disconnected", kick=False)
 
     async def _read_loop(self, conn: _Conn, context) -> None:
-        reason = "disconnected (the client closed its stream)"
         frame_limit = frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD
+        reason = (
+            "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
+            f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
+        )
         try:
             while True:
                 data = await context.read()
@@ -469,47 +571,52 @@ class AggregationServer:
                     raise _Kick(f"rate limit: more than {self.settings.frames_per_second:g} frames/s")
                 try:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
-                    payload = conn.reassembler.feed(frame)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                held = conn.reassembler.buffered
+                try:
+                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                except WireError as exc:
+                    raise _Kick(f"refused message: {exc}") from None
+                finally:
+                    self._account(conn.reassembler.buffered - held)
                 if payload is not None:
                     self._deliver(conn, payload)
         except _Kick as exc:
             reason = str(exc)
-            self._drop(self._round, conn.cid, reason, kick=True)
+            self._drop_conn(conn, reason)
             return
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 -- connection reset and friends
             reason = f"disconnected (stream error: {type(exc).__name__})"
-        self._drop(self._round, conn.cid, reason, kick=True)
+        finally:
+            self._account(-conn.reassembler.release())
+        self._drop_conn(conn, reason)
 
 
-def _peek_sealed(payload: bytes) -> tuple[int, bytes, bytes]:
-    """(sender id, signed body, signature) of a sealed payload, not yet verified."""
-    import msgpack
+def connection_cap(wanted: int, reserve: int = 64) -> int:
+    """``wanted`` connections, lowered to what the open-file limit allows (``reserve`` kept for files and logs)."""
+    import resource
 
-    try:
-        items = msgpack.unpackb(payload, raw=False, max_array_len=16, max_map_len=0, strict_map_key=False)
-    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types for bad input
-        raise WireError("payload is not a sealed secagg message") from None
-    if not (isinstance(items, list) and len(items) == 6 and items[0] == wire.MAGIC and items[2] == "signed"):
-        raise WireError("payload is not a sealed secagg message")
-    _, _, _, sender, body, signature = items
-    if type(sender) is not int or not isinstance(body, bytes) or not isinstance(signature, bytes):
-        raise WireError("malformed signed envelope")
-    return sender, body, signature
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft - reserve >= wanted:
+        return wanted
+    cap = max(1, soft - reserve)
+    log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
+    return cap
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f8").copy()
 
 
-def report_summary(report: RoundReport) -> dict:
-    """One JSON-able line per round: what was released and who was dropped (and why)."""
+def report_summary(report: RoundReport, stage_timeout: float | None = None) -> dict:
+    """One JSON-able line per round: what was released, who was dropped (and why), or why it failed."""
     line = {
         "round": report.round, "ok": report.ok, "seconds": round(report.seconds, 4),
         "participants": len(report.participants),
+        **({"stage_timeout": stage_timeout} if stage_timeout is not None else {}),
         "dropped": {str(c): r for c, r in sorted(report.dropped.items())},
     }
     if report.ok and report.outcome is not None:
@@ -534,7 +641,7 @@ async def serve_forever_with_state(
     next one starts, so a server killed at any point restarts at the first round it had
     not finished; a round cut short by the crash is run again from scratch with fresh keys.
     """
-    from federation.transport.config import read_progress, record_round
+    from federation.transport.config import read_progress, record_failed_round, record_round
 
     done = read_progress(state_dir)
     total_rounds = settings.first_round + settings.rounds
@@ -544,9 +651,11 @@ async def serve_forever_with_state(
         settings.rounds = max(0, total_rounds - settings.first_round)
 
     def on_round(report: RoundReport) -> None:
-        line = report_summary(report)
+        line = report_summary(report, settings.stage_timeout)
         if report.ok and state_dir is not None and report.outcome is not None:
             record_round(state_dir, report.round, report.outcome.total, line)
+        elif state_dir is not None:
+            record_failed_round(state_dir, line)
         print_line(line)
 
     server = AggregationServer(settings, credentials, on_round=on_round)

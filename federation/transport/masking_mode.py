@@ -14,9 +14,11 @@ from the server certificate, checked the same way.
 Options (``[server.options]`` in server.toml): ``dim`` (required), ``clip`` (required:
 the agreed L2 or per-coordinate bound), ``bits`` (32), ``clip_mode`` ("l2"),
 ``graph`` ("complete" or "sparse" for SecAgg+), ``degree`` and ``dropout`` (sparse
-graph sizing), ``threshold`` (sparse graphs). On the complete graph the protocol
-threshold is the server's ``threshold`` raised to a strict majority of the participants
-(clients refuse less).
+graph sizing), ``threshold`` (sparse graphs), ``collusion`` (the fraction of colluding
+clients the plan assumes; default 1/3). The round is planned by
+:func:`secagg.protocol.plan.plan_round`, the one threshold rule: the server's ``threshold``
+is a floor, raised to the secure minimum. Each client checks the plan against its own
+policy (``min_participants``, ``collusion``, ``round_ids`` in client.toml) and refuses less.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from secagg import wire
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InvalidSignature, RemoteProtocolError, ReplayError
 from secagg.protocol.client import ClientSession
-from secagg.protocol.common import SERVER_ID
-from secagg.protocol.server import ServerSession, ServerState, plan_round
+from secagg.protocol.common import SERVER_ID, Stage
+from secagg.protocol.plan import ClientPolicy, plan_round
+from secagg.protocol.replay import FileRoundIds
+from secagg.protocol.server import ServerSession, ServerState
 
 
 @wire.message
@@ -70,15 +74,18 @@ def plan_from_options(clients: tuple[int, ...], options, threshold: int | None, 
     codec = codec_from_options(options, len(clients))
     if graph == "sparse":
         threshold = int(options["threshold"]) if "threshold" in options else None
-    elif threshold is not None:
-        # Clients refuse a threshold at or below half their neighbourhood (ClientPolicy):
-        # with fewer, a server plus a minority could unmask a single client.
-        threshold = max(threshold, len(clients) // 2 + 1)
     degree = int(options["degree"]) if "degree" in options else None
+    policy = ClientPolicy(collusion=float(options.get("collusion", ClientPolicy.collusion)))
     return plan_round(
         clients, dim, codec, graph=graph, threshold=threshold,
-        dropout=float(options.get("dropout", 0.1)), degree=degree, round_id=round_id,
+        dropout=float(options.get("dropout", 0.1)), degree=degree, policy=policy, round_id=round_id,
     )
+
+
+def policy_from_settings(settings) -> ClientPolicy:
+    """A gRPC client's masking policy from its settings (client.toml), round ids kept in a file if named."""
+    store = {} if settings.round_ids is None else {"round_ids": FileRoundIds(settings.round_ids)}
+    return ClientPolicy(min_participants=int(settings.min_participants), collusion=float(settings.collusion), **store)
 
 
 class MaskingServerRound:
@@ -101,6 +108,20 @@ class MaskingServerRound:
 
     def close_stage(self) -> dict[int, bytes]:
         return self.session.close_stage()
+
+    def max_payload_bytes(self) -> int:
+        """Largest sealed message one client may send at the current stage.
+
+        Key, share and unmask messages grow with the number of clients (at most 1 KiB per
+        peer with their signatures and ciphertexts); only the masked input carries the
+        vector (at most 4 bytes per coordinate). The transport refuses a larger message
+        at its first chunk, before holding any of it.
+        """
+        cfg = self.session.config
+        limit = (64 << 10) + (1 << 10) * len(cfg.clients)
+        if self.session.stage is Stage.MASKED_INPUT:
+            limit += cfg.dim * -(-cfg.bits // 8)
+        return limit
 
     @property
     def done(self) -> bool:
@@ -130,7 +151,7 @@ class MaskingClientRound:
             identities[cid] = peer.identity_public_key
         if identities.get(ctx.client_id) != ctx.identity.public_bytes:
             raise InvalidSignature("the directory does not hold this client's own certificate")
-        self.session = ClientSession(ctx.client_id, ctx.identity, identities, update=ctx.update)
+        self.session = ClientSession(ctx.client_id, ctx.identity, identities, update=ctx.update, policy=ctx.policy)
 
     def receive(self, payload: bytes) -> bytes | None:
         return self.session.receive(payload)

@@ -18,8 +18,9 @@ the masks cancel exactly, so the released sum is bit-identical to the in-process
 the same updates (tests/test_ray_backend.py checks it). Keys and masks still come from
 the OS CSPRNG.
 
-Use a local Ray (started and stopped here, ``num_cpus``) or an existing cluster
-(``address="ray://host:10001"`` or ``"auto"``).
+Use a new local Ray (started and stopped here, ``num_cpus``) or an existing cluster
+(``address="HOST:PORT"`` or ``"auto"``; token authentication and shipping the package to
+the workers are handled in :mod:`federation.transport.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -149,12 +150,11 @@ def run_ray_round(
     round_: int = 0,
     pools: list | None = None,
     num_actors: int | None = None,
-    exact_threshold: bool = False,
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
 
-    ``exact_threshold`` hands ``threshold`` to the protocol unchanged (as the in-process
-    engine does) instead of raising it to a strict majority on the complete graph.
+    The round is planned like every other (:func:`~federation.transport.masking_mode.plan_from_options`):
+    ``threshold`` is a floor, raised to the secure minimum.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
     ``dim`` for synthetic updates generated inside the actors. ``dropouts`` maps a stage
@@ -164,7 +164,7 @@ def run_ray_round(
     from federation.transport.masking_mode import codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
-    from secagg.protocol.server import ServerSession, ServerState, plan_round
+    from secagg.protocol.server import ServerSession, ServerState
 
     if updates is not None:
         updates = np.asarray(updates, dtype=np.float64)
@@ -188,14 +188,7 @@ def run_ray_round(
                 owners[c] = pool
     if len(owners) != len(ids):
         raise ConfigError(f"the actor pools host {len(owners)} of the round's {len(ids)} clients")
-    if exact_threshold:
-        config = plan_round(
-            ids, dim, codec_from_options(opts, n_clients), graph=str(opts.get("graph", "complete")),
-            threshold=threshold, dropout=float(opts.get("dropout", 0.1)),
-            degree=int(opts["degree"]) if "degree" in opts else None,
-        )
-    else:
-        config = plan_from_options(ids, opts, threshold)
+    config = plan_from_options(ids, opts, threshold)
     server = ServerSession(config, server_identity, directory)
     drop = {k: list(v) for k, v in (dropouts or {}).items()}
     synthetic = (dim, int(opts.get("input_seed", 0)), round_, float(opts.get("input_scale", 1.0)))
@@ -266,17 +259,10 @@ def make_pools(ids: Sequence[int], *, num_actors: int | None = None, seed: int |
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` or start a local Ray; return True if this call started it."""
-    ray = _require_ray()
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-    return True
+    """Start a new local Ray or join the cluster at ``address`` (see :mod:`.ray_cluster`); True if this call did."""
+    from federation.transport.ray_cluster import connect
+
+    return connect(address, num_cpus)
 
 
 def run_ray_rounds(
@@ -373,11 +359,9 @@ class RayAggregator:
         if self._pools is None or self._capacity < n:
             self._pools = make_pools(tuple(range(1, n + 1)), num_actors=self.num_actors, seed=self.seed)
             self._capacity = n
-        # complete graph: pass the threshold straight to the protocol, as the in-process path does
         res = run_ray_round(
             matrix, options=options, threshold=self.threshold, pools=self._pools, seed=self.seed,
             dropouts={s: [int(r) + 1 for r in rows] for s, rows in dropouts.items() if rows},
-            exact_threshold=True,
         )
         timings = dict(res["server_timings"])
         timings["client.cpu_total"] = res["client_cpu_seconds"]

@@ -45,6 +45,7 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
+from secagg.protocol.plan import ClientPolicy
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class ClientContext:
     identity: IdentityKey
     update: np.ndarray
     ca_pem: bytes = b""  # to verify the peer certificates a server relays
+    policy: ClientPolicy | None = None  # the client's own masking policy (None: the library default)
+    keyholder: int | None = None  # ckks: the key holder's client id this client trusts (its own config)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,13 @@ def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_pa
 
 
 class GrpcFederation(Federation):
-    """The federation engine whose clients train and protect their updates on their own hosts."""
+    """The federation engine whose clients train and protect their updates on their own hosts.
+
+    Every connected client takes part in every round, so no amplification by client sampling
+    is claimed: the ledger records q = 1 whatever the experiment's ``sampling_rate``.
+    """
+
+    samples_clients = False
 
     def __init__(self, config: ExperimentConfig, settings: ServerSettings, credentials: Credentials,
                  *, ready=None) -> None:

@@ -1,23 +1,33 @@
 """CKKS / BFV benchmark: one real round in process, beside a plain float32 sum of the same updates.
 
-Drives the three roles (key holder, clients, key-less server) directly so that each phase
-is timed on its own. ``encrypt_s_per_client`` is the online cost once the client has
-precomputed its encryptions of zero (``--no-precompute`` measures the one-shot cost):
-encode, encrypt and TenSEAL serialize; ``sign_s_per_client`` is the digest and signature
-(``upload_s_per_client`` is both); ``encrypt_total_s_per_client`` adds the offline part. ``server_sum_s`` is everything the
-server does (signature check, structural check, TenSEAL parse, add, seal the aggregate);
-``server_deserialize_add_s`` is TenSEAL's deserialize + add alone over the same bytes, the
-figure other CKKS aggregators report.
+Drives the three roles (key holder, clients, key-less server) through their public methods
+only, so that each phase is timed on its own:
+
+* client: ``precompute_s_per_client`` (the encryptions of zero, done before the update is
+  known), ``encrypt_online_s_per_client`` (encode, add to them, TenSEAL serialize),
+  ``encrypt_total_s_per_client`` (both: what a client really spends; ``encrypt_params_per_s``
+  is per total), ``encrypt_oneshot_s_per_client`` (one public-key encryption from scratch,
+  for comparison) and ``sign_s_per_client`` (digest and signature);
+* server: ``server_sum_s`` (signature check, structural check, TenSEAL parse, add, seal the
+  aggregate); ``server_deserialize_add_s`` is TenSEAL's deserialize + add alone over the
+  same bytes, the figure other CKKS aggregators report;
+* key holder: ``keyholder_verify_s`` (it re-checks every upload and recomputes the sum,
+  always), ``decrypt_s`` (decryption, range and check-slot checks, release rounding).
+
+Every baseline -- the plain float32 sum and TenSEAL's bare deserialize + add -- is the
+median of several warm runs (one untimed run first), never one cold timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
 
+from secagg.bench.limits import check_bench_size
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import (
@@ -25,13 +35,15 @@ from secagg.ckks.roles import (
     HeServer,
     KeyHolder,
     RoundConfig,
-    additive_shares,
+    SplitClient,
     combine_shares,
     new_round_id,
     ts,
 )
 from secagg.keys import IdentityKey
 from secagg.wire import decode
+
+BASELINE_RUNS = 7
 
 
 def add_ckks_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,13 +69,11 @@ def run_ckks_bench(
     release_grid_bits: int | None = None, precompute: bool = True, key_holders: int = 1,
 ) -> dict:
     """Return the benchmark figures as a flat dict (see ``secagg bench ckks --help``)."""
-    dim = int(dim)
+    clients, dim = check_bench_size(clients=clients, dim=dim)
     params = _params(scheme, poly_modulus_degree, coeff_mod_bit_sizes, scale_bits)
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)
-
-    started = time.perf_counter()
+    plain_sum_s = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
     plain = updates.sum(axis=0, dtype=np.float32)
-    plain_sum_s = time.perf_counter() - started
     exact = updates.astype(np.float64).sum(axis=0)
 
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
@@ -73,32 +83,31 @@ def run_ckks_bench(
     client_ctxs = [h.context_for_clients() for h in holders]
     server_ctxs = [h.context_for_server() for h in holders]
     keygen_s = (time.perf_counter() - started) / key_holders
+    holder_keys = [h.public_key for h in holders]
     ids = [IdentityKey.generate() for _ in range(clients)]
     keys = {i: k.public_bytes for i, k in enumerate(ids)}
-    servers = [HeServer(config, c, h.public_key, keys) for c, h in zip(server_ctxs, holders)]
+    servers = [HeServer(config, c, k, keys) for c, k in zip(server_ctxs, holder_keys)]
 
     setup = pre = enc = sign = 0.0
-    uploads: list[list[bytes]] = []
+    uploads: list[tuple[bytes, ...]] = []
     for i in range(clients):
         t0 = time.perf_counter()
-        parts = [HeClient(i, config, c, h.public_key, ids[i]) for c, h in zip(client_ctxs, holders)]
+        if key_holders == 1:
+            client = HeClient(i, config, client_ctxs[0], holder_keys[0], ids[i])
+        else:
+            client = SplitClient(i, config, client_ctxs, holder_keys, ids[i])
         t1 = time.perf_counter()
         if precompute:
-            for part in parts:
-                part.precompute()
+            client.precompute()
         t2 = time.perf_counter()
-        x = updates[i].astype(np.float64)
-        if key_holders == 1:
-            chunk_sets = [parts[0].encrypt_chunks(x)]
-        else:  # what SplitClient.encrypt does, with the signing timed apart
-            q = parts[0]._quantize(parts[0]._prepare(x, None))
-            shares = additive_shares(q, params.plain_modulus, key_holders)
-            chunk_sets = [part._encrypt_values(share) for part, share in zip(parts, shares)]
+        chunks = client.encrypt_chunks(updates[i].astype(np.float64))
         t3 = time.perf_counter()
-        uploads.append([part.seal_upload(chunks) for part, chunks in zip(parts, chunk_sets)])
+        sealed = (client.seal_upload(chunks),) if key_holders == 1 else client.seal_uploads(chunks)
         t4 = time.perf_counter()
+        uploads.append(sealed)
         setup, pre, enc, sign = setup + t1 - t0, pre + t2 - t1, enc + t3 - t2, sign + t4 - t3
     setup, pre, enc, sign = setup / clients, pre / clients, enc / clients, sign / clients
+    oneshot = _oneshot_encrypt_s(config, client_ctxs, holder_keys, updates[0].astype(np.float64))
 
     started = time.perf_counter()
     aggregates = []
@@ -109,16 +118,21 @@ def run_ckks_bench(
     server_sum_s = time.perf_counter() - started
 
     started = time.perf_counter()
+    verified = [h.verify(a, s.public_key, s.uploads, keys) for h, a, s in zip(holders, aggregates, servers)]
+    verify_s = time.perf_counter() - started
+    started = time.perf_counter()
     if key_holders == 1:
-        released = holders[0].decrypt(aggregates[0], servers[0].public_key)
+        released = holders[0].release(verified[0])
     else:
-        shares = [h.decrypt_share(a, s.public_key) for h, a, s in zip(holders, aggregates, servers)]
-        released = combine_shares(config, shares)
+        released = combine_shares(config, [h.release_share(v) for h, v in zip(holders, verified)])
     decrypt_s = time.perf_counter() - started
 
     deserialize_add_s = sum(
-        _tenseal_only_sum([sent[j] for sent in uploads], server._ctx, params) for j, server in enumerate(servers)
+        warm_median(lambda j=j, s=s: _tenseal_only_sum([sent[j] for sent in uploads], s.tenseal_context, params),
+                    runs=3)
+        for j, s in enumerate(servers)
     )
+    total = enc + pre
     max_abs_error = float(np.max(np.abs(released.values - exact)))
     bytes_up = float(np.mean([sum(map(len, u)) for u in uploads])) / dim
     return {
@@ -131,21 +145,25 @@ def run_ckks_bench(
         "plain_modulus_bits": params.plain_modulus_bits,
         "precompute": precompute,
         "key_holders": key_holders,
-        "encrypt_s_per_client": enc,
-        "encrypt_params_per_s": dim / enc,
-        "sign_s_per_client": sign,
-        "upload_s_per_client": enc + sign,
         "precompute_s_per_client": pre,
-        "encrypt_total_s_per_client": enc + pre,
-        "encrypt_total_params_per_s": dim / (enc + pre),
+        "encrypt_online_s_per_client": enc,
+        "encrypt_total_s_per_client": total,
+        "encrypt_oneshot_s_per_client": oneshot,
+        "encrypt_params_per_s": dim / total,
+        "encrypt_online_params_per_s": dim / enc,
+        "sign_s_per_client": sign,
         "client_setup_s": setup,
         "server_sum_s": server_sum_s,
         "server_deserialize_add_s": deserialize_add_s,
+        "keyholder_verify_s": verify_s,
+        "keyholder_verify_over_server_sum": verify_s / server_sum_s,
         "decrypt_s": decrypt_s,
         "keygen_s": keygen_s,
         "plain_sum_s": plain_sum_s,
-        "encrypt_over_plain_sum": enc / plain_sum_s,
+        "plain_sum_runs": BASELINE_RUNS,
+        "encrypt_total_over_plain_sum": total / plain_sum_s,
         "server_sum_over_plain_sum": server_sum_s / plain_sum_s,
+        "keyholder_verify_over_plain_sum": verify_s / plain_sum_s,
         "decrypt_over_plain_sum": decrypt_s / plain_sum_s,
         "bytes_up_per_param": bytes_up,
         "float32_bytes_per_param": 4.0,
@@ -158,6 +176,28 @@ def run_ckks_bench(
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
     }
+
+
+def warm_median(fn, runs: int = BASELINE_RUNS) -> float:
+    """Median wall time of ``runs`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _oneshot_encrypt_s(config: RoundConfig, client_ctxs, holder_keys, x: np.ndarray) -> float:
+    """One client's encryption without precomputation (a throwaway client; its upload is not sent)."""
+    if config.key_holders == 1:
+        client = HeClient(0, config, client_ctxs[0], holder_keys[0])
+    else:
+        client = SplitClient(0, config, client_ctxs, holder_keys)
+    started = time.perf_counter()
+    client.encrypt_chunks(x)
+    return time.perf_counter() - started
 
 
 def _params(scheme, poly, coeff, scale_bits) -> HeParams:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from secagg.bench.limits import check_bench_size
 from secagg.prg import MaskAccumulator
 from secagg.protocol.simulate import aggregate_masking
 
@@ -20,6 +21,7 @@ def run_masking_bench(
     A fraction ``dropout`` of the clients (every k-th) drop at ``stage``; by default they never
     deliver their masked vector, the case that forces the server to reconstruct keys.
     """
+    clients, dim = check_bench_size(clients=clients, dim=dim, dropout=dropout)
     updates = _updates(clients, dim)
     started = time.perf_counter()
     plain = updates.sum(axis=0, dtype=np.float32)

@@ -18,7 +18,11 @@ Two schemes share the same protocol:
   batching 4096 integers per ciphertext (16 bytes per parameter). Values are quantized
   to integers modulo a 40-bit prime t; the decrypted sum is exact (no approximation
   noise reaches the released values), so the only error is the fixed-point rounding,
-  about 1e-8 for 100 clients with |x| <= 1. SEAL scales plaintexts by round(q*m/t), so
+  about 2e-7 for 100 clients with |x| <= 1. The quantization leaves ``BFV_HEADROOM_BITS``
+  of headroom above the largest legitimate sum, so that an out-of-range contribution
+  lands outside the range the key holder accepts instead of wrapping back into it, and
+  every ciphertext carries ``BFV_CHECK_SLOTS`` slots that must decrypt to exactly zero
+  (a corrupted ciphertext changes them with probability about 1 - 1/t each). SEAL scales plaintexts by round(q*m/t), so
   carries of the batched plaintexts cancel; each fresh ciphertext (switched down from
   q0*p) carries noise below 2^10 and decryption stays exact while k * 2^10 < q0 / (2t).
 """
@@ -44,6 +48,11 @@ MIN_PRIME_BITS = 20
 # Bound on the noise of one fresh ciphertext after switching from q0*p down to q0: the
 # rounding term (1 + |s|_1) / 2 has standard deviation ~15 for n = 4096; 2^10 is ~70 sigma.
 FRESH_NOISE_BOUND = 2**10
+# BFV: legitimate sums use at most 2^-BFV_HEADROOM_BITS of the plaintext range (-t/2, t/2),
+# so a contribution up to 2^BFV_HEADROOM_BITS times the sum bound cannot wrap back in range.
+BFV_HEADROOM_BITS = 4
+# BFV: slots per ciphertext that every client encrypts as 0 and the key holder checks.
+BFV_CHECK_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -218,9 +227,13 @@ def batching_prime(bits: int, poly_modulus_degree: int) -> int:
 
 
 def bfv_quantization_scale(params: HeParams, sum_bound: float, n_clients: int) -> float:
-    """Integer factor so that |sum of n rounded, quantized values| stays below t/2."""
+    """Integer factor so that |sum of n rounded, quantized values| stays below t/2 / 2^headroom.
+
+    The headroom (``BFV_HEADROOM_BITS``) is what lets the key holder see an out-of-range
+    contribution: without it every value modulo t decodes to something inside the bound.
+    """
     t = params.plain_modulus
-    room = (t // 2 - 1 - n_clients) / max(sum_bound, 1e-300)
+    room = (t // 2 - 1 - n_clients) / (2**BFV_HEADROOM_BITS * max(sum_bound, 1e-300))
     if room < 1:
         raise OverflowRisk(f"BFV plain modulus {t} cannot hold a sum bounded by {sum_bound:g}")
     return float(math.floor(room))

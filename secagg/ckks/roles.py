@@ -3,7 +3,9 @@
 * :class:`KeyHolder` (decryptor) generates the TenSEAL context and the secret key, hands
   out a *public* context to clients and a *parameters-only* context to the server, and
   decrypts exactly one aggregate per round (a second request raises
-  :class:`~secagg.errors.AlreadyFinalized`, so a server cannot difference two sums).
+  :class:`~secagg.errors.AlreadyFinalized`, so a server cannot difference two sums), and
+  only after recomputing it from the clients' signed uploads: it is never a decryption
+  oracle for a ciphertext the server built.
 * :class:`HeClient` holds the public key only: it can encrypt, never decrypt. It refuses
   a context that carries a secret key (:class:`~secagg.errors.KeyRoleError`).
 * :class:`HeServer` holds no key at all (no secret, public, relinearization or Galois
@@ -47,7 +49,7 @@ from secagg.ckks.messages import (
     HeUploadHeader,
     chunks_digest,
 )
-from secagg.ckks.params import HeParams, bfv_quantization_scale, check_capacity
+from secagg.ckks.params import BFV_CHECK_SLOTS, HeParams, bfv_quantization_scale, check_capacity
 from secagg.ckks.tenseal_format import check_vector, max_vector_bytes
 from secagg.errors import (
     AlreadyFinalized,
@@ -137,10 +139,41 @@ class RoundConfig:
         return self.dim + int(self.weighted)
 
     @property
-    def chunk_sizes(self) -> tuple[int, ...]:
-        s = self.params.slots
+    def check_slots(self) -> int:
+        """BFV: slots per ciphertext that encrypt 0 and must decrypt to exactly 0 (CKKS: none)."""
+        return BFV_CHECK_SLOTS if self.params.scheme == "bfv" else 0
+
+    @property
+    def payload_sizes(self) -> tuple[int, ...]:
+        """Values of the update (and weight slot) carried by each ciphertext."""
+        s = self.params.slots - self.check_slots
         full, rest = divmod(self.length, s)
         return (s,) * full + ((rest,) if rest else ())
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """Values encrypted in each ciphertext: its payload, then the check slots."""
+        return tuple(p + self.check_slots for p in self.payload_sizes)
+
+    def pack(self, values: np.ndarray) -> np.ndarray:
+        """Insert the (zero) check slots after each chunk's payload: ``length`` -> sum(chunk_sizes)."""
+        if not self.check_slots:
+            return values
+        bounds = np.cumsum(self.payload_sizes)[:-1]
+        zeros = np.zeros(self.check_slots, dtype=values.dtype)
+        return np.concatenate([np.concatenate([part, zeros]) for part in np.split(values, bounds)])
+
+    def unpack(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split decrypted values into the payload (``length``) and the check slots."""
+        if not self.check_slots:
+            return values, values[:0]
+        parts = np.split(values, np.cumsum(self.chunk_sizes)[:-1])
+        k = self.check_slots
+        return np.concatenate([p[:-k] for p in parts]), np.concatenate([p[-k:] for p in parts])
+
+    def release_bound(self, n_summed: int) -> float:
+        """Largest |coordinate| a sum of ``n_summed`` in-range contributions can have."""
+        return max(self.value_bound, 1.0) if self.weighted else n_summed * self.value_bound
 
     @property
     def quantization(self) -> float:
@@ -188,6 +221,14 @@ class DecryptedShare:
     values: np.ndarray  # int64 in [0, t)
     included: tuple[int, ...]
     fingerprint: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class VerifiedSum:
+    """What :meth:`KeyHolder.verify` hands to :meth:`KeyHolder.release`: the recomputed sum."""
+
+    included: tuple[int, ...]
+    vectors: list = field(repr=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,12 +384,13 @@ def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
 
 
 def _release(r: RoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> DecryptedSum:
-    """Plausibility check, CKKS release rounding, split off the weight slot."""
-    bound = r.sum_bound + r.error_bound(len(included))
+    """Range check (|sum| <= n x bound), CKKS release rounding, split off the weight slot."""
+    bound = r.release_bound(len(included)) + r.error_bound(len(included))
     if not np.all(np.abs(plain) <= bound):
         raise InvalidCiphertext(
-            f"the decrypted sum exceeds the round's bound {bound:.3g}: a client sent an out-of-range or "
-            "malformed ciphertext (or one under another key). Nothing is released"
+            f"the decrypted sum exceeds {bound:.6g}, the most {len(included)} in-range contributions can add up "
+            "to: a client sent an out-of-range or malformed ciphertext (or one under another key). "
+            "Nothing is released"
         )
     if r.params.scheme == "ckks" and r.release_grid_bits:
         step = 2.0**r.release_grid_bits
@@ -357,12 +399,30 @@ def _release(r: RoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> De
     return DecryptedSum(plain[: r.dim], included, weight_sum, r.error_bound(len(included)))
 
 
+def _bfv_payload(r: RoundConfig, residues: np.ndarray) -> np.ndarray:
+    """BFV: check the check slots of a decrypted sum (residues mod t), return the centred payload.
+
+    Every client encrypts 0 in the check slots, so an honest sum has 0 there exactly. A
+    corrupted ciphertext changes its plaintext polynomial, and a change that is not zero at
+    every check slot's root is refused (see docs/threat-model.md for the probability).
+    """
+    t = r.params.plain_modulus
+    payload, checks = r.unpack(residues % t)
+    if np.any(checks != 0):
+        raise InvalidCiphertext(
+            "the decrypted sum's check slots are not zero: a client sent a corrupted or malformed ciphertext. "
+            "Nothing is released"
+        )
+    return np.where(payload > t // 2, payload - t, payload)
+
+
 def combine_shares(r: RoundConfig, shares: Sequence[DecryptedShare]) -> DecryptedSum:
     """Add the key holders' decrypted shares modulo t into the released sum.
 
     Every key holder must have decrypted a sum over the *same* clients: a server that shows
     the key holders different client sets is caught here (a mismatch would otherwise
-    release a sum over their intersection plus noise).
+    release a sum over their intersection plus noise). The check slots and the range are
+    checked on the combined sum, as for a single key holder.
     """
     if len(shares) != r.key_holders or len({s.fingerprint for s in shares}) != r.key_holders:
         raise ConfigError(f"combine exactly one share from each of the {r.key_holders} key holders")
@@ -370,11 +430,10 @@ def combine_shares(r: RoundConfig, shares: Sequence[DecryptedShare]) -> Decrypte
     if any(s.included != included for s in shares):
         raise MaliciousServerDetected("the key holders decrypted sums over different clients; nothing is released")
     t = r.params.plain_modulus
-    total = np.zeros(r.length, dtype=np.int64)
+    total = np.zeros(sum(r.chunk_sizes), dtype=np.int64)
     for s in shares:
         total = (total + s.values) % t
-    centered = np.where(total > t // 2, total - t, total)
-    return _release(r, centered.astype(np.float64) / r.quantization, included)
+    return _release(r, _bfv_payload(r, total).astype(np.float64) / r.quantization, included)
 
 
 def additive_shares(values: np.ndarray, t: int, n: int) -> list[np.ndarray]:
@@ -402,7 +461,17 @@ def additive_shares(values: np.ndarray, t: int, n: int) -> list[np.ndarray]:
 
 
 class KeyHolder:
-    """Decryptor role: owns the secret key, decrypts one aggregate per round."""
+    """Decryptor role: owns the secret key; decrypts one *verified* sum per round.
+
+    The key holder is never a decryption oracle. It decrypts only a ciphertext it has
+    recomputed itself as the homomorphic sum of the signed uploads of the clients the
+    server lists: it checks every upload's signature (against ``client_keys``, which the
+    caller takes from a source it trusts, e.g. CA-signed certificates, never from the
+    server), round, key fingerprint and shape, adds them, and refuses (with
+    :class:`~secagg.errors.MaliciousServerDetected`) an aggregate that is not byte for
+    byte that sum or whose client list differs. There is no way to skip the check.
+    It answers one request per round, whether it decrypts or refuses.
+    """
 
     def __init__(self, round: RoundConfig, identity: IdentityKey | None = None) -> None:
         self.round = round
@@ -410,7 +479,8 @@ class KeyHolder:
         self._ctx = _new_context(round.params)
         self._public_context = _serialize(self._ctx, public_key=True)
         self.fingerprint = fingerprint(self._public_context)
-        self._decrypted = False
+        self._used = False
+        self._pending: VerifiedSum | None = None
 
     @property
     def public_key(self) -> bytes:
@@ -431,50 +501,87 @@ class KeyHolder:
                         p.coeff_mod_bit_sizes, p.scale_bits, p.plain_modulus_bits, context, self.fingerprint)
         return seal(msg, KEYHOLDER_ID, self.identity)
 
-    def decrypt(self, aggregate: bytes, server_public_key: bytes, *,
-                uploads: Sequence[bytes] | None = None,
-                client_keys: Mapping[int, bytes] | None = None) -> DecryptedSum:
-        """Verify the server's aggregate and decrypt it (once per round).
+    def decrypt(self, aggregate: bytes, server_public_key: bytes, uploads: Sequence[bytes],
+                client_keys: Mapping[int, bytes]) -> DecryptedSum:
+        """Verify the server's aggregate against the signed ``uploads`` and decrypt it (once per round).
 
-        Audit mode: with the clients' signed ``uploads`` (and their identity keys), the key
-        holder re-adds them itself and refuses an aggregate that is not exactly their sum,
-        or whose ``included`` list is not exactly their senders. Without it, the key holder
-        trusts the server's (signed) claim of which uploads were added.
+        ``client_keys`` maps party index to the client's Ed25519 identity key. Refuses
+        (nothing released) unless the aggregate is exactly the sum of the uploads of the
+        clients it lists, and unless the decrypted sum is within ``release_bound``.
+        Same as ``release(verify(...))``.
         """
+        self._check_role(split=False)
+        return self.release(self.verify(aggregate, server_public_key, uploads, client_keys))
+
+    def decrypt_share(self, aggregate: bytes, server_public_key: bytes, uploads: Sequence[bytes],
+                      client_keys: Mapping[int, bytes]) -> DecryptedShare:
+        """Split rounds: verify as :meth:`decrypt`, then decrypt this key holder's sum of shares.
+
+        On its own the share is uniform modulo t; :func:`combine_shares` checks the range
+        and the check slots of the combined sum. Same as ``release_share(verify(...))``.
+        """
+        self._check_role(split=True)
+        return self.release_share(self.verify(aggregate, server_public_key, uploads, client_keys))
+
+    def verify(self, aggregate: bytes, server_public_key: bytes, uploads: Sequence[bytes],
+               client_keys: Mapping[int, bytes]) -> VerifiedSum:
+        """First half of :meth:`decrypt`: all checks, and the sum recomputed from the uploads.
+
+        Once per round, whether it succeeds or not. The result is accepted only by this key
+        holder's :meth:`release` / :meth:`release_share`, once.
+        """
+        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
+        self._pending = VerifiedSum(included, vectors)
+        return self._pending
+
+    def release(self, verified: VerifiedSum) -> DecryptedSum:
+        """Second half of :meth:`decrypt`: decrypt the verified sum, check its range, round it."""
         r = self.round
-        if r.key_holders > 1:
+        self._check_role(split=False)
+        vectors = self._take(verified)
+        if r.params.scheme == "bfv":
+            plain = _bfv_payload(r, self._decrypt_residues(vectors)).astype(np.float64) / r.quantization
+        else:
+            try:
+                plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+            except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
+                raise InvalidCiphertext("the sum could not be decrypted; nothing is released") from None
+        return _release(r, plain, verified.included)
+
+    def release_share(self, verified: VerifiedSum) -> DecryptedShare:
+        """Second half of :meth:`decrypt_share`."""
+        self._check_role(split=True)
+        return DecryptedShare(self._decrypt_residues(self._take(verified)), verified.included, self.fingerprint)
+
+    def _check_role(self, *, split: bool) -> None:
+        k = self.round.key_holders
+        if split and k == 1:
+            raise KeyRoleError("this round has a single key holder; call decrypt()")
+        if not split and k > 1:
             raise KeyRoleError(
-                f"this round splits every update between {r.key_holders} key holders; no single one can "
+                f"this round splits every update between {k} key holders; no single one can "
                 "decrypt the sum. Call decrypt_share() and combine the shares with combine_shares()"
             )
-        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
-        try:
-            plain = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
-        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
-            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
-        if r.params.scheme == "bfv":
-            plain = plain / r.quantization
-        return _release(r, plain, included)
 
-    def decrypt_share(self, aggregate: bytes, server_public_key: bytes, *,
-                      uploads: Sequence[bytes] | None = None,
-                      client_keys: Mapping[int, bytes] | None = None) -> DecryptedShare:
-        """Split rounds: decrypt this key holder's sum of shares (uniform modulo t on its own)."""
-        r = self.round
-        if r.key_holders == 1:
-            raise KeyRoleError("this round has a single key holder; call decrypt()")
-        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
-        t = r.params.plain_modulus
-        try:
-            values = np.concatenate([np.asarray(v.decrypt(), dtype=np.int64) for v in vectors]) % t
-        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
-            raise InvalidCiphertext("the aggregate could not be decrypted; nothing is released") from None
-        return DecryptedShare(values, included, self.fingerprint)
+    def _take(self, verified: VerifiedSum) -> list:
+        if self._pending is None or verified is not self._pending:
+            raise KeyRoleError("the key holder decrypts only the sum its own verify() returned, once")
+        self._pending = None
+        return verified.vectors
 
-    def _verified(self, aggregate, server_public_key, uploads, client_keys) -> tuple[tuple[int, ...], list]:
-        """All checks on the server's aggregate; marks the round decrypted (once only)."""
-        if self._decrypted:
-            raise AlreadyFinalized("this round's aggregate was already decrypted; the key holder decrypts once per round")
+    def _decrypt_residues(self, vectors: list) -> np.ndarray:
+        t = self.round.params.plain_modulus
+        try:
+            return np.concatenate([np.asarray(v.decrypt(), dtype=np.int64) for v in vectors]) % t
+        except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
+            raise InvalidCiphertext("the sum could not be decrypted; nothing is released") from None
+
+    def _verified(self, aggregate: bytes, server_public_key: bytes, uploads: Sequence[bytes],
+                  client_keys: Mapping[int, bytes]) -> tuple[tuple[int, ...], list]:
+        """Every check on the server's aggregate, then the sum the key holder recomputed itself."""
+        if self._used:
+            raise AlreadyFinalized("the key holder already answered this round's decryption request (once per round)")
+        self._used = True  # answered or refused: a server caught lying gets no second attempt
         r = self.round
         try:
             _, msg, chunks = _open_ciphertexts(aggregate, {SERVER_ID: server_public_key}.get, r,
@@ -494,23 +601,28 @@ class KeyHolder:
                 f"the aggregate covers {len(msg.included)} clients, fewer than min_clients={r.min_clients}; "
                 "decrypting it could reveal an individual update"
             )
-        vectors = [_load_vector(self._ctx, c, r, s) for c, s in zip(chunks, r.chunk_sizes)]
-        if uploads is not None:
-            self._audit(chunks, msg.included, uploads, client_keys or {})
-        self._decrypted = True  # one decryption per round, whatever happens next
-        return tuple(sorted(msg.included)), vectors
+        total = self._recomputed_sum(uploads, client_keys, msg.included)
+        if any(not hmac.compare_digest(a.serialize(), c) for a, c in zip(total, chunks)):
+            raise MaliciousServerDetected(
+                "the server's aggregate is not the sum of the signed uploads it lists; nothing is decrypted"
+            )
+        return tuple(sorted(msg.included)), total
 
-    def _audit(self, chunks, included, uploads: Sequence[bytes], client_keys: Mapping[int, bytes]) -> None:
+    def _recomputed_sum(self, uploads: Sequence[bytes], client_keys: Mapping[int, bytes],
+                        included: tuple[int, ...]) -> list:
+        """Check every signed upload (as the server does) and add them; the sum to decrypt."""
         senders: list[int] = []
         total = None
         for upload in uploads:
             sender, vectors = _open_upload(upload, client_keys, self.round, self._ctx, self.fingerprint, seen=senders)
             senders.append(sender)
             total = vectors if total is None else _added(total, vectors, sender)
-        if sorted(senders) != sorted(included) or total is None:
-            raise InvalidCiphertext("audit failed: the aggregate's client list differs from the uploads' senders")
-        if any(a.serialize() != c for a, c in zip(total, chunks)):
-            raise InvalidCiphertext("audit failed: the aggregate is not the sum of the listed uploads")
+        if total is None or sorted(senders) != sorted(included):
+            raise MaliciousServerDetected(
+                f"the aggregate lists clients {sorted(included)} but the signed uploads come from {sorted(senders)}; "
+                "nothing is decrypted"
+            )
+        return total
 
 
 class HeClient:
@@ -545,8 +657,13 @@ class HeClient:
         """Encrypt the update (once per round) into TenSEAL-serialized chunks, unsigned."""
         if self.round.key_holders > 1:
             raise KeyRoleError("in a split round a client encrypts through SplitClient, one share per key holder")
+        return self.encrypt_values(self.encode(update, weight=weight))
+
+    def encode(self, update: np.ndarray, *, weight: float | None = None) -> np.ndarray:
+        """The values this client encrypts: checked against the round, weighted, and for BFV
+        quantized with the (zero) check slots inserted. Cheap next to :meth:`encrypt_values`."""
         x = self._prepare(update, weight)
-        return self._encrypt_values(self._quantize(x) if self.round.params.scheme == "bfv" else x)
+        return self.round.pack(self._quantize(x)) if self.round.params.scheme == "bfv" else x
 
     def _prepare(self, update: np.ndarray, weight: float | None) -> np.ndarray:
         """Validate the update against the round; append the weight slot; pre-scale."""
@@ -570,8 +687,9 @@ class HeClient:
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         return np.rint(x * self.round.quantization).astype(np.int64)
 
-    def _encrypt_values(self, values: np.ndarray) -> tuple[bytes, ...]:
-        """Encrypt floats (CKKS) or int64 (BFV), chunk by chunk, once per round."""
+    def encrypt_values(self, values: np.ndarray) -> tuple[bytes, ...]:
+        """Encrypt :meth:`encode`'s output (or, in a split round, one share of it), chunk by
+        chunk, once per round; uses the precomputed encryptions of zero when there are any."""
         if self._sent:
             raise AlreadyFinalized("this client already uploaded its update for the round")
         self._sent = True
@@ -631,10 +749,17 @@ class SplitClient:
 
     def encrypt(self, update: np.ndarray, *, weight: float | None = None) -> tuple[bytes, ...]:
         """One signed upload per key holder, in the order of the contexts."""
-        head = self.parts[0]
-        q = head._quantize(head._prepare(update, weight))
-        shares = additive_shares(q, self.round.params.plain_modulus, len(self.parts))
-        return tuple(p.seal_upload(p._encrypt_values(share)) for p, share in zip(self.parts, shares))
+        return self.seal_uploads(self.encrypt_chunks(update, weight=weight))
+
+    def encrypt_chunks(self, update: np.ndarray, *, weight: float | None = None) -> tuple[tuple[bytes, ...], ...]:
+        """Encode, split into additive shares and encrypt share j under key holder j (unsigned)."""
+        packed = self.parts[0].encode(update, weight=weight)
+        shares = additive_shares(packed, self.round.params.plain_modulus, len(self.parts))
+        return tuple(p.encrypt_values(share) for p, share in zip(self.parts, shares))
+
+    def seal_uploads(self, chunk_sets: Sequence[tuple[bytes, ...]]) -> tuple[bytes, ...]:
+        """Sign each key holder's chunks (see :meth:`HeClient.seal_upload`)."""
+        return tuple(p.seal_upload(chunks) for p, chunks in zip(self.parts, chunk_sets))
 
 
 class HeServer:
@@ -648,6 +773,7 @@ class HeServer:
         self._client_keys = dict(client_keys)
         self._sum: list | None = None
         self._included: list[int] = []
+        self._uploads: list[bytes] = []
         self._finished = False
 
     @property
@@ -657,6 +783,11 @@ class HeServer:
     @property
     def included(self) -> tuple[int, ...]:
         return tuple(self._included)
+
+    @property
+    def tenseal_context(self) -> ts.Context:
+        """The parameters-only TenSEAL context (no key of any kind); do not mutate it."""
+        return self._ctx
 
     def receive(self, upload: bytes) -> int:
         """Authenticate, validate and add one client's upload; returns the client id.
@@ -669,7 +800,13 @@ class HeServer:
                                        seen=self._included)
         self._sum = vectors if self._sum is None else _added(self._sum, vectors, sender)
         self._included.append(sender)
+        self._uploads.append(upload)
         return sender
+
+    @property
+    def uploads(self) -> tuple[bytes, ...]:
+        """The accepted uploads, as received: the key holder recomputes the sum from them."""
+        return tuple(self._uploads)
 
     def aggregate(self) -> bytes:
         """Seal the sum for the key holder (once)."""

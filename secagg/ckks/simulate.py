@@ -46,7 +46,7 @@ def aggregate_ckks(
     release_grid_bits: int | None = None,
     precompute: bool = True,
     key_holders: int = 1,
-    audit: bool = False,
+    keyholders: Sequence[IdentityKey] | None = None,
     **unsupported,
 ) -> AggregateResult:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
@@ -61,8 +61,11 @@ def aggregate_ckks(
     FedAvg is ``total / parameters["weight_sum"]`` (the decrypted weight sum, equal to
     ``sum(weights[included])`` up to the error bound). ``key_holders`` > 1 (with
     ``scheme="bfv"``) splits every update into additive shares, one per key holder, so that
-    no single key holder can decrypt anything (the upload grows by that factor). ``audit``:
-    the key holder(s) re-add the signed uploads and refuse an aggregate that is not their sum.
+    no single key holder can decrypt anything (the upload grows by that factor). Every key
+    holder always re-adds the signed uploads the server forwards and refuses an aggregate
+    that is not their sum (it is not optional; its time is in ``keyholder.decrypt``).
+    ``keyholders``: the Ed25519 identities of the key holder(s) (default: fresh ones); every
+    client is built with their public keys and accepts only contexts they signed.
     ``timings`` for ``client.*`` are per client means.
     """
     if unsupported:
@@ -97,10 +100,13 @@ def aggregate_ckks(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    holders = [KeyHolder(round) for _ in range(key_holders)]
+    if keyholders is not None and len(keyholders) != key_holders:
+        raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
+    holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * key_holders)]
     client_ctxs = [h.context_for_clients() for h in holders]
     server_ctxs = [h.context_for_server() for h in holders]
-    holder_keys = [h.public_key for h in holders]
+    # the clients' pinned key-holder keys come from the caller's argument when it names them
+    holder_keys = [k.public_bytes for k in keyholders] if keyholders else [h.public_key for h in holders]
     timings["keyholder.keygen"] = time.perf_counter() - t
 
     identities = {i: IdentityKey.generate() for i in range(n)}
@@ -143,13 +149,13 @@ def aggregate_ckks(
     timings["server.sum"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    checks = [{"uploads": [parts[j] for parts in uploads], "client_keys": client_keys} if audit else {}
-              for j in range(key_holders)]
+    # each key holder gets the uploads its server state added, and pins the client keys itself
     if split:
-        shares = [h.decrypt_share(a, s.public_key, **c) for h, a, s, c in zip(holders, aggregates, servers, checks)]
+        shares = [h.decrypt_share(a, s.public_key, s.uploads, client_keys)
+                  for h, a, s in zip(holders, aggregates, servers)]
         result = combine_shares(round, shares)
     else:
-        result = holders[0].decrypt(aggregates[0], servers[0].public_key, **checks[0])
+        result = holders[0].decrypt(aggregates[0], servers[0].public_key, servers[0].uploads, client_keys)
     timings["keyholder.decrypt"] = time.perf_counter() - t
 
     total, error = result.values, result.error_bound
@@ -178,7 +184,6 @@ def aggregate_ckks(
             "release_grid_bits": round.release_grid_bits if params.scheme == "ckks" else 0,
             "min_clients": round.min_clients,
             "key_holders": round.key_holders,
-            "audit": int(audit),
             **extra,
         },
     )

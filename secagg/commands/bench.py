@@ -52,7 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _run_masking(args: argparse.Namespace) -> int:
     from secagg.bench.masking import run_masking_bench
 
-    result = run_masking_bench(clients=args.clients, dim=int(args.dim), dropout=args.dropout,
+    result = run_masking_bench(clients=args.clients, dim=args.dim, dropout=args.dropout,
                                graph=args.graph, bits=args.bits, degree=args.degree)
     return _emit(result, args)
 

@@ -34,6 +34,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
                         help="where clients train and run the masking protocol: this process (default) "
                              "or Ray workers (needs the ray extra)")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --backend ray: join this Ray cluster (GCS address or 'auto') instead of "
+                             "starting a new local Ray; see docs/deployment.md for token authentication")
+    parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                        help="with --backend ray and no --ray-address: CPUs of the new local Ray")
 
 
 def apply_overrides(config, args: argparse.Namespace) -> None:
@@ -69,7 +74,7 @@ def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
 
         from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
 
-        started = start_ray()
+        started = start_ray(getattr(args, "ray_address", None), getattr(args, "num_cpus", None))
         try:
             aggregator = None
             if config.protection.startswith("masking") and config.dp != "user-distributed":

@@ -20,7 +20,7 @@ def register(subparsers, name: str, help_text: str) -> None:
             "Run secure aggregation rounds. With --backend grpc (default) the server listens with "
             "mutual TLS and waits for `secagg join` clients; only clients holding a certificate "
             "from the deployment CA are accepted. With --backend ray the clients are simulated "
-            "as Ray actors on a local or existing Ray cluster. Each completed round prints one "
+            "as Ray actors on a new local Ray or on an existing cluster (--ray-address). Each completed round prints one "
             "JSON line; with `state_dir` set, a restarted server resumes after the last completed round."
         ),
     )
@@ -30,8 +30,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override [server] rounds")
     parser.add_argument("--backend", choices=("grpc", "ray"), default="grpc")
     parser.add_argument("--clients", type=int, default=None, help="ray backend: number of simulated clients")
-    parser.add_argument("--ray-address", default=None, help="ray backend: existing cluster address (default: start local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="ray backend: CPUs for a local Ray")
+    parser.add_argument(
+        "--ray-address", default=None,
+        help="ray backend: join the cluster at HOST:PORT (its GCS address) or 'auto'; token auth is used when "
+             "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token holds a token. Default: start a new "
+             "local Ray for this run (never joins a running one). ray:// addresses are refused.")
+    parser.add_argument("--num-cpus", type=int, default=None, help="ray backend: CPUs for the new local Ray")
     parser.add_argument("--seed", type=int, default=None, help="ray backend: fix client inputs (tests/benchmarks)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=_serve)

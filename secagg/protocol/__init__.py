@@ -4,11 +4,13 @@
 transport (in-memory, gRPC, Ray) only moves those bytes and decides when a stage closes.
 """
 
-from secagg.protocol.client import ClientPolicy, ClientSession, ClientState
+from secagg.protocol.client import ClientSession, ClientState
 from secagg.protocol.common import SERVER_ID, Stage
-from secagg.protocol.server import ServerSession, ServerState, plan_round
+from secagg.protocol.plan import ClientPolicy, MaskingPlan, min_threshold, plan_masking, plan_round
+from secagg.protocol.replay import FileRoundIds, MemoryRoundIds
+from secagg.protocol.server import ServerSession, ServerState
 
 __all__ = [
-    "ClientPolicy", "ClientSession", "ClientState", "SERVER_ID", "Stage",
-    "ServerSession", "ServerState", "plan_round",
+    "ClientPolicy", "ClientSession", "ClientState", "FileRoundIds", "MaskingPlan", "MemoryRoundIds",
+    "SERVER_ID", "Stage", "ServerSession", "ServerState", "min_threshold", "plan_masking", "plan_round",
 ]

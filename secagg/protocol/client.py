@@ -3,14 +3,18 @@
 Theory of operation (Bonawitz et al., CCS 2017, "Practical Secure Aggregation", with the
 SecAgg+ neighbourhoods of Bell et al., CCS 2020):
 
-  0. advertise  -- on RoundConfig: fresh X25519 keys (c for share encryption, s for masks),
-                   sent signed with the client's Ed25519 identity.
-  1. share      -- on KeyDirectory: verify every neighbour's signed keys; draw the
-                   self-mask seed b; Shamir-share b and s_sk t-of-k among the neighbours;
-                   encrypt each bundle to its recipient (AES-GCM under X25519+HKDF).
+  0. advertise  -- on RoundConfig: check it against this client's own ClientPolicy (enough
+                   participants, threshold and degree at least what secagg.protocol.plan
+                   requires, a round id never seen with this server); fresh X25519 keys
+                   (c for share encryption, s for masks), sent signed.
+  1. share      -- on KeyDirectory (every advert): verify every signature and key; derive
+                   the graph seed from all adverts (round_digest) and so the neighbours;
+                   draw the self-mask seed b; Shamir-share b and s_sk t-of-k among the
+                   neighbours; encrypt each bundle to its recipient (AES-GCM, X25519+HKDF).
   2. masked     -- on ShareDelivery (the neighbours that shared, U2): upload
-                   y = encode(x) + PRG(b) + sum_v +-PRG(s_uv)  mod 2^bits.
-  3. consistency-- on ConsistencyRequest(U3): sign (round, U3).
+                   y = encode(x) + PRG(b) + sum_v +-PRG(s_uv)  mod 2^bits. A share that
+                   does not decrypt is reported at unmask time, not fatal.
+  3. consistency-- on ConsistencyRequest(U3): sign (round, digest, U3).
   4. unmask     -- on UnmaskRequest: check >= t valid signatures over the *same* U3 and
                    that the survivor and dropped lists are exactly U3 and U2 \\ U3 (so no
                    client is ever both); then reveal b-shares of survivors and
@@ -33,6 +37,7 @@ from secagg import shamir, wire
 from secagg.encoding import check_vector
 from secagg.errors import (
     AlreadyFinalized,
+    InvalidPublicKey,
     InvalidShare,
     LocalProtocolError,
     MaliciousServerDetected,
@@ -47,6 +52,7 @@ from secagg.keys import (
     IdentityKey,
     KeyPair,
     agree,
+    check_public_key,
     decrypt,
     encrypt,
     pair_context,
@@ -61,8 +67,10 @@ from secagg.protocol.common import (
     pack_residues,
     pairwise_seed,
     pairwise_sign,
+    round_digest,
     seed_commitment,
 )
+from secagg.protocol.plan import ClientPolicy, check_round
 from secagg.protocol.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -101,17 +109,29 @@ TRANSITIONS: dict[ClientState, dict[type, ClientState]] = {
 }
 
 
-class ClientPolicy:
-    """What a client insists on before it takes part, whatever the server says.
+@wire.message
+class ClientSnapshot(wire.Message):
+    """A paused :class:`ClientSession` (see ``ClientSession.snapshot``). Holds this round's
+    secrets: it never leaves the client's own machine."""
 
-    ``min_threshold_fraction``: refuse rounds whose threshold is at most this fraction of
-    a neighbourhood (a server asking for t=1 could unmask anyone). ``max_dim`` bounds the
-    work a server can demand.
-    """
-
-    def __init__(self, *, min_threshold_fraction: float = 0.5, max_dim: int = 1 << 28) -> None:
-        self.min_threshold_fraction = min_threshold_fraction
-        self.max_dim = max_dim
+    TYPE = "masking.client_snapshot.v2"  # v2: digest, unusable
+    client_id: int
+    state: str
+    abort_reason: str
+    identities: dict[int, bytes]
+    config: bytes  # encoded RoundConfig, or b"" before the first message
+    cipher_private: bytes
+    mask_private: bytes
+    self_seed: bytes
+    peer_cipher_keys: dict[int, bytes]
+    peer_mask_keys: dict[int, bytes]
+    held: dict[int, bytes]  # encoded ShareBundle by owner
+    sharers: tuple[int, ...]
+    digest: bytes  # round_digest of the adverts (the graph seed), b"" before the key directory
+    unusable: tuple[int, ...]
+    signed_survivors: tuple[int, ...]
+    signed: bool
+    upload_bytes: int
 
 
 class ClientSession:
@@ -154,8 +174,11 @@ class ClientSession:
         self._mask_keys: KeyPair | None = None
         self._self_seed: bytes | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (cipher_pk, mask_pk)
+        self._share_keys: dict[int, bytes] = {}  # id -> share-encryption key, until shares are in
         self._held: dict[int, ShareBundle] = {}  # shares I hold, by owner (including my own)
         self._sharers: frozenset[int] = frozenset()  # U2 within my neighbourhood
+        self._unusable: set[int] = set()  # sharers whose encrypted share did not decrypt
+        self._digest = b""
         self._signed_survivors: tuple[int, ...] | None = None
         self.upload_bytes = 0
 
@@ -193,49 +216,118 @@ class ClientSession:
         self.upload_bytes += len(sealed)
         return sealed
 
+    def snapshot(self) -> bytes:
+        """This session's state as bytes, to continue the round in another process.
+
+        For hosts that keep no Python object between two messages of a round (a Flower
+        SuperNode runs its ClientApp afresh for every message). The bytes hold this
+        round's secrets (private keys, self-mask seed, the shares held for neighbours):
+        keep them on the client's machine, as the live session would be. The update,
+        rounding seed and noise callback are not kept: pass the update again with
+        :meth:`set_update` before the masked-input stage.
+        """
+        def raw(keys: KeyPair | None) -> bytes:
+            return b"" if keys is None else keys.private_bytes()
+
+        return wire.encode(ClientSnapshot(
+            client_id=self.client_id, state=self.state.value, abort_reason=self.abort_reason or "",
+            identities=dict(self._identities),
+            config=b"" if self._config is None else wire.encode(self._config),
+            cipher_private=raw(self._cipher_keys), mask_private=raw(self._mask_keys),
+            self_seed=self._self_seed or b"",
+            peer_cipher_keys={p: k[0] for p, k in self._peer_keys.items()},
+            peer_mask_keys={p: k[1] for p, k in self._peer_keys.items()},
+            held={owner: wire.encode(bundle) for owner, bundle in self._held.items()},
+            sharers=tuple(sorted(self._sharers)), digest=self._digest, unusable=tuple(sorted(self._unusable)),
+            signed_survivors=self._signed_survivors or (), signed=self._signed_survivors is not None,
+            upload_bytes=self.upload_bytes,
+        ))
+
+    @classmethod
+    def resume(cls, data: bytes, identity: IdentityKey, *, policy: ClientPolicy | None = None,
+               randbytes: Callable[[int], bytes] = os.urandom) -> ClientSession:
+        """Rebuild a session from :meth:`snapshot` bytes; ``identity`` is the client's own key.
+
+        The client's policy is the caller's, never the snapshot's. A snapshot of an aborted
+        session resumes aborted.
+        """
+        snap = wire.decode(data, expect=ClientSnapshot)
+        session = cls(snap.client_id, identity, snap.identities, policy=policy, randbytes=randbytes)
+        if session._identities.get(snap.client_id) not in (None, identity.public_bytes):
+            raise LocalProtocolError("the snapshot belongs to another identity key")
+        try:
+            session.state = ClientState(snap.state)
+        except ValueError:
+            raise WireError(f"unknown client state {snap.state!r} in a session snapshot") from None
+        session.abort_reason = snap.abort_reason or None
+        if snap.config:
+            session._config = wire.decode(snap.config, expect=RoundConfig)
+        if snap.digest:
+            if session._config is None:
+                raise WireError("session snapshot: a graph digest without a round configuration")
+            session._digest = snap.digest
+            session._neighbours = graph_of(session._config, snap.digest).neighbours(snap.client_id)
+        session._unusable = set(snap.unusable)
+        session._cipher_keys = KeyPair.from_private_bytes(snap.cipher_private) if snap.cipher_private else None
+        session._mask_keys = KeyPair.from_private_bytes(snap.mask_private) if snap.mask_private else None
+        session._self_seed = snap.self_seed or None
+        if set(snap.peer_cipher_keys) != set(snap.peer_mask_keys):
+            raise WireError("session snapshot: peer key maps disagree")
+        session._peer_keys = {p: (snap.peer_cipher_keys[p], snap.peer_mask_keys[p]) for p in snap.peer_cipher_keys}
+        session._held = {owner: wire.decode(b, expect=ShareBundle) for owner, b in snap.held.items()}
+        session._sharers = frozenset(snap.sharers)
+        session._signed_survivors = tuple(snap.signed_survivors) if snap.signed else None
+        session.upload_bytes = snap.upload_bytes
+        return session
+
     # -- stage handlers -----------------------------------------------------------------
 
     def _on_config(self, config: RoundConfig) -> AdvertiseKeys:
         if self.client_id not in config.clients:
             raise UnexpectedMessage("this client is not part of the round", SERVER_ID)
-        graph = graph_of(config)
-        size = len(graph.neighbours(self.client_id))
-        if config.threshold <= self._policy.min_threshold_fraction * size:
-            raise MaliciousServerDetected(
-                f"threshold {config.threshold} is too low for a neighbourhood of {size}; "
-                f"this client requires more than {self._policy.min_threshold_fraction:.0%}",
-                SERVER_ID,
-            )
+        refusal = check_round(len(config.clients), config.degree, config.threshold, self._policy)
+        if refusal is not None:
+            raise MaliciousServerDetected(f"{refusal}; refusing the round", SERVER_ID)
         if config.dim > self._policy.max_dim:
             raise LocalProtocolError(f"round dimension {config.dim} exceeds this client's limit")
         codec_of(config)  # validates bits / clip / scale / overflow before any work
         if self._update is not None and self._update.shape[0] != config.dim:
             raise LocalProtocolError(f"update has {self._update.shape[0]} entries, the round expects {config.dim}")
+        self._policy.round_ids.claim(self._identity.public_bytes, self._identities[SERVER_ID], config.round_id)
         self._config = config
-        self._neighbours = graph.neighbours(self.client_id)
         self._cipher_keys = KeyPair.generate(self._randbytes(32))
         self._mask_keys = KeyPair.generate(self._randbytes(32))
         return AdvertiseKeys(config.round_id, self.client_id, self._cipher_keys.public_bytes, self._mask_keys.public_bytes)
 
     def _on_directory(self, msg: KeyDirectory) -> EncryptedShares:
         config = self._require_config()
-        if msg.recipient != self.client_id:
-            raise UnexpectedMessage("key directory addressed to another client", SERVER_ID)
-        peers: dict[int, tuple[bytes, bytes]] = {}
+        adverts: dict[int, AdvertiseKeys] = {}
         for peer, sealed in msg.adverts.items():
-            if peer not in self._neighbours:
-                raise MaliciousServerDetected(f"server relayed keys of non-neighbour {peer}", SERVER_ID)
+            if peer not in config.clients:
+                raise MaliciousServerDetected(f"server relayed keys of {peer}, who is not in the round", SERVER_ID)
             sender, advert = wire.open_sealed(sealed, self._identities_of_client, expect=AdvertiseKeys)
             if sender != peer or advert.client != peer or advert.round_id != config.round_id:
                 raise MaliciousServerDetected(f"keys relayed for {peer} were signed for another party or round", SERVER_ID)
-            peers[peer] = (advert.cipher_public_key, advert.mask_public_key)
-        mine = (self._cipher_keys.public_bytes, self._mask_keys.public_bytes)
-        if peers.get(self.client_id, mine) != mine:
-            raise MaliciousServerDetected("server relayed keys for this client that it never sent", SERVER_ID)
-        peers[self.client_id] = mine
-        all_keys = [k for pair in peers.values() for k in pair]
+            try:
+                check_public_key(advert.cipher_public_key)
+                check_public_key(advert.mask_public_key)
+            except InvalidPublicKey:
+                raise MaliciousServerDetected(
+                    f"server relayed an unusable (low-order) key of client {peer}; an honest server refuses it",
+                    SERVER_ID,
+                ) from None
+            adverts[peer] = advert
+        mine = adverts.get(self.client_id)
+        if mine is None or (mine.cipher_public_key, mine.mask_public_key) != (
+            self._cipher_keys.public_bytes, self._mask_keys.public_bytes
+        ):
+            raise MaliciousServerDetected("the key directory does not hold the keys this client advertised", SERVER_ID)
+        all_keys = [k for a in adverts.values() for k in (a.cipher_public_key, a.mask_public_key)]
         if len(set(all_keys)) != len(all_keys):
             raise MaliciousServerDetected("two parties advertised the same public key", SERVER_ID)
+        self._digest = round_digest(config.round_id, adverts)
+        self._neighbours = graph_of(config, self._digest).neighbours(self.client_id)
+        peers = {v: (adverts[v].cipher_public_key, adverts[v].mask_public_key) for v in self._neighbours & adverts.keys()}
         if len(peers) < config.threshold:
             raise NotEnoughSurvivors(
                 f"only {len(peers)} neighbours advertised keys; the threshold is {config.threshold}"
@@ -267,14 +359,15 @@ class ClientSession:
         for sender, blob in msg.ciphertexts.items():
             if sender not in self._peer_keys or sender == self.client_id:
                 raise MaliciousServerDetected(f"share delivered from {sender}, who did not advertise keys", SERVER_ID)
-            plaintext = decrypt(self._share_key(sender), blob, self._share_ad(sender, self.client_id))
-            try:
-                bundle = wire.decode(plaintext, expect=ShareBundle)
-            except WireError:
-                raise InvalidShare(f"share from {sender} is malformed") from None
-            if (bundle.round_id, bundle.sender, bundle.recipient) != (config.round_id, sender, self.client_id):
-                raise InvalidShare(f"share from {sender} is bound to another round or pair")
+            bundle = self._open_share(sender, blob)
+            if bundle is None:
+                # The sender (or the server) spoiled it: this client holds no share of the sender's
+                # secrets and says so at unmask time; it still masks with the sender (the keys were
+                # fine), so the round goes on with one share holder fewer for that sender.
+                self._unusable.add(sender)
+                continue
             self._held[sender] = bundle
+        self._share_keys.clear()  # no share is encrypted or decrypted after this stage
         sharers = frozenset(msg.ciphertexts) | {self.client_id}
         if len(sharers) < config.threshold:
             raise NotEnoughSurvivors(f"only {len(sharers)} neighbours shared keys; the threshold is {config.threshold}")
@@ -295,8 +388,13 @@ class ClientSession:
             )
         if len(local) < config.threshold:
             raise NotEnoughSurvivors(f"only {len(local)} neighbours survived; the threshold is {config.threshold}")
+        if len(survivors) < self._policy.min_participants:
+            raise MaliciousServerDetected(
+                f"the sum would cover {len(survivors)} clients; this client requires at least "
+                f"{self._policy.min_participants}", SERVER_ID,
+            )
         self._signed_survivors = tuple(sorted(survivors))
-        signature = self._identity.sign(consistency_payload(config.round_id, self._signed_survivors))
+        signature = self._identity.sign(consistency_payload(config.round_id, self._digest, self._signed_survivors))
         return ConsistencySignature(config.round_id, self.client_id, signature)
 
     def _on_unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
@@ -315,7 +413,7 @@ class ClientSession:
             raise MaliciousServerDetected(
                 "dropped list is not exactly the neighbours that shared keys but sent no input", SERVER_ID
             )
-        payload = consistency_payload(config.round_id, self._signed_survivors)
+        payload = consistency_payload(config.round_id, self._digest, self._signed_survivors)
         valid = 0
         for signer, signature in msg.signatures.items():
             if signer not in survivors:
@@ -336,12 +434,13 @@ class ClientSession:
             raise MaliciousServerDetected(
                 f"only {valid} neighbours confirmed the survivor set; {config.threshold} are required", SERVER_ID
             )
-        self_seed_shares = {v: self._held[v].self_seed_share for v in survivors & self._sharers}
-        mask_key_shares = {v: self._held[v].mask_key_share for v in expected_dropped}
+        self_seed_shares = {v: self._held[v].self_seed_share for v in survivors & self._sharers if v in self._held}
+        mask_key_shares = {v: self._held[v].mask_key_share for v in expected_dropped if v in self._held}
+        unusable = tuple(sorted(self._unusable & self._sharers))
         # One-shot: forget every held share once answered.
         self._held.clear()
         self._self_seed = None
-        return UnmaskResponse(config.round_id, self.client_id, self_seed_shares, mask_key_shares)
+        return UnmaskResponse(config.round_id, self.client_id, self_seed_shares, mask_key_shares, unusable)
 
     _HANDLERS: dict[type, Callable] = {
         RoundConfig: _on_config,
@@ -358,18 +457,36 @@ class ClientSession:
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
         encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
-        acc = MaskAccumulator(config.dim, initial=encoded)
+        acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
         acc.add(self._self_seed, 1)
         for peer in sorted(self._sharers - {self.client_id}):
             seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
             acc.add(seed, pairwise_sign(self.client_id, peer))
-        return acc.value & np.uint32(codec.modulus - 1)
+        return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
+
+    def _open_share(self, sender: int, blob: bytes) -> ShareBundle | None:
+        """The sender's share bundle for this client, or None if it does not decrypt or decode."""
+        config = self._config
+        try:
+            plaintext = decrypt(self._share_key(sender), blob, self._share_ad(sender, self.client_id))
+            bundle = wire.decode(plaintext, expect=ShareBundle)
+            for share in (bundle.mask_key_share, bundle.self_seed_share):
+                shamir.decode_share(share, secret_bytes=SECRET_BYTES)
+        except (InvalidShare, WireError):
+            return None
+        if (bundle.round_id, bundle.sender, bundle.recipient) != (config.round_id, sender, self.client_id):
+            return None
+        return bundle
 
     def _share_key(self, peer: int) -> bytes:
-        return agree(
-            self._cipher_keys.private, self._peer_keys[peer][0],
-            label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
-        )
+        """The key for shares exchanged with ``peer``, agreed once (used to encrypt, then to decrypt)."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            key = self._share_keys[peer] = agree(
+                self._cipher_keys.private, self._peer_keys[peer][0],
+                label=LABEL_SHARE_ENCRYPTION, context=pair_context(self._config.round_id, self.client_id, peer),
+            )
+        return key
 
     def _share_ad(self, sender: int, recipient: int) -> bytes:
         return self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
@@ -389,5 +506,6 @@ class ClientSession:
         self.state = ClientState.ABORTED
         self.abort_reason = f"{type(exc).__name__}: {exc}"
         self._held.clear()
+        self._share_keys.clear()
         self._self_seed = None
         self._mask_keys = None

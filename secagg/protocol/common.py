@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -11,7 +13,7 @@ from secagg.encoding import FixedPointCodec
 from secagg.errors import WireError
 from secagg.graph import Graph, complete_graph, sparse_graph
 from secagg.keys import LABEL_PAIRWISE_MASK, agree, pair_context
-from secagg.protocol.messages import RoundConfig
+from secagg.protocol.messages import AdvertiseKeys, RoundConfig
 
 SERVER_ID = 0
 SECRET_BYTES = 32
@@ -33,10 +35,33 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
 PRE_UPLOAD_STAGE_NAMES: tuple[str, ...] = (Stage.ADVERTISE.value, Stage.SHARE.value, Stage.MASKED_INPUT.value)
 
 
-def graph_of(config: RoundConfig) -> Graph:
+def round_digest(round_id: bytes, adverts: Mapping[int, AdvertiseKeys]) -> bytes:
+    """Hash of the round id and every signed advert: the graph seed, and what consistency signatures bind.
+
+    The server cannot choose it: the adverts carry every honest client's fresh keys, drawn
+    after the round id is fixed. It can only grind, by relaying a different subset of adverts
+    or re-drawing its colluders' keys, one hash per try; the planner assumes 2^40 tries
+    (``ClientPolicy.grinding_bits``).
+    """
+    h = hashlib.sha256(b"secagg/v2/round-digest|" + round_id)
+    for client in sorted(adverts):
+        advert = adverts[client]
+        h.update(client.to_bytes(4, "big") + advert.cipher_public_key + advert.mask_public_key)
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=8)
+def graph_of(config: RoundConfig, seed: bytes) -> Graph:
+    """The round's graph over all its clients; ``seed`` is :func:`round_digest` of the adverts.
+
+    Built once per (configuration, seed) and shared by every party in the process: a sparse
+    graph costs one key derivation per client (the public permutation), so n clients
+    simulated in one process would otherwise derive n^2 keys. The graph is public, so
+    sharing it reveals nothing.
+    """
     if config.degree >= len(config.clients) - 1:
         return complete_graph(config.clients, config.threshold)
-    return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=config.graph_seed)
+    return sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=seed)
 
 
 def codec_of(config: RoundConfig) -> FixedPointCodec:
@@ -70,11 +95,12 @@ def pack_residues(residues: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_residues(data: bytes, dim: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_residues`; at 32 bits a read-only view of ``data`` (no copy)."""
     width = bytes_per_element(bits)
     if len(data) != dim * width:
         raise WireError(f"masked vector must be {dim * width} bytes for dim={dim}, bits={bits}; got {len(data)}")
     if width == 4:
-        return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        return np.frombuffer(data, dtype="<u4")
     padded = np.zeros((dim, 4), dtype=np.uint8)
     padded[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(dim, width)
     return padded.view("<u4").reshape(dim).astype(np.uint32)

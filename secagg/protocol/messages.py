@@ -12,6 +12,7 @@ from secagg.wire import Message, message
 
 ROUND_ID_BYTES = 16
 MAX_PARTIES = 1 << 20
+MAX_DIM = 1 << 28  # the most parameters a round may have (a client's default policy limit)
 
 
 def _check_round(round_id: bytes) -> None:
@@ -30,12 +31,11 @@ def _check_ids(ids: tuple[int, ...], what: str) -> None:
 class RoundConfig(Message):
     """Server -> every client: the public parameters of one round."""
 
-    TYPE = "masking.round_config"
+    TYPE = "masking.round_config.v2"  # v2: no graph seed; it is derived from the signed adverts
     round_id: bytes
     clients: tuple[int, ...]
     threshold: int
     degree: int
-    graph_seed: bytes
     dim: int
     bits: int
     clip: float
@@ -48,6 +48,8 @@ class RoundConfig(Message):
         _check_ids(self.clients, "clients")
         if not 1 <= self.threshold <= len(self.clients):
             raise ValueError("threshold must be between 1 and the number of clients")
+        if self.degree < 1:
+            raise ValueError("degree must be positive")
         if self.dim < 1:
             raise ValueError("dim must be positive")
 
@@ -73,12 +75,15 @@ class AdvertiseKeys(Message):
 
 @message
 class KeyDirectory(Message):
-    """Server -> client: the sealed AdvertiseKeys of the client's neighbours that advertised."""
+    """Server -> every client: the sealed AdvertiseKeys of every client that advertised.
 
-    TYPE = "masking.key_directory"
+    Every client needs all of them: the graph seed is a hash of all adverts
+    (:func:`secagg.protocol.common.round_digest`), and each client recomputes it.
+    """
+
+    TYPE = "masking.key_directory.v2"  # v2: one directory for all, with every advert
     FIELD_LIMITS = {"adverts": 512}
     round_id: bytes
-    recipient: int
     adverts: dict[int, bytes]
 
     def __post_init__(self) -> None:
@@ -134,6 +139,9 @@ class MaskedInput(Message):
     """Client -> server: the masked, encoded update (packed little-endian residues)."""
 
     TYPE = "masking.masked_input"
+    # A whole update up to MAX_DIM 4-byte residues (a BERT-base update is 440 MB); the
+    # server bounds each message by its own round's dimension before parsing it.
+    FIELD_LIMITS = {"vector": 4 * MAX_DIM}
     round_id: bytes
     client: int
     vector: bytes
@@ -190,21 +198,31 @@ class UnmaskRequest(Message):
 class UnmaskResponse(Message):
     """Client -> server: the requested shares, each for exactly one purpose."""
 
-    TYPE = "masking.unmask_response"
+    TYPE = "masking.unmask_response.v2"  # v2: `unusable`
     FIELD_LIMITS = {"self_seed_shares": 64, "mask_key_shares": 64}
     round_id: bytes
     client: int
     self_seed_shares: dict[int, bytes]
     mask_key_shares: dict[int, bytes]
+    # Neighbours whose encrypted share this client could not decrypt or decode: it holds no
+    # share of theirs. The neighbour's signed EncryptedShares, kept by the server, is the evidence.
+    unusable: tuple[int, ...]
 
     def __post_init__(self) -> None:
         _check_round(self.round_id)
         both = set(self.self_seed_shares) & set(self.mask_key_shares)
         if both:
             raise ValueError(f"clients {sorted(both)} have both kinds of share revealed")
+        _check_ids(self.unusable, "unusable")
+        if set(self.unusable) & (set(self.self_seed_shares) | set(self.mask_key_shares)):
+            raise ValueError("a share is both revealed and reported unusable")
 
 
-def consistency_payload(round_id: bytes, survivors: tuple[int, ...]) -> bytes:
-    """What every survivor signs: the round and the sorted survivor set."""
+def consistency_payload(round_id: bytes, digest: bytes, survivors: tuple[int, ...]) -> bytes:
+    """What every survivor signs: the round, the digest of its signed adverts, the sorted survivor set.
+
+    The digest covers every client's fresh keys, so a signature made in one round never
+    verifies in another, even one that reuses the round id.
+    """
     ordered = sorted(survivors)
-    return b"secagg/v1/consistency|" + round_id + b"".join(i.to_bytes(4, "big") for i in ordered)
+    return b"secagg/v2/consistency|" + round_id + digest + b"".join(i.to_bytes(4, "big") for i in ordered)

@@ -11,15 +11,20 @@ session has no clock). ``close_stage()`` returns the sealed messages for the nex
 After the unmask stage closes, ``result`` holds the decoded sum over ``included``.
 
 A bad client message raises a typed error from ``receive()`` and changes nothing: the
-client is recorded in ``rejected`` and treated as dropped at that stage. Only
-``close_stage()`` can fail the round, with :class:`NotEnoughSurvivors` when fewer than t
-clients remain; the failure is sticky.
+client is recorded in ``rejected`` (its signed message kept in ``evidence``) and treated
+as dropped at that stage. Adverts with an unusable X25519 key are refused here, before
+they are relayed. Unmasking uses every share received: each reconstructed secret is
+checked against its owner's commitment or advertised public key, and when one fails the
+wrong shares are decoded around (Berlekamp-Welch, :func:`secagg.shamir.honest_holders`);
+their holders are listed in ``suspects`` with the signed responses as evidence (a wrong
+share proves that its holder or its dealer lied, not which). Only ``close_stage()`` can
+fail the round, with :class:`NotEnoughSurvivors` when fewer than t clients remain or
+:class:`InvalidShare` when too many shares of one secret are wrong; the failure is sticky.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import time
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -27,8 +32,8 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from secagg import shamir, wire
-from secagg.encoding import FixedPointCodec
 from secagg.errors import (
+    InvalidPublicKey,
     InvalidShare,
     LocalProtocolError,
     NotEnoughSurvivors,
@@ -38,8 +43,8 @@ from secagg.errors import (
     SessionAborted,
     UnexpectedMessage,
 )
-from secagg.graph import choose_degree
-from secagg.keys import IdentityKey, KeyPair, verify_signature
+from secagg.graph import Graph
+from secagg.keys import IdentityKey, KeyPair, check_public_key, verify_signature
 from secagg.prg import MaskAccumulator
 from secagg.protocol.common import (
     SECRET_BYTES,
@@ -49,11 +54,11 @@ from secagg.protocol.common import (
     graph_of,
     pairwise_seed,
     pairwise_sign,
+    round_digest,
     seed_commitment,
     unpack_residues,
 )
 from secagg.protocol.messages import (
-    ROUND_ID_BYTES,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -90,38 +95,6 @@ NEXT_STAGE: dict[Stage, Stage | None] = {
 }
 
 
-def plan_round(
-    clients: tuple[int, ...],
-    dim: int,
-    codec: FixedPointCodec,
-    *,
-    graph: str = "complete",
-    threshold: int | None = None,
-    dropout: float = 0.1,
-    degree: int | None = None,
-    round_id: bytes | None = None,
-) -> RoundConfig:
-    """Public parameters of a round: graph degree and threshold chosen as documented in graph.py."""
-    n = len(clients)
-    if graph not in ("complete", "sparse"):
-        from secagg.errors import ConfigError
-
-        raise ConfigError(f"graph must be 'complete' or 'sparse', got {graph!r}")
-    if graph == "complete":
-        k, t = n - 1, n // 2 + 1
-    elif degree is not None:
-        k, t = degree, degree // 2 + 1
-    else:
-        k, t = choose_degree(n, dropout=dropout)
-    if threshold is not None:
-        t = threshold
-    return RoundConfig(
-        round_id=round_id or os.urandom(ROUND_ID_BYTES),
-        clients=tuple(clients), threshold=t, degree=k, graph_seed=os.urandom(32), dim=dim,
-        bits=codec.bits, clip=codec.clip, scale=codec.scale, clip_mode=codec.clip_mode, headroom=codec.headroom,
-    )
-
-
 class ServerSession:
     """The server's part in one round."""
 
@@ -133,12 +106,16 @@ class ServerSession:
         if missing:
             raise LocalProtocolError(f"no identity key registered for clients {missing}")
         self._clients = frozenset(config.clients)
-        self._graph = graph_of(config)
+        self._graph: Graph | None = None  # fixed once every advert is in (its seed hashes them)
+        self._digest = b""
         self._codec = codec_of(config)
         self.stage: Stage | None = None
         self.state = ServerState.COLLECTING
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
+        self.evidence: dict[int, bytes] = {}  # rejected client -> its signed message that shows the fault
+        self.suspects: dict[int, str] = {}  # holders of shares that did not fit their dealer's secret
+        self.disputes: dict[int, tuple[int, ...]] = {}  # holder -> dealers whose share it reports unusable
         self.timings: dict[str, float] = {}
         self.result: np.ndarray | None = None
         self.included: tuple[int, ...] = ()
@@ -152,10 +129,16 @@ class ServerSession:
         self._masked_from: set[int] = set()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
+        self._response_bytes: dict[int, bytes] = {}
         self._u1: frozenset[int] = frozenset()
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
         self._u4: frozenset[int] = frozenset()
+
+    @property
+    def graph(self) -> Graph | None:
+        """The round's graph, known once the advertise stage closed (its seed hashes the adverts)."""
+        return self._graph
 
     # -- driving ------------------------------------------------------------------------
 
@@ -184,9 +167,12 @@ class ServerSession:
             raise  # late, duplicated or out-of-stage: ignored, the client is not banned for it
         except SecAggError as exc:
             self.rejected[sender] = f"{self.stage.value}: {type(exc).__name__}: {exc}"
+            self.evidence[sender] = bytes(data)
             raise
         if type(msg) is AdvertiseKeys:
             self._adverts[sender] = bytes(data)  # relayed verbatim so peers verify the signature
+        elif type(msg) is UnmaskResponse:
+            self._response_bytes[sender] = bytes(data)  # signed: the evidence if a share proves wrong
         self.received_bytes[sender] = self.received_bytes.get(sender, 0) + len(data)
         return sender
 
@@ -250,6 +236,11 @@ class ServerSession:
         }[self.stage]
 
     def _on_advertise(self, sender: int, msg: AdvertiseKeys) -> None:
+        try:
+            check_public_key(msg.cipher_public_key)
+            check_public_key(msg.mask_public_key)
+        except InvalidPublicKey:
+            raise RemoteProtocolError(f"client {sender} advertised an unusable (low-order) X25519 key", sender) from None
         self._keys[sender] = msg
 
     def _on_shares(self, sender: int, msg: EncryptedShares) -> None:
@@ -273,22 +264,30 @@ class ServerSession:
     def _on_signature(self, sender: int, msg: ConsistencySignature) -> None:
         try:
             verify_signature(
-                self._identities[sender], msg.signature, consistency_payload(self.config.round_id, tuple(self._u3))
+                self._identities[sender], msg.signature,
+                consistency_payload(self.config.round_id, self._digest, tuple(self._u3)),
             )
         except SecAggError:
             raise RemoteProtocolError(f"client {sender} signed a different survivor set", sender) from None
         self._signatures[sender] = msg.signature
 
     def _on_unmask(self, sender: int, msg: UnmaskResponse) -> None:
-        sharers = self._sharers_of(sender)
-        want_seeds = sharers & self._u3
+        sharers = self._sharers_of(sender) - {sender}
+        unusable = set(msg.unusable)
+        want_seeds = (sharers & self._u3) | ({sender} & self._u3)
         want_keys = sharers - self._u3
-        if set(msg.self_seed_shares) != want_seeds or set(msg.mask_key_shares) != want_keys:
+        if (set(msg.self_seed_shares) | (unusable & want_seeds) != want_seeds
+                or set(msg.mask_key_shares) | (unusable & want_keys) != want_keys
+                or not unusable <= sharers):
             raise RemoteProtocolError(f"client {sender} revealed a different set of shares than requested", sender)
-        size = shamir.share_bytes(SECRET_BYTES)
-        for share in list(msg.self_seed_shares.values()) + list(msg.mask_key_shares.values()):
-            if len(share) != size:
-                raise RemoteProtocolError(f"client {sender} sent a share of the wrong size", sender)
+        try:
+            shamir.decode_shares(
+                list(msg.self_seed_shares.values()) + list(msg.mask_key_shares.values()), secret_bytes=SECRET_BYTES
+            )
+        except InvalidShare:
+            raise RemoteProtocolError(f"client {sender} sent a share of the wrong size or outside the field", sender) from None
+        if unusable:
+            self.disputes[sender] = tuple(sorted(unusable))
         self._responses[sender] = msg
 
     _RECEIVERS = {
@@ -305,12 +304,10 @@ class ServerSession:
         self._u1 = frozenset(self._keys)
         self._record_dropped(Stage.ADVERTISE, self._clients - self._u1)
         self._require(self._u1, "advertised keys")
-        return {
-            u: self._seal(KeyDirectory(self.config.round_id, u, {
-                v: self._adverts[v] for v in self._graph.neighbours(u) & self._u1
-            }))
-            for u in self._u1
-        }
+        self._digest = round_digest(self.config.round_id, self._keys)
+        self._graph = graph_of(self.config, self._digest)
+        directory = self._seal(KeyDirectory(self.config.round_id, {v: self._adverts[v] for v in self._u1}))
+        return {u: directory for u in self._u1}
 
     def _close_share(self) -> dict[int, bytes]:
         self._u2 = frozenset(self._shares)
@@ -346,12 +343,9 @@ class ServerSession:
         responders = frozenset(self._responses)
         self._record_dropped(Stage.UNMASK, self._u4 - responders)
         started = time.perf_counter()
-        seeds = self._reconstruct(self._u3, "self_seed_shares")
-        for owner, seed in seeds.items():
-            if seed_commitment(self.config.round_id, owner, seed) != self._shares[owner].commitment:
-                raise InvalidShare(f"reconstructed self-mask seed of client {owner} does not match its commitment")
+        seeds = self._reconstruct(self._u3, "self_seed_shares", self._seed_is_committed)
         dropped = self._u2 - self._u3
-        mask_keys = self._reconstruct(dropped, "mask_key_shares")
+        mask_keys = self._reconstruct(dropped, "mask_key_shares", self._key_is_advertised)
         self.timings["server.reconstruct"] = time.perf_counter() - started
         started = time.perf_counter()
         acc = MaskAccumulator(self.config.dim, initial=self._sum)
@@ -359,8 +353,6 @@ class ServerSession:
             acc.add(seed, -1)
         for owner, secret in mask_keys.items():
             keys = KeyPair.from_private_bytes(secret)
-            if keys.public_bytes != self._keys[owner].mask_public_key:
-                raise InvalidShare(f"reconstructed mask key of client {owner} does not match its public key")
             for peer in sorted(self._graph.neighbours(owner) & self._u3):
                 seed = pairwise_seed(self.config.round_id, keys.private, owner, peer, self._keys[peer].mask_public_key)
                 # peer added sign(peer, owner) * PRG(seed); remove it.
@@ -381,9 +373,16 @@ class ServerSession:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _reconstruct(self, owners: frozenset[int], field: str) -> dict[int, bytes]:
-        """Recover one secret per owner, batching owners whose chosen share holders coincide."""
+    def _reconstruct(self, owners: frozenset[int], field: str, valid) -> dict[int, bytes]:
+        """Recover one secret per owner from every share received, decoding around wrong ones.
+
+        Fast path: owners whose first t share holders coincide are interpolated together in
+        one vectorised pass (one Lagrange weight vector per holder set). Each secret is then
+        checked with ``valid(owner, secret)``; for the few that fail, Berlekamp-Welch over
+        all their shares finds the holders whose shares fit the polynomial.
+        """
         t = self.config.threshold
+        holders_of: dict[int, list[int]] = {}
         by_holders: dict[tuple[int, ...], list[int]] = {}
         for owner in sorted(owners):
             candidates = self._graph.neighbours(owner).intersection(self._responses)
@@ -392,17 +391,62 @@ class ServerSession:
                 raise NotEnoughSurvivors(
                     f"only {len(holders)} clients returned shares for client {owner}; {t} are needed"
                 )
+            holders_of[owner] = holders
             by_holders.setdefault(tuple(holders[:t]), []).append(owner)
         secrets: dict[int, bytes] = {}
+        failed: list[int] = []
         for holders, group in by_holders.items():
-            shares = np.stack([
-                np.stack([shamir.decode_share(getattr(self._responses[h], field)[o], secret_bytes=SECRET_BYTES)
-                          for o in group])
-                for h in holders
-            ])
-            for owner, secret in zip(group, shamir.reconstruct(holders, shares, secret_bytes=SECRET_BYTES)):
-                secrets[owner] = secret
+            shares = self._share_matrix(holders, group, field)
+            limbs = shamir.interpolate_at_zero(holders, shares, secret_bytes=SECRET_BYTES)
+            for owner, secret in zip(group, shamir.secrets_from_limbs(limbs, SECRET_BYTES)):
+                if secret is not None and valid(owner, secret):
+                    secrets[owner] = secret
+                else:
+                    failed.append(owner)
+        for owner in failed:
+            secrets[owner] = self._decode_around(owner, holders_of[owner], field, valid)
         return secrets
+
+    def _decode_around(self, owner: int, holders: list[int], field: str, valid) -> bytes:
+        t = self.config.threshold
+        shares = self._share_matrix(tuple(holders), [owner], field)[:, 0, :]
+        for _ in range(3):  # a wrong share hides in the random limb combination with probability 1/p
+            decoded = shamir.honest_holders(holders, shares, t)
+            if decoded is None:
+                break
+            good, wrong = decoded
+            index = {h: i for i, h in enumerate(holders)}
+            chosen = good[:t]
+            limbs = shamir.interpolate_at_zero(
+                chosen, shares[[index[h] for h in chosen]][:, None, :], secret_bytes=SECRET_BYTES
+            )
+            secret = shamir.secrets_from_limbs(limbs, SECRET_BYTES)[0]
+            if secret is not None and valid(owner, secret):
+                for h in wrong:
+                    self.suspects[h] = (
+                        f"its share of client {owner}'s {field.replace('_', ' ')[:-1]} is off the polynomial "
+                        f"the other shares and the commitment agree on (it or client {owner} lied)"
+                    )
+                    self.evidence.setdefault(h, self._response_bytes[h])
+                return secret
+        raise InvalidShare(
+            f"the shares returned for client {owner} do not reconstruct its committed secret: more than "
+            f"(shares - t) / 2 = {(len(holders) - t) // 2} of the {len(holders)} shares are wrong, or client "
+            f"{owner} dealt inconsistent shares. The round is abandoned; nothing was unmasked."
+        )
+
+    def _share_matrix(self, holders: tuple[int, ...], owners: list[int], field: str) -> np.ndarray:
+        """shares[h, owner, limb] for these holders and owners, one buffer decode per holder."""
+        return np.stack([
+            shamir.decode_shares([getattr(self._responses[h], field)[o] for o in owners], secret_bytes=SECRET_BYTES)
+            for h in holders
+        ])
+
+    def _seed_is_committed(self, owner: int, seed: bytes) -> bool:
+        return seed_commitment(self.config.round_id, owner, seed) == self._shares[owner].commitment
+
+    def _key_is_advertised(self, owner: int, secret: bytes) -> bool:
+        return KeyPair.from_private_bytes(secret).public_bytes == self._keys[owner].mask_public_key
 
     def _sharers_of(self, client: int) -> frozenset[int]:
         return self._graph.neighbours(client) & self._u2

@@ -18,7 +18,8 @@ from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
 from secagg.keys import IdentityKey, derive
 from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID, STAGE_NAMES, Stage
-from secagg.protocol.server import ServerSession, plan_round
+from secagg.protocol.plan import ClientPolicy, plan_round
+from secagg.protocol.server import ServerSession
 from secagg.result import AggregateResult
 
 class InMemoryRound:
@@ -27,7 +28,9 @@ class InMemoryRound:
     def __init__(self, updates: np.ndarray, codec: FixedPointCodec, *, graph: str = "complete",
                  threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
                  seed: int | None = None,
-                 client_noise: Callable[[int, int, float], np.ndarray] | None = None) -> None:
+                 client_noise: Callable[[int, int, float], np.ndarray] | None = None,
+                 policy: ClientPolicy | None = None) -> None:
+        """``policy`` is every client's (the library default when None); the plan follows it."""
         n, dim = updates.shape
         self.client_ids = tuple(range(1, n + 1))
         self.server_identity = IdentityKey.generate()
@@ -35,13 +38,14 @@ class InMemoryRound:
         self.identities = {SERVER_ID: self.server_identity.public_bytes}
         self.identities.update({c: k.public_bytes for c, k in client_identities.items()})
         self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
-                                 dropout=dropout_hint, degree=degree)
+                                 dropout=dropout_hint, degree=degree, policy=policy)
         self.server = ServerSession(self.config, self.server_identity, self.identities)
         self.clients = {
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
                 rounding_seed=None if seed is None else _rounding_seed(seed, c),
                 integer_noise=None if client_noise is None else _bind_row(client_noise, c - 1),
+                policy=policy,
             )
             for c in self.client_ids
         }
@@ -168,9 +172,9 @@ def _check_updates(updates: np.ndarray) -> np.ndarray:
         raise InputError("secure aggregation needs at least 2 clients (one client's sum is its update)")
     if dim < 1:
         raise InputError("updates must have at least one coordinate")
-    bad_rows = np.flatnonzero(~np.all(np.isfinite(matrix), axis=1))
-    if bad_rows.size:
-        raise InputError(f"updates of clients {bad_rows.tolist()} contain NaN/inf; drop or fix them before aggregating")
+    bad_rows = [i for i, row in enumerate(matrix) if not np.isfinite(row).all()]  # one row's mask at a time
+    if bad_rows:
+        raise InputError(f"updates of clients {bad_rows} contain NaN/inf; drop or fix them before aggregating")
     return matrix
 
 

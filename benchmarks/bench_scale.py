@@ -1,0 +1,158 @@
+"""Scale benchmark: one in-process masking round at many clients, with where the time goes.
+
+Prints one JSON object: the round's wall time split into the server's and the clients'
+work per stage (every client's time summed, not a mean), the AES-256-CTR keystream rate
+measured in the same run (warm median) and the keystream the server's unmasking has to
+generate, so its time reads as a multiple of that limit. With ``--profile`` it also lists
+the functions that took the most time (cProfile, which inflates Python-heavy code).
+
+    python benchmarks/bench_scale.py --clients 1000 --dim 1e4 --graph complete
+    python benchmarks/bench_scale.py --clients 1000 --dim 1e4 --graph sparse --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from secagg.encoding import FixedPointCodec
+from secagg.protocol.common import Stage
+from secagg.protocol.simulate import InMemoryRound
+
+
+def keystream_rate(repeats: int = 5, size: int = 1 << 26) -> float:
+    """AES-256-CTR keystream bytes per second, one thread: warm median of ``repeats`` runs."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    zeros = bytes(size)
+    out = bytearray(size + 16)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms caches and is dropped
+        enc = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
+        started = time.perf_counter()
+        enc.update_into(zeros, out)
+        times.append(time.perf_counter() - started)
+    return size / statistics.median(times[1:])
+
+
+def plain_sum_seconds(updates: np.ndarray, repeats: int = 5) -> float:
+    """Warm median of a plain float32 sum of the same updates."""
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        updates.sum(axis=0, dtype=np.float32)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+class TimedRound(InMemoryRound):
+    """The in-process round, also timing the server's ``receive`` (signature check, decode, sum)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.receive_seconds: dict[str, float] = {}
+        self.client_totals: dict[str, float] = {}
+        server_receive = self.server.receive
+
+        def timed_receive(data: bytes) -> int:
+            stage = self.server.stage.value
+            started = time.perf_counter()
+            try:
+                return server_receive(data)
+            finally:
+                self.receive_seconds[stage] = self.receive_seconds.get(stage, 0.0) + time.perf_counter() - started
+
+        self.server.receive = timed_receive
+        for session in self.clients.values():
+            client_receive = session.receive
+
+            def timed_client(data: bytes, _receive=client_receive, _session=session) -> bytes:
+                stage = {"wait_config": "advertise", "wait_directory": "share", "wait_shares": "masked_input",
+                         "wait_consistency": "consistency", "wait_unmask": "unmask"}[_session.state.value]
+                started = time.perf_counter()
+                try:
+                    return _receive(data)
+                finally:
+                    self.client_totals[stage] = self.client_totals.get(stage, 0.0) + time.perf_counter() - started
+
+            session.receive = timed_client
+
+
+def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> dict:
+    updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
+    rate = keystream_rate()
+    plain = plain_sum_seconds(updates)
+    codec = FixedPointCodec.for_clients(clip=1.0, max_clients=clients, clip_mode="coordinate")
+    n_drop = int(round(dropout * clients))
+    dropped = [c + 1 for c in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []
+    started = time.perf_counter()
+    session = TimedRound(updates, codec, graph=graph, dropout_hint=dropout)
+    setup_s = time.perf_counter() - started
+    profiler = cProfile.Profile() if profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    session.run({Stage.MASKED_INPUT.value: dropped})
+    if profiler:
+        profiler.disable()
+    round_s = time.perf_counter() - started
+    server = session.server
+    exact = updates[[c - 1 for c in server.included]].astype(np.float64).sum(axis=0)
+    g = session.server.graph
+    survivors = frozenset(server.included)
+    lost = set(server.dropped_at.get(Stage.MASKED_INPUT.value, ()))
+    masks = len(survivors) + sum(len(g.neighbours(o) & survivors) for o in lost)
+    server_keystream = masks * dim * 4
+    unmask_s = server.timings.get("server.unmask", 0.0)
+    row = {
+        "clients": clients, "dim": dim, "graph": "complete" if g.complete else "sparse",
+        "degree": session.config.degree, "threshold": session.config.threshold, "dropped": len(lost),
+        "round_wall_s": round_s, "setup_s (identity keys, not part of a round)": setup_s,
+        "server_stage_s": {k: v for k, v in server.timings.items()},
+        "server_receive_s": session.receive_seconds,
+        "server_total_s": sum(v for k, v in server.timings.items() if k.count(".") == 1
+                              and k.split(".")[1] in {s.value for s in Stage}) + sum(session.receive_seconds.values()),
+        "clients_total_s": session.client_totals,
+        "clients_all_stages_s": sum(session.client_totals.values()),
+        "aes256_ctr_bytes_per_s": rate,
+        "server_unmask_keystream_bytes": server_keystream,
+        "server_unmask_keystream_limit_s": server_keystream / rate,
+        "server_unmask_over_limit": unmask_s / (server_keystream / rate),
+        "plain_sum_s (warm median)": plain,
+        "max_abs_error": float(np.max(np.abs(server.result - exact))),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": platform.platform(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if profiler:
+        stats = pstats.Stats(profiler)
+        top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
+        row["profile_tottime_top"] = [
+            (f"{os.path.basename(f)}:{line}:{name}", round(tt, 3)) for (f, line, name), (_, _, tt, _, _) in top
+        ]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--dim", type=float, default=1e4)
+    parser.add_argument("--graph", choices=["complete", "sparse"], default="complete")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="fraction of clients that never deliver their masked vector (default 0.1)")
+    parser.add_argument("--profile", action="store_true", help="also list the top functions by own time")
+    args = parser.parse_args()
+    print(json.dumps(run(args.clients, int(args.dim), args.graph, args.dropout, args.profile), indent=1))
+
+
+if __name__ == "__main__":
+    main()

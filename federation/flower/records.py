@@ -1,0 +1,98 @@
+"""What the Flower workflow and the client mod put in Flower messages, besides sealed bytes.
+
+Every secure-aggregation message is a Flower ``train`` message whose content holds one
+``ConfigRecord`` under :data:`RECORD` with ``stage`` (str), ``round`` (int) and ``payload``
+(bytes): the protocol's sealed message (``secagg.wire.seal``), or at the ``hello`` stage the
+node's Ed25519 identity public key. The ``advertise`` request also carries ``directory``: a
+:class:`FlowerDirectory` naming the round's parties.
+
+Trust: the directory comes from the server. Without a deployment PKI (Flower gives a
+ClientApp none) a node has no other source for its peers' identity keys, so the protocol's
+signatures bind every message to the keys the server relayed; see docs/flower.md for what
+that does and does not protect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from privacy.events import SampledGaussianEvent, dpsgd_event
+from secagg import wire
+from secagg.errors import ConfigError
+
+RECORD = "secagg"
+HELLO = "hello"  # the stage before the protocol: nodes send their identity keys
+STAGES = (HELLO, "advertise", "share", "masked_input", "consistency", "unmask")
+
+# Metric keys a ClientApp sets (with dp_metrics) to tell the mod what its DP-SGD did.
+DP_KEYS = ("secagg.dp.noise_multiplier", "secagg.dp.sample_rate", "secagg.dp.steps", "secagg.dp.max_grad_norm")
+
+
+@wire.message
+class FlowerDirectory(wire.Message):
+    """Workflow -> every node at ``advertise``: who is who in this round.
+
+    ``nodes`` maps protocol id -> Flower node id; ``identities`` maps protocol id -> Ed25519
+    public key (0 is the server). ``max_weight`` is the public normaliser of sample counts
+    (weight = num_examples / max_weight). ``dp`` is the per-round DP-SGD spend the server
+    records in its ledger: [noise_multiplier, sample_rate, steps, max_grad_norm], or empty.
+    """
+
+    TYPE = "flower.directory"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"identities": 32}
+    round: int
+    nodes: dict[int, int]
+    identities: dict[int, bytes]
+    max_weight: float
+    dp: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class FlowerPrivacy:
+    """Record-level DP-SGD the ClientApps run, as the workflow records it in the ledger.
+
+    Each round is recorded as one DP-SGD event of ``steps`` steps at sampling rate
+    ``sample_rate`` with ``noise_multiplier`` (the worst client's: the largest rate, the most
+    steps). Clients check, before they upload, that their own training is covered by it
+    (the mod refuses otherwise), so the ledger never under-counts. ``ledger`` is the SQLite
+    file; ``budget_epsilon`` and ``delta`` its budget.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    budget_epsilon: float
+    ledger: str
+    accountant: str = "prv"
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ConfigError("noise_multiplier must be positive")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError("sample_rate must be in (0, 1]")
+        if self.steps < 1:
+            raise ConfigError("steps (DP-SGD steps per round) must be at least 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError("max_grad_norm must be positive")
+
+    def event(self) -> SampledGaussianEvent:
+        return dpsgd_event(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                           steps=self.steps, max_grad_norm=self.max_grad_norm)
+
+    def wire_plan(self) -> tuple[float, ...]:
+        return (float(self.noise_multiplier), float(self.sample_rate), float(self.steps), float(self.max_grad_norm))
+
+
+def dp_metrics(*, noise_multiplier: float, sample_rate: float, steps: int, max_grad_norm: float) -> dict[str, float]:
+    """Metrics a ClientApp returns from ``fit`` to say what its DP-SGD did this round.
+
+    The mod compares them with the spend the server records and refuses to upload an
+    update the ledger would under-count; it never forwards them (nor any other metric).
+    """
+    return {
+        DP_KEYS[0]: float(noise_multiplier), DP_KEYS[1]: float(sample_rate),
+        DP_KEYS[2]: float(steps), DP_KEYS[3]: float(max_grad_norm),
+    }

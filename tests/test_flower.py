@@ -1,0 +1,197 @@
+"""Flower interop: the mod + workflow inside Flower's own message flow, against plain FedAvg.
+
+Skipped when flwr is not installed (``pip install 'secagg[flower]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 'secagg[flower]' (flwr 1.42)")
+
+from federation.flower import FlowerPrivacy, SecAggPlusWorkflow, dp_metrics
+from federation.flower.workflow import SecAggWorkflow
+from privacy.ledger import Ledger
+from secagg import wire
+from secagg.protocol.common import SERVER_ID
+from secagg.protocol.messages import UnmaskRequest
+from tests.flower_harness import LOCAL, initial_parameters, partition, run_in_process
+
+NODES, ROUNDS = 10, 3
+DROP = (2, 4)  # (round, partition): node 4 trains, then goes offline after sharing its keys in round 2
+
+
+def _privacy(tmp_path) -> FlowerPrivacy:
+    sizes = [len(partition(p)[1]) for p in range(NODES)]
+    return FlowerPrivacy(
+        noise_multiplier=LOCAL["noise_multiplier"], sample_rate=max(LOCAL["batch_size"] / n for n in sizes),
+        steps=max(-(-n // LOCAL["batch_size"]) for n in sizes), max_grad_norm=LOCAL["max_grad_norm"],
+        delta=1e-5, budget_epsilon=50.0, ledger=str(tmp_path / "ledger.db"),
+    )
+
+
+def _error_bound(workflow, nodes: int = NODES, drop=DROP) -> float:
+    """Quantisation error of the released means, summed over rounds, times 10 for propagation."""
+    sizes = {p: len(partition(p)[1]) for p in range(nodes)}
+    total = 0.0
+    for report in workflow.reports:
+        weight = sum(sizes[p] for p in range(nodes) if (report.round, p) != drop) / workflow.max_weight
+        total += report.max_quantization_error / weight
+    return 10 * total
+
+
+def _claims(nodes: int) -> dict[str, float]:
+    """DP-SGD metrics the torch-free clients report (the ledger's plan covers them)."""
+    return dp_metrics(noise_multiplier=1.1, sample_rate=0.5, steps=4, max_grad_norm=1.0)
+
+
+def _plan(tmp_path, **overrides) -> FlowerPrivacy:
+    args = {"noise_multiplier": 1.1, "sample_rate": 0.5, "steps": 4, "max_grad_norm": 1.0, "delta": 1e-5,
+                "budget_epsilon": 100.0, "ledger": str(tmp_path / "ledger.db"), "accountant": "rdp"}
+    args.update(overrides)
+    return FlowerPrivacy(**args)
+
+
+def test_fast_secure_rounds_equal_plain_fedavg_with_a_node_dropping_mid_round(tmp_path):
+    nodes, drop = 5, (2, 1)
+    plain, _ = run_in_process(secure=False, num_nodes=nodes, rounds=2, drop=[drop], kind="lsq",
+                              claimed=_claims(nodes))
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, privacy=_plan(tmp_path))
+    secure, grid = run_in_process(secure=True, num_nodes=nodes, rounds=2, fit_workflow=workflow, drop=[drop],
+                                  kind="lsq", claimed=_claims(nodes))
+    assert np.max(np.abs(plain[0])) > 1e-2
+    np.testing.assert_allclose(secure[0], plain[0], rtol=0, atol=_error_bound(workflow, nodes, drop))
+    assert [len(r.included) for r in workflow.reports] == [nodes, nodes - 1]
+    assert workflow.reports[1].dropped[grid.node_ids[1]].startswith("masked_input")
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == 2
+        assert [r.released_participants for r in ledger.rows()] == [nodes, nodes - 1]
+
+
+class DoubleListingWorkflow(SecAggWorkflow):
+    """A lying server: its unmask request lists one survivor as dropped too, to get both of its
+    secrets (self-mask seed shares and mask-key shares) and so its individual update."""
+
+    victim = 1
+
+    def _round_identity(self):
+        self.identity = super()._round_identity()
+        return self.identity
+
+    def _collect(self, grid, rnd, sends, report, **kwargs):
+        if next(iter(sends.values()))[0] == "unmask":
+            lies = {}
+            for nid, (stage, payload) in sends.items():
+                _, honest = wire.open_sealed(payload, lambda _: self.identity.public_bytes, expect=UnmaskRequest)
+                lie = UnmaskRequest(honest.round_id, honest.survivors, (*honest.dropped, self.victim),
+                                    honest.signatures)
+                lies[nid] = (stage, wire.seal(lie, SERVER_ID, self.identity))
+            sends = lies
+        return super()._collect(grid, rnd, sends, report, **kwargs)
+
+
+def test_a_server_listing_a_survivor_as_dropped_too_is_refused_by_every_mod(tmp_path):
+    workflow = DoubleListingWorkflow(num_shares=1.0, reconstruction_threshold=0.5, privacy=_plan(tmp_path))
+    params, _grid = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                                  claimed=_claims(5))
+    report = workflow.reports[0]
+    assert report.aborted is not None and "NotEnoughSurvivors" in report.aborted
+    assert len(report.dropped) == 5
+    assert all(why.startswith("unmask: MaliciousServerDetected") for why in report.dropped.values())
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])  # nothing was released
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert [r.status for r in ledger.rows()] == ["aborted"]  # the spend still counts
+
+
+def test_a_plain_train_message_gets_no_update_out_of_a_protected_client():
+    # Flower's default fit workflow asks for the update in the clear: every node refuses.
+    params, _grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=None, kind="lsq")
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
+def test_a_client_whose_dp_sgd_spends_more_than_the_ledger_records_does_not_upload(tmp_path):
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, privacy=_plan(tmp_path, steps=2))
+    params, _ = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
+                               claimed=_claims(4))  # clients report 4 steps, the ledger records 2
+    report = workflow.reports[0]
+    assert all("PrivacyError" in why for why in report.dropped.values()) and len(report.dropped) == 4
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
+def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
+    import copy
+
+    from flwr.app import Context, RecordDict
+
+    from federation.flower.grid import InProcessGrid
+    from tests.flower_harness import client_app, run_server
+
+    sent = []
+
+    class RecordingGrid(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            sent.extend(copy.deepcopy(m) for m in messages)
+            return super().push_messages(messages)
+
+    grid = RecordingGrid(client_app(secure=True, kind="lsq"), 4)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5)
+    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+               rounds=1, num_nodes=4, fit_workflow=workflow, kind="lsq")
+    assert workflow.reports[0].aborted is None
+    node = grid.node_ids[0]
+    hello, advertise = [m for m in sent if m.metadata.dst_node_id == node][:2]
+    replies = grid.send_and_receive([hello, advertise])  # the same round, sent again (a fresh hello first)
+    assert not replies[0].has_error()
+    assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
+
+
+@pytest.mark.slow  # DP-SGD (Opacus) for 10 nodes x 3 rounds, twice: ~1-2 min on a 2-core machine
+def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_path):
+    pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
+    plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
+    # 7 shares: degree 6 over 10 nodes, where the planner's secure threshold is 6 (one neighbour may drop)
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    secure, grid = run_in_process(secure=True, num_nodes=NODES, rounds=ROUNDS, fit_workflow=workflow, drop=[DROP])
+
+    start = initial_parameters()[0]
+    assert np.max(np.abs(plain[0] - start)) > 1e-2  # training moved the model
+    np.testing.assert_allclose(secure[0], plain[0], rtol=0, atol=_error_bound(workflow))
+
+    assert [r.aborted for r in workflow.reports] == [None] * ROUNDS
+    assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
+    dropped_node = grid.node_ids[DROP[1]]
+    assert workflow.reports[1].dropped[dropped_node].startswith("masked_input")
+    assert workflow.reports[0].degree == 6 and workflow.reports[0].threshold == 6  # 3 raised to the secure minimum
+
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == ROUNDS
+        rows = ledger.rows()
+        assert [r.status for r in rows] == ["released"] * ROUNDS
+        assert [r.released_participants for r in rows] == [NODES, NODES - 1, NODES]
+
+
+@pytest.mark.slow  # Flower's simulation engine (Ray) polls between messages: a few minutes on 2 cores
+def test_flower_simulation_with_the_mod_and_workflow_equals_plain_fedavg(tmp_path):
+    pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'flwr[simulation]'")
+    from flwr.simulation import run_simulation
+
+    from tests.flower_harness import client_app, server_app
+
+    plain, _ = run_in_process(secure=False, num_nodes=NODES, rounds=ROUNDS, drop=[DROP])
+    workflow = SecAggPlusWorkflow(num_shares=7, reconstruction_threshold=3, privacy=_privacy(tmp_path))
+    out: dict = {}
+    run_simulation(
+        server_app=server_app(rounds=ROUNDS, num_nodes=NODES, fit_workflow=workflow, out=out),
+        client_app=client_app(secure=True, drop=[DROP]),
+        num_supernodes=NODES,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    np.testing.assert_allclose(out["parameters"][0], plain[0], rtol=0, atol=_error_bound(workflow))
+    assert [len(r.included) for r in workflow.reports] == [NODES, NODES - 1, NODES]
+    assert any(why.startswith("masked_input") for why in workflow.reports[1].dropped.values())
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == ROUNDS
+        assert [r.released_participants for r in ledger.rows()] == [NODES, NODES - 1, NODES]

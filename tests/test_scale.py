@@ -1,0 +1,134 @@
+"""Per-round work that is done once rather than once per message or per party.
+
+Each test checks that a shortcut gives exactly what the long way gives, and that it does
+not outlive the data it serves (no wall-clock thresholds: the timings live in
+benchmarks/bench_scale.py).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg import encoding, prg
+from secagg.encoding import FixedPointCodec, check_vector
+from secagg.errors import InputError, InvalidShare, InvalidSignature, OverflowRisk
+from secagg.graph import sparse_graph
+from secagg.keys import IdentityKey, KeyPair, agree, verify_signature
+from secagg.protocol import client as client_module
+from secagg.protocol.common import Stage, graph_of
+from tests.protocol_harness import make_round, run_until, step
+
+
+def test_the_graph_is_built_once_per_configuration_and_matches_a_fresh_build():
+    session, _ = make_round(n=12, graph="sparse", degree=8)
+    run_until(session, Stage.MASKED_INPUT)
+    config, seed = session.config, session.server._digest
+    assert graph_of(config, seed) is graph_of(config, seed) is session.server.graph
+    fresh = sparse_graph(config.clients, degree=config.degree, threshold=config.threshold, seed=seed)
+    assert all(graph_of(config, seed).neighbours(c) == fresh.neighbours(c) for c in config.clients)
+    other, _ = make_round(n=12, graph="sparse", degree=8)  # a new round has new adverts, so a new seed
+    run_until(other, Stage.MASKED_INPUT)
+    assert other.server._digest != seed
+    assert graph_of(other.config, other.server._digest) is not graph_of(config, seed)
+
+
+def test_each_share_key_is_agreed_once_and_forgotten_once_shares_are_in(monkeypatch):
+    calls = []
+    real = client_module.agree
+    monkeypatch.setattr(client_module, "agree", lambda *a, **k: calls.append(k["context"]) or real(*a, **k))
+    session, updates = make_round(n=5)
+    outgoing = run_until(session, Stage.MASKED_INPUT)  # keys agreed to encrypt the shares
+    assert len(calls) == len(set(calls)) * 2 == 5 * 4  # both ends of a pair use the same context
+    assert all(len(c._share_keys) == 4 for c in session.clients.values())
+    outgoing = step(session, outgoing)  # shares decrypted with the same keys, then forgotten
+    assert len(calls) == 5 * 4
+    assert all(not c._share_keys for c in session.clients.values())
+    outgoing = step(session, step(session, outgoing))
+    assert outgoing == {}
+    assert np.allclose(session.server.result, updates.sum(axis=0), atol=5 * session.server._codec.resolution)
+
+
+def test_cached_public_keys_still_refuse_bad_keys_and_bad_signatures():
+    identity = IdentityKey.generate()
+    signature = identity.sign(b"payload")
+    for _ in range(2):  # the second pass is served from the cache
+        verify_signature(identity.public_bytes, signature, b"payload")
+        with pytest.raises(InvalidSignature):
+            verify_signature(identity.public_bytes, signature, b"payloaD")
+        with pytest.raises(InvalidSignature):
+            verify_signature(identity.public_bytes[:31], signature, b"payload")
+    mine, peer = KeyPair.generate(), KeyPair.generate()
+    first = agree(mine.private, peer.public_bytes, label=b"l", context=b"c")
+    assert agree(mine.private, bytearray(peer.public_bytes), label=b"l", context=b"c") == first
+    assert agree(peer.private, mine.public_bytes, label=b"l", context=b"c") == first
+    with pytest.raises(InvalidShare):
+        agree(mine.private, bytes(32), label=b"l", context=b"c")  # the all-zero (low-order) point
+
+
+# -- large vectors: views instead of copies, chunks instead of whole-vector temporaries ----
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.integers(8, 32), data=st.data())
+def test_int32_view_decode_equals_the_int64_centred_lift(bits, data):
+    codec = FixedPointCodec(clip=1.0, scale=3.0, bits=bits)
+    values = data.draw(st.lists(st.integers(0, (1 << 32) - 1), min_size=1, max_size=50))
+    residues = np.array(values, dtype=np.uint32)
+    r = residues.astype(np.int64) & (codec.modulus - 1)  # the reference: int64 centred lift
+    reference = np.where(r >= codec.modulus >> 1, r - codec.modulus, r).astype(np.float64) / codec.scale
+    np.testing.assert_array_equal(codec.decode_sum(residues), reference)
+    np.testing.assert_array_equal(codec.decode_sum(residues.astype(np.int64)), reference)
+    np.testing.assert_array_equal(codec.decode_sum(list(values)), reference)
+
+
+@pytest.mark.parametrize("clip_mode", ["l2", "coordinate"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_encoding_equals_encoding_in_one_pass(monkeypatch, clip_mode, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, 1001).astype(dtype)  # benchmark-style data, not secret
+    noise = rng.integers(-20, 20, x.shape[0])
+    codec = FixedPointCodec.for_clients(clip=4.0, max_clients=8, clip_mode=clip_mode, bits=24, headroom=1.0)
+    seed = bytes(range(32))
+    whole = codec.encode(x, rounding_seed=seed, integer_noise=noise)
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 8)
+    np.testing.assert_array_equal(codec.encode(x, rounding_seed=seed, integer_noise=noise), whole)
+    bad = noise.copy()
+    bad[-1] = 10**9  # beyond the headroom, in the last chunk
+    with pytest.raises(OverflowRisk):
+        codec.encode(x, rounding_seed=seed, integer_noise=bad)
+
+
+def test_prg_streams_read_at_an_offset_are_slices_of_the_whole_stream():
+    seed = bytes(32)
+    whole = prg.expand_uint32(seed, 3 * prg.CHUNK_ELEMENTS + 5)
+    np.testing.assert_array_equal(prg.expand_uint32(seed, 9, offset=prg.CHUNK_ELEMENTS - 4),
+                                  whole[prg.CHUNK_ELEMENTS - 4:prg.CHUNK_ELEMENTS + 5])
+    words = prg.expand_uint64(seed, 100, label=b"x")
+    np.testing.assert_array_equal(prg.expand_uint64(seed, 10, label=b"x", offset=40), words[40:50])
+    acc = prg.MaskAccumulator(whole.shape[0])
+    acc.add(seed)
+    np.testing.assert_array_equal(acc.value, whole)
+
+
+def test_a_float32_update_is_kept_without_a_copy_and_masked_in_place():
+    x = np.linspace(-1, 1, 10, dtype=np.float32)
+    assert check_vector(x) is x
+    assert check_vector(x.astype(np.float64)).dtype == np.float64
+    assert check_vector([1, 2, 3]).dtype == np.float64
+    with pytest.raises(InputError, match="1 NaN"):
+        check_vector(np.array([1.0, np.nan], dtype=np.float32))
+    start = np.arange(8, dtype=np.uint32)
+    acc = prg.MaskAccumulator(8, initial=start, copy=False)
+    acc.add(bytes(32))
+    assert acc.value is start
+    kept = np.arange(8, dtype=np.uint32)
+    prg.MaskAccumulator(8, initial=kept).add(bytes(32))
+    np.testing.assert_array_equal(kept, np.arange(8))
+
+
+def test_the_largest_update_a_client_accepts_fits_the_masked_input_field():
+    from secagg import wire
+    from secagg.protocol.client import ClientPolicy
+    from secagg.protocol.messages import MaskedInput
+
+    assert MaskedInput.FIELD_LIMITS["vector"] == 4 * ClientPolicy().max_dim > wire.MAX_FIELD_BYTES
