@@ -6,8 +6,9 @@ Two files in the output folder, each replaced atomically (write to a temporary n
 - ``checkpoint.pt``: plain tensors only (global parameters, server optimizer state),
   written with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
 - ``checkpoint.json``: the completed round, the config fingerprint, the public seed from which
-  every round's randomness is derived (so the RNG state of round r is (seed, r)), the torch
-  RNG state and the metrics so far.
+  public randomness is derived, the torch RNG state, the metrics so far and, for a private
+  run, the privacy ledger's head when the checkpoint was written (``ledger_head``: genesis,
+  count, hash) -- a resumed run refuses a missing ledger or any other ledger than this one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Checkpoint:
     seed: int
     metrics: list[dict]
     torch_rng_state: list[int] | None = None
+    ledger_head: dict | None = None  # {"genesis": ..., "count": n, "hash": ...} of a private run
 
 
 def save(folder: str | Path, ckpt: Checkpoint) -> None:
@@ -45,7 +47,8 @@ def save(folder: str | Path, ckpt: Checkpoint) -> None:
     tensors.update({f"strategy.{k}": torch.as_tensor(v) for k, v in ckpt.strategy_state.items()})
     _atomic(folder / WEIGHTS, lambda fh: torch.save(tensors, fh))
     meta = {"format": FORMAT, "round": ckpt.round, "fingerprint": ckpt.fingerprint, "seed": ckpt.seed,
-            "metrics": ckpt.metrics, "torch_rng_state": ckpt.torch_rng_state}
+            "metrics": ckpt.metrics, "torch_rng_state": ckpt.torch_rng_state,
+            "ledger_head": ckpt.ledger_head}
     _atomic(folder / META, lambda fh: fh.write(json.dumps(meta).encode()))
 
 
@@ -64,7 +67,7 @@ def load(folder: str | Path) -> Checkpoint | None:
     return Checkpoint(
         round=int(meta["round"]), params=tensors["params"].numpy(), strategy_state=state,
         fingerprint=meta["fingerprint"], seed=int(meta["seed"]), metrics=list(meta["metrics"]),
-        torch_rng_state=meta.get("torch_rng_state"),
+        torch_rng_state=meta.get("torch_rng_state"), ledger_head=meta.get("ledger_head"),
     )
 
 

@@ -47,7 +47,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                  "batch_size", "lr", "momentum"),
     "strategy": ("strategy", "server_lr", "proximal_mu", "beta1", "beta2", "tau"),
     "protection": ("protection", "threshold", "bits", "update_clip"),
-    "privacy": ("dp", "noise_multiplier", "max_grad_norm", "delta", "budget_epsilon", "accountant"),
+    "privacy": ("dp", "noise_multiplier", "max_grad_norm", "delta", "budget_epsilon", "accountant",
+                "ledger_key"),
     "faults": ("dropout_rate", "straggler_rate", "dropout_schedule"),
     "run": ("name", "seed", "deterministic", "out_dir", "eval_every"),
 }
@@ -94,6 +95,7 @@ class ExperimentConfig:
     delta: float = 1e-5
     budget_epsilon: float | None = None
     accountant: str = "prv"
+    ledger_key: str = ""  # HMAC key file of the privacy ledger; "" = ledger.key in out_dir (0600)
     # faults
     dropout_rate: float = 0.0
     straggler_rate: float = 0.0
@@ -160,7 +162,7 @@ class ExperimentConfig:
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model and the privacy spend (not rounds or paths)."""
         flat = dataclasses.asdict(self)
-        for key in ("rounds", "out_dir", "data_dir", "name", "eval_every"):
+        for key in ("rounds", "out_dir", "data_dir", "name", "eval_every", "ledger_key"):
             flat.pop(key)
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -61,11 +61,13 @@ from federation.models import build_model, get_flat, num_params, set_flat
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
 from privacy.dpfedavg import fixed_sample, poisson_sample
-from privacy.ledger import Ledger, LedgerEntry, Spend
+from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
+from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
 from secagg.result import AggregateResult
 
 LEDGER_FILE = "ledger.db"
+LEDGER_KEY_FILE = "ledger.key"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "privacy_report.html"
@@ -279,41 +281,59 @@ class Federation:
                 "noise_multiplier, or raise budget_epsilon"
             )
 
+    def ledger_key_path(self) -> Path:
+        """Where the ledger's HMAC key lives: ``ledger_key`` in the config, else out_dir/ledger.key."""
+        return Path(self.config.ledger_key) if self.config.ledger_key else self.out_dir / LEDGER_KEY_FILE
+
+    def ledger_key(self) -> bytes:
+        """The ledger's HMAC key; created (mode 0600) with a new ledger, required for an existing one."""
+        if (self.out_dir / LEDGER_FILE).exists():
+            return read_key(self.ledger_key_path())
+        return load_or_create_key(self.ledger_key_path())
+
     def open_ledger(self) -> Ledger | None:
-        """The run's privacy ledger (created on first use), or None without DP."""
+        """The run's keyed privacy ledger (created on first use), or None without DP."""
         if not self.accountant.is_private:
             return None
         return Ledger(self.out_dir / LEDGER_FILE, budget_epsilon=self.config.budget_epsilon,
-                      delta=self.config.delta, accountant=self.config.accountant)
+                      delta=self.config.delta, accountant=self.config.accountant, key=self.ledger_key())
+
+    @property
+    def spend_note(self) -> str:
+        """The note every reservation carries; says loudly when the noise is not private."""
+        note = f"{self.config.name}: {self.config.dp}, {self.config.protection}"
+        if self.config.deterministic:
+            note = f"{DETERMINISTIC_NOTE} {note}"
+        return note
 
     def reserve_budget(self, ledger: Ledger | None, rnd: int, participants: int) -> tuple[LedgerEntry | None, float]:
         """Write-ahead: record the round's spend before any client trains.
 
-        A round whose reservation is still open (the run crashed before the aggregate was
-        released and committed) re-runs under that reservation: nothing left the process, so
-        resuming does not spend twice. A round that was already committed (crash after the
-        release, before the checkpoint) or aborted gets a new reservation: its earlier
-        aggregate was released, and the re-run releases another one, so both count.
+        A reservation covers exactly one release. One still open from a crashed run is closed
+        as aborted (its spend still counts: the crash may have come after the release) and the
+        re-run gets a new reservation, so every aggregate that may have left is accounted.
         """
         if ledger is None:
             return None, 0.0
-        open_reservations = [e for e in ledger.rows() if e.round == rnd and e.status == "reserved"]
-        if open_reservations:
-            entry = open_reservations[-1]
-        else:
-            entry = ledger.reserve(Spend(self.accountant.round_event(), round=rnd,
-                                         participants=participants or None,
-                                         note=f"{self.config.name}: {self.config.dp}, {self.config.protection}"))
+        for stale in (e for e in ledger.rows() if e.status == "reserved"):
+            ledger.abort(stale, note="left open by an interrupted run; counted (it may have been released)")
+        entry = ledger.reserve(Spend(self.accountant.round_event(), round=rnd,
+                                     participants=participants or None, note=self.spend_note))
         return entry, float(entry.epsilon[ledger.accountant])
 
     @staticmethod
+    def commit_release(ledger: Ledger | None, entry: LedgerEntry | None, participants: int) -> None:
+        """Record the release in the ledger; called before the aggregate is used or sent anywhere."""
+        if ledger is not None and entry is not None:
+            ledger.commit(entry, participants=participants or None)
+
+    @staticmethod
     def close_reservation(ledger: Ledger | None, entry: LedgerEntry | None, result: RoundResult) -> None:
-        if ledger is None or entry is None or entry.status != "reserved":
+        """Abort the reservation of a round that released nothing (a release is committed before use)."""
+        if ledger is None or entry is None or not result.aborted:
             return
-        if result.aborted:
+        if next((e.status for e in ledger.rows() if e.seq == entry.seq), None) == "reserved":
             ledger.abort(entry, note=result.aborted)
-        else:
-            ledger.commit(entry, participants=len(result.included) or None)
 
     # ----------------------------------------------------------------- steps
     def _round_rng(self, rnd: int, stream: int) -> np.random.Generator:
@@ -428,8 +448,19 @@ class Federation:
                            noise_headroom=self.noise_plan.headroom)
         return self.aggregator.aggregate(vectors, dropouts=faults, clip=clip, **options)
 
-    def apply_aggregate(self, result: AggregateResult) -> bool:
-        """Decode the mean update from the sum and take the server step. False if nothing counted."""
+    def release_total(self, total: np.ndarray) -> np.ndarray:
+        """The sum as it may leave the server: with central Gaussian noise for ``dp = "user"``."""
+        c = self.config
+        total = np.asarray(total, dtype=np.float64)
+        if c.dp != "user":
+            return total
+        return total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, total.shape)
+
+    def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
+        """Decode the mean update from the sum and take the server step. False if nothing counted.
+
+        ``noised``: ``result.total`` already went through :meth:`release_total`.
+        """
         c = self.config
         d = len(self.params)
         total = np.asarray(result.total, dtype=np.float64)
@@ -439,8 +470,8 @@ class Federation:
                 return False
             mean = total[:d] / weight
         else:
-            if c.dp == "user":
-                total = total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, d)
+            if not noised:
+                total = self.release_total(total)
             mean = total / max(c.expected_clients_per_round, 1.0)
         self.params = self.strategy.apply(self.params, mean.astype(np.float32)).astype(np.float32)
         return True
@@ -478,8 +509,10 @@ class Federation:
                 result = self.aggregate(vectors, faults, clip)
             except NotEnoughSurvivors as exc:
                 aborted = f"protocol aborted: {exc}"
-        if result is not None and not self.apply_aggregate(result):
-            aborted = "no client's update counted"
+        if result is not None:
+            self.commit_release(ledger, entry, len(result.included))  # before the aggregate is used
+            if not self.apply_aggregate(result):
+                aborted = "no client's update counted"
         accuracy = loss = None
         metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
@@ -525,10 +558,26 @@ class Federation:
         elif (self.out_dir / LEDGER_FILE).exists() and not resume:
             raise ConfigError(f"{self.out_dir} holds a privacy ledger from an earlier run; pass --resume "
                               "to continue it or choose another out_dir")
+        if existing is not None and self.accountant.is_private:
+            if not (self.out_dir / LEDGER_FILE).exists():
+                raise ConfigError(
+                    f"{self.out_dir} holds a checkpoint of round {existing.round} but no privacy ledger: "
+                    "resuming would count the budget from zero; restore ledger.db or start a new run "
+                    "in another out_dir")
+            if existing.ledger_head is None:
+                raise ConfigError(f"the checkpoint in {self.out_dir} is not bound to a privacy ledger "
+                                  "(written by an older version); start a new run in another out_dir")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.toml").write_text(_to_toml(c))
         ledger = self.open_ledger()
         try:
+            if existing is not None and ledger is not None:
+                bound = existing.ledger_head
+                if not ledger.contains_head(int(bound["count"]), bound["hash"], bound["genesis"]):
+                    raise ConfigError(
+                        f"{self.out_dir / LEDGER_FILE} is not the ledger the checkpoint of round "
+                        f"{existing.round} was written with (its head {bound['count']}:{bound['hash']} "
+                        "is not in it): refusing to resume")
             self._loop(start, ledger, summary, on_round)
             _write_summary(self, summary, ledger)
         finally:
@@ -545,12 +594,19 @@ class Federation:
             ckpt_io.save(self.out_dir, ckpt_io.Checkpoint(
                 round=rnd, params=self.params, strategy_state=self.strategy.state_arrays(),
                 fingerprint=c.fingerprint(), seed=c.seed, metrics=[self.round_json(r) for r in summary.rounds],
-                torch_rng_state=torch.get_rng_state().tolist(),
+                torch_rng_state=torch.get_rng_state().tolist(), ledger_head=_head(ledger),
             ))
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(self.round_json(result)) + "\n")
             if on_round is not None:
                 on_round(result)
+
+
+def _head(ledger: Ledger | None) -> dict | None:
+    if ledger is None:
+        return None
+    count, head_hash, genesis = ledger.head()
+    return {"genesis": genesis, "count": count, "hash": head_hash}
 
 
 def _to_toml(config: ExperimentConfig) -> str:
@@ -572,6 +628,7 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
     }
     if ledger is not None:
-        data["ledger_head"] = ledger.verify().head_hash
-        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE)
+        data["ledger_head"] = ledger.verify().head
+        data["ledger_key"] = str(fed.ledger_key_path())
+        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key())
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))

@@ -28,9 +28,14 @@ Rules:
    genesis hash over the ledger's parameters (budget, delta, accountant), every entry's
    hash covers all its columns and the previous hash, and the head (entry count and last
    hash) is kept in ``meta`` so truncating the tail is detected too.
-4. Tamper-*evident*, not tamper-proof: someone who can write the file and knows the format
-   can rebuild a consistent chain. Record the head hash (printed by ``secagg report``)
-   somewhere else, or pass a secret ``key`` so the chain uses HMAC-SHA256.
+4. Keyed (the default in the federation engine): with a secret ``key`` (kept in its own
+   file, see :mod:`privacy.ledger_key`) every hash is an HMAC-SHA256 and ``meta`` carries
+   ``head_mac``, an HMAC over the ledger's parameters and its head. Without the key nobody can
+   truncate the chain (and fix the head), rewrite it, or change the parameters unnoticed.
+   Without a key the chain is only tamper-*evident* against someone who does not know the
+   format. Either way, record the head (``count:hash``, printed by ``secagg report``)
+   elsewhere and check it with ``verify(expect_head=...)``: that also catches a rollback to
+   an older copy of the file.
 
 Cumulative epsilon composes every reserved event (record- and user-level together give a
 valid record-level bound; the report states the unit). Any epsilon can be recomputed from
@@ -63,6 +68,10 @@ from secagg.errors import (
 
 SCHEMA_VERSION = 1
 GENESIS_LABEL = b"secagg/v1/privacy-ledger|"
+HEAD_LABEL = b"secagg/v1/privacy-ledger-head|"
+#: Starts the note of every release whose noise and sampling came from a public seed.
+DETERMINISTIC_NOTE = "INSECURE DETERMINISTIC RUN (noise and sampling derived from the public seed; no privacy):"
+_PARAM_KEYS = ("schema_version", "budget_epsilon", "delta", "accountant", "track", "created_at", "keyed")
 
 _ENTRY_COLUMNS = (
     "seq", "kind", "ref", "round", "mechanism", "level", "participants", "sample_rate",
@@ -155,6 +164,12 @@ class VerifyResult:
     releases: int
     head_hash: str
     keyed: bool
+    genesis: str = ""
+
+    @property
+    def head(self) -> str:
+        """``count:hash``: record it outside the ledger, check it with ``expect_head``."""
+        return f"{self.entries}:{self.head_hash}"
 
 
 def _canonical(values: dict[str, Any]) -> bytes:
@@ -311,6 +326,9 @@ class Ledger:
             genesis = self._genesis(params)
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('head_count', '0')")
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('head_hash', ?)", (genesis,))
+            if self._key:
+                self._conn.execute("INSERT INTO meta (key, value) VALUES ('head_mac', ?)",
+                                   (self._head_mac(params, 0, genesis),))
 
     def _tx(self):
         conn, lock = self._conn, self._lock
@@ -338,10 +356,19 @@ class Ledger:
         return hashlib.sha256(data).hexdigest()
 
     def _genesis(self, meta: dict[str, str]) -> str:
-        fields = {k: meta.get(k) for k in (
-            "schema_version", "budget_epsilon", "delta", "accountant", "track", "created_at",
-            "keyed")}
+        fields = {k: meta.get(k) for k in _PARAM_KEYS}
         return self._digest(GENESIS_LABEL + json.dumps(fields, sort_keys=True).encode())
+
+    def _head_mac(self, meta: dict[str, str], count: int, head_hash: str) -> str:
+        """HMAC over the parameters and the head: truncation or a rebuilt chain needs the key."""
+        fields = {k: meta.get(k) for k in _PARAM_KEYS}
+        data = json.dumps({"params": fields, "count": count, "head": head_hash}, sort_keys=True)
+        return hmac.new(self._key, HEAD_LABEL + data.encode(), hashlib.sha256).hexdigest()
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the ledger was created with a key (its ``meta`` says so)."""
+        return self._meta().get("keyed") == "1"
 
     def _row_hash(self, values: dict[str, Any]) -> str:
         return self._digest(b"entry|" + _canonical(values))
@@ -363,6 +390,9 @@ class Ledger:
         )
         self._conn.execute("UPDATE meta SET value = ? WHERE key = 'head_count'", (str(values["seq"]),))
         self._conn.execute("UPDATE meta SET value = ? WHERE key = 'head_hash'", (values["row_hash"],))
+        if self._key:
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'head_mac'",
+                               (self._head_mac(meta, values["seq"], values["row_hash"]),))
         return values
 
     def _raw_entries(self) -> list[sqlite3.Row]:
@@ -373,17 +403,29 @@ class Ledger:
             raise LedgerIntegrityError(f"{self.path}: cannot read entries ({exc})") from exc
 
     # -- integrity -----------------------------------------------------------------
-    def verify(self, *, recompute: bool = False) -> VerifyResult:
+    def verify(self, *, recompute: bool = False, expect_head: str | None = None) -> VerifyResult:
         """Check the whole chain; raise :class:`LedgerIntegrityError` at the first bad row.
 
         The error's ``row`` attribute holds the sequence number of the first bad entry.
         With ``recompute=True`` also recompute every cumulative epsilon from the events.
+        ``expect_head`` (``count:hash`` or ``hash``, as recorded elsewhere earlier) must be the
+        ledger's head now. A keyed ledger cannot be verified without its key (ConfigError).
         """
         meta = self._meta()
         for k in ("budget_epsilon", "delta", "accountant", "head_count", "head_hash"):
             if k not in meta:
                 raise _integrity(f"ledger parameter {k!r} is missing from meta", 0)
-        prev = self._genesis(meta)
+        expected_meta = {*_PARAM_KEYS, "head_count", "head_hash"} | ({"head_mac"} if self._key else set())
+        if meta.get("keyed") == "1" and not self._key:
+            raise ConfigError(f"{self.path} is a keyed ledger: give its key (--key-file, or ledger_key "
+                              "in the experiment config) to verify or extend it")
+        if self._key and meta.get("keyed") != "1":
+            raise _integrity("the ledger says it is not keyed, but it was opened with a key: it was "
+                             "rebuilt without the key, or this is not the ledger the key belongs to", 0)
+        if set(meta) != expected_meta:
+            odd = sorted(set(meta) ^ expected_meta)
+            raise _integrity(f"the ledger's parameters were changed (meta keys {odd})", 0)
+        genesis = prev = self._genesis(meta)
         rows = self._raw_entries()
         expected_seq = 1
         releases = 0
@@ -434,7 +476,37 @@ class Ledger:
                 f"the ledger head says {count} rows but {len(rows)} are present: "
                 f"row {first_missing} onwards was deleted (or the head was edited)", first_missing
             )
-        return VerifyResult(entries=len(rows), releases=releases, head_hash=prev, keyed=bool(self._key))
+        if self._key and not hmac.compare_digest(
+                self._head_mac(meta, count, meta["head_hash"]), meta["head_mac"]):
+            raise _integrity(
+                f"the ledger head ({count} entries) or its parameters do not match their HMAC: row "
+                f"{count + 1} onwards was removed, or the head or parameters edited, without the key",
+                count + 1)
+        result = VerifyResult(entries=len(rows), releases=releases, head_hash=prev, keyed=bool(self._key),
+                              genesis=genesis)
+        if expect_head is not None:
+            want_count, _, want_hash = expect_head.strip().rpartition(":")
+            if want_hash != prev or (want_count and want_count != str(len(rows))):
+                raise _integrity(
+                    f"the ledger head is {result.head}, not the expected {expect_head}: entries were "
+                    "removed or rewritten, or the file was replaced by another (or older) ledger",
+                    min(len(rows), int(want_count)) + 1 if want_count.isdigit() else 0)
+        return result
+
+    def head(self) -> tuple[int, str, str]:
+        """(entry count, head hash, genesis hash) after a full :meth:`verify`."""
+        res = self.verify()
+        return res.entries, res.head_hash, res.genesis
+
+    def contains_head(self, count: int, head_hash: str, genesis: str) -> bool:
+        """True if this ledger (verified) is the one whose head once was ``count:head_hash``."""
+        res = self.verify()
+        if res.genesis != genesis or count > res.entries:
+            return False
+        if count == 0:
+            return head_hash == genesis
+        row = next((r for r in self._raw_entries() if r["seq"] == count), None)
+        return row is not None and hmac.compare_digest(row["row_hash"], head_hash)
 
     # -- budget --------------------------------------------------------------------
     def _events(self) -> list[SampledGaussianEvent]:

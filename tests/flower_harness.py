@@ -145,8 +145,9 @@ def server_app(*, rounds: int, num_nodes: int, fit_workflow, out: dict) -> Serve
 
 
 def run_in_process(*, secure: bool, num_nodes: int, rounds: int, fit_workflow=None, drop=(), mod=None,
-                   kind: str = "dpsgd", claimed: dict[str, float] | None = None):
-    grid = InProcessGrid(client_app(secure=secure, drop=drop, mod=mod, kind=kind, claimed=claimed), num_nodes)
+                   kind: str = "dpsgd", claimed: dict[str, float] | None = None, node_config=None):
+    grid = InProcessGrid(client_app(secure=secure, drop=drop, mod=mod, kind=kind, claimed=claimed), num_nodes,
+                         node_config=node_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     params = run_server(grid, context, rounds=rounds, num_nodes=num_nodes, fit_workflow=fit_workflow, kind=kind)
     return params, grid

@@ -163,6 +163,20 @@ def test_key_holder_role_is_issued_by_the_ca_only(ca, tmp_path, capsys):
     csr = request(34, tmp_path / "h34").read_bytes()
     granted = issue_from_request(ca, 34, csr, out=tmp_path / "k34", role="keyholder")
     assert identity_from_pem((granted / "tls.pem").read_bytes()).keyholder
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    asking = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.UniformResourceIdentifier(f"secagg://client/35/ed25519/{IdentityKey.generate().public_bytes.hex()}"),
+            x509.UniformResourceIdentifier(KEYHOLDER_ROLE_URI)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(ConfigError):
+        issue_from_request(ca, 35, asking.public_bytes(serialization.Encoding.PEM), out=tmp_path / "k35")
     d = str(tmp_path / "certs")
     assert main(["certs", "init", "--dir", d]) == 0
     assert main(["certs", "issue", "7", "--dir", d, "--role", "keyholder"]) == 0

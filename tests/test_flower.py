@@ -147,6 +147,61 @@ def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
     assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
 
 
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A CA with a server and five client credential directories (client ids 11..15)."""
+    from federation.transport.certs import init_ca, issue
+
+    ca = tmp_path_factory.mktemp("ca")
+    init_ca(ca)
+    return {"server": issue(ca, server=True), **{p: issue(ca, client_id=11 + p) for p in range(5)}}
+
+
+def _with_credentials(deployment):
+    return lambda pid: {"secagg-credentials": str(deployment[pid])}
+
+
+def test_with_a_ca_nodes_take_their_certified_ids_and_the_round_equals_plain_fedavg(deployment):
+    plain, _ = run_in_process(secure=False, num_nodes=5, rounds=1, kind="lsq")
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, credentials=deployment["server"])
+    secure, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    assert workflow.reports[0].aborted is None and len(workflow.reports[0].included) == 5
+    np.testing.assert_allclose(secure[0], plain[0], rtol=0, atol=_error_bound(workflow, 5, None))
+
+
+class KeySwappingWorkflow(SecAggWorkflow):
+    """An active server that puts its own key in place of node 12's (a man in the middle)."""
+
+    def _enrol(self, hellos, report):
+        nodes, identities, certificates = super()._enrol(hellos, report)
+        from secagg.keys import IdentityKey
+
+        identities[12] = IdentityKey.generate().public_bytes
+        return nodes, identities, certificates
+
+
+def test_with_a_ca_a_server_substituting_a_key_is_refused_by_every_node(deployment):
+    workflow = KeySwappingWorkflow(num_shares=1.0, reconstruction_threshold=0.5, credentials=deployment["server"])
+    params, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None
+    assert all(why.startswith("advertise: MaliciousServerDetected") for why in report.dropped.values())
+    assert len(report.dropped) == 5
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
+def test_a_node_with_credentials_refuses_a_server_that_relays_uncertified_keys(deployment):
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5)  # no CA on the server
+    params, _ = run_in_process(secure=True, num_nodes=5, rounds=1, fit_workflow=workflow, kind="lsq",
+                               node_config=_with_credentials(deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None
+    assert all("lacks certificates" in why for why in report.dropped.values()) and len(report.dropped) == 5
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])
+
+
 @pytest.mark.slow  # DP-SGD (Opacus) for 10 nodes x 3 rounds, twice: ~1-2 min on a 2-core machine
 def test_secure_flower_rounds_equal_plain_fedavg_and_the_ledger_verifies(tmp_path):
     pytest.importorskip("opacus", reason="these Flower clients run DP-SGD with Opacus: pip install 'secagg[dp]'")

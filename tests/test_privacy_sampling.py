@@ -84,7 +84,7 @@ def test_shared_files_hold_counts_not_who_was_sampled(tmp_path):
         assert line["sampled_count"] == len(r.sampled)
     ckpt = json.loads((out / "checkpoint.json").read_text())
     assert all(m["sampled"] == [] for m in ckpt["metrics"])
-    with Ledger.open(out / "ledger.db") as ledger:
+    with Ledger.open(out / "ledger.db", key=fed.ledger_key()) as ledger:
         assert {e.sample_rate for e in ledger.rows()} == {0.5}
 
 

@@ -50,7 +50,7 @@ def test_the_quickstart_script_runs_as_documented(tmp_path, monkeypatch, capsys)
 
     from privacy.ledger import Ledger
 
-    with Ledger.open(out / "ledger.db") as ledger:
+    with Ledger.open(out / "ledger.db", key=(out / "ledger.key").read_bytes()) as ledger:  # keyed by default
         assert [r.round for r in ledger.rows()] == [1, 2, 3, 4, 5]
         assert all(r.status == "released" for r in ledger.rows())
         ledger.verify()

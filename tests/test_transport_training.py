@@ -74,10 +74,13 @@ def test_training_over_grpc_survives_a_server_crash(tmp_path):
         assert rounds[0]["epsilon"] < rounds[1]["epsilon"]
         ckpt = json.loads((out / "checkpoint.json").read_text())
         assert ckpt["round"] == 3
-        with Ledger.open(out / "ledger.db") as ledger:
+        with Ledger.open(out / "ledger.db", key=(out / "ledger.key").read_bytes()) as ledger:
+            ledger.verify()
             rows = ledger.rows()
-        assert sorted(r.round for r in rows) == [1, 2, 3]  # one row per round: no double spend
-        assert all(r.status == "released" for r in rows)
+        # each round released (and committed) exactly once; a reservation the kill left open is
+        # closed as aborted and still counts
+        assert sorted(r.round for r in rows if r.status == "released") == [1, 2, 3]
+        assert all(r.status in ("released", "aborted") for r in rows)
         for p in clients:
             _, err = p.communicate(timeout=60)
             assert p.returncode == 0, err[-2000:]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -26,8 +26,10 @@ from flwr.supercore.task_identity import TaskIdentity
 class InProcessGrid(Grid):
     """Flower ``Grid`` delivering messages to ClientApps in this process (see module docstring)."""
 
-    def __init__(self, app: ClientApp, num_nodes: int, *, run_id: int = 1) -> None:
-        """``num_nodes`` nodes with node_config ``partition-id`` 0..n-1 and ``num-partitions`` n."""
+    def __init__(self, app: ClientApp, num_nodes: int, *, run_id: int = 1,
+                 node_config: Callable[[int], dict] | None = None) -> None:
+        """``num_nodes`` nodes with node_config ``partition-id`` 0..n-1 and ``num-partitions`` n,
+        plus what ``node_config(partition_id)`` adds."""
         self._app = app
         self._run = Run.create_empty(run_id)
         # What a ServerApp process knows about itself (Flower's runtime sets it before main()).
@@ -35,8 +37,8 @@ class InProcessGrid(Grid):
         # Flower node ids are large random integers; any distinct ones will do.
         self.node_ids = [(0x5EC << 40) + 7919 * (i + 1) for i in range(num_nodes)]
         self.contexts = {
-            nid: Context(run_id=run_id, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
-                         state=RecordDict(), run_config={})
+            nid: Context(run_id=run_id, node_id=nid, state=RecordDict(), run_config={}, node_config={
+                "partition-id": i, "num-partitions": num_nodes, **(node_config(i) if node_config else {})})
             for i, nid in enumerate(self.node_ids)
         }
         self._replies: dict[str, Message] = {}

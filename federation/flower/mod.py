@@ -28,7 +28,8 @@ from flwr.app.message_type import MessageType
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from federation.flower.records import DP_KEYS, HELLO, RECORD, FlowerDirectory
+from federation.flower.records import CREDENTIALS, DP_KEYS, HELLO, RECORD, FlowerDirectory
+from federation.transport.certs import Credentials, verify_certificate
 from secagg import wire
 from secagg.errors import InputError, LocalProtocolError, MaliciousServerDetected, PrivacyError
 from secagg.keys import IdentityKey
@@ -58,7 +59,7 @@ def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message,
         record = msg.content.config_records[RECORD]
         stage, payload = _field(record, "stage", str), _field(record, "payload", bytes)
         if stage == HELLO:
-            return _reply(msg, stage, _hello(ctxt))
+            return _hello(msg, ctxt)
         node_policy = dataclasses.replace(policy or ClientPolicy(), round_ids=ContextRoundIds(ctxt))
         if stage == Stage.ADVERTISE.value:
             session = _start_session(msg, ctxt, record, node_policy)
@@ -89,27 +90,60 @@ class ContextRoundIds(MemoryRoundIds):
             self._seen[key] = None
 
     def _record(self, key: bytes) -> None:
-        node = self._ctxt.state.config_records[NODE_RECORD]
+        node = self._ctxt.state.config_records.setdefault(NODE_RECORD, ConfigRecord({}))
         node["round_ids"] = list(self._seen)[-self.capacity:]  # the new claim is the last one
 
 
-def _hello(ctxt: Context) -> bytes:
-    """The node's identity public key, created on first use and kept in its Context."""
+def _hello(msg: Message, ctxt: Context) -> Message:
+    """The node's identity public key (and certificate, with credentials) for a new round."""
     ctxt.state.config_records.pop(SESSION_RECORD, None)  # a new round starts: forget any earlier one
+    credentials = _credentials(ctxt)
+    if credentials is not None:
+        reply = _reply(msg, HELLO, credentials.identity.public_bytes)
+        reply.content.config_records[RECORD]["certificate"] = credentials.cert_pem
+        return reply
     node = ctxt.state.config_records.get(NODE_RECORD)
-    if node is None:
+    if node is None or "identity" not in node:
         identity = IdentityKey.generate()
         ctxt.state.config_records[NODE_RECORD] = ConfigRecord({"identity": identity.private_bytes()})
     else:
         identity = IdentityKey.from_private_bytes(_field(node, "identity", bytes))
-    return identity.public_bytes
+    return _reply(msg, HELLO, identity.public_bytes)
+
+
+def _credentials(ctxt: Context) -> Credentials | None:
+    """The node's CA-issued credentials, when its node config names a credential directory."""
+    path = ctxt.node_config.get(CREDENTIALS)
+    if not path:
+        return None
+    credentials = Credentials.load(str(path))
+    credentials.check_binding()
+    return credentials
 
 
 def _identity(ctxt: Context) -> IdentityKey:
+    credentials = _credentials(ctxt)
+    if credentials is not None:
+        return credentials.identity
     node = ctxt.state.config_records.get(NODE_RECORD)
-    if node is None:
+    if node is None or "identity" not in node:
         raise LocalProtocolError("no identity key on this node: the round must start with the hello stage")
     return IdentityKey.from_private_bytes(_field(node, "identity", bytes))
+
+
+def _check_certificates(directory: FlowerDirectory, pid: int, credentials: Credentials) -> None:
+    """Every identity key in the directory must be the one the deployment's CA bound to that party."""
+    if set(directory.certificates) != set(directory.identities):
+        raise MaliciousServerDetected(
+            "this node takes part only with CA-certified peers, and the directory lacks certificates", SERVER_ID
+        )
+    for party, pem in directory.certificates.items():
+        peer = verify_certificate(pem, credentials.ca_pem)
+        role_ok = peer.role == "server" if party == SERVER_ID else (peer.role == "client" and peer.client_id == party)
+        if not role_ok or peer.identity_public_key != directory.identities[party]:
+            raise MaliciousServerDetected(f"the certificate relayed for party {party} does not bind its key", SERVER_ID)
+    if credentials.check_binding().client_id != pid:
+        raise MaliciousServerDetected("the directory gives this node another id than its certificate", SERVER_ID)
 
 
 def _start_session(msg: Message, ctxt: Context, record: ConfigRecord, policy: ClientPolicy | None) -> ClientSession:
@@ -121,6 +155,9 @@ def _start_session(msg: Message, ctxt: Context, record: ConfigRecord, policy: Cl
     pid = mine[0]
     if directory.identities.get(pid) != identity.public_bytes:
         raise MaliciousServerDetected("the round's directory holds another identity key for this node", SERVER_ID)
+    credentials = _credentials(ctxt)
+    if credentials is not None:
+        _check_certificates(directory, pid, credentials)
     if not (math.isfinite(directory.max_weight) and directory.max_weight > 0):
         raise LocalProtocolError(f"max_weight must be a positive number, got {directory.max_weight}")
     session = ClientSession(pid, identity, directory.identities, policy=policy)

@@ -6,10 +6,13 @@ Every secure-aggregation message is a Flower ``train`` message whose content hol
 node's Ed25519 identity public key. The ``advertise`` request also carries ``directory``: a
 :class:`FlowerDirectory` naming the round's parties.
 
-Trust: the directory comes from the server. Without a deployment PKI (Flower gives a
-ClientApp none) a node has no other source for its peers' identity keys, so the protocol's
-signatures bind every message to the keys the server relayed; see docs/flower.md for what
-that does and does not protect.
+Trust. Without a deployment CA the identity keys in the directory are the server's word:
+the protocol's signatures then bind every message to the keys the server relayed, which
+stops other clients but not a server that substitutes keys from the start. With a CA
+(``secagg certs``), every node is given its credential directory in its node config
+(``secagg-credentials``); it sends its certificate at ``hello``, the directory carries every
+party's certificate, and a node checks each one against the CA before it uses a key. A node
+with credentials refuses a directory without certificates. See docs/flower.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from secagg import wire
 from secagg.errors import ConfigError
 
 RECORD = "secagg"
+CREDENTIALS = "secagg-credentials"  # node config key: the node's credential directory (secagg certs issue)
 HELLO = "hello"  # the stage before the protocol: nodes send their identity keys
 STAGES = (HELLO, "advertise", "share", "masked_input", "consistency", "unmask")
 
@@ -40,10 +44,11 @@ class FlowerDirectory(wire.Message):
     """
 
     TYPE = "flower.directory"
-    FIELD_LIMITS: ClassVar[dict[str, int]] = {"identities": 32}
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"identities": 32, "certificates": 8192}
     round: int
     nodes: dict[int, int]
     identities: dict[int, bytes]
+    certificates: dict[int, bytes]  # protocol id -> CA-signed PEM (0: the server), or empty
     max_weight: float
     dp: tuple[float, ...]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -39,10 +40,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from federation.flower.records import HELLO, RECORD, FlowerDirectory, FlowerPrivacy
+from federation.transport.certs import Credentials, verify_certificate
 from privacy.ledger import Ledger, Spend
 from secagg import wire
 from secagg.encoding import FixedPointCodec
-from secagg.errors import ConfigError, NotEnoughSurvivors, SecAggError
+from secagg.errors import ConfigError, InvalidSignature, NotEnoughSurvivors, SecAggError
 from secagg.keys import IdentityKey
 from secagg.protocol import ServerSession, Stage, plan_round
 from secagg.protocol.common import SERVER_ID
@@ -79,6 +81,9 @@ class SecAggWorkflow:
     scale at which the round's sum cannot overflow.
 
     ``privacy``: record-level DP-SGD spend to write in a privacy ledger every round.
+    ``credentials``: the server's credential directory (``secagg certs issue --server``);
+    then only nodes with a certificate of the same CA take part, and every node checks its
+    peers' certificates (see :mod:`federation.flower.records`).
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class SecAggWorkflow:
         modulus_range: int = 4294967296,
         timeout: float | None = None,
         privacy: FlowerPrivacy | None = None,
+        credentials: str | os.PathLike | None = None,
     ) -> None:
         if isinstance(num_shares, bool) or not isinstance(num_shares, (int, float)) or num_shares <= 0:
             raise ConfigError("num_shares must be a positive count or fraction")
@@ -115,6 +121,11 @@ class SecAggWorkflow:
         self.privacy = privacy
         self.reports: list[RoundReport] = []
         self._ledger: Ledger | None = None
+        self._credentials: Credentials | None = None
+        if credentials is not None:
+            self._credentials = Credentials.load(credentials)
+            if self._credentials.check_binding().role != "server":
+                raise ConfigError(f"{credentials} holds a client certificate; issue one with `secagg certs issue --server`")
 
     # -- Flower entry point ---------------------------------------------------------------
 
@@ -159,16 +170,9 @@ class SecAggWorkflow:
     def _secure_mean(self, grid, rnd: int, arrays: list[np.ndarray], fitins: dict[int, RecordDict],
                      report: RoundReport) -> list[np.ndarray]:
         started = time.perf_counter()
-        keys = self._collect(grid, rnd, {nid: (HELLO, b"") for nid in fitins}, report)
-        identities = {nid: key for nid, key in keys.items() if len(key) == 32}
-        for nid in set(keys) - set(identities):
-            report.dropped[nid] = "hello: malformed identity key"
-        if len(set(identities.values())) != len(identities):
-            raise NotEnoughSurvivors("two nodes sent the same identity key; the round is abandoned")
-        if len(identities) < 2:
-            raise NotEnoughSurvivors(f"only {len(identities)} node(s) answered; secure aggregation needs 2")
+        hellos = self._collect(grid, rnd, {nid: (HELLO, b"") for nid in fitins}, report)
+        nodes, identities, certificates = self._enrol(hellos, report)
         report.seconds[HELLO] = time.perf_counter() - started
-        nodes = {pid: nid for pid, nid in enumerate(sorted(identities), start=1)}
         n = len(nodes)
         degree, threshold = self._graph(n)
         dim = sum(int(a.size) for a in arrays) + 1
@@ -177,10 +181,12 @@ class SecAggWorkflow:
         config = self._plan(tuple(nodes), dim, codec, degree, threshold)
         report.threshold, report.degree = config.threshold, config.degree
         server_identity = self._round_identity()
-        ids = {SERVER_ID: server_identity.public_bytes, **{pid: identities[nid] for pid, nid in nodes.items()}}
+        ids = {SERVER_ID: server_identity.public_bytes, **identities}
+        if certificates:
+            certificates[SERVER_ID] = self._credentials.cert_pem
         session = ServerSession(config, server_identity, ids)
         directory = wire.encode(FlowerDirectory(
-            round=rnd, nodes=nodes, identities=ids, max_weight=self.max_weight,
+            round=rnd, nodes=nodes, identities=ids, certificates=certificates, max_weight=self.max_weight,
             dp=() if self.privacy is None else self.privacy.wire_plan(),
         ))
         outgoing = session.start()
@@ -190,10 +196,10 @@ class SecAggWorkflow:
             sends = {nodes[pid]: (stage.value, payload) for pid, payload in outgoing.items()}
             replies = self._collect(grid, rnd, sends, report, extra=extra,
                                     fit=fitins if stage is Stage.MASKED_INPUT else None)
-            for nid, payload in replies.items():
+            for nid, record in replies.items():
                 try:
-                    session.receive(payload)
-                    report.bytes_up += len(payload)
+                    session.receive(record["payload"])
+                    report.bytes_up += len(record["payload"])
                 except SecAggError as exc:
                     report.dropped[nid] = f"{stage.value}: {type(exc).__name__}: {exc}"
             outgoing = session.close_stage()
@@ -212,8 +218,8 @@ class SecAggWorkflow:
         return out
 
     def _collect(self, grid, rnd: int, sends: dict[int, tuple[str, bytes]], report: RoundReport, *,
-                 extra: dict | None = None, fit: dict[int, RecordDict] | None = None) -> dict[int, bytes]:
-        """One Flower round trip: send each node its stage message, return the payloads that came back."""
+                 extra: dict | None = None, fit: dict[int, RecordDict] | None = None) -> dict[int, ConfigRecord]:
+        """One Flower round trip: send each node its stage message, return the records that came back."""
         messages = []
         for nid, (stage, payload) in sends.items():
             record = ConfigRecord({"stage": stage, "round": rnd, "payload": payload, **(extra or {})})
@@ -221,7 +227,7 @@ class SecAggWorkflow:
             content.config_records[RECORD] = record
             messages.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
                                     group_id=str(rnd)))
-        replies: dict[int, bytes] = {}
+        replies: dict[int, ConfigRecord] = {}
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             nid = reply.metadata.src_node_id
             stage = sends.get(nid, ("?", b""))[0]
@@ -235,7 +241,7 @@ class SecAggWorkflow:
             if record is None or record.get("stage") != stage or not isinstance(payload, bytes):
                 report.dropped[nid] = f"{stage}: reply without a secure-aggregation record"
                 continue
-            replies[nid] = payload
+            replies[nid] = record
         for nid in set(sends) - set(replies) - set(report.dropped):
             report.dropped[nid] = f"{sends[nid][0]}: no reply within the timeout"
         return replies
@@ -271,8 +277,49 @@ class SecAggWorkflow:
                         threshold, config.threshold)
         return config
 
+    def _enrol(self, hellos: dict[int, ConfigRecord], report: RoundReport):
+        """Protocol ids, identity keys and certificates of the nodes that answered ``hello``.
+
+        Without credentials the nodes get ids 1..n and their keys are taken as sent. With
+        credentials a node must send a certificate of this deployment's CA that binds the key
+        it sent; its protocol id is the client id in the certificate.
+        """
+        nodes: dict[int, int] = {}
+        identities: dict[int, bytes] = {}
+        certificates: dict[int, bytes] = {}
+        if self._credentials is None:
+            for pid, nid in enumerate(sorted(hellos), start=1):
+                nodes[pid], identities[pid] = nid, hellos[nid]["payload"]
+        else:
+            for nid in sorted(hellos):
+                pem = hellos[nid].get("certificate")
+                try:
+                    if not isinstance(pem, bytes):
+                        raise InvalidSignature("no certificate")
+                    peer = verify_certificate(pem, self._credentials.ca_pem)
+                except SecAggError as exc:
+                    report.dropped[nid] = f"hello: {type(exc).__name__}: {exc}"
+                    continue
+                if peer.role != "client" or peer.identity_public_key != hellos[nid]["payload"] or peer.client_id in nodes:
+                    report.dropped[nid] = "hello: certificate does not bind the key sent, or its client id is taken"
+                    continue
+                nodes[peer.client_id], identities[peer.client_id] = nid, peer.identity_public_key
+                certificates[peer.client_id] = pem
+        bad = [pid for pid, key in identities.items() if len(key) != 32]
+        for pid in bad:
+            report.dropped[nodes.pop(pid)] = "hello: malformed identity key"
+            identities.pop(pid)
+            certificates.pop(pid, None)
+        if len(set(identities.values())) != len(identities):
+            raise NotEnoughSurvivors("two nodes sent the same identity key; the round is abandoned")
+        if len(identities) < 2:
+            raise NotEnoughSurvivors(f"only {len(identities)} node(s) answered; secure aggregation needs 2")
+        return nodes, identities, certificates
+
     def _round_identity(self) -> IdentityKey:
-        """The server's signing key for one round (fresh each round; the nodes learn it in the directory)."""
+        """The server's signing key: the CA-certified one, or a fresh one each round (sent in the directory)."""
+        if self._credentials is not None:
+            return self._credentials.identity
         return IdentityKey.generate()
 
     def _reserve(self, rnd: int, participants: int):

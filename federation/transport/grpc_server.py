@@ -255,15 +255,19 @@ class AggregationServer:
         await self.finish("all rounds done")
         return self.reports
 
-    async def run_one_round(self, number: int, *, first: bool = False, broadcast: bytes | None = None) -> RoundReport:
+    async def run_one_round(self, number: int, *, first: bool = False, broadcast: bytes | None = None,
+                            release: Callable[[RoundOutcome], np.ndarray] | None = None) -> RoundReport:
         """Wait for clients (``join_timeout`` if ``first``, else ``rejoin_timeout``) and run one round.
 
         ``broadcast`` (e.g. the global model) is sent to every participant before the protocol starts.
+        ``release`` (e.g. the privacy ledger's commit) runs on the outcome before any participant
+        receives the result and returns the values to share; if it raises, the round fails and
+        nothing is sent.
         """
         s = self.settings
         self._enforce_revocation()
         participants = await self._wait_for_clients(s.join_timeout if first else s.rejoin_timeout)
-        report = await self._run_round(number, participants, broadcast)
+        report = await self._run_round(number, participants, broadcast, release)
         self.reports.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -295,7 +299,8 @@ class AggregationServer:
     def _live(self) -> list[int]:
         return [cid for cid, c in self._conns.items() if not c.closed]
 
-    async def _run_round(self, number: int, participants: tuple[int, ...], broadcast: bytes | None = None) -> RoundReport:
+    async def _run_round(self, number: int, participants: tuple[int, ...], broadcast: bytes | None = None,
+                         release: Callable[[RoundOutcome], np.ndarray] | None = None) -> RoundReport:
         s = self.settings
         t0 = time.perf_counter()
         if len(participants) < s.threshold:
@@ -348,7 +353,14 @@ class AggregationServer:
         finally:
             self._round = None
         outcome = driver.outcome() if ok else None
-        total = outcome.total.astype("<f8").tobytes() if (ok and s.share_result) else b""
+        shared = outcome.total if ok else None
+        if ok and release is not None:
+            try:
+                shared = release(outcome)
+            except Exception as exc:  # e.g. the ledger refuses: nothing leaves, the server goes on
+                ok, reason, outcome = False, f"release refused: {type(exc).__name__}: {exc}", None
+                log.error("round %d: %s", number, reason)
+        total = np.asarray(shared).astype("<f8").tobytes() if (ok and s.share_result) else b""
         included = outcome.included if ok else ()
         end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, has_total=bool(total), included=tuple(included)))
         for cid in participants:

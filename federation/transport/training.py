@@ -7,8 +7,8 @@ broadcasts the global model to the connected clients, each client trains on its 
 (``[w * clip(delta), w]``, or ``clip(delta)`` for user-level DP) and hands it to the
 protocol session (masking or CKKS) -- the server receives only the sum. Everything else is
 the engine's, unchanged: write-ahead privacy ledger (a round's spend is reserved before
-the broadcast, committed after the release, and a resumed run re-uses an open
-reservation instead of spending twice), the server step of the strategy, evaluation, and
+the broadcast and committed before any client receives the result; one reservation per
+release, so a re-run after a crash is reserved again), the server step of the strategy, evaluation, and
 the checkpoint after every round. Kill the server at any point and run the same command
 again: it resumes after the last checkpointed round.
 
@@ -118,15 +118,25 @@ class GrpcFederation(Federation):
             round=rnd, fingerprint=self.config.fingerprint(),
             params=np.asarray(self.params, dtype="<f4").tobytes(), weight_ref=max(self.sizes),
         ))
-        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=broadcast))
+        released: list[np.ndarray] = []
+
+        def release(outcome) -> np.ndarray:
+            # Commit first: no participant receives the result of an uncommitted release. What is
+            # shared is what the model uses (with the central noise of user-level DP).
+            self.commit_release(ledger, entry, len(outcome.included))
+            released.append(self.release_total(np.asarray(outcome.total, dtype=np.float64)))
+            return released[0]
+
+        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=broadcast,
+                                                      release=release))
         self._first = False
         aborted = None if report.ok else report.reason
         included: list[int] = []
-        if report.ok and report.outcome is not None:
+        if report.ok and report.outcome is not None and released:
             included = list(report.outcome.included)
-            result = AggregateResult(total=report.outcome.total, included=tuple(included),
+            result = AggregateResult(total=released[0], included=tuple(included),
                                      bytes_up_per_param=0.0, protocol=self.settings.mode)
-            if not self.apply_aggregate(result):
+            if not self.apply_aggregate(result, noised=True):
                 aborted = "no client's update counted"
         accuracy = loss = None
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:

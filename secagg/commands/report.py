@@ -3,6 +3,7 @@
     secagg report ledger.sqlite --out report.html
     secagg report ledger.sqlite --json
     secagg report ledger.sqlite --verify      # exit 1 and name the first bad row if broken
+    secagg report ledger.db --verify --key-file ledger.key --expect-head 8:3f2a...
 
 Privacy code (matplotlib, dp-accounting) is imported only when the command runs.
 """
@@ -32,7 +33,10 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
     p.add_argument("--verify", action="store_true", help="only check the ledger's integrity")
     p.add_argument("--recompute", action="store_true",
                    help="with --verify, also recompute every cumulative epsilon from the events")
-    p.add_argument("--key-file", help="file holding the ledger's HMAC key (keyed ledgers)")
+    p.add_argument("--key-file", help="file holding the ledger's HMAC key (keyed ledgers; mode 0600)")
+    p.add_argument("--expect-head", metavar="COUNT:HASH",
+                   help="with --verify, the head recorded earlier (printed by report); a different "
+                        "head means entries were removed or rewritten, or the file replaced")
     p.set_defaults(func=run)
 
 
@@ -43,15 +47,21 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.ledger)
     if not path.is_file():
         raise ConfigError(f"no ledger file at {path}")
-    key = Path(args.key_file).read_bytes() if args.key_file else None
+    from privacy.ledger_key import read_key
+
+    key = read_key(args.key_file) if args.key_file else None
+    if args.expect_head and not args.verify:
+        raise ConfigError("--expect-head goes with --verify")
     if args.verify:
         ledger = Ledger.open(path, key=key)
         try:
-            res = ledger.verify(recompute=args.recompute)  # raises LedgerIntegrityError
+            res = ledger.verify(recompute=args.recompute, expect_head=args.expect_head)
         finally:
             ledger.close()
-        print(f"{path}: OK, {res.entries} entries ({res.releases} releases), hash chain intact; "
-              f"head {res.head_hash}")
+        keyed = "HMAC-keyed, key checked" if res.keyed else "NOT keyed (anyone can rebuild it)"
+        print(f"{path}: OK, {res.entries} entries ({res.releases} releases), hash chain intact, "
+              f"{keyed}; head {res.head}"
+              + ("" if args.expect_head else " (record it elsewhere; check it later with --expect-head)"))
         return 0
     if not args.out and not args.json:
         raise ConfigError("say what to produce: --out report.html, --json, or --verify")
