@@ -95,9 +95,9 @@ def _as_array(value: Any, what: str, *, scalar_ok: bool = False) -> np.ndarray:
     return array
 
 
-def _site_arrays(item: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+def _site_arrays(item: Any, index: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of one site from an ``(x, y)`` pair or a map-style torch Dataset of pairs."""
-    where = f"client_data[{index}]"
+    where = where or f"client_data[{index}]"
     if isinstance(item, torch.utils.data.Dataset) and not isinstance(item, (tuple, list)):
         try:
             pairs = [item[i] for i in range(len(item))]  # type: ignore[arg-type]
@@ -251,3 +251,40 @@ def check_metrics(values: Any) -> dict[str, float]:
                               "and values numbers")
         out[name] = float(value)
     return out
+
+
+def load_app(spec: str) -> Callable[[], Any]:
+    """The function named by ``"package.module:function"`` (as ``secagg join --app`` takes it).
+
+    The module is imported the normal way (from ``sys.path``, which includes the working
+    directory for the ``secagg`` command), so a site keeps its data loader in its own code.
+    """
+    import importlib
+
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--app expects package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--app {spec}: cannot import {module_name!r} ({exc}); run from the folder that "
+                          "holds it or add that folder to PYTHONPATH") from None
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"--app {spec}: module {module_name!r} has no {attr!r}")
+    if not callable(target):
+        raise ConfigError(f"--app {spec}: {attr!r} is not a function")
+    return target
+
+
+def site_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """Call the ``--app`` function and check what it returns: this site's ``(x, y)`` records."""
+    loader = load_app(spec)
+    try:
+        data = loader()
+    except Exception as exc:  # the site's own code: report it as a configuration problem
+        raise ConfigError(f"--app {spec} failed: {type(exc).__name__}: {exc}") from exc
+    x, y = _site_arrays(data, 0, where=f"what --app {spec} returned")
+    return _features(x), _labels(y)

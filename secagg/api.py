@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from secagg.errors import ConfigError, InputError, MaliciousServerDetected
+from secagg.errors import ConfigError, InputError
 from secagg.result import AggregateResult
 
 PROTOCOLS = ("masking", "ckks")
@@ -58,18 +58,11 @@ def aggregate(
         _check_threshold(threshold, n)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ConfigError(f"seed must be an integer (it fixes the stochastic rounding), got {seed!r}")
-        try:
-            return aggregate_masking(
-                updates, graph=graph, threshold=threshold, dropouts=dropouts, clip=clip,
-                clip_mode=clip_mode, bits=bits, scale=scale, seed=seed, weights=weights,
-                **protocol_options,
-            )
-        except MaliciousServerDetected as exc:
-            if threshold is None:
-                raise
-            # In process the caller plays the server: its threshold is what the clients refused.
-            raise ConfigError(f"threshold={threshold} is refused by the clients ({exc}); "
-                              "raise it or leave it out to get the planned one") from exc
+        return aggregate_masking(
+            updates, graph=graph, threshold=threshold, dropouts=dropouts, clip=clip,
+            clip_mode=clip_mode, bits=bits, scale=scale, seed=seed, weights=weights,
+            **protocol_options,
+        )
     given = dict(graph=graph, threshold=threshold, clip_mode=clip_mode, bits=bits, scale=scale, seed=seed)
     wrong = [k for k, default in _MASKING_ONLY.items() if given[k] != default]
     if wrong:

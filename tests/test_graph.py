@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secagg.errors import ConfigError
-from secagg.graph import _log_tail_at_least, choose_degree, complete_graph, sparse_graph
+from secagg.graph import complete_graph, sparse_graph
 
 
 @settings(max_examples=40, deadline=None)
@@ -32,26 +32,8 @@ def test_the_graph_depends_only_on_the_public_seed():
     assert any(a.neighbours(u) != c.neighbours(u) for u in clients)
 
 
-def test_chosen_degree_meets_both_documented_bounds():
-    import math
-
-    for n, dropout in [(100, 0.1), (1000, 0.1), (1000, 0.05), (10_000, 0.2)]:
-        k, t = choose_degree(n, dropout=dropout)
-        size = k + 1
-        assert _log_tail_at_least(size, 0.05, t) <= -(math.log(n) + 40 * math.log(2))
-        assert _log_tail_at_least(size, dropout, size - t + 1) <= -(math.log(n) + 20 * math.log(2))
-        assert k < n - 1  # sparse was possible for these
-
-
-def test_degree_grows_with_dropout_and_falls_back_to_complete():
-    assert choose_degree(1000, dropout=0.05)[0] < choose_degree(1000, dropout=0.2)[0]
-    assert choose_degree(100, dropout=0.3) == (99, 51)
-
-
 def test_bad_graph_parameters():
     with pytest.raises(ConfigError, match="even"):
         sparse_graph(tuple(range(1, 20)), degree=5, threshold=3, seed=b"")
     with pytest.raises(ConfigError, match="threshold"):
         complete_graph((1, 2, 3), threshold=4)
-    with pytest.raises(ConfigError):
-        choose_degree(100, dropout=0.6, corrupt=0.5)

@@ -7,7 +7,6 @@ site dropping in round 2 and the privacy ledger; the test checks what it left be
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from pathlib import Path
 
@@ -17,15 +16,13 @@ import torch
 pytest.importorskip("opacus")
 pytest.importorskip("sklearn")
 
+from tests.test_docs import blocks, run_block
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "docs" / "quickstart.md"
 
 
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
-
-
 def test_the_quickstart_script_runs_as_documented(tmp_path, monkeypatch, capsys):
-    script = python_blocks(QUICKSTART)[0]
+    script = blocks(QUICKSTART)[0].code
     code_lines = [line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert len(code_lines) <= 30, "the quickstart promises a model in 30 lines"
     assert "._" not in script  # public names only
@@ -57,3 +54,15 @@ def test_the_quickstart_script_runs_as_documented(tmp_path, monkeypatch, capsys)
     assert (out / "privacy_report.html").stat().st_size > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_the_other_quickstart_blocks_run(tmp_path, monkeypatch):
+    """Every later block of the page (own training step and metrics, ...), in order."""
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    namespace: dict = {"__name__": "__main__"}
+    later = blocks(QUICKSTART)[1:]
+    assert later and all(b.not_run is None for b in later)
+    for block in later:
+        run_block(block, namespace)
+    assert namespace["summary"].rounds[-1].metrics["weight_error"] < 0.2

@@ -156,8 +156,11 @@ class TrainingClient:
     """A client's local training for :class:`GrpcFederation` rounds.
 
     ``client_index`` picks this client's partition of the experiment's dataset (the bundled
-    datasets are partitioned the same way on every host); a deployment with private data
-    passes ``x``/``y`` instead.
+    datasets are partitioned the same way on every host). A site with its own private data
+    passes ``x``/``y`` instead (``secagg join --app module:function``); its records must fit
+    the experiment's model, and under DP-SGD its per-round sampling rate and step count must
+    not exceed those the server's privacy ledger accounts for (the worst of the experiment's
+    partitions), so the ledger never understates what this site spends.
     """
 
     def __init__(self, config: ExperimentConfig, client_index: int, *, x=None, y=None) -> None:
@@ -168,20 +171,22 @@ class TrainingClient:
         self.config = config
         self.client_index = client_index
         dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        if x is None:
-            parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition,
-                              alpha=config.alpha, seed=config.seed)
-            if not 0 <= client_index < len(parts):
-                raise ConfigError(f"client index {client_index} is outside the experiment's {len(parts)} clients")
-            x, y = dataset.x_train[parts[client_index]], dataset.y_train[parts[client_index]]
-        self.x, self.y = x, y
-        self.build = partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
-                             hidden=config.hidden)
+        parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition,
+                          alpha=config.alpha, seed=config.seed)
         self.local = LocalTraining(
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
         )
+        if x is None:
+            if not 0 <= client_index < len(parts):
+                raise ConfigError(f"client index {client_index} is outside the experiment's {len(parts)} clients")
+            x, y = dataset.x_train[parts[client_index]], dataset.y_train[parts[client_index]]
+        else:
+            _check_private_data(x, y, dataset, [len(p) for p in parts], self.local)
+        self.x, self.y = x, y
+        self.build = partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
+                             hidden=config.hidden)
 
     def update(self, round_: int, broadcast: bytes) -> np.ndarray:
         """Train from the broadcast global model; return the row this client protects."""
@@ -207,5 +212,29 @@ class TrainingClient:
             delta = delta * (c.update_clip / norm)
         if not _weighted(c):
             return delta
-        w = upd.num_samples / b.weight_ref
+        # A site with more records than the largest partition counts as that many: the row's
+        # norm must stay within the bound the protocol's range was agreed for.
+        w = min(1.0, upd.num_samples / b.weight_ref)
         return np.append(w * delta, w)
+
+
+def _check_private_data(x: np.ndarray, y: np.ndarray, dataset, sizes: list[int], local) -> None:
+    """A site's own records against the experiment: model input, labels, accounted DP-SGD spend."""
+    if len(x) != len(y) or len(y) == 0:
+        raise ConfigError(f"the site's data has {len(x)} records and {len(y)} labels; give one label per record")
+    if tuple(x.shape[1:]) != tuple(dataset.input_shape):
+        raise ConfigError(f"the site's records have shape {tuple(x.shape[1:])} but the experiment's model takes "
+                          f"{tuple(dataset.input_shape)} ({dataset.name} features)")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= dataset.num_classes:
+        raise ConfigError(f"the site's labels must be integer classes 0..{dataset.num_classes - 1}, as in "
+                          f"{dataset.name}")
+    if local.dp_sgd:
+        n = len(y)
+        q_max = max(local.sample_rate(m) for m in sizes)
+        steps_max = max(local.steps(m) for m in sizes)
+        if local.sample_rate(n) > q_max or local.steps(n) > steps_max:
+            raise ConfigError(
+                f"this site holds {n} records; the server's privacy ledger accounts DP-SGD rounds of at most "
+                f"sampling rate {q_max:.4g} and {steps_max} steps (sites of {min(sizes)} to {max(sizes)} records "
+                "in the experiment's partition), so this site's spend would be understated. Use an experiment "
+                "whose num_clients gives partitions of about this site's size")

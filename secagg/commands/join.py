@@ -27,6 +27,11 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--server-name", default=None, help="TLS name to expect in the server certificate")
     parser.add_argument("--out", default=None, help="directory to save each released aggregate as round-<r>.npy")
     parser.add_argument(
+        "--app", default=None, metavar="MODULE:FUNCTION",
+        help="train on this site's own private data: FUNCTION() in MODULE returns an (x, y) pair of arrays "
+             "(needs [client.training] in the config; the model and options come from its experiment)",
+    )
+    parser.add_argument(
         "--retry", type=float, default=0.0,
         help="keep reconnecting for this many seconds while the server is unreachable or restarts (default 0)",
     )
@@ -57,6 +62,11 @@ def _join(args: argparse.Namespace) -> int:
         cfg.settings.server_name = args.server_name
     creds = Credentials.load(cfg.credentials)
     peer = creds.check_binding()
+    if args.app and cfg.training is None:
+        from secagg.errors import ConfigError
+
+        raise ConfigError(f"--app trains a model, but {args.config} has no [client.training] table naming the "
+                          "experiment TOML the server trains")
     source = input_source(cfg.input, cfg.base, peer.client_id) if cfg.training is None else None
     trainer = None
     if cfg.training is not None:
@@ -64,7 +74,16 @@ def _join(args: argparse.Namespace) -> int:
         from federation.transport.training import MODES, TrainingClient
 
         experiment = ExperimentConfig.from_toml(cfg.training["experiment"])
-        trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)))
+        private = {}
+        if args.app:
+            import os
+
+            from federation.custom import site_data
+
+            if os.getcwd() not in sys.path:  # the site's own module, in the folder it runs from
+                sys.path.insert(0, os.getcwd())
+            private = dict(zip(("x", "y"), site_data(args.app)))
+        trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)), **private)
         # take part only in the protection the experiment names (never a weaker one)
         if experiment.protection in MODES:
             cfg.settings.modes = (MODES[experiment.protection][0],)
