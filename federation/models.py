@@ -72,7 +72,21 @@ class TanhCNN(nn.Module):
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
-    """Build a model by name for inputs of ``input_shape`` (without the batch dimension)."""
+    """Build a model by name for inputs of ``input_shape`` (without the batch dimension).
+
+    ``name`` is a built-in model or ``"package.module:function"``: a function of no arguments
+    returning the caller's own ``nn.Module`` (so an experiment TOML, read by the server and by
+    every ``secagg join`` site, can name it).
+    """
+    from federation.config import is_import_path
+
+    if is_import_path(name):
+        from federation.custom import load_app
+
+        model = load_app(name, what="model")()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model {name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     in_features = int(np.prod(input_shape))
     if name == "logreg":
         return LogisticRegression(in_features, num_classes)
