@@ -58,6 +58,7 @@ from federation.config import ExperimentConfig
 from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
+from federation.outputs import write_metrics_csv, write_model
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
 from privacy.dpfedavg import fixed_sample, poisson_sample
@@ -482,6 +483,12 @@ class Federation:
         set_flat(self._model, self.params)
         return evaluate(self._model, self.dataset.x_test, self.dataset.y_test, loss=self.local.loss)
 
+    def global_model(self) -> nn.Module:
+        """A fresh copy of the model holding the current global weights (e.g. after :meth:`run`)."""
+        model = self.build()
+        set_flat(model, self.params)
+        return model
+
     def metrics(self) -> dict[str, float]:
         """The caller's ``evaluate(model)`` metrics of the global model ({} without the hook)."""
         if self.evaluate_hook is None:
@@ -639,3 +646,5 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         data["ledger_key"] = str(fed.ledger_key_path())
         render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key())
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
+    write_metrics_csv(fed.out_dir, summary.rounds)
+    write_model(fed.out_dir, fed.global_model())
