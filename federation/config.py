@@ -207,6 +207,8 @@ class ExperimentConfig:
                 continue  # "package.module:function" returning the model, imported when built
             need(getattr(self, key) in allowed,
                  f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        need((self.model == "mf") == (self.dataset in ("shops", "movielens")),
+             "model 'mf' (matrix factorisation) goes with dataset 'shops' or 'movielens', and they with it")
         need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         if self.sampling == "fixed":
