@@ -135,21 +135,32 @@ class DistributedNoisePlan:
     """Distributed discrete Gaussian noise for ``dp = "user-distributed"`` (masking only).
 
     Every client adds an integer noise share to its quantized, clipped update before masking
-    (Kairouz, Liu & Steinke 2021), sized by :mod:`privacy.distributed` so that the sum over any
-    ``threshold`` survivors carries at least the target noise: the round cannot be unmasked with
-    fewer, so the guarantee holds whenever an aggregate is released. The fixed-point scale is
+    (Kairouz, Liu & Steinke 2021), sized by :mod:`privacy.distributed` so that the shares of any
+    ``threshold`` survivors, less those of the assumed ``colluders`` (a third of the other
+    participants by default, who know and can subtract their own shares), carry at least the
+    target noise: the round cannot be unmasked with fewer, so the guarantee holds whenever an
+    aggregate is released. The event is RDP-accounted (the proven bound for this mechanism). The fixed-point scale is
     fixed here, before the round, because the integer sensitivity (and so the noise and the
     ledger's event) depends on it; ``headroom`` reserves ten share standard deviations per
     coordinate so the noisy sum cannot wrap around.
     """
 
     def __init__(self, *, clip: float, clients: int, threshold: int, bits: int, noise_multiplier: float,
-                 dim: int, sample_rate: float = 1.0, rng_seed: int | None = None) -> None:
+                 dim: int, sample_rate: float = 1.0, rng_seed: int | None = None,
+                 colluders: int | None = None) -> None:
         from privacy import distributed as dist
         from secagg.encoding import FixedPointCodec
+        from secagg.protocol.plan import ClientPolicy
 
         if not 2 <= threshold <= clients:
             raise ConfigError(f"threshold={threshold} must be between 2 and the {clients} clients of a round")
+        # Colluding clients subtract their own shares: as the masking policy, assume a third of
+        # the other participants collude; only the other survivors' shares are noise to them.
+        self.colluders = ClientPolicy().colluders(clients) if colluders is None else colluders
+        if not 0 <= self.colluders <= threshold - 1:
+            raise ConfigError(
+                f"{self.colluders} assumed colluders leave no honest noise share among the {threshold} "
+                "survivors a round needs; raise the threshold")
         self.clip, self.dim, self.clients, self.threshold = clip, dim, clients, threshold
         headroom = 0.0
         for _ in range(50):
@@ -158,7 +169,7 @@ class DistributedNoisePlan:
             sensitivity = dist.quantized_l2_sensitivity(clip_norm=clip, scale=codec.scale, dim=dim)
             share = dist.per_client_noise(
                 target_std=dist.target_std_for(noise_multiplier=noise_multiplier, l2_sensitivity=sensitivity),
-                n_clients=clients, max_dropouts=clients - threshold)
+                n_clients=clients, max_dropouts=clients - threshold + self.colluders)
             needed = 10.0 * share.std / codec.scale
             if needed <= headroom:
                 break

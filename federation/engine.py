@@ -58,6 +58,7 @@ from federation.config import ExperimentConfig
 from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
+from federation.outputs import write_metrics_csv, write_model
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
 from privacy.dpfedavg import fixed_sample, poisson_sample
@@ -251,7 +252,7 @@ class Federation:
             client_sample_rate=(config.sampling_rate
                                 if config.sampling == "poisson" and self.samples_clients else 1.0),
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
-            accountant=config.accountant,
+            accountant=enforcing_accountant(config),
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
         )
         self.executor = executor or SequentialExecutor()
@@ -296,7 +297,8 @@ class Federation:
         if not self.accountant.is_private:
             return None
         return Ledger(self.out_dir / LEDGER_FILE, budget_epsilon=self.config.budget_epsilon,
-                      delta=self.config.delta, accountant=self.config.accountant, key=self.ledger_key())
+                      delta=self.config.delta, accountant=enforcing_accountant(self.config),
+                      key=self.ledger_key())
 
     @property
     def spend_note(self) -> str:
@@ -481,6 +483,12 @@ class Federation:
         set_flat(self._model, self.params)
         return evaluate(self._model, self.dataset.x_test, self.dataset.y_test, loss=self.local.loss)
 
+    def global_model(self) -> nn.Module:
+        """A fresh copy of the model holding the current global weights (e.g. after :meth:`run`)."""
+        model = self.build()
+        set_flat(model, self.params)
+        return model
+
     def metrics(self) -> dict[str, float]:
         """The caller's ``evaluate(model)`` metrics of the global model ({} without the hook)."""
         if self.evaluate_hook is None:
@@ -602,6 +610,12 @@ class Federation:
                 on_round(result)
 
 
+def enforcing_accountant(config: ExperimentConfig) -> str:
+    """The accountant that enforces the budget: the configured one, except for distributed
+    discrete Gaussian noise, which only RDP has a proof for (PRV/PLD would treat it as Gaussian)."""
+    return "rdp" if config.dp == "user-distributed" else config.accountant
+
+
 def _head(ledger: Ledger | None) -> dict | None:
     if ledger is None:
         return None
@@ -632,3 +646,5 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         data["ledger_key"] = str(fed.ledger_key_path())
         render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key())
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
+    write_metrics_csv(fed.out_dir, summary.rounds)
+    write_model(fed.out_dir, fed.global_model())

@@ -201,3 +201,69 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(pki):
     assert early.count("closed") == 3 and early.count("open") == 5  # three over the cap of five
     assert late == ["closed"] * 8  # none finished a handshake within handshake_timeout
     assert report.ok and report.participants == (1, 2, 3)
+
+
+@pytest.mark.slow
+def test_server_process_memory_stays_flat_under_unsolicited_256_mib_messages(pki, tmp_path):
+    """The issue's reproduction: 4 clients each stream a 256 MiB chunked message with no round
+    running. Before admission at the first chunk the server held them all (1.7-2.2 GiB peak).
+    Now it holds none of them, only the frames in flight on each connection (a few 4 MiB
+    frames and their decoded copies: +112 MiB measured for the four), so its peak must stay
+    below the size of a single one of the payloads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[server]\ncredentials = "{pki / "ca" / "server"}"\nexpected_clients = 8\njoin_timeout = 600\n'
+                   'rounds = 1\nthreshold = 2\n[server.options]\ndim = 16\nclip = 1.0\n')
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    server = subprocess.Popen([sys.executable, "-m", "secagg", "serve", "--config", str(cfg), "--port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+
+    def hwm() -> int:
+        for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+        raise AssertionError("no VmHWM")
+
+    async def flood(cid: int) -> str:
+        async def act(call):
+            data = b"\x5a" * BIG
+            for i in range(64):  # 64 x 4 MiB = 256 MiB, the default max_message_bytes
+                await call.write(wire.encode(Chunk(seq=1, index=i, count=64, data=data)))
+            await call.done_writing()  # the server reads every chunk, then sees the stream end
+        return await _attacker(pki, port, cid, act)
+
+    try:
+        for _ in range(600):
+            if "listening on" in (line := server.stderr.readline()):
+                break
+        assert "listening on" in line, line
+        before = hwm()
+
+        async def all_floods():
+            tasks = [asyncio.ensure_future(flood(c)) for c in (1, 2, 3, 4)]
+            await asyncio.sleep(0)
+            done, pending = await asyncio.wait(tasks, timeout=240)
+            for t in pending:
+                t.cancel()
+            return len(done)
+
+        asyncio.run(all_floods())
+        after = hwm()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert after - before < 256 << 20, f"server peak RSS grew by {(after - before) >> 20} MiB"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

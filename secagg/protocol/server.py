@@ -352,7 +352,8 @@ class ServerSession:
         mask_keys = self._reconstruct(dropped, "mask_key_shares", self._key_is_advertised)
         self.timings["server.reconstruct"] = time.perf_counter() - started
         started = time.perf_counter()
-        acc = MaskAccumulator(self.config.dim, initial=self._sum)
+        # Every secret is recovered and checked by now: masks come off the sum in place.
+        acc = MaskAccumulator(self.config.dim, initial=self._sum, copy=False)
         for owner, seed in seeds.items():
             acc.add(seed, -1)
         for owner, secret in mask_keys.items():
@@ -361,7 +362,7 @@ class ServerSession:
                 seed = pairwise_seed(self.config.round_id, keys.private, owner, peer, self._keys[peer].mask_public_key)
                 # peer added sign(peer, owner) * PRG(seed); remove it.
                 acc.add(seed, -pairwise_sign(peer, owner))
-        residues = acc.value & np.uint32(self._codec.modulus - 1)
+        residues = np.bitwise_and(acc.value, np.uint32(self._codec.modulus - 1), out=acc.value)
         self.timings["server.remove_masks"] = time.perf_counter() - started
         self.result = self._codec.decode_sum(residues)
         self.included = tuple(sorted(self._u3))
