@@ -61,7 +61,7 @@ from federation.models import build_model, get_flat, num_params, set_flat
 from federation.outputs import write_metrics_csv, write_model
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
-from privacy.dpfedavg import fixed_sample, poisson_sample
+from privacy.dpfedavg import add_gaussian_noise, fixed_sample, poisson_sample
 from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
 from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
@@ -238,7 +238,7 @@ class Federation:
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            loss=loss, train=train,
+            loss=loss, train=train, secure_noise=not config.deterministic,
         )
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
@@ -259,6 +259,7 @@ class Federation:
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=enforcing_accountant(config),
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
+            dim=len(self.params),
         )
         self.executor = executor or SequentialExecutor()
         self.aggregator = aggregator or make_aggregator(
@@ -268,8 +269,9 @@ class Federation:
                                  proximal_mu=config.proximal_mu, beta1=config.beta1,
                                  beta2=config.beta2, tau=config.tau)
         self.out_dir = Path(config.out_dir)
-        self._noise_rng = np.random.default_rng(
-            np.random.SeedSequence([config.seed, 0x5EC]) if config.deterministic else secrets.randbits(128))
+        # Central noise comes from os.urandom (rng None); deterministic test runs derive it from the seed.
+        self._noise_rng = (np.random.default_rng(np.random.SeedSequence([config.seed, 0x5EC]))
+                           if config.deterministic else None)
         self.check_budget()
 
     # ----------------------------------------------------------------- budget
@@ -461,7 +463,8 @@ class Federation:
         total = np.asarray(total, dtype=np.float64)
         if c.dp != "user":
             return total
-        return total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, total.shape)
+        return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
+                                  rng=self._noise_rng)
 
     def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted.
