@@ -32,11 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     n, d = args.clients, int(args.dim)
 
-    from bench_scale import keystream_rate
-
+    from secagg.bench.timing import keystream_rate
     from secagg.protocol.simulate import aggregate_masking
 
-    rate = keystream_rate(repeats=3)
+    rate = keystream_rate(runs=3)
     before_input = peak_rss_bytes()
     updates = np.empty((n, d), dtype=np.float32)
     rng = np.random.default_rng(0)  # benchmark data, not secret

@@ -19,39 +19,14 @@ import os
 import platform
 import pstats
 import resource
-import statistics
 import time
 
 import numpy as np
 
+from secagg.bench.timing import keystream_rate, warm_median
 from secagg.encoding import FixedPointCodec
 from secagg.protocol.common import Stage
 from secagg.protocol.simulate import InMemoryRound
-
-
-def keystream_rate(repeats: int = 5, size: int = 1 << 26) -> float:
-    """AES-256-CTR keystream bytes per second, one thread: warm median of ``repeats`` runs."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    zeros = bytes(size)
-    out = bytearray(size + 16)
-    times = []
-    for _ in range(repeats + 1):  # the first run warms caches and is dropped
-        enc = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-        started = time.perf_counter()
-        enc.update_into(zeros, out)
-        times.append(time.perf_counter() - started)
-    return size / statistics.median(times[1:])
-
-
-def plain_sum_seconds(updates: np.ndarray, repeats: int = 5) -> float:
-    """Warm median of a plain float32 sum of the same updates."""
-    times = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        updates.sum(axis=0, dtype=np.float32)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
 
 
 class TimedRound(InMemoryRound):
@@ -90,7 +65,7 @@ class TimedRound(InMemoryRound):
 def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> dict:
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
     rate = keystream_rate()
-    plain = plain_sum_seconds(updates)
+    plain = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
     codec = FixedPointCodec.for_clients(clip=1.0, max_clients=clients, clip_mode="coordinate")
     n_drop = int(round(dropout * clients))
     dropped = [c + 1 for c in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []

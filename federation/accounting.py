@@ -27,7 +27,7 @@ import numpy as np
 
 import privacy
 from privacy._checks import check_delta
-from privacy.events import SampledGaussianEvent, dpfedavg_event, dpsgd_event
+from privacy.events import SampledGaussianEvent, dpsgd_event
 from secagg.errors import ConfigError
 
 DP_MODES = ("none", "dpsgd", "user", "user-distributed")
@@ -49,6 +49,7 @@ class RoundAccountant:
         clip: float | None = None,
         accountant: str = "prv",
         distributed_event: SampledGaussianEvent | None = None,
+        dim: int | None = None,
     ) -> None:
         if mode not in DP_MODES:
             raise ConfigError(f"unknown dp mode {mode!r}; choose one of {', '.join(DP_MODES)}")
@@ -72,6 +73,7 @@ class RoundAccountant:
             {(min(1.0, batch_size / n), epochs * -(-n // batch_size)) for n in client_sizes}
         )
         self._q_user = client_sample_rate
+        self._dim = dim
 
     def round_event(self) -> SampledGaussianEvent:
         """The privacy event of one round, as the ledger records it.
@@ -87,8 +89,13 @@ class RoundAccountant:
             return self._worst_profile_event
         if self.mode == "user-distributed":
             return self._distributed_event
-        return dpfedavg_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
-                              rounds=1, clipping_norm=self.clip)
+        from privacy.dpfedavg import round_event
+
+        if self.clip is None:
+            raise ConfigError("user-level DP needs a clipping norm (update_clip > 0)")
+        # the central noise lives on a grid; the multiplier it really gives (see privacy.dpfedavg)
+        return round_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
+                           clip_norm=self.clip, dim=self._dim)
 
     @cached_property
     def _worst_profile_event(self) -> SampledGaussianEvent:
@@ -135,21 +142,32 @@ class DistributedNoisePlan:
     """Distributed discrete Gaussian noise for ``dp = "user-distributed"`` (masking only).
 
     Every client adds an integer noise share to its quantized, clipped update before masking
-    (Kairouz, Liu & Steinke 2021), sized by :mod:`privacy.distributed` so that the sum over any
-    ``threshold`` survivors carries at least the target noise: the round cannot be unmasked with
-    fewer, so the guarantee holds whenever an aggregate is released. The fixed-point scale is
+    (Kairouz, Liu & Steinke 2021), sized by :mod:`privacy.distributed` so that the shares of any
+    ``threshold`` survivors, less those of the assumed ``colluders`` (a third of the other
+    participants by default, who know and can subtract their own shares), carry at least the
+    target noise: the round cannot be unmasked with fewer, so the guarantee holds whenever an
+    aggregate is released. The event is RDP-accounted (the proven bound for this mechanism). The fixed-point scale is
     fixed here, before the round, because the integer sensitivity (and so the noise and the
     ledger's event) depends on it; ``headroom`` reserves ten share standard deviations per
     coordinate so the noisy sum cannot wrap around.
     """
 
     def __init__(self, *, clip: float, clients: int, threshold: int, bits: int, noise_multiplier: float,
-                 dim: int, sample_rate: float = 1.0, rng_seed: int | None = None) -> None:
+                 dim: int, sample_rate: float = 1.0, rng_seed: int | None = None,
+                 colluders: int | None = None) -> None:
         from privacy import distributed as dist
         from secagg.encoding import FixedPointCodec
+        from secagg.protocol.plan import ClientPolicy
 
         if not 2 <= threshold <= clients:
             raise ConfigError(f"threshold={threshold} must be between 2 and the {clients} clients of a round")
+        # Colluding clients subtract their own shares: as the masking policy, assume a third of
+        # the other participants collude; only the other survivors' shares are noise to them.
+        self.colluders = ClientPolicy().colluders(clients) if colluders is None else colluders
+        if not 0 <= self.colluders <= threshold - 1:
+            raise ConfigError(
+                f"{self.colluders} assumed colluders leave no honest noise share among the {threshold} "
+                "survivors a round needs; raise the threshold")
         self.clip, self.dim, self.clients, self.threshold = clip, dim, clients, threshold
         headroom = 0.0
         for _ in range(50):
@@ -158,7 +176,7 @@ class DistributedNoisePlan:
             sensitivity = dist.quantized_l2_sensitivity(clip_norm=clip, scale=codec.scale, dim=dim)
             share = dist.per_client_noise(
                 target_std=dist.target_std_for(noise_multiplier=noise_multiplier, l2_sensitivity=sensitivity),
-                n_clients=clients, max_dropouts=clients - threshold)
+                n_clients=clients, max_dropouts=clients - threshold + self.colluders)
             needed = 10.0 * share.std / codec.scale
             if needed <= headroom:
                 break

@@ -24,14 +24,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser, published as tomli
-    import tomli as tomllib
+import tomllib
 
 from federation.accounting import DP_MODES
 from federation.aggregators import PROTECTIONS, STAGES
@@ -155,9 +153,19 @@ class ExperimentConfig:
         setattr(self, key, _coerce(key, types[key], value, from_text=from_text))
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
-        """The config grouped as in the TOML file (None values left out: TOML has no null)."""
+        """The config grouped as in the TOML file (None values left out: TOML has no null).
+
+        With the caller's own data or model, the options that only describe a built-in dataset
+        (partition, alpha, data_dir) or model (hidden) are left out: they were not used.
+        """
         flat = dataclasses.asdict(self)
-        return {s: {k: flat[k] for k in keys if flat[k] is not None} for s, keys in SECTIONS.items()}
+        unused = set()
+        if str(self.dataset).startswith(CUSTOM_PREFIX):
+            unused |= {"data_dir", "partition", "alpha"}
+        if str(self.model).startswith(CUSTOM_PREFIX):
+            unused.add("hidden")
+        return {s: {k: flat[k] for k in keys if flat[k] is not None and k not in unused}
+                for s, keys in SECTIONS.items()}
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model and the privacy spend (not rounds or paths)."""
@@ -192,8 +200,12 @@ class ExperimentConfig:
                              ("sampling", ("fixed", "poisson"))):
             if key in ("dataset", "model") and str(getattr(self, key)).startswith(CUSTOM_PREFIX):
                 continue  # the caller's own model or data, given to Federation(model=, client_data=)
+            if key == "model" and is_import_path(self.model):
+                continue  # "package.module:function" returning the model, imported when built
             need(getattr(self, key) in allowed,
                  f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        need((self.model == "mf") == (self.dataset in ("shops", "movielens")),
+             "model 'mf' (matrix factorisation) goes with dataset 'shops' or 'movielens', and they with it")
         need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         if self.sampling == "fixed":
@@ -251,6 +263,11 @@ class ExperimentConfig:
 
 
 CUSTOM_PREFIX = "custom:"  # model / dataset supplied as Python objects (see federation.custom)
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:function``: a model builder named by where to import it from."""
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", str(name)))
 
 
 def _did_you_mean(name: str, known: Any, *, quote: str = "''") -> str:

@@ -253,29 +253,35 @@ def check_metrics(values: Any) -> dict[str, float]:
     return out
 
 
-def load_app(spec: str) -> Callable[[], Any]:
-    """The function named by ``"package.module:function"`` (as ``secagg join --app`` takes it).
+def load_app(spec: str, *, what: str = "--app") -> Callable[[], Any]:
+    """The function named by ``"package.module:function"`` (as ``secagg join --app`` takes it;
+    ``what`` names the option in error messages).
 
-    The module is imported the normal way (from ``sys.path``, which includes the working
-    directory for the ``secagg`` command), so a site keeps its data loader in its own code.
+    The module is imported from ``sys.path`` or, failing that, from the working directory
+    (searched last, so it never shadows an installed package): a site keeps its data loader
+    and model in its own code, next to where it runs ``secagg``.
     """
     import importlib
+    import os
+    import sys
 
     module_name, sep, attr = str(spec).partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"--app expects package.module:function, got {spec!r}")
+        raise ConfigError(f"{what} expects package.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"--app {spec}: cannot import {module_name!r} ({exc}); run from the folder that "
+        raise ConfigError(f"{what} {spec}: cannot import {module_name!r} ({exc}); run from the folder that "
                           "holds it or add that folder to PYTHONPATH") from None
     target: Any = module
     for part in attr.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise ConfigError(f"--app {spec}: module {module_name!r} has no {attr!r}")
+            raise ConfigError(f"{what} {spec}: module {module_name!r} has no {attr!r}")
     if not callable(target):
-        raise ConfigError(f"--app {spec}: {attr!r} is not a function")
+        raise ConfigError(f"{what} {spec}: {attr!r} is not a function")
     return target
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from secagg.errors import ConfigError
 
-MODELS = ("logreg", "mlp", "cnn", "tanh-cnn")
+MODELS = ("logreg", "mlp", "cnn", "tanh-cnn", "mf")
 
 
 class LogisticRegression(nn.Module):
@@ -72,7 +72,21 @@ class TanhCNN(nn.Module):
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
-    """Build a model by name for inputs of ``input_shape`` (without the batch dimension)."""
+    """Build a model by name for inputs of ``input_shape`` (without the batch dimension).
+
+    ``name`` is a built-in model or ``"package.module:function"``: a function of no arguments
+    returning the caller's own ``nn.Module`` (so an experiment TOML, read by the server and by
+    every ``secagg join`` site, can name it).
+    """
+    from federation.config import is_import_path
+
+    if is_import_path(name):
+        from federation.custom import load_app
+
+        model = load_app(name, what="model")()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model {name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     in_features = int(np.prod(input_shape))
     if name == "logreg":
         return LogisticRegression(in_features, num_classes)
@@ -86,6 +100,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hi
         if tuple(input_shape) != (1, 28, 28):
             raise ConfigError(f"model 'tanh-cnn' expects 1x28x28 images, got input shape {input_shape}")
         return TanhCNN(num_classes)
+    if name == "mf":  # the shared item table of matrix factorisation: items = num_classes, dim = hidden
+        from federation.recsys.model import ItemTable
+
+        return ItemTable(num_classes, hidden)
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

@@ -15,6 +15,11 @@ answers ``get_epsilon(delta)``. ``compose`` validates everything before it chang
 
 Record- and user-level accounting use the same math: the unit of privacy only changes what
 ``sample_rate`` means (records per batch vs clients per round). See ``docs/accounting.md``.
+
+The distributed discrete Gaussian (:class:`~privacy.events.DistributedDiscreteGaussianEvent`)
+is accounted by RDP only, with the per-order bound of Kairouz, Liu & Steinke 2021 (Prop. 14),
+composed with any sampled-Gaussian events on the same orders; PRV and PLD have no proof for
+a sum of discrete Gaussians and refuse it (:class:`UnsupportedEventError`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from privacy._checks import check_delta, check_noise_multiplier, check_sample_rate, check_steps
-from privacy.events import SampledGaussianEvent
+from privacy.events import (
+    DDG_RDP_ORDERS,
+    DistributedDiscreteGaussianEvent,
+    PrivacyEvent,
+    SampledGaussianEvent,
+)
 from secagg.errors import ConfigError, PrivacyError, UnsupportedEventError
 
 AccountantName = Literal["prv", "rdp", "pld"]
@@ -118,18 +128,49 @@ def check_accountant(name: str) -> str:
     return name
 
 
+def _epsilon_rdp_with_ddg(runs: Sequence[tuple[float, float, int]],
+                          ddg: Sequence[DistributedDiscreteGaussianEvent], delta: float) -> float:
+    import numpy as np
+    from dp_accounting.rdp.rdp_privacy_accountant import (
+        _compute_rdp_poisson_subsampled_gaussian,
+        compute_epsilon,
+    )
+
+    orders = list(DDG_RDP_ORDERS)
+    total = np.zeros(len(orders))
+    for ev in ddg:
+        total += np.asarray(ev.rdp(DDG_RDP_ORDERS))
+    for sigma, q, steps in runs:
+        if sigma == 0:
+            return math.inf
+        total += steps * np.asarray(_compute_rdp_poisson_subsampled_gaussian(q, sigma, orders))
+    eps, _ = compute_epsilon(orders, total, delta)
+    return float(eps)
+
+
 def epsilon_of_events(
-    events: Iterable[SampledGaussianEvent], *, delta: float, accountant: AccountantName = "prv"
+    events: Iterable[PrivacyEvent], *, delta: float, accountant: AccountantName = "prv"
 ) -> float:
     """Epsilon of the composition of ``events`` at ``delta`` (pure function)."""
     check_accountant(accountant)
     delta = check_delta(delta)
     events = list(events)
     for ev in events:
-        if not isinstance(ev, SampledGaussianEvent):
+        if not isinstance(ev, (SampledGaussianEvent, DistributedDiscreteGaussianEvent)):
             raise UnsupportedEventError(
-                f"cannot account {type(ev).__name__}; expected a SampledGaussianEvent"
+                f"cannot account {type(ev).__name__}; expected a SampledGaussianEvent or a "
+                "DistributedDiscreteGaussianEvent"
             )
+    ddg = [ev for ev in events if isinstance(ev, DistributedDiscreteGaussianEvent) and ev.steps]
+    if ddg:
+        if accountant != "rdp":
+            raise UnsupportedEventError(
+                f"the {accountant} accountant has no proof for the distributed discrete Gaussian "
+                "(it would treat the sum of discrete Gaussians as a continuous Gaussian); account it "
+                "with accountant='rdp'"
+            )
+        runs = _group(ev for ev in events if isinstance(ev, SampledGaussianEvent))
+        return _epsilon_rdp_with_ddg(runs, ddg, delta)
     runs = _group(events)
     if not runs:
         return 0.0

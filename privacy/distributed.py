@@ -12,23 +12,25 @@ ever sees the noisy sum. Two families:
   (Agarwal, Kairouz & Liu 2021, "The Skellam Mechanism for Differentially Private
   Federated Learning"). Sums of independent Skellams are exactly Skellam.
 
-Calibration to dropouts: with ``n`` clients of which at most ``max_dropouts`` may drop
-out, at least ``m = n - max_dropouts`` noise shares reach the sum. Each client adds
-variance ``target_std**2 / m``, so the sum carries at least the target variance whenever
-the round completes (more survivors -> more noise, never less). A dropped client's noise
-share is simply absent: it is never reconstructed.
+Calibration to dropouts and colluders: with ``n`` clients of which at most ``max_dropouts``
+may drop out, at least ``n - max_dropouts`` noise shares reach the sum; colluding clients
+know their own shares and can subtract them, so only ``m = n - max_dropouts - colluders``
+shares are noise to the adversary. Each client adds variance ``target_std**2 / m``, so the
+honest shares alone carry at least the target variance whenever the round completes (more
+survivors -> more noise, never less). A dropped client's noise share is simply absent: it is
+never reconstructed. :class:`~federation.accounting.DistributedNoisePlan` assumes, as the
+masking policy does (:class:`secagg.protocol.plan.ClientPolicy`), that a third of the other
+participants collude.
 
-Accounting (honest, see ``docs/accounting.md``): the aggregate is accounted through its
-*Gaussian-equivalent noise multiplier* ``z``:
+Accounting (see ``docs/accounting.md``):
 
-* dgauss: by Kairouz et al. 2021 (Thm. 1 / Prop. 14), the sum of m discrete Gaussians of
-  parameter s with integer sensitivities D2 (L2), D1 (L1) in dimension d is
-  (eps^2/2)-concentrated DP with
-  ``eps = min(sqrt(D2^2/(m s^2) + tau d / 2), D1/sqrt(m s^2) + tau sqrt(d))``,
-  ``tau = 10 * sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k/(k+1))``.
-  A Gaussian with multiplier ``z = 1/eps`` has exactly this zCDP, so RDP accounting with
-  ``z`` and sampling rate 1 is a proof; PLD/PRV numbers and Poisson-sampled numbers treat
-  the aggregate as that Gaussian (standard practice, an approximation).
+* dgauss: a :class:`~privacy.events.DistributedDiscreteGaussianEvent`, accounted by RDP
+  with Kairouz, Liu & Steinke 2021, Prop. 14 / Eq. 17: for every order a >= 1 one release of
+  the sum of m discrete Gaussians of parameter s with integer L2 sensitivity D2 in dimension d
+  has ``rdp(a) <= min(a S^2/2 + tau d, a/2 (S + sqrt(d) tau)^2)``, ``S = D2 / sqrt(m s^2)``,
+  ``tau = 10 * sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k/(k+1))``. The tau term is added per order,
+  not under the square root of a zCDP bound. PRV and PLD refuse the event: they would treat
+  the sum as a continuous Gaussian, for which no proof covers this mechanism.
 * skellam: Agarwal et al. 2021 (Cor. 3.6): for integer order a > 1 and total per-coordinate
   variance V, ``rdp(a) <= a D2^2/(2V) + min(((2a-1) D2^2 + 6 D1)/(4 V^2), 3 D1/(2V))``.
   :func:`skellam_epsilon` uses that bound directly; :func:`skellam_noise_multiplier` gives
@@ -60,7 +62,7 @@ from privacy._checks import (
     check_sample_rate,
     check_steps,
 )
-from privacy.events import Level, Mechanism, SampledGaussianEvent
+from privacy.events import DistributedDiscreteGaussianEvent, Level, Mechanism, SampledGaussianEvent
 from secagg.errors import ConfigError
 
 
@@ -157,26 +159,35 @@ def ddgauss_tau(*, client_variance: float, survivors: int) -> float:
     return 10.0 * sum(math.exp(-2 * math.pi**2 * s2 * k / (k + 1)) for k in range(1, m))
 
 
+def ddgauss_event(
+    *, client_noise: ClientNoise, l2_sensitivity: float, dim: int, rounds: int = 1,
+    survivors: int | None = None, clipping_norm: float | None = None,
+) -> DistributedDiscreteGaussianEvent:
+    """The RDP-accounted event of ``rounds`` distributed discrete Gaussian releases.
+
+    ``survivors`` (shares unknown to the adversary) defaults to the calibrated minimum.
+    """
+    if client_noise.kind is not NoiseKind.DGAUSS:
+        raise ConfigError("ddgauss_event needs dgauss client noise")
+    m = check_positive_int(survivors if survivors is not None else client_noise.min_survivors,
+                           name="survivors")
+    return DistributedDiscreteGaussianEvent(
+        check_positive(l2_sensitivity, name="l2_sensitivity"), client_noise.variance, m,
+        check_positive_int(dim, name="dim"), check_steps(rounds, name="rounds"), clipping_norm)
+
+
 def ddgauss_noise_multiplier(
     *, client_noise: ClientNoise, l2_sensitivity: float, dim: int,
     l1_sensitivity: float | None = None, survivors: int | None = None,
 ) -> float:
-    """Gaussian-equivalent noise multiplier of the distributed discrete Gaussian sum.
+    """The largest Gaussian noise multiplier whose RDP dominates one release of the
+    distributed discrete Gaussian sum (Prop. 14 bound) at every order; for display.
 
-    ``survivors`` defaults to the calibrated minimum (the worst case).
+    ``survivors`` defaults to the calibrated minimum (the worst case). ``l1_sensitivity``
+    is accepted for symmetry with Skellam and not used (the bound used needs only D2).
     """
-    if client_noise.kind is not NoiseKind.DGAUSS:
-        raise ConfigError("ddgauss_noise_multiplier needs dgauss client noise")
-    m = survivors if survivors is not None else client_noise.min_survivors
-    m = check_positive_int(m, name="survivors")
-    d = check_positive_int(dim, name="dim")
-    d2 = check_positive(l2_sensitivity, name="l2_sensitivity")
-    d1 = l1_sensitivity if l1_sensitivity is not None else quantized_l1_sensitivity(
-        l2_sensitivity=d2, dim=d)
-    total = m * client_noise.variance
-    tau = ddgauss_tau(client_variance=client_noise.variance, survivors=m)
-    eps = min(math.sqrt(d2 * d2 / total + 0.5 * tau * d), d1 / math.sqrt(total) + tau * math.sqrt(d))
-    return 1.0 / eps
+    return ddgauss_event(client_noise=client_noise, l2_sensitivity=l2_sensitivity, dim=dim,
+                         survivors=survivors).noise_multiplier
 
 
 SKELLAM_ORDERS = tuple(range(2, 257))
@@ -244,13 +255,20 @@ def distributed_event(
     *, client_noise: ClientNoise, l2_sensitivity: float, dim: int, rounds: int = 1,
     sample_rate: float = 1.0, clipping_norm: float | None = None,
     l1_sensitivity: float | None = None,
-) -> SampledGaussianEvent:
+) -> SampledGaussianEvent | DistributedDiscreteGaussianEvent:
     """User-level ledger event for ``rounds`` distributed-noise releases.
 
-    ``sample_rate`` defaults to 1 (no amplification by client sampling is claimed); pass
-    the Poisson client-sampling rate only if clients really are Poisson-sampled and you
-    accept the Gaussian-equivalent approximation described in ``docs/accounting.md``.
+    dgauss: a :class:`DistributedDiscreteGaussianEvent` (RDP-accounted, q = 1: no
+    amplification by client sampling is claimed; ``sample_rate`` must be 1). Skellam: the
+    Gaussian event whose RDP dominates the Skellam bound on integer orders; ``sample_rate``
+    below 1 only if clients really are Poisson-sampled (see ``docs/accounting.md``).
     """
+    if client_noise.kind is NoiseKind.DGAUSS:
+        if check_sample_rate(sample_rate) != 1.0:
+            raise ConfigError("the distributed discrete Gaussian is accounted without amplification by "
+                              "sampling: sample_rate must be 1")
+        return ddgauss_event(client_noise=client_noise, l2_sensitivity=l2_sensitivity, dim=dim,
+                             rounds=rounds, clipping_norm=clipping_norm)
     z = aggregate_noise_multiplier(client_noise=client_noise, l2_sensitivity=l2_sensitivity,
                                    dim=dim, l1_sensitivity=l1_sensitivity)
     mech = (Mechanism.DISTRIBUTED_DGAUSS if client_noise.kind is NoiseKind.DGAUSS

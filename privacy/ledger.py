@@ -58,7 +58,13 @@ from typing import Any
 
 from privacy._checks import check_delta, check_epsilon, check_positive_int
 from privacy.accountant import ACCOUNTANTS, check_accountant, epsilon_of_events
-from privacy.events import Level, SampledGaussianEvent
+from privacy.events import (
+    DistributedDiscreteGaussianEvent,
+    Level,
+    PrivacyEvent,
+    SampledGaussianEvent,
+    event_from_dict,
+)
 from secagg.errors import (
     ConfigError,
     LedgerIntegrityError,
@@ -114,14 +120,14 @@ BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
 class Spend:
     """A planned release: the privacy event plus what the report needs to explain it."""
 
-    event: SampledGaussianEvent
+    event: PrivacyEvent
     round: int
     participants: int | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.event, SampledGaussianEvent):
-            raise ConfigError(f"Spend.event must be a SampledGaussianEvent, got {self.event!r}")
+        if not isinstance(self.event, (SampledGaussianEvent, DistributedDiscreteGaussianEvent)):
+            raise ConfigError(f"Spend.event must be a privacy event (privacy.events), got {self.event!r}")
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
             raise ConfigError(f"round must be an integer >= 0, got {self.round!r}")
         if self.participants is not None:
@@ -148,7 +154,7 @@ class LedgerEntry:
     row_hash: str
     note: str = ""
     released_participants: int | None = None
-    event: SampledGaussianEvent | None = field(default=None, repr=False)
+    event: PrivacyEvent | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in (
@@ -430,7 +436,7 @@ class Ledger:
         expected_seq = 1
         releases = 0
         reserved: dict[int, sqlite3.Row] = {}
-        events: list[SampledGaussianEvent] = []
+        events: list[PrivacyEvent] = []
         for row in rows:
             values = {c: row[c] for c in _ENTRY_COLUMNS}
             seq = row["seq"]
@@ -448,7 +454,7 @@ class Ledger:
                 releases += 1
                 reserved[seq] = row
                 try:
-                    ev = SampledGaussianEvent.from_dict(json.loads(row["event"]))
+                    ev = event_from_dict(json.loads(row["event"]))
                 except (ConfigError, ValueError, TypeError, KeyError) as exc:
                     raise _integrity(f"row {seq}: stored event is unreadable ({exc})", seq) from exc
                 cols = (ev.noise_multiplier, ev.sample_rate, ev.steps)
@@ -509,14 +515,14 @@ class Ledger:
         return row is not None and hmac.compare_digest(row["row_hash"], head_hash)
 
     # -- budget --------------------------------------------------------------------
-    def _events(self) -> list[SampledGaussianEvent]:
+    def _events(self) -> list[PrivacyEvent]:
         return [
-            SampledGaussianEvent.from_dict(json.loads(r["event"]))
+            event_from_dict(json.loads(r["event"]))
             for r in self._raw_entries() if r["kind"] == "reserve"
         ]
 
     def _cumulative(
-        self, events: list[SampledGaussianEvent], known: dict[str, float] | None = None
+        self, events: list[PrivacyEvent], known: dict[str, float] | None = None
     ) -> dict[str, float | None]:
         out: dict[str, float | None] = {n: None for n in ACCOUNTANTS}
         out.update(known or {})
@@ -531,13 +537,13 @@ class Ledger:
                 out[name] = None  # this accountant could not bound it; the others did
         return out
 
-    def check(self, spend: Spend | SampledGaussianEvent) -> dict[str, float | None]:
+    def check(self, spend: Spend | PrivacyEvent) -> dict[str, float | None]:
         """Cumulative epsilon by each accountant *if* ``spend`` were reserved (no write)."""
         event = spend.event if isinstance(spend, Spend) else self._as_spend(spend, round=0).event
         return self._cumulative(self._events() + [event])
 
     def reserve(
-        self, spend: Spend | SampledGaussianEvent, *, round: int | None = None,
+        self, spend: Spend | PrivacyEvent, *, round: int | None = None,
         participants: int | None = None, note: str = "",
     ) -> LedgerEntry:
         """Check the budget and record the planned spend BEFORE the release (write-ahead).
@@ -603,7 +609,7 @@ class Ledger:
                   note: str = "") -> Spend:
         if isinstance(spend, Spend):
             return spend
-        if isinstance(spend, SampledGaussianEvent):
+        if isinstance(spend, (SampledGaussianEvent, DistributedDiscreteGaussianEvent)):
             if round is None:
                 raise ConfigError("reserve(event) needs round=...")
             return Spend(spend, round=round, participants=participants, note=note)
@@ -611,7 +617,7 @@ class Ledger:
 
     # -- reading -------------------------------------------------------------------
     def _entry(self, values: Any, *, status: str, released: int | None = None) -> LedgerEntry:
-        ev = SampledGaussianEvent.from_dict(json.loads(values["event"]))
+        ev = event_from_dict(json.loads(values["event"]))
         return LedgerEntry(
             seq=values["seq"], round=values["round"], mechanism=values["mechanism"],
             level=values["level"], participants=values["participants"],

@@ -114,3 +114,30 @@ def test_a_config_object_is_not_modified(tmp_path):
     f = Federation(cfg, model=lambda: torch.nn.Linear(5, 2), client_data=SITES)
     assert cfg.model == "logreg" and f.config.model.startswith("custom: ")
     assert f.config.num_clients == 3 and f.config.clients_per_round == 3
+
+
+def test_an_experiment_toml_can_name_its_own_model_by_import_path(tmp_path, monkeypatch):
+    """``model = "package.module:function"``: what a server and its gRPC sites both import."""
+    (tmp_path / "hospital_models.py").write_text(
+        "import torch\n\ndef make_model():\n    return torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), "
+        "torch.nn.Linear(8, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "e.toml"
+    path.write_text(f'[model]\nmodel = "hospital_models:make_model"\n[training]\nrounds = 1\nclients_per_round = 3\n'
+                    f'[data]\nnum_clients = 3\n[protection]\nprotection = "none"\n[run]\nout_dir = "{tmp_path / "o"}"\n')
+    f = Federation(ExperimentConfig.from_toml(path))
+    summary = f.run()
+    assert summary.num_params == 30 * 8 + 8 + 8 * 2 + 2
+    assert 'model = "hospital_models:make_model"' in (tmp_path / "o" / "config.toml").read_text()
+    bad = ExperimentConfig.from_toml(path)
+    bad.model = "hospital_models:nothing"
+    with pytest.raises(ConfigError, match="has no 'nothing'"):
+        Federation(bad)
+
+
+def test_a_saved_custom_config_run_alone_says_what_is_missing(tmp_path):
+    fed(tmp_path).run()
+    saved = ExperimentConfig.from_toml(tmp_path / "run" / "config.toml")
+    saved.out_dir = str(tmp_path / "again")
+    with pytest.raises(ConfigError, match="records data or a model passed from Python"):
+        Federation(saved)

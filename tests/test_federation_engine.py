@@ -261,8 +261,11 @@ def test_distributed_noise_shares_sum_to_the_planned_noise(tmp_path):
     plan = fed.noise_plan
     expected = np.sqrt(len(sampled) * plan.share.variance) / plan.scale  # 12 shares arrived
     assert np.std(noise) == pytest.approx(expected, rel=0.15)
-    # calibrated so that the `threshold` = 8 survivors alone carry noise_multiplier x sensitivity
-    assert np.sqrt(8 * plan.share.variance) / plan.scale == pytest.approx(1.0, rel=0.05)
+    # calibrated so that the `threshold` = 8 survivors, less the floor(11/3) = 3 assumed colluders
+    # who subtract their own shares, carry noise_multiplier x sensitivity (this used to count
+    # all 8 survivors' shares)
+    assert plan.colluders == 3 and plan.share.min_survivors == 5
+    assert np.sqrt(5 * plan.share.variance) / plan.scale == pytest.approx(1.0, rel=0.05)
     assert fed.accountant.round_event().mechanism.value == "distributed-dgauss"
 
 

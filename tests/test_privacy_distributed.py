@@ -125,9 +125,13 @@ def test_ddgauss_equivalent_multiplier():
     assert ddgauss_tau(client_variance=cn.variance, survivors=15) < 1e-100
     assert ddgauss_noise_multiplier(client_noise=cn, l2_sensitivity=d2, dim=dim) == pytest.approx(1.5)
     # tiny per-client noise: the sum is far from a discrete Gaussian, tau costs privacy
+    small = per_client_noise(target_std=6.0, n_clients=100, max_dropouts=0)
+    z = ddgauss_noise_multiplier(client_noise=small, l2_sensitivity=2.0, dim=dim)
+    assert z < 6.0 / 2.0
+    # below s = 1/2 per client the bound has no proof: refused (it used to return a multiplier)
     tiny = per_client_noise(target_std=3.0, n_clients=100, max_dropouts=0)
-    z = ddgauss_noise_multiplier(client_noise=tiny, l2_sensitivity=2.0, dim=dim)
-    assert z < 3.0 / 2.0
+    with pytest.raises(ConfigError, match="s >= 1/2"):
+        ddgauss_noise_multiplier(client_noise=tiny, l2_sensitivity=2.0, dim=dim)
     # more survivors than the minimum: more noise, larger z
     assert ddgauss_noise_multiplier(client_noise=cn, l2_sensitivity=d2, dim=dim,
                                     survivors=20) > 1.5

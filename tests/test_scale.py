@@ -132,3 +132,37 @@ def test_the_largest_update_a_client_accepts_fits_the_masked_input_field():
     from secagg.protocol.messages import MaskedInput
 
     assert MaskedInput.FIELD_LIMITS["vector"] == 4 * ClientPolicy().max_dim > wire.MAX_FIELD_BYTES
+
+
+# -- benchmark accounting -------------------------------------------------------------------
+
+def test_warm_median_drops_the_cold_call_and_takes_the_median():
+    from secagg.bench.timing import warm_median
+
+    calls = []
+    warm_median(lambda: calls.append(1), runs=4)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("graph", ["complete", "sparse"])
+def test_masking_bench_counts_the_keystream_each_side_needs_and_the_upload_checks(graph):
+    from secagg.bench.masking import run_masking_bench
+
+    n, d = (12, 64) if graph == "complete" else (40, 64)
+    row = run_masking_bench(clients=n, dim=d, dropout=0.1, graph=graph)
+    lost = round(0.1 * n)
+    kept = n - lost
+    assert row["included"] == kept
+    rate = row["aes256_ctr_bytes_per_s"]
+    server_masks = round(row["server_unmask_keystream_limit_s"] * rate / (4 * d))
+    client_masks = row["client_mask_keystream_limit_s"] * rate / (4 * d)
+    if row["graph"] == "complete":  # a self mask per survivor, a pairwise mask per (lost, survivor)
+        assert server_masks == kept + lost * kept
+        assert round(client_masks) == n + 2  # self mask, n - 1 pairwise, 2 rounding words
+    else:
+        k = row["degree"]
+        assert kept + lost * (k - lost + 1) <= server_masks <= kept + lost * k
+        assert k - lost + 3 <= client_masks <= k + 3
+    assert row["server_upload_check_s"] > 0
+    assert row["server_total_s"] >= row["server_unmask_s"] + row["server_upload_check_s"]
+    assert row["max_abs_error"] <= row["quantization_error_bound"]

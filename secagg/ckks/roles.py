@@ -60,6 +60,7 @@ from secagg.errors import (
     KeyRoleError,
     MaliciousServerDetected,
     NotEnoughSurvivors,
+    RemoteProtocolError,
     ReplayError,
     WireError,
 )
@@ -789,15 +790,20 @@ class HeServer:
         """The parameters-only TenSEAL context (no key of any kind); do not mutate it."""
         return self._ctx
 
-    def receive(self, upload: bytes) -> int:
+    def receive(self, upload: bytes, *, sender: int | None = None) -> int:
         """Authenticate, validate and add one client's upload; returns the client id.
 
+        ``sender``: the party the upload must come from (a link knows whose stream it
+        arrived on); an upload signed by another party is refused before it is added.
         A rejected upload leaves the running sum untouched.
         """
         if self._finished:
             raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
-        sender, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
+        signer, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
                                        seen=self._included)
+        if sender is not None and signer != sender:
+            raise RemoteProtocolError(f"the upload of party {signer} arrived from party {sender}", sender)
+        sender = signer
         self._sum = vectors if self._sum is None else _added(self._sum, vectors, sender)
         self._included.append(sender)
         self._uploads.append(upload)

@@ -9,19 +9,30 @@ context.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 
 import numpy as np
 
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import (
-    HeClient,
+    KEYHOLDER_ID,
     HeServer,
     KeyHolder,
     RoundConfig,
     SplitClient,
     combine_shares,
     new_round_id,
+)
+from secagg.ckks.session import (
+    ClientSession,
+    KeyHolderSession,
+    Outcome,
+    Roster,
+    ServerSession,
+    Timer,
 )
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
@@ -98,77 +109,36 @@ def aggregate_ckks(
                         key_holders=key_holders, **grid)
     split = key_holders > 1
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
     if keyholders is not None and len(keyholders) != key_holders:
         raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
-    holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * key_holders)]
-    client_ctxs = [h.context_for_clients() for h in holders]
-    server_ctxs = [h.context_for_server() for h in holders]
-    # the clients' pinned key-holder keys come from the caller's argument when it names them
-    holder_keys = [k.public_bytes for k in keyholders] if keyholders else [h.public_key for h in holders]
-    timings["keyholder.keygen"] = time.perf_counter() - t
-
     identities = {i: IdentityKey.generate() for i in range(n)}
-    client_keys = {i: k.public_bytes for i, k in identities.items()}
-    t = time.perf_counter()
-    # one key-less server state per key holder (a split round keeps one encrypted sum per key)
-    servers = [HeServer(round, ctx, key, client_keys) for ctx, key in zip(server_ctxs, holder_keys)]
-    timings["server.setup"] = time.perf_counter() - t
-
-    uploads: list[tuple[bytes, ...]] = []
-    phases = {"client.setup": 0.0, "client.precompute": 0.0, "client.encrypt": 0.0}
-    for i in range(n):
-        if i in skip:
-            continue
-        weight = None if fractions is None else float(fractions[i])
-        t0 = time.perf_counter()
-        if split:
-            client = SplitClient(i, round, client_ctxs, holder_keys, identities[i])
-        else:
-            client = HeClient(i, round, client_ctxs[0], holder_keys[0], identities[i])
-        t1 = time.perf_counter()
-        if precompute:
-            client.precompute()
-        t2 = time.perf_counter()
-        sent = client.encrypt(x[i], weight=weight)
-        uploads.append(sent if split else (sent,))
-        t3 = time.perf_counter()
-        phases["client.setup"] += t1 - t0
-        phases["client.precompute"] += t2 - t1
-        phases["client.encrypt"] += t3 - t2
-    senders = max(len(uploads), 1)
-    timings.update({k: v / senders for k, v in phases.items()})
-
-    t = time.perf_counter()
-    aggregates = []
-    for j, server in enumerate(servers):
-        for parts in uploads:
-            server.receive(parts[j])
-        aggregates.append(server.aggregate())
-    timings["server.sum"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    # each key holder gets the uploads its server state added, and pins the client keys itself
+    times = PhaseTimes()
     if split:
-        shares = [h.decrypt_share(a, s.public_key, s.uploads, client_keys)
-                  for h, a, s in zip(holders, aggregates, servers)]
-        result = combine_shares(round, shares)
+        result, upload_bytes = _split_round(round, x, skip, fractions, precompute, keyholders, identities, times)
+        total, error, weight_sum, included = result.values, result.error_bound, result.weight_sum, result.included
     else:
-        result = holders[0].decrypt(aggregates[0], servers[0].public_key, servers[0].uploads, client_keys)
-    timings["keyholder.decrypt"] = time.perf_counter() - t
-
-    total, error = result.values, result.error_bound
+        out, upload_bytes = _single_round(round, x, skip, fractions, precompute, keyholders, identities, times)
+        total, error, weight_sum, included = out.total, out.error_bound, out.weight_sum, out.included
+    senders = max(n - len(skip), 1)
+    timings = {
+        "keyholder.keygen": times["keyholder.keygen"],
+        "server.setup": times["server.setup"],
+        "client.setup": times["client.setup"] / senders,
+        "client.precompute": times["client.precompute"] / senders,
+        "client.encrypt": (times["client.encrypt"] + times["client.sign"]) / senders,
+        "server.sum": times["server.receive"] + times["server.aggregate"],
+        "keyholder.decrypt": times["keyholder.verify"] + times["keyholder.release"],
+    }
     extra: dict[str, float] = {}
     if fractions is not None:
         w_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
         total, error = total * w_total, error * w_total
         # the included clients' weight sum, as decrypted from the weight slots
-        extra["weight_sum"] = float(result.weight_sum) * w_total
+        extra["weight_sum"] = float(weight_sum) * w_total
     return AggregateResult(
         total=total,
-        included=result.included,
-        bytes_up_per_param=float(np.mean([sum(map(len, u)) for u in uploads])) / d,
+        included=included,
+        bytes_up_per_param=upload_bytes / d,
         timings=timings,
         protocol="ckks",
         max_quantization_error=float(error),
@@ -187,6 +157,107 @@ def aggregate_ckks(
             **extra,
         },
     )
+
+
+class PhaseTimes:
+    """A session timer (see :mod:`secagg.ckks.session`): total seconds per phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+    def __getitem__(self, phase: str) -> float:
+        return self.seconds.get(phase, 0.0)
+
+
+def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | ClientSession]) -> Outcome:
+    """Drive one round in process: deliver each stage's messages, hand back the replies.
+
+    A party missing from ``parties`` never answers (it dropped before the stage).
+    """
+    out = server.start()
+    while not server.done:
+        for pid, payload in out.items():
+            if pid in parties:
+                server.receive(pid, parties[pid].receive(payload))
+        out = server.close_stage()
+    return server.outcome()
+
+
+def single_round_sessions(
+    round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(), fractions: np.ndarray | None = None,
+    precompute: bool = True, keyholder: IdentityKey | None = None,
+    identities: Mapping[int, IdentityKey] | None = None, timer: Timer | None = None,
+) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:
+    """The server and parties of an in-process round: rows are clients 0..n-1, the key holder
+    is the separate party :data:`KEYHOLDER_ID` (it contributes no update here)."""
+    n = updates.shape[0]
+    identities = identities or {i: IdentityKey.generate() for i in range(n)}
+    holder = keyholder or IdentityKey.generate()
+    server_identity = IdentityKey.generate()
+    roster = Roster(0, tuple(range(n)), KEYHOLDER_ID, {i: identities[i].public_bytes for i in range(n)},
+                    holder.public_bytes, server_identity.public_bytes)
+    parties: dict[int, KeyHolderSession | ClientSession] = {
+        KEYHOLDER_ID: KeyHolderSession(round, roster, holder, timer=timer)
+    }
+    for i in range(n):
+        if i not in skip:
+            weight = None if fractions is None else float(fractions[i])
+            parties[i] = ClientSession(round, roster, i, identities[i], updates[i], weight=weight,
+                                       precompute=precompute, timer=timer)
+    return ServerSession(round, roster, server_identity, timer=timer), parties
+
+
+def _single_round(round, x, skip, fractions, precompute, keyholders, identities, times) -> tuple[Outcome, float]:
+    server, parties = single_round_sessions(
+        round, x, skip=skip, fractions=fractions, precompute=precompute,
+        keyholder=keyholders[0] if keyholders else None, identities=identities, timer=times,
+    )
+    outcome = run_round(server, parties)
+    return outcome, float(np.mean([len(u) for u in server.he_server.uploads]))
+
+
+def _split_round(round, x, skip, fractions, precompute, keyholders, identities, times):
+    """Split-trust BFV round (k key holders, one key-less sum per key); uploads sent per key holder."""
+    k = round.key_holders
+    client_keys = {i: ident.public_bytes for i, ident in identities.items()}
+    with times("keyholder.keygen"):
+        holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * k)]
+        client_ctxs = [h.context_for_clients() for h in holders]
+        server_ctxs = [h.context_for_server() for h in holders]
+    # the clients' pinned key-holder keys come from the caller's argument when it names them
+    holder_keys = [ident.public_bytes for ident in keyholders] if keyholders else [h.public_key for h in holders]
+    with times("server.setup"):
+        servers = [HeServer(round, ctx, key, client_keys) for ctx, key in zip(server_ctxs, holder_keys)]
+    uploads = []
+    for i in range(x.shape[0]):
+        if i in skip:
+            continue
+        with times("client.setup"):
+            client = SplitClient(i, round, client_ctxs, holder_keys, identities[i])
+        if precompute:
+            with times("client.precompute"):
+                client.precompute()
+        with times("client.encrypt"):
+            uploads.append(client.encrypt(x[i], weight=None if fractions is None else float(fractions[i])))
+    with times("server.receive"):
+        aggregates = []
+        for j, server in enumerate(servers):
+            for parts in uploads:
+                server.receive(parts[j])
+            aggregates.append(server.aggregate())
+    with times("keyholder.verify"):  # each key holder re-adds the uploads its server state added
+        shares = [h.decrypt_share(a, s.public_key, s.uploads, client_keys)
+                  for h, a, s in zip(holders, aggregates, servers)]
+    result = combine_shares(round, shares)
+    return result, float(np.mean([sum(map(len, u)) for u in uploads]))
 
 
 def _dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> tuple[dict[str, tuple[int, ...]], set[int]]:

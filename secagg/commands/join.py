@@ -76,12 +76,8 @@ def _join(args: argparse.Namespace) -> int:
         experiment = ExperimentConfig.from_toml(cfg.training["experiment"])
         private = {}
         if args.app:
-            import os
-
             from federation.custom import site_data
 
-            if os.getcwd() not in sys.path:  # the site's own module, in the folder it runs from
-                sys.path.insert(0, os.getcwd())
             private = dict(zip(("x", "y"), site_data(args.app)))
         trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)), **private)
         # take part only in the protection the experiment names (never a weaker one)

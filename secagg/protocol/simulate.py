@@ -50,6 +50,9 @@ class InMemoryRound:
             for c in self.client_ids
         }
         self.client_seconds: dict[str, float] = {}
+        # The server's time to take in each stage's messages (signature check, decoding and,
+        # for masked inputs, adding to the sum), summed over clients.
+        self.server_receive_seconds: dict[str, float] = {}
         self.gone: set[int] = set()
 
     def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> None:
@@ -57,7 +60,7 @@ class InMemoryRound:
         drop = {stage: set(ids) for stage, ids in (dropouts or {}).items()}
         outgoing = self.server.start()
         for stage in Stage:
-            spent = 0.0
+            spent = receiving = 0.0
             answered = 0
             for client_id, message in outgoing.items():
                 if client_id in self.gone:
@@ -73,9 +76,12 @@ class InMemoryRound:
                     continue
                 spent += time.perf_counter() - started
                 answered += 1
+                started = time.perf_counter()
                 self.server.receive(reply)
+                receiving += time.perf_counter() - started
             if answered:
                 self.client_seconds[stage.value] = spent / answered
+                self.server_receive_seconds[stage.value] = receiving
             outgoing = self.server.close_stage()
 
 
@@ -132,6 +138,8 @@ def aggregate_masking(
     timings = dict(server.timings)
     for stage, seconds in session.client_seconds.items():
         timings[f"client.{stage}"] = seconds
+    for stage, seconds in session.server_receive_seconds.items():
+        timings[f"server.receive.{stage}"] = seconds
     return AggregateResult(
         total=server.result,
         included=included,
