@@ -54,14 +54,14 @@ from federation.aggregators import (
     make_aggregator,
     protocol_available,
 )
-from federation.config import ExperimentConfig
+from federation.config import CUSTOM_PREFIX, ExperimentConfig
 from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.outputs import write_metrics_csv, write_model
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
-from privacy.dpfedavg import fixed_sample, poisson_sample
+from privacy.dpfedavg import add_gaussian_noise, fixed_sample, poisson_sample
 from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
 from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
@@ -213,6 +213,11 @@ class Federation:
             if missing:
                 raise ConfigError(missing + "; use protection = 'none' until it is installed")
         if dataset is None and custom is None:
+            for key in ("dataset", "model"):
+                if str(getattr(config, key)).startswith(CUSTOM_PREFIX):
+                    raise ConfigError(
+                        f"{key} = {getattr(config, key)!r} records data or a model passed from Python; run the "
+                        "script that passed model= and client_data= again, or name a built-in one")
             check_available(config.dataset, config.data_dir)
         if config.deterministic:
             warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
@@ -233,7 +238,7 @@ class Federation:
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            loss=loss, train=train,
+            loss=loss, train=train, secure_noise=not config.deterministic,
         )
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
@@ -254,6 +259,7 @@ class Federation:
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=enforcing_accountant(config),
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
+            dim=len(self.params),
         )
         self.executor = executor or SequentialExecutor()
         self.aggregator = aggregator or make_aggregator(
@@ -263,8 +269,9 @@ class Federation:
                                  proximal_mu=config.proximal_mu, beta1=config.beta1,
                                  beta2=config.beta2, tau=config.tau)
         self.out_dir = Path(config.out_dir)
-        self._noise_rng = np.random.default_rng(
-            np.random.SeedSequence([config.seed, 0x5EC]) if config.deterministic else secrets.randbits(128))
+        # Central noise comes from os.urandom (rng None); deterministic test runs derive it from the seed.
+        self._noise_rng = (np.random.default_rng(np.random.SeedSequence([config.seed, 0x5EC]))
+                           if config.deterministic else None)
         self.check_budget()
 
     # ----------------------------------------------------------------- budget
@@ -456,7 +463,8 @@ class Federation:
         total = np.asarray(total, dtype=np.float64)
         if c.dp != "user":
             return total
-        return total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, total.shape)
+        return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
+                                  rng=self._noise_rng)
 
     def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted.
@@ -638,6 +646,8 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         "epsilon": final.epsilon if final else 0.0, "delta": fed.config.delta if ledger else None,
         "protection": fed.config.protection, "dp": fed.config.dp, "num_params": summary.num_params,
         "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds),
+        "final_metrics": next((r.metrics for r in reversed(summary.rounds) if r.metrics), {}),
+        "out_dir": str(fed.out_dir),
         "ledger": str(fed.out_dir / LEDGER_FILE) if ledger else None,
         "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
     }
