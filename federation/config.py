@@ -29,10 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser, published as tomli
-    import tomli as tomllib
+import tomllib
 
 from federation.accounting import DP_MODES
 from federation.aggregators import PROTECTIONS, STAGES
@@ -207,6 +204,8 @@ class ExperimentConfig:
                 continue  # "package.module:function" returning the model, imported when built
             need(getattr(self, key) in allowed,
                  f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        need((self.model == "mf") == (self.dataset in ("shops", "movielens")),
+             "model 'mf' (matrix factorisation) goes with dataset 'shops' or 'movielens', and they with it")
         need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         if self.sampling == "fixed":

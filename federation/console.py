@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from federation.engine import Federation, RoundResult, RunSummary
+from federation.engine import SUMMARY_FILE, Federation, RoundResult, RunSummary
 
 
 def _bytes(n: float) -> str:
@@ -21,7 +21,10 @@ def _bytes(n: float) -> str:
 
 def round_line(r: RoundResult, noun: str = "client", *, private: bool = True) -> str:
     parts = [f"round {r.round:>3}"]
-    parts.append("acc   -   " if r.accuracy is None else f"acc {r.accuracy:.4f}")
+    if r.metrics:  # a model scored by other figures than accuracy (the recommender's HR@10, ...)
+        parts.extend(f"{name} {value:.4f}" for name, value in r.metrics.items())
+    else:
+        parts.append("acc   -   " if r.accuracy is None else f"acc {r.accuracy:.4f}")
     if private:
         parts.append(f"eps {r.epsilon:6.3f}")
     parts.append(f"up {_bytes(r.bytes_up_total):>8}")
@@ -69,15 +72,8 @@ def print_summary(fed: Federation, summary: RunSummary, *, as_json: bool, noun: 
     c = fed.config
     out = summary.out_dir
     private = fed.accountant.is_private
-    final = summary.final
-    data = {
-        "event": "summary", "name": c.name, "rounds": len(summary.rounds),
-        "final_accuracy": summary.final_accuracy, "epsilon": final.epsilon if final else 0.0,
-        "delta": c.delta if private else None, "protection": c.protection, "dp": c.dp,
-        "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds), "out_dir": str(out),
-        "ledger": str(out / "ledger.db") if private else None,
-        "report": str(out / "privacy_report.html") if private else None,
-    }
+    # One schema: --json prints the summary.json the run wrote, tagged as the summary event.
+    data = {"event": "summary", **json.loads((out / SUMMARY_FILE).read_text())}
     if as_json:
         print(json.dumps(data), flush=True)
         return
@@ -92,6 +88,9 @@ def print_summary(fed: Federation, summary: RunSummary, *, as_json: bool, noun: 
           f"{summary.num_params} parameters).")
     if summary.final_accuracy is not None:
         print(f"  Final test accuracy: {summary.final_accuracy:.4f}")
+    final_metrics = next((r.metrics for r in reversed(summary.rounds) if r.metrics), None)
+    if final_metrics:
+        print("  Final test figures: " + ", ".join(f"{k} = {v:.4f}" for k, v in final_metrics.items()) + ".")
     print(f"  What the server saw: {seen}.")
     dropped = sorted({(s, cl) for r in summary.rounds for s, cls in r.dropped.items() for cl in cls})
     if dropped:

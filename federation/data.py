@@ -8,7 +8,10 @@ Datasets:
   under ``--data-dir``; the banks demo),
 - ``mnist`` / ``fashion_mnist``: the four standard IDX ``.gz`` files under ``mnist/raw/`` and
   ``fashion_mnist/raw/``, read with gzip + numpy,
-- ``femnist``: LEAF's FEMNIST subset ``femnist/femnist.npz`` with a writer id per sample.
+- ``femnist``: LEAF's FEMNIST subset ``femnist/femnist.npz`` with a writer id per sample,
+- ``shops`` (synthetic) / ``movielens`` (``ratings.csv`` or ``u.data`` under ``--data-dir``):
+  implicit-feedback recommendation data, one row per customer; they are trained by
+  :class:`federation.recsys.ShopsFederation` and loaded by :mod:`federation.recsys.datasets`.
 
 Partitioners (:func:`partition`): ``iid``, ``dirichlet`` (label skew with concentration ``alpha``,
 Hsu et al. 2019) and ``natural`` (one client per writer, FEMNIST only).
@@ -26,7 +29,7 @@ import numpy as np
 from privacy.datasets import read_idx
 from secagg.errors import ConfigError, DataError
 
-DATASETS = ("breast_cancer", "digits", "finance", "mnist", "fashion_mnist", "femnist")
+DATASETS = ("breast_cancer", "digits", "finance", "mnist", "fashion_mnist", "femnist", "shops", "movielens")
 PARTITIONS = ("iid", "dirichlet", "natural")
 
 FINANCE_FILE = "finance/default_of_credit_card_clients.csv.gz"
@@ -68,7 +71,9 @@ def default_data_dir() -> Path | None:
 
 def required_files(name: str) -> tuple[str, ...]:
     """Files (relative to the data dir) a dataset needs; empty for the bundled ones."""
-    if name in ("breast_cancer", "digits"):
+    if name in ("breast_cancer", "digits", "shops"):
+        return ()
+    if name == "movielens":  # one of several layouts: checked by federation.recsys.movielens
         return ()
     if name == "finance":
         return (FINANCE_FILE,)
@@ -81,6 +86,15 @@ def required_files(name: str) -> tuple[str, ...]:
 
 def check_available(name: str, data_dir: str | Path | None) -> None:
     """Raise DataError (before any training) if a dataset's files are not under ``data_dir``."""
+    if name == "movielens":
+        from federation.recsys.datasets import load_interactions
+
+        if data_dir is None:
+            load_interactions(name, None, shops=1, seed=0)  # raises the DataError that says what to pass
+        from federation.recsys.movielens import find_ratings
+
+        find_ratings(data_dir)
+        return
     files = required_files(name)
     if not files:
         return
@@ -104,6 +118,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
     ``seed`` fixes the train/test split of the tabular datasets (public, not secret).
     """
     check_available(name, data_dir)
+    if name in ("shops", "movielens"):
+        raise ConfigError(f"dataset {name!r} holds recommendation data (customers and items, not labels): "
+                          "train it with federation.recsys.ShopsFederation (secagg demo --scenario shops)")
     if name == "breast_cancer":
         from sklearn.datasets import load_breast_cancer
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from secagg.errors import ConfigError
 
-MODELS = ("logreg", "mlp", "cnn", "tanh-cnn")
+MODELS = ("logreg", "mlp", "cnn", "tanh-cnn", "mf")
 
 
 class LogisticRegression(nn.Module):
@@ -100,6 +100,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hi
         if tuple(input_shape) != (1, 28, 28):
             raise ConfigError(f"model 'tanh-cnn' expects 1x28x28 images, got input shape {input_shape}")
         return TanhCNN(num_classes)
+    if name == "mf":  # the shared item table of matrix factorisation: items = num_classes, dim = hidden
+        from federation.recsys.model import ItemTable
+
+        return ItemTable(num_classes, hidden)
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

@@ -15,6 +15,7 @@ by :func:`secagg.wire._check`); a scalar costs at most one object and its own by
 
 from __future__ import annotations
 
+import functools
 import struct
 import typing
 from collections.abc import Callable
@@ -104,7 +105,7 @@ class _Reader:
             raise WireError(f"{where}: expected a single value, got a nested {kind}")
 
     def value(self, hint: Any, where: str) -> None:
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        origin, args = _origin_and_args(hint)
         if origin is tuple:
             kind, n = self.header()
             if kind != "array":
@@ -131,6 +132,12 @@ class _Reader:
                 self.value(args[1], f"{where}[]")
             return
         self.scalar(where)
+
+
+@functools.lru_cache(maxsize=256)
+def _origin_and_args(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``typing.get_origin`` and ``get_args`` of a schema hint, looked up once per hint, not per item."""
+    return typing.get_origin(hint), typing.get_args(hint)
 
 
 def check_shape(data: bytes, schema_of: Callable[[str], Fields | None], *, magic: str, version: int) -> None:

@@ -6,6 +6,7 @@ site dropping in round 2 and the privacy ledger; the test checks what it left be
 
 from __future__ import annotations
 
+import csv
 import json
 import tomllib
 from pathlib import Path
@@ -55,6 +56,16 @@ def test_the_quickstart_script_runs_as_documented(tmp_path, monkeypatch, capsys)
     assert (out / "privacy_report.html").stat().st_size > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    with open(out / "metrics.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in table] == [1, 2, 3, 4, 5] and table[1]["included"] == "4"
+    assert float(table[-1]["accuracy"]) == pytest.approx(summary.final_accuracy)
+    # the trained model, as a plain state_dict of the caller's own model
+    model = namespace["make_model"]()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    fed = namespace["fed"]
+    for a, b in zip(model.parameters(), fed.global_model().parameters()):
+        assert torch.equal(a, b)
 
 
 def test_the_other_quickstart_blocks_run(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-SCENARIO_NAMES = ("hospitals", "finance", "iot", "mnist", "femnist")
+SCENARIO_NAMES = ("hospitals", "finance", "iot", "mnist", "femnist", "shops")
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -15,7 +15,9 @@ def register(subparsers, name: str, help_text: str) -> None:
         description="Run a demo federation. hospitals (default): 10 hospitals on the breast cancer "
                     "data, DP-SGD clients, masked secure aggregation, one hospital dropping mid-round. "
                     "finance: banks with CKKS. iot: 100 devices, sparse SecAgg+, 16-bit updates. "
-                    "mnist / femnist: image data from --data-dir. See docs/demos.md.",
+                    "mnist / femnist: image data from --data-dir. shops: 8 shops train a recommender "
+                    "(synthetic purchases; MovieLens ratings.csv / u.data with --data-dir), item "
+                    "embeddings masked, customer embeddings stay in each shop. See docs/demos.md.",
     )
     parser.add_argument("--scenario", choices=SCENARIO_NAMES, default="hospitals", help="which demo to run")
     from secagg.commands.run import add_common_options
@@ -44,11 +46,15 @@ def _main(args: argparse.Namespace) -> int:
             config.out_dir = str(runs[-1])
         else:
             config.out_dir = str(base / time.strftime("%Y%m%d-%H%M%S"))
+    if args.scenario == "shops" and args.opt_data_dir is not None:
+        config.dataset = "movielens"  # --data-dir names the user's MovieLens files for this scenario
     apply_overrides(config, args)
     if not config.protection.startswith("masking") and "threshold" not in " ".join(args.set_options):
         config.threshold = None  # the scenario's masking threshold means nothing for other protections
     if not args.json:
         print(f"secagg demo: {scenario.title}")
+        if config.dataset == "shops":
+            print("  Data: synthetic shops (generated, seeded; see docs/recommendation.md), not real customers.")
         print(f"  {scenario.story}")
         print(f"  protection={config.protection}  dp={config.dp}  rounds={config.rounds}  "
               f"output={config.out_dir}")

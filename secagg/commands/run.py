@@ -14,7 +14,7 @@ OVERRIDES: list[tuple[str, str, type, str]] = [
     ("--dp", "dp", str, "none | dpsgd | user | user-distributed"),
     ("--noise-multiplier", "noise_multiplier", float, "DP noise multiplier"),
     ("--budget-epsilon", "budget_epsilon", float, "privacy budget (epsilon) the ledger enforces"),
-    ("--threshold", "threshold", int, "masking threshold t (clients needed to unmask)"),
+    ("--threshold", "threshold", int, "masking threshold t (clients needed to unmask; a floor, raised to the secure minimum)"),
     ("--dropout-rate", "dropout_rate", float, "probability a sampled client drops mid-protocol"),
     ("--data-dir", "data_dir", str, "folder holding the datasets (default: ../shared/data if present)"),
     ("--out", "out_dir", str, "output folder (metrics, checkpoint, ledger, report)"),
@@ -67,6 +67,8 @@ def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
     from federation.engine import Federation
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    if config.dataset in ("shops", "movielens"):
+        return _run_shops(config, args, noun)
     if args.backend == "ray":
         import ray
 
@@ -83,6 +85,23 @@ def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
             if started:
                 ray.shutdown()
     return _run(Federation(config), args, noun)
+
+
+def _run_shops(config, args: argparse.Namespace, noun: str) -> int:
+    """The recommender: each shop keeps its customers' embeddings in its own process, so it runs
+    in process only; the summary adds the central / shop-alone / popularity comparison."""
+    from secagg.errors import ConfigError
+
+    if args.backend != "inprocess":
+        raise ConfigError("the shops scenario keeps every shop's customer embeddings in its own state; "
+                          "run it with --backend inprocess")
+    from federation.recsys.federation import ShopsFederation
+    from federation.recsys.report import print_comparison
+
+    fed = ShopsFederation(config)
+    code = _run(fed, args, noun)
+    print_comparison(fed, as_json=args.json)
+    return code
 
 
 def _run(fed, args: argparse.Namespace, noun: str) -> int:

@@ -1,0 +1,90 @@
+"""The shops federation: what leaves a shop, secure aggregation of the item table (masking and
+CKKS), the ledger, the CLI, and the reason to federate -- HR@10 above every shop alone."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from federation.aggregators import PlainAggregator
+from federation.config import ExperimentConfig
+from federation.recsys.baselines import compute_baselines
+from federation.recsys.federation import L2, ShopsFederation
+from federation.recsys.synthetic import SyntheticShops, generate_shops
+from secagg.cli import main
+from secagg.errors import ConfigError
+
+TINY = SyntheticShops(num_shops=4, customers_per_shop=40, min_customers=30, num_items=60)
+
+
+def config(tmp_path, **options) -> ExperimentConfig:
+    base = dict(dataset="shops", num_clients=4, partition="natural", model="mf", hidden=4, rounds=2,
+                clients_per_round=4, local_epochs=1, batch_size=16, lr=1.0, protection="none",
+                update_clip=100.0, out_dir=str(tmp_path / "run"), name="shops", deterministic=True)
+    base.update(options)
+    return ExperimentConfig.from_dict(base)
+
+
+def federation(cfg: ExperimentConfig, data, **kwargs) -> ShopsFederation:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deterministic = true warns, as it must
+        return ShopsFederation(cfg, data=data, **kwargs)
+
+
+class Recording(PlainAggregator):
+    """The plain sum, keeping a copy of every vector the shops hand to the protocol."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "seen", [])
+
+    def aggregate(self, vectors, **kwargs):
+        self.seen.append(np.array(vectors))
+        return super().aggregate(vectors, **kwargs)
+
+
+def test_a_shop_uploads_only_the_item_table_and_keeps_its_customers(tmp_path):
+    data = generate_shops(TINY, seed=0)
+    recorder = Recording()
+    fed = federation(config(tmp_path), data, aggregator=recorder)
+    fed.run()
+    table = data.num_items * (4 + 1)
+    for vectors in recorder.seen:
+        assert vectors.shape == (4, table + 1)  # item factors + biases + the FedAvg weight, nothing else
+        for shop in range(4):
+            factors = vectors[shop, :data.num_items * 4].reshape(data.num_items, 4)
+            # items the shop does not sell are exact zeros: a dense vector with a sparse support
+            assert not factors[~data.catalogues[shop]].any() and factors[data.catalogues[shop]].any()
+    for shop in range(4):  # customer embeddings exist only in the shop's own state
+        assert fed.shops.users[shop].shape == (len(data.customers_of(shop)), 4)
+
+
+@pytest.mark.parametrize("protection", ["masking", "ckks"])
+def test_secure_aggregation_gives_the_plain_model(tmp_path, protection):
+    pytest.importorskip("tenseal") if protection == "ckks" else None
+    data = generate_shops(TINY, seed=1)
+    plain = federation(config(tmp_path / "plain", rounds=1), data)
+    plain.run()
+    secure = federation(config(tmp_path / "secure", rounds=1, protection=protection,
+                               threshold=3 if protection == "masking" else None), data)
+    summary = secure.run()
+    assert summary.rounds[0].included == [0, 1, 2, 3]
+    assert np.allclose(secure.params, plain.params, atol=1e-4)
+    assert summary.rounds[0].metrics["hr@10"] == pytest.approx(plain.last_ranking.hr, abs=0.02)
+
+
+def test_wrong_model_or_dataset_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="model 'mf'"):
+        ExperimentConfig.from_dict(dict(dataset="shops", model="logreg")).validate()
+    with pytest.raises(ConfigError, match="partition = 'natural'"):
+        federation(config(tmp_path, partition="iid"), generate_shops(TINY))
+    with pytest.raises(ConfigError, match="4 shops but num_clients = 5"):
+        federation(config(tmp_path, num_clients=5, clients_per_round=5), generate_shops(TINY))
+
+
+def test_demo_help_lists_shops(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "shops" in capsys.readouterr().out
