@@ -54,7 +54,7 @@ from federation.aggregators import (
     make_aggregator,
     protocol_available,
 )
-from federation.config import ExperimentConfig
+from federation.config import CUSTOM_PREFIX, ExperimentConfig
 from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
@@ -213,6 +213,11 @@ class Federation:
             if missing:
                 raise ConfigError(missing + "; use protection = 'none' until it is installed")
         if dataset is None and custom is None:
+            for key in ("dataset", "model"):
+                if str(getattr(config, key)).startswith(CUSTOM_PREFIX):
+                    raise ConfigError(
+                        f"{key} = {getattr(config, key)!r} records data or a model passed from Python; run the "
+                        "script that passed model= and client_data= again, or name a built-in one")
             check_available(config.dataset, config.data_dir)
         if config.deterministic:
             warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
@@ -641,6 +646,8 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         "epsilon": final.epsilon if final else 0.0, "delta": fed.config.delta if ledger else None,
         "protection": fed.config.protection, "dp": fed.config.dp, "num_params": summary.num_params,
         "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds),
+        "final_metrics": next((r.metrics for r in reversed(summary.rounds) if r.metrics), {}),
+        "out_dir": str(fed.out_dir),
         "ledger": str(fed.out_dir / LEDGER_FILE) if ledger else None,
         "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
     }
