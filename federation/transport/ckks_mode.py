@@ -129,8 +129,8 @@ def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
         server_certificate=ctx.server_certificate,
         certificates={cid: ctx.certificates[cid] for cid in ctx.participants},
     )
-    roster = Roster(ctx.round, tuple(ctx.participants), keyholder,
-                    {c: ctx.identity_keys[c] for c in ctx.participants}, ctx.identity_keys[keyholder])
+    roster = Roster(ctx.round, tuple(ctx.participants), (keyholder,),
+                    {c: ctx.identity_keys[c] for c in ctx.participants}, (ctx.identity_keys[keyholder],))
     session = ServerSession(config_of(directory), roster, ctx.server_identity)
     return CkksServerRound(session), wire.encode(directory)
 

@@ -197,3 +197,39 @@ class CkksRelease(Message):
     values: bytes  # little-endian float64
     included: tuple[int, ...]  # party indices
     weight_sum: float
+
+
+@message
+class CkksPublicContexts(Message):
+    """Server -> clients of a split round: every key holder's sealed public context, in order."""
+
+    TYPE: ClassVar[str] = "ckks.public_contexts"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"contexts": MAX_CONTEXT_BYTES}
+
+    round: int
+    contexts: tuple[bytes, ...]
+
+
+@message
+class CkksSplitUpload(Message):
+    """Client -> server in a split round: one signed upload per key holder, in order."""
+
+    TYPE: ClassVar[str] = "ckks.split_upload"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"uploads": DEFAULT_MAX_BYTES}
+
+    round: int
+    uploads: tuple[bytes, ...]
+
+
+@message
+class CkksShareRelease(Message):
+    """Key holder -> server in a split round (sealed): its decrypted sum of shares, uniform
+    modulo t on its own; the server combines every key holder's share."""
+
+    TYPE: ClassVar[str] = "ckks.share_release"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"fingerprint": FINGERPRINT_BYTES}
+
+    round: int
+    values: bytes  # little-endian int64 residues
+    included: tuple[int, ...]  # party indices
+    fingerprint: bytes

@@ -12,7 +12,9 @@ Every link (in process, gRPC) drives these sessions and only moves their bytes:
 The key holder generates the round's keys, verifies every upload in the sum before it
 decrypts (see :class:`~secagg.ckks.roles.KeyHolder`) and releases the plaintext sum; over
 the network it is also a participant with its own update (:class:`ClientSession` runs a
-:class:`KeyHolderSession` inside). Each session has an explicit stage, a transition table
+:class:`KeyHolderSession` inside). A split BFV round (``key_holders`` > 1) has one key
+holder per key: clients upload one share per key holder, each key holder releases its
+decrypted share, and the server combines them (:func:`~secagg.ckks.roles.combine_shares`). Each session has an explicit stage, a transition table
 and sticky failure: once a session failed it stays failed and every later call raises
 :class:`~secagg.errors.SessionAborted`. A client message the server refuses raises a
 typed error from :meth:`ServerSession.receive` and changes nothing (the client is listed
@@ -45,10 +47,22 @@ from secagg.ckks.messages import (
     CkksContexts,
     CkksDecryptRequest,
     CkksDirectory,
+    CkksPublicContexts,
     CkksRelease,
+    CkksShareRelease,
+    CkksSplitUpload,
 )
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import HeClient, HeServer, KeyHolder, RoundConfig
+from secagg.ckks.roles import (
+    DecryptedShare,
+    DecryptedSum,
+    HeClient,
+    HeServer,
+    KeyHolder,
+    RoundConfig,
+    SplitClient,
+    combine_shares,
+)
 from secagg.errors import (
     ConfigError,
     InvalidSignature,
@@ -74,17 +88,22 @@ def _no_timer(_phase: str) -> AbstractContextManager:
 class Roster:
     """Who takes part in one round and the Ed25519 keys their messages are checked against.
 
-    Party ``i`` of the :class:`RoundConfig` is client ``participants[i]``. Each party builds
-    its roster from a source it trusts (certificates checked against its CA, or its own
-    configuration), never from what the server claims unchecked.
+    Party ``i`` of the :class:`RoundConfig` is client ``participants[i]``; ``keyholders``
+    (one, or ``config.key_holders`` in a split round) are ids too, in key order. Each party
+    builds its roster from a source it trusts (certificates checked against its CA, or its
+    own configuration), never from what the server claims unchecked.
     """
 
     round: int
     participants: tuple[int, ...]
-    keyholder: int
+    keyholders: tuple[int, ...]
     client_keys: Mapping[int, bytes]  # participant id -> identity key
-    keyholder_key: bytes
+    keyholder_keys: tuple[bytes, ...]  # in the order of ``keyholders``
     server_key: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.keyholders) != len(self.keyholder_keys) or len(set(self.keyholders)) != len(self.keyholders):
+            raise ConfigError("a roster needs one identity key per key holder, each key holder once")
 
     @property
     def party_keys(self) -> dict[int, bytes]:
@@ -136,62 +155,70 @@ SERVER_NEXT: dict[ServerStage, ServerStage] = {
 
 
 class ServerSession:
-    """The server's part: relay the key holder's contexts, add uploads, have the sum decrypted.
+    """The server's part: relay the key holders' contexts, add uploads, have the sum decrypted.
 
-    The server holds no key (:class:`~secagg.ckks.roles.HeServer`).
+    The server holds no key (one :class:`~secagg.ckks.roles.HeServer` per key holder). In
+    a split round it combines the key holders' decrypted shares (:func:`combine_shares`
+    checks their range and check slots, as a single key holder does).
     """
 
     def __init__(self, config: RoundConfig, roster: Roster, identity: IdentityKey | None, *,
                  timer: Timer | None = None) -> None:
         if len(roster.participants) != config.n_clients:
             raise ConfigError(f"the roster lists {len(roster.participants)} participants, the round {config.n_clients}")
+        if len(roster.keyholders) != config.key_holders:
+            raise ConfigError(f"the roster lists {len(roster.keyholders)} key holders, the round {config.key_holders}")
         self.config, self.roster = config, roster
-        self.identity = identity or IdentityKey.generate()  # the key holder checks the aggregate against it
+        self.identity = identity or IdentityKey.generate()  # the key holders check the aggregate against it
         self.stage = ServerStage.CONTEXT
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
         self._timer = timer or _no_timer
+        self._split = config.key_holders > 1
         self._started = False
-        self._contexts: CkksContexts | None = None
-        self._he: HeServer | None = None
-        self._release: CkksRelease | None = None
+        self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
+        self._he: tuple[HeServer, ...] = ()  # one per key holder, in roster order
+        self._releases: dict[int, CkksRelease | CkksShareRelease] = {}
+        self._result: DecryptedSum | None = None
 
     @property
     def done(self) -> bool:
         return self.stage is ServerStage.DONE
 
     @property
-    def he_server(self) -> HeServer | None:
-        """The key-less role once the contexts arrived (its ``tenseal_context`` for baselines)."""
+    def he_servers(self) -> tuple[HeServer, ...]:
+        """The key-less roles (one per key holder) once the contexts arrived."""
         return self._he
 
     def start(self) -> dict[int, bytes]:
-        """The context request for the key holder (once)."""
+        """The context request for every key holder (once)."""
         self._alive()
         if self._started:
             raise ReplayError("the round was already started")
         self._started = True
-        return {self.roster.keyholder: wire.encode(CkksContextRequest(round=self.roster.round))}
+        request = wire.encode(CkksContextRequest(round=self.roster.round))
+        return {h: request for h in self.roster.keyholders}
 
     def awaiting(self) -> frozenset[int]:
         """Who the current stage still waits for."""
         r, s = self.roster, self.stage
         waiting: set[int] = set()
-        if s is ServerStage.CONTEXT and self._contexts is None:
-            waiting = {r.keyholder}
-        elif s is ServerStage.UPLOAD and self._he is not None:
-            waiting = set(r.participants) - {r.participants[i] for i in self._he.included}
-        elif s is ServerStage.DECRYPT and self._release is None:
-            waiting = {r.keyholder}
+        if s is ServerStage.CONTEXT:
+            waiting = set(r.keyholders) - set(self._contexts)
+        elif s is ServerStage.UPLOAD and self._he:
+            waiting = set(r.participants) - {r.participants[i] for i in self._he[0].included}
+        elif s is ServerStage.DECRYPT:
+            waiting = set(r.keyholders) - set(self._releases)
         return frozenset(waiting - set(self.rejected))
 
     def max_payload_bytes(self) -> int:
         """Largest message one client may send at the current stage (a link refuses more at once)."""
+        k = self.config.key_holders
         if self.stage is ServerStage.CONTEXT:
             return MAX_CONTEXTS_BYTES
         if self.stage is ServerStage.UPLOAD:
-            return self.config.max_message_bytes
-        return 8 * self.config.dim + (64 << 10)  # the released float64 sum
+            return k * self.config.max_message_bytes + (64 << 10)
+        return 8 * sum(self.config.chunk_sizes) + (64 << 10)  # the released sum (or share)
 
     def receive(self, client_id: int, payload: bytes) -> None:
         """Check and take one client's message; a refused one raises and changes nothing."""
@@ -224,11 +251,9 @@ class ServerSession:
     def outcome(self) -> Outcome:
         if not self.done:
             raise ReplayError(f"the round has no outcome (stage {self.stage.value!r})")
-        r, release = self.roster, self._release
-        included = tuple(sorted(r.participants[i] for i in release.included))
-        weight_sum = release.weight_sum if self.config.weighted else None
-        return Outcome(np.frombuffer(release.values, dtype="<f8").copy(), included, weight_sum,
-                       self.config.error_bound(len(release.included)))
+        result = self._result
+        included = tuple(sorted(self.roster.participants[i] for i in result.included))
+        return Outcome(result.values, included, result.weight_sum, result.error_bound)
 
     def _alive(self) -> None:
         if self.stage is ServerStage.FAILED:
@@ -236,47 +261,79 @@ class ServerSession:
         if self.stage is ServerStage.DONE:
             raise ReplayError("the round already finished")
 
-    def _from_keyholder(self, payload: bytes, expect):
-        r = self.roster
-        _, msg = wire.open_sealed(payload, {r.keyholder: r.keyholder_key}.get, expect=expect)
-        if msg.round != r.round:
-            raise ReplayError(f"key holder message of round {msg.round} in round {r.round}")
+    def _from_keyholder(self, client_id: int, payload: bytes, expect):
+        key = self.roster.keyholder_keys[self.roster.keyholders.index(client_id)]
+        _, msg = wire.open_sealed(payload, {client_id: key}.get, expect=expect)
+        if msg.round != self.roster.round:
+            raise ReplayError(f"key holder message of round {msg.round} in round {self.roster.round}")
         return msg
 
     def _take_contexts(self, client_id: int, payload: bytes) -> None:
-        self._contexts = self._from_keyholder(payload, CkksContexts)
+        self._contexts[client_id] = self._from_keyholder(client_id, payload, CkksContexts)
 
     def _take_upload(self, client_id: int, payload: bytes) -> None:
         party = self.roster.participants.index(client_id)
         with self._timer("server.receive"):
-            self._he.receive(payload, sender=party)
+            if self._split:
+                msg = wire.decode(payload, max_bytes=self.max_payload_bytes(), expect=CkksSplitUpload)
+                if msg.round != self.roster.round or len(msg.uploads) != len(self._he):
+                    raise ReplayError(f"client {client_id}'s upload is not one upload per key holder for this round")
+                parts = msg.uploads
+            else:
+                parts = (payload,)
+            # every part is checked before any is added: the key holders' sums cover the same clients
+            checked = [he.check(part, sender=party) for he, part in zip(self._he, parts)]
+            for he, c in zip(self._he, checked):
+                he.commit(c)
 
     def _take_release(self, client_id: int, payload: bytes) -> None:
-        release = self._from_keyholder(payload, CkksRelease)
-        if len(release.values) != 8 * self.config.dim:
-            raise WireError(f"the released sum has {len(release.values) // 8} values, the round {self.config.dim}")
-        if tuple(sorted(release.included)) != tuple(sorted(self._he.included)):
+        he = self._he[self.roster.keyholders.index(client_id)]
+        release = self._from_keyholder(client_id, payload, CkksShareRelease if self._split else CkksRelease)
+        size = sum(self.config.chunk_sizes) if self._split else self.config.dim
+        if len(release.values) != 8 * size:
+            raise WireError(f"the released sum has {len(release.values) // 8} values, the round {size}")
+        if tuple(sorted(release.included)) != tuple(sorted(he.included)):
             raise RemoteProtocolError("the key holder released a sum over other clients than the server's", client_id)
-        self._release = release
+        if self._split and release.fingerprint != he.fingerprint:
+            raise RemoteProtocolError("the key holder released a share under another key", client_id)
+        self._releases[client_id] = release
 
     def _open_uploads(self) -> dict[int, bytes]:
-        if self._contexts is None:
-            raise NotEnoughSurvivors("the key holder did not send the round's keys; nothing can be aggregated")
         r = self.roster
+        if len(self._contexts) != len(r.keyholders):
+            raise NotEnoughSurvivors("the key holder did not send the round's keys; nothing can be aggregated")
+        contexts = [self._contexts[h] for h in r.keyholders]
         with self._timer("server.setup"):
-            self._he = HeServer(self.config, self._contexts.for_server, r.keyholder_key, r.party_keys,
-                                identity=self.identity)
-        return {c: self._contexts.for_clients for c in r.participants}
+            self._he = tuple(HeServer(self.config, c.for_server, key, r.party_keys, identity=self.identity)
+                             for c, key in zip(contexts, r.keyholder_keys))
+        if self._split:
+            public = wire.encode(CkksPublicContexts(r.round, tuple(c.for_clients for c in contexts)))
+        else:
+            public = contexts[0].for_clients
+        return {c: public for c in r.participants}
 
     def _request_decryption(self) -> dict[int, bytes]:
         with self._timer("server.aggregate"):
-            aggregate = self._he.aggregate()  # NotEnoughSurvivors below min_clients
-        request = CkksDecryptRequest(self.roster.round, aggregate, self._he.uploads)
-        return {self.roster.keyholder: wire.encode(request)}
+            aggregates = [he.aggregate() for he in self._he]  # NotEnoughSurvivors below min_clients
+        return {h: wire.encode(CkksDecryptRequest(self.roster.round, a, he.uploads))
+                for h, a, he in zip(self.roster.keyholders, aggregates, self._he)}
 
     def _finish(self) -> dict[int, bytes]:
-        if self._release is None:
+        r, cfg = self.roster, self.config
+        if len(self._releases) != len(r.keyholders):
             raise NotEnoughSurvivors("the key holder did not return the decrypted sum")
+        if self._split:
+            shares = [DecryptedShare(np.frombuffer(self._releases[h].values, dtype="<i8").astype(np.int64),
+                                     tuple(self._releases[h].included), self._releases[h].fingerprint)
+                      for h in r.keyholders]
+            with self._timer("server.combine"):
+                self._result = combine_shares(cfg, shares)  # range and check slots of the combined sum
+        else:
+            release = self._releases[r.keyholders[0]]
+            included = tuple(sorted(release.included))
+            self._result = DecryptedSum(np.frombuffer(release.values, dtype="<f8").copy(), included,
+                                        release.weight_sum if cfg.weighted else None,
+                                        cfg.error_bound(len(included)))
         return {}
 
 
@@ -317,16 +374,18 @@ class _Sticky:
 
 
 class KeyHolderSession(_Sticky):
-    """The key holder's part: keys on request, then one verified decryption.
+    """One key holder's part: keys on request, then one verified decryption.
 
-    Sends its contexts and release sealed with its id ``roster.keyholder``; the uploads in
-    the sum are checked against ``roster.party_keys`` and the aggregate against
-    ``roster.server_key``, both from the key holder's trusted roster.
+    ``keyholder`` is its id in ``roster.keyholders``; it seals its contexts and its
+    release with that id. The uploads in the sum are checked against ``roster.party_keys``
+    and the aggregate against ``roster.server_key``, both from its own trusted roster.
     """
 
-    def __init__(self, config: RoundConfig, roster: Roster, identity: IdentityKey, *,
+    def __init__(self, config: RoundConfig, roster: Roster, keyholder: int, identity: IdentityKey, *,
                  timer: Timer | None = None) -> None:
-        self.config, self.roster, self.identity = config, roster, identity
+        if keyholder not in roster.keyholders:
+            raise ConfigError(f"{keyholder} is not a key holder of this round")
+        self.config, self.roster, self.id, self.identity = config, roster, keyholder, identity
         self.stage = KeyHolderStage.REQUEST
         self.holder: KeyHolder | None = None
         self._timer = timer or _no_timer
@@ -347,7 +406,7 @@ class KeyHolderSession(_Sticky):
         with self._timer("keyholder.keygen"):
             self.holder = KeyHolder(self.config, identity=self.identity)
             reply = CkksContexts(r.round, self.holder.context_for_clients(), self.holder.context_for_server())
-        return wire.seal(reply, r.keyholder, self.identity)
+        return wire.seal(reply, self.id, self.identity)
 
     def _decrypt(self, payload: bytes) -> bytes:
         r = self.roster
@@ -359,10 +418,16 @@ class KeyHolderSession(_Sticky):
         with self._timer("keyholder.verify"):
             verified = self.holder.verify(request.aggregate, r.server_key, request.uploads, r.party_keys)
         with self._timer("keyholder.release"):
-            result = self.holder.release(verified)
-        weight_sum = 0.0 if result.weight_sum is None else float(result.weight_sum)
-        reply = CkksRelease(r.round, result.values.astype("<f8").tobytes(), tuple(result.included), weight_sum)
-        return wire.seal(reply, r.keyholder, self.identity)
+            if self.config.key_holders > 1:
+                share = self.holder.release_share(verified)
+                reply = CkksShareRelease(r.round, share.values.astype("<i8").tobytes(), tuple(share.included),
+                                         share.fingerprint)
+            else:
+                result = self.holder.release(verified)
+                weight_sum = 0.0 if result.weight_sum is None else float(result.weight_sum)
+                reply = CkksRelease(r.round, result.values.astype("<f8").tobytes(), tuple(result.included),
+                                    weight_sum)
+        return wire.seal(reply, self.id, self.identity)
 
 
 # --------------------------------------------------------------------------- client
@@ -370,13 +435,13 @@ class KeyHolderSession(_Sticky):
 
 class ClientStage(enum.Enum):
     REQUEST = "request"  # key holder only: waits for the context request
-    CONTEXT = "context"  # waits for the public context, then uploads
+    CONTEXT = "context"  # waits for the public context(s), then uploads
     DECRYPT = "decrypt"  # key holder only: waits for the sum to decrypt
     DONE = "done"
     FAILED = "failed"
 
 
-CLIENT_NEXT: dict[bool, dict[ClientStage, ClientStage]] = {  # keyed by "is the key holder"
+CLIENT_NEXT: dict[bool, dict[ClientStage, ClientStage]] = {  # keyed by "is a key holder"
     False: {ClientStage.CONTEXT: ClientStage.DONE},
     True: {ClientStage.REQUEST: ClientStage.CONTEXT, ClientStage.CONTEXT: ClientStage.DECRYPT,
            ClientStage.DECRYPT: ClientStage.DONE},
@@ -384,10 +449,10 @@ CLIENT_NEXT: dict[bool, dict[ClientStage, ClientStage]] = {  # keyed by "is the 
 
 
 class ClientSession(_Sticky):
-    """One participant: encrypt and upload its update under the key holder's public key.
+    """One participant: encrypt and upload its update under the key holders' public keys.
 
-    When this client is the round's key holder (``roster.keyholder == client_id``) it also
-    answers the context request and the decrypt request through a :class:`KeyHolderSession`.
+    When this client is one of the round's key holders it also answers the context request
+    and the decrypt request through a :class:`KeyHolderSession`.
     """
 
     def __init__(self, config: RoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
@@ -397,8 +462,8 @@ class ClientSession(_Sticky):
             raise ConfigError("this client is not a participant of the round")
         self.config, self.roster, self.client_id, self.identity = config, roster, client_id, identity
         self.update, self.weight, self.precompute = update, weight, precompute
-        self.is_holder = client_id == roster.keyholder
-        self.keyholder = KeyHolderSession(config, roster, identity, timer=timer) if self.is_holder else None
+        self.is_holder = client_id in roster.keyholders
+        self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
         self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
         self._timer = timer or _no_timer
 
@@ -413,16 +478,24 @@ class ClientSession(_Sticky):
         return self._step(handlers, CLIENT_NEXT[self.is_holder], payload)
 
     def _upload(self, payload: bytes) -> bytes:
-        r = self.roster
+        r, party = self.roster, self.roster.participants.index(self.client_id)
+        split = self.config.key_holders > 1
         with self._timer("client.setup"):
-            client = HeClient(r.participants.index(self.client_id), self.config, payload, r.keyholder_key,
-                              identity=self.identity)
+            if split:
+                msg = wire.decode(payload, expect=CkksPublicContexts)
+                if msg.round != r.round:
+                    raise ReplayError(f"public contexts of round {msg.round} in round {r.round}")
+                client = SplitClient(party, self.config, msg.contexts, r.keyholder_keys, identity=self.identity)
+            else:
+                client = HeClient(party, self.config, payload, r.keyholder_keys[0], identity=self.identity)
         if self.precompute:  # the library's fast path: encryptions of zero, then encode and add
             with self._timer("client.precompute"):
                 client.precompute()
         with self._timer("client.encrypt"):
             chunks = client.encrypt_chunks(self.update, weight=self.weight)
         with self._timer("client.sign"):
+            if split:
+                return wire.encode(CkksSplitUpload(r.round, client.seal_uploads(chunks)))
             return client.seal_upload(chunks)
 
 
@@ -474,7 +547,8 @@ def client_from_directory(directory: CkksDirectory, *, round: int, client_id: in
     x = np.clip(np.asarray(update, dtype=np.float64).ravel(), -d.value_bound, d.value_bound)
     if x.size != d.dim:
         raise ConfigError(f"this client's update has {x.size} values, the round expects {d.dim}")
-    roster = Roster(d.round, tuple(d.participants), d.keyholder, client_keys, holder_key, server.identity_public_key)
+    roster = Roster(d.round, tuple(d.participants), (d.keyholder,), client_keys, (holder_key,),
+                    server.identity_public_key)
     return ClientSession(config, roster, client_id, identity, x)
 
 

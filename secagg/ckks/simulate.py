@@ -17,15 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import (
-    KEYHOLDER_ID,
-    HeServer,
-    KeyHolder,
-    RoundConfig,
-    SplitClient,
-    combine_shares,
-    new_round_id,
-)
+from secagg.ckks.roles import RoundConfig, new_round_id
 from secagg.ckks.session import (
     ClientSession,
     KeyHolderSession,
@@ -107,18 +99,16 @@ def aggregate_ckks(
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
     round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
                         key_holders=key_holders, **grid)
-    split = key_holders > 1
 
     if keyholders is not None and len(keyholders) != key_holders:
         raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
-    identities = {i: IdentityKey.generate() for i in range(n)}
     times = PhaseTimes()
-    if split:
-        result, upload_bytes = _split_round(round, x, skip, fractions, precompute, keyholders, identities, times)
-        total, error, weight_sum, included = result.values, result.error_bound, result.weight_sum, result.included
-    else:
-        out, upload_bytes = _single_round(round, x, skip, fractions, precompute, keyholders, identities, times)
-        total, error, weight_sum, included = out.total, out.error_bound, out.weight_sum, out.included
+    server, parties = round_sessions(round, x, skip=skip, fractions=fractions, precompute=precompute,
+                                     keyholders=keyholders, timer=times)
+    out = run_round(server, parties)
+    total, error, weight_sum = out.total, out.error_bound, out.weight_sum
+    # bytes one client uploads: its part for every key holder
+    upload_bytes = sum(float(np.mean([len(u) for u in he.uploads])) for he in server.he_servers)
     senders = max(n - len(skip), 1)
     timings = {
         "keyholder.keygen": times["keyholder.keygen"],
@@ -127,7 +117,7 @@ def aggregate_ckks(
         "client.precompute": times["client.precompute"] / senders,
         "client.encrypt": (times["client.encrypt"] + times["client.sign"]) / senders,
         "server.sum": times["server.receive"] + times["server.aggregate"],
-        "keyholder.decrypt": times["keyholder.verify"] + times["keyholder.release"],
+        "keyholder.decrypt": times["keyholder.verify"] + times["keyholder.release"] + times["server.combine"],
     }
     extra: dict[str, float] = {}
     if fractions is not None:
@@ -137,7 +127,7 @@ def aggregate_ckks(
         extra["weight_sum"] = float(weight_sum) * w_total
     return AggregateResult(
         total=total,
-        included=included,
+        included=out.included,
         bytes_up_per_param=upload_bytes / d,
         timings=timings,
         protocol="ckks",
@@ -191,21 +181,23 @@ def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | Cl
     return server.outcome()
 
 
-def single_round_sessions(
-    round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(), fractions: np.ndarray | None = None,
-    precompute: bool = True, keyholder: IdentityKey | None = None,
-    identities: Mapping[int, IdentityKey] | None = None, timer: Timer | None = None,
+def round_sessions(
+    round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
+    fractions: np.ndarray | None = None, precompute: bool = True, keyholders: Sequence[IdentityKey] | None = None,
+    timer: Timer | None = None,
 ) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:
-    """The server and parties of an in-process round: rows are clients 0..n-1, the key holder
-    is the separate party :data:`KEYHOLDER_ID` (it contributes no update here)."""
-    n = updates.shape[0]
-    identities = identities or {i: IdentityKey.generate() for i in range(n)}
-    holder = keyholder or IdentityKey.generate()
+    """The server and parties of an in-process round. Rows are clients 0..n-1; the key
+    holders are separate parties n, n+1, ... (they contribute no update here) with the
+    identities ``keyholders`` (default: fresh ones), which every client's roster pins.
+    Clients in ``skip`` are left out (they never answer)."""
+    n, k = updates.shape[0], round.key_holders
+    identities = [IdentityKey.generate() for _ in range(n)]
+    holders = list(keyholders) if keyholders is not None else [IdentityKey.generate() for _ in range(k)]
     server_identity = IdentityKey.generate()
-    roster = Roster(0, tuple(range(n)), KEYHOLDER_ID, {i: identities[i].public_bytes for i in range(n)},
-                    holder.public_bytes, server_identity.public_bytes)
+    roster = Roster(0, tuple(range(n)), tuple(range(n, n + k)), {i: ident.public_bytes for i, ident in enumerate(identities)},
+                    tuple(h.public_bytes for h in holders), server_identity.public_bytes)
     parties: dict[int, KeyHolderSession | ClientSession] = {
-        KEYHOLDER_ID: KeyHolderSession(round, roster, holder, timer=timer)
+        n + j: KeyHolderSession(round, roster, n + j, ident, timer=timer) for j, ident in enumerate(holders)
     }
     for i in range(n):
         if i not in skip:
@@ -213,51 +205,6 @@ def single_round_sessions(
             parties[i] = ClientSession(round, roster, i, identities[i], updates[i], weight=weight,
                                        precompute=precompute, timer=timer)
     return ServerSession(round, roster, server_identity, timer=timer), parties
-
-
-def _single_round(round, x, skip, fractions, precompute, keyholders, identities, times) -> tuple[Outcome, float]:
-    server, parties = single_round_sessions(
-        round, x, skip=skip, fractions=fractions, precompute=precompute,
-        keyholder=keyholders[0] if keyholders else None, identities=identities, timer=times,
-    )
-    outcome = run_round(server, parties)
-    return outcome, float(np.mean([len(u) for u in server.he_server.uploads]))
-
-
-def _split_round(round, x, skip, fractions, precompute, keyholders, identities, times):
-    """Split-trust BFV round (k key holders, one key-less sum per key); uploads sent per key holder."""
-    k = round.key_holders
-    client_keys = {i: ident.public_bytes for i, ident in identities.items()}
-    with times("keyholder.keygen"):
-        holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * k)]
-        client_ctxs = [h.context_for_clients() for h in holders]
-        server_ctxs = [h.context_for_server() for h in holders]
-    # the clients' pinned key-holder keys come from the caller's argument when it names them
-    holder_keys = [ident.public_bytes for ident in keyholders] if keyholders else [h.public_key for h in holders]
-    with times("server.setup"):
-        servers = [HeServer(round, ctx, key, client_keys) for ctx, key in zip(server_ctxs, holder_keys)]
-    uploads = []
-    for i in range(x.shape[0]):
-        if i in skip:
-            continue
-        with times("client.setup"):
-            client = SplitClient(i, round, client_ctxs, holder_keys, identities[i])
-        if precompute:
-            with times("client.precompute"):
-                client.precompute()
-        with times("client.encrypt"):
-            uploads.append(client.encrypt(x[i], weight=None if fractions is None else float(fractions[i])))
-    with times("server.receive"):
-        aggregates = []
-        for j, server in enumerate(servers):
-            for parts in uploads:
-                server.receive(parts[j])
-            aggregates.append(server.aggregate())
-    with times("keyholder.verify"):  # each key holder re-adds the uploads its server state added
-        shares = [h.decrypt_share(a, s.public_key, s.uploads, client_keys)
-                  for h, a, s in zip(holders, aggregates, servers)]
-    result = combine_shares(round, shares)
-    return result, float(np.mean([sum(map(len, u)) for u in uploads]))
 
 
 def _dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> tuple[dict[str, tuple[int, ...]], set[int]]:
