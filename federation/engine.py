@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -310,10 +310,34 @@ class Federation:
     @property
     def spend_note(self) -> str:
         """The note every reservation carries; says loudly when the noise is not private."""
-        note = f"{self.config.name}: {self.config.dp}, {self.config.protection}"
+        note = (f"{self.config.name}: {self.config.dp}, {self.config.protection}; "
+                f"config {self.config.fingerprint()}, {code_version()}")
         if self.config.deterministic:
             note = f"{DETERMINISTIC_NOTE} {note}"
         return note
+
+    def report_context(self, rounds: int) -> dict:
+        """What the privacy report needs beyond the ledger: run identity, n, batch, per-site budgets."""
+        from privacy.accountant import epsilon_of_events
+        from privacy.events import dpsgd_event
+
+        c = self.config
+        ctx: dict = {"config_hash": c.fingerprint(), "code_version": code_version(),
+                     "batch_size": c.batch_size, "ledger_key": str(self.ledger_key_path())}
+        if c.dp == "dpsgd":
+            ctx["n"] = max(self.sizes)
+            acc, sites, cache = enforcing_accountant(c), [], {}
+            for k, n_k in enumerate(self.sizes[:MAX_REPORTED_SITES]):
+                q, steps = self.local.sample_rate(n_k), self.local.steps(n_k)
+                if (q, steps) not in cache:  # each site as if it took part in every round (a bound)
+                    ev = dpsgd_event(noise_multiplier=c.noise_multiplier, sample_rate=q, steps=steps)
+                    cache[q, steps] = epsilon_of_events([ev] * max(rounds, 0), delta=c.delta, accountant=acc)
+                sites.append({"site": k, "records": n_k, "sample_rate": q, "steps_per_round": steps,
+                              "epsilon": cache[q, steps]})
+            ctx["sites"] = sites
+        elif c.dp in ("user", "user-distributed"):
+            ctx["n"] = c.num_clients
+        return ctx
 
     def reserve_budget(self, ledger: Ledger | None, rnd: int, participants: int) -> tuple[LedgerEntry | None, float]:
         """Write-ahead: record the round's spend before any client trains.
@@ -618,6 +642,24 @@ class Federation:
                 on_round(result)
 
 
+MAX_REPORTED_SITES = 50
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``secagg <version>`` and, when run from a git checkout, its commit."""
+    import subprocess
+
+    from secagg import __version__
+
+    try:
+        sha = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"secagg {__version__}" + (f" (git {sha})" if sha else "")
+
+
 def enforcing_accountant(config: ExperimentConfig) -> str:
     """The accountant that enforces the budget: the configured one, except for distributed
     discrete Gaussian noise, which only RDP has a proof for (PRV/PLD would treat it as Gaussian)."""
@@ -654,7 +696,8 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
     if ledger is not None:
         data["ledger_head"] = ledger.verify().head
         data["ledger_key"] = str(fed.ledger_key_path())
-        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key())
+        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key(),
+                    context=fed.report_context(len(summary.rounds)))
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
     write_metrics_csv(fed.out_dir, summary.rounds)
     write_model(fed.out_dir, fed.global_model())

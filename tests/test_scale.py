@@ -68,7 +68,7 @@ def test_cached_public_keys_still_refuse_bad_keys_and_bad_signatures():
 
 # -- large vectors: views instead of copies, chunks instead of whole-vector temporaries ----
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(bits=st.integers(8, 32), data=st.data())
 def test_int32_view_decode_equals_the_int64_centred_lift(bits, data):
     codec = FixedPointCodec(clip=1.0, scale=3.0, bits=bits)
