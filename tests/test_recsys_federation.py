@@ -108,24 +108,20 @@ def test_shops_demo_runs_through_the_cli_with_ledger_report_and_comparison(tmp_p
 
 
 @pytest.mark.slow
-def test_masking_and_customer_dp_beat_every_shop_alone_on_the_scenario_data(tmp_path):
-    """The reason to federate, under masking + customer-level DP-SGD, on the scenario's synthetic
-    data. Deterministic: the data, batches, DP noise (deterministic = true) and masks all come from
-    the fixed seeds, so the margin is a fixed number for these seeds, not a statistic.
-
-    Noise multiplier 0.5 (epsilon about 80 at delta 1e-5): at the demo's 1.5 (epsilon ~10) the
-    federated model does not beat the shops alone on 3,443 customers (docs/recommendation.md).
-    """
-    cfg = scenario_config("shops")
-    for key, value in dict(noise_multiplier=0.5, max_grad_norm=0.3, budget_epsilon=1000.0, deterministic=True,
-                           eval_every=20, out_dir=str(tmp_path / "run")).items():
-        cfg.set(key, value)
+def test_masked_federation_beats_every_shop_alone_on_the_scenario_data(tmp_path):
+    """The reason to federate, on the scenario's synthetic data with masking (no DP: at this size
+    customer-level DP costs more than federating gains; docs/recommendation.md has the figures).
+    Deterministic: the data, batches and masks come from the fixed seeds, so the margins are fixed
+    numbers for these seeds, not statistics."""
+    cfg = scenario_config("shops", dp=False)
+    cfg.set("deterministic", True)
+    cfg.set("eval_every", 20)
+    cfg.set("out_dir", str(tmp_path / "run"))
     fed = federation(cfg, None)
     summary = fed.run()
     assert summary.rounds[-1].included == list(range(8)) and summary.config.protection == "masking"
-    alone = [train_mf(fed.data, fed.data.customers_of(s), dim=cfg.hidden, epochs=cfg.rounds, batch_size=cfg.batch_size,
-                      lr=cfg.lr, l2=L2, seed=cfg.seed + s) for s in range(8)]
+    alone = [train_mf(fed.data, fed.data.customers_of(s), dim=cfg.hidden, epochs=cfg.rounds,
+                      batch_size=cfg.batch_size, lr=cfg.lr, l2=L2, seed=cfg.seed + s) for s in range(8)]
     pooled_alone = sum(r.hits for r in alone) / fed.data.num_customers
-    print("federated", fed.last_ranking.hr, "alone", pooled_alone, [r.hr for r in alone],
-          [r.hr for r in fed.last_per_shop], summary.rounds[-1].epsilon)
-    assert fed.last_ranking.hr >= pooled_alone + 0.02
+    assert fed.last_ranking.hr >= pooled_alone + 0.03  # measured: 0.347 against 0.298
+    assert all(f.hr >= a.hr for f, a in zip(fed.last_per_shop, alone))  # and in every shop
