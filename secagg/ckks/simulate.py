@@ -1,9 +1,10 @@
 """``aggregate_ckks``: run one real CKKS (or BFV) round in process.
 
-Real keys, real ciphertexts, real signatures: a key holder, one client object per row and
-a key-less server exchange the same sealed bytes a deployment would send. The only
-shortcut is that simulated clients share one loaded copy of the (identical) public
-context.
+The in-process link: the same sessions the gRPC mode drives (:mod:`secagg.ckks.session`),
+moved by one loop, :func:`run_round`. Real keys, real ciphertexts, real signatures: the key
+holder(s), one client session per row and a key-less server exchange the same sealed bytes
+a deployment would send. The only shortcut is that simulated clients share one loaded copy
+of the (identical) public context.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def _run_masking(args: argparse.Namespace) -> int:
 def _run_ckks(args: argparse.Namespace) -> int:
     from secagg.bench.ckks import run_ckks_bench
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "mode", "json", "out", "_unavailable")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("func", "command", "mode", "json", "out") and not k.startswith("_")}
     from secagg.bench.limits import check_bench_size
 
     check_bench_size(clients=args.clients, dim=args.dim)
