@@ -10,9 +10,19 @@ Recipe::
                               out_dir="out/my-run")
     summary = Federation(config).run()
 
+Your own model and per-site data (every ExperimentConfig option is a keyword; see
+docs/quickstart.md)::
+
+    fed = Federation(model=make_model, client_data=[(x1, y1), (x2, y2)], test_data=(x, y),
+                     loss=torch.nn.CrossEntropyLoss(), protection="masking", dp="dpsgd",
+                     budget_epsilon=8.0, rounds=5, out_dir="out/mine")
+    summary = fed.run()
+    model = fed.global_model()
+
 Everything is checked when ``Federation`` is built, before any client trains. Submodules:
 ``engine`` (the round loop), ``strategies``, ``data``, ``models``, ``training``, ``aggregators``,
-``accounting``, ``checkpoint``, ``scenarios`` (the demos); ``transport`` holds the gRPC and Ray
+``accounting``, ``checkpoint``, ``scenarios`` (the demos), ``custom`` (the caller's own model,
+data and hooks), ``outputs`` (metrics.csv, model.pt); ``transport`` holds the gRPC and Ray
 backends. Importing ``federation`` is cheap: torch loads only when an engine piece is used.
 """
 

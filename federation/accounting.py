@@ -27,7 +27,7 @@ import numpy as np
 
 import privacy
 from privacy._checks import check_delta
-from privacy.events import SampledGaussianEvent, dpfedavg_event, dpsgd_event
+from privacy.events import SampledGaussianEvent, dpsgd_event
 from secagg.errors import ConfigError
 
 DP_MODES = ("none", "dpsgd", "user", "user-distributed")
@@ -49,6 +49,7 @@ class RoundAccountant:
         clip: float | None = None,
         accountant: str = "prv",
         distributed_event: SampledGaussianEvent | None = None,
+        dim: int | None = None,
     ) -> None:
         if mode not in DP_MODES:
             raise ConfigError(f"unknown dp mode {mode!r}; choose one of {', '.join(DP_MODES)}")
@@ -72,6 +73,7 @@ class RoundAccountant:
             {(min(1.0, batch_size / n), epochs * -(-n // batch_size)) for n in client_sizes}
         )
         self._q_user = client_sample_rate
+        self._dim = dim
 
     def round_event(self) -> SampledGaussianEvent:
         """The privacy event of one round, as the ledger records it.
@@ -87,8 +89,13 @@ class RoundAccountant:
             return self._worst_profile_event
         if self.mode == "user-distributed":
             return self._distributed_event
-        return dpfedavg_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
-                              rounds=1, clipping_norm=self.clip)
+        from privacy.dpfedavg import round_event
+
+        if self.clip is None:
+            raise ConfigError("user-level DP needs a clipping norm (update_clip > 0)")
+        # the central noise lives on a grid; the multiplier it really gives (see privacy.dpfedavg)
+        return round_event(noise_multiplier=self.noise_multiplier, client_sample_rate=self._q_user,
+                           clip_norm=self.clip, dim=self._dim)
 
     @cached_property
     def _worst_profile_event(self) -> SampledGaussianEvent:

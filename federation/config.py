@@ -29,10 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser, published as tomli
-    import tomli as tomllib
+import tomllib
 
 from federation.accounting import DP_MODES
 from federation.aggregators import PROTECTIONS, STAGES

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from federation.engine import Federation, RoundResult, RunSummary
+from federation.engine import SUMMARY_FILE, Federation, RoundResult, RunSummary
 
 
 def _bytes(n: float) -> str:
@@ -72,15 +72,8 @@ def print_summary(fed: Federation, summary: RunSummary, *, as_json: bool, noun: 
     c = fed.config
     out = summary.out_dir
     private = fed.accountant.is_private
-    final = summary.final
-    data = {
-        "event": "summary", "name": c.name, "rounds": len(summary.rounds),
-        "final_accuracy": summary.final_accuracy, "epsilon": final.epsilon if final else 0.0,
-        "delta": c.delta if private else None, "protection": c.protection, "dp": c.dp,
-        "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds), "out_dir": str(out),
-        "ledger": str(out / "ledger.db") if private else None,
-        "report": str(out / "privacy_report.html") if private else None,
-    }
+    # One schema: --json prints the summary.json the run wrote, tagged as the summary event.
+    data = {"event": "summary", **json.loads((out / SUMMARY_FILE).read_text())}
     if as_json:
         print(json.dumps(data), flush=True)
         return

@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -54,14 +54,14 @@ from federation.aggregators import (
     make_aggregator,
     protocol_available,
 )
-from federation.config import ExperimentConfig
+from federation.config import CUSTOM_PREFIX, ExperimentConfig
 from federation.custom import EvaluateHook, TrainHook, build_config, check_metrics, custom_setup
 from federation.data import Dataset, check_available, load_dataset, partition
 from federation.models import build_model, get_flat, num_params, set_flat
 from federation.outputs import write_metrics_csv, write_model
 from federation.strategies import Strategy
 from federation.training import ClientUpdate, LocalTraining, evaluate, train_client
-from privacy.dpfedavg import fixed_sample, poisson_sample
+from privacy.dpfedavg import add_gaussian_noise, fixed_sample, poisson_sample
 from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
 from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
@@ -213,6 +213,11 @@ class Federation:
             if missing:
                 raise ConfigError(missing + "; use protection = 'none' until it is installed")
         if dataset is None and custom is None:
+            for key in ("dataset", "model"):
+                if str(getattr(config, key)).startswith(CUSTOM_PREFIX):
+                    raise ConfigError(
+                        f"{key} = {getattr(config, key)!r} records data or a model passed from Python; run the "
+                        "script that passed model= and client_data= again, or name a built-in one")
             check_available(config.dataset, config.data_dir)
         if config.deterministic:
             warnings.warn("deterministic = true: DP noise and protocol keys are derived from the seed; "
@@ -233,7 +238,7 @@ class Federation:
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            loss=loss, train=train,
+            loss=loss, train=train, secure_noise=not config.deterministic,
         )
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
@@ -254,6 +259,7 @@ class Federation:
             clip=config.max_grad_norm if config.dp == "dpsgd" else config.update_clip,
             accountant=enforcing_accountant(config),
             distributed_event=None if self.noise_plan is None else self.noise_plan.event,
+            dim=len(self.params),
         )
         self.executor = executor or SequentialExecutor()
         self.aggregator = aggregator or make_aggregator(
@@ -263,8 +269,9 @@ class Federation:
                                  proximal_mu=config.proximal_mu, beta1=config.beta1,
                                  beta2=config.beta2, tau=config.tau)
         self.out_dir = Path(config.out_dir)
-        self._noise_rng = np.random.default_rng(
-            np.random.SeedSequence([config.seed, 0x5EC]) if config.deterministic else secrets.randbits(128))
+        # Central noise comes from os.urandom (rng None); deterministic test runs derive it from the seed.
+        self._noise_rng = (np.random.default_rng(np.random.SeedSequence([config.seed, 0x5EC]))
+                           if config.deterministic else None)
         self.check_budget()
 
     # ----------------------------------------------------------------- budget
@@ -303,10 +310,34 @@ class Federation:
     @property
     def spend_note(self) -> str:
         """The note every reservation carries; says loudly when the noise is not private."""
-        note = f"{self.config.name}: {self.config.dp}, {self.config.protection}"
+        note = (f"{self.config.name}: {self.config.dp}, {self.config.protection}; "
+                f"config {self.config.fingerprint()}, {code_version()}")
         if self.config.deterministic:
             note = f"{DETERMINISTIC_NOTE} {note}"
         return note
+
+    def report_context(self, rounds: int) -> dict:
+        """What the privacy report needs beyond the ledger: run identity, n, batch, per-site budgets."""
+        from privacy.accountant import epsilon_of_events
+        from privacy.events import dpsgd_event
+
+        c = self.config
+        ctx: dict = {"config_hash": c.fingerprint(), "code_version": code_version(),
+                     "batch_size": c.batch_size, "ledger_key": str(self.ledger_key_path())}
+        if c.dp == "dpsgd":
+            ctx["n"] = max(self.sizes)
+            acc, sites, cache = enforcing_accountant(c), [], {}
+            for k, n_k in enumerate(self.sizes[:MAX_REPORTED_SITES]):
+                q, steps = self.local.sample_rate(n_k), self.local.steps(n_k)
+                if (q, steps) not in cache:  # each site as if it took part in every round (a bound)
+                    ev = dpsgd_event(noise_multiplier=c.noise_multiplier, sample_rate=q, steps=steps)
+                    cache[q, steps] = epsilon_of_events([ev] * max(rounds, 0), delta=c.delta, accountant=acc)
+                sites.append({"site": k, "records": n_k, "sample_rate": q, "steps_per_round": steps,
+                              "epsilon": cache[q, steps]})
+            ctx["sites"] = sites
+        elif c.dp in ("user", "user-distributed"):
+            ctx["n"] = c.num_clients
+        return ctx
 
     def reserve_budget(self, ledger: Ledger | None, rnd: int, participants: int) -> tuple[LedgerEntry | None, float]:
         """Write-ahead: record the round's spend before any client trains.
@@ -456,7 +487,8 @@ class Federation:
         total = np.asarray(total, dtype=np.float64)
         if c.dp != "user":
             return total
-        return total + self._noise_rng.normal(0.0, c.noise_multiplier * c.update_clip, total.shape)
+        return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
+                                  rng=self._noise_rng)
 
     def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted.
@@ -610,6 +642,24 @@ class Federation:
                 on_round(result)
 
 
+MAX_REPORTED_SITES = 50
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``secagg <version>`` and, when run from a git checkout, its commit."""
+    import subprocess
+
+    from secagg import __version__
+
+    try:
+        sha = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"secagg {__version__}" + (f" (git {sha})" if sha else "")
+
+
 def enforcing_accountant(config: ExperimentConfig) -> str:
     """The accountant that enforces the budget: the configured one, except for distributed
     discrete Gaussian noise, which only RDP has a proof for (PRV/PLD would treat it as Gaussian)."""
@@ -638,13 +688,16 @@ def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) 
         "epsilon": final.epsilon if final else 0.0, "delta": fed.config.delta if ledger else None,
         "protection": fed.config.protection, "dp": fed.config.dp, "num_params": summary.num_params,
         "bytes_up_total": sum(r.bytes_up_total for r in summary.rounds),
+        "final_metrics": next((r.metrics for r in reversed(summary.rounds) if r.metrics), {}),
+        "out_dir": str(fed.out_dir),
         "ledger": str(fed.out_dir / LEDGER_FILE) if ledger else None,
         "report": str(fed.out_dir / REPORT_FILE) if ledger else None,
     }
     if ledger is not None:
         data["ledger_head"] = ledger.verify().head
         data["ledger_key"] = str(fed.ledger_key_path())
-        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key())
+        render_html(fed.out_dir / LEDGER_FILE, fed.out_dir / REPORT_FILE, key=fed.ledger_key(),
+                    context=fed.report_context(len(summary.rounds)))
     (fed.out_dir / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
     write_metrics_csv(fed.out_dir, summary.rounds)
     write_model(fed.out_dir, fed.global_model())

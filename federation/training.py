@@ -45,6 +45,9 @@ class LocalTraining:
     #: the caller's training step ``train(model, loader) -> mean loss | None`` (see
     #: federation.custom.TrainHook); None: SGD on ``loss``
     train: Callable[[nn.Module, torch.utils.data.DataLoader], float | None] | None = None
+    #: DP-SGD noise and Poisson batches from os.urandom (privacy.dpsgd.secure_noise); False
+    #: only for deterministic test runs, where they follow the task's seed
+    secure_noise: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -90,8 +93,9 @@ def train_client(
 ) -> ClientUpdate:
     """Train a fresh copy of the global model on (x, y); return delta = local - global.
 
-    ``seed`` fixes batch order and DP noise for reproducible experiments; None draws them from
-    torch's default generator.
+    ``seed`` fixes batch order for reproducible experiments; None draws it from torch's
+    default generator. DP-SGD noise and Poisson batches come from ``os.urandom`` unless
+    ``config.secure_noise`` is False (deterministic test runs: then from ``seed``).
     """
     model = build()
     set_flat(model, global_params)
@@ -110,15 +114,19 @@ def train_client(
     if config.dp_sgd:
         from opacus import PrivacyEngine
 
+        from privacy.dpsgd import secure_noise
+
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # opacus warns about secure RNG being off: we know
+            warnings.simplefilter("ignore")  # opacus warns about torchcsprng: secure_noise replaces it
             engine = PrivacyEngine(accountant="rdp")
-            noise_gen = None if seed is None else torch.Generator().manual_seed(seed + 1)
             train_model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-                noise_generator=noise_gen,
             )
+        if config.secure_noise:
+            secure_noise(optimizer, loader)
+        else:
+            secure_noise(optimizer, loader, seed=0 if seed is None else seed)
     params = list(model.parameters())
     train_model.train()
     with warnings.catch_warnings():

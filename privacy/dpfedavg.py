@@ -13,9 +13,14 @@ One round, central noise (the server, or a trusted aggregator, adds the noise):
 Under secure aggregation with no trusted party, use :mod:`privacy.distributed` instead
 (each client adds a share of integer noise).
 
-Noise is drawn from ``os.urandom`` (Box-Muller on 53-bit uniforms) unless a test passes
-``rng``. Floating-point Gaussian samplers are open to the attacks of Mironov (2012) /
-Jin et al. (2022) on the low-order bits; where that matters use the integer mechanisms.
+Noise (:func:`add_gaussian_noise`) is a discrete Gaussian on a grid of step
+``gamma = clip_norm * 2**-GRID_BITS``, drawn from ``os.urandom`` (the exact integer sampler of
+:mod:`privacy.distributed`) and added to the sum snapped to the same grid: every output is an
+exact multiple of ``gamma``, so the low-order bits of a floating-point Gaussian, which the
+attacks of Mironov (2012) / Jin et al. (2022) read, carry nothing. Snapping moves the sum by at
+most ``gamma/2`` per coordinate, so the sensitivity grows to ``clip_norm + gamma sqrt(d)``:
+:func:`effective_noise_multiplier` is what the ledger records. A test may pass ``rng``
+(reproducible, not private).
 """
 
 from __future__ import annotations
@@ -73,33 +78,50 @@ def clip_update(update: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float
     return arr * factor, norm
 
 
-def _std_normal(size: int, rng: np.random.Generator | None) -> np.ndarray:
-    if rng is not None:
-        return rng.standard_normal(size)
-    half = (size + 1) // 2
-    bits = np.frombuffer(os.urandom(16 * half), dtype=np.uint64).reshape(2, half)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]
-    r = np.sqrt(-2.0 * np.log(u[0]))
-    theta = 2.0 * math.pi * u[1]
-    return np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:size]
+#: The central noise grid is clip_norm * 2**-GRID_BITS.
+GRID_BITS = 24
+
+
+def grid_step(clip_norm: float) -> float:
+    """Step of the grid the central noise and the noisy sum live on."""
+    return check_positive(clip_norm, name="clip_norm") * 2.0**-GRID_BITS
+
+
+def effective_noise_multiplier(*, noise_multiplier: float, clip_norm: float, dim: int) -> float:
+    """The noise multiplier :func:`add_gaussian_noise` really gives: snapping the sum to the grid
+    adds at most ``gamma sqrt(dim)`` to the L2 sensitivity ``clip_norm``."""
+    z = check_noise_multiplier(noise_multiplier)
+    c = check_positive(clip_norm, name="clip_norm")
+    return z * c / (c + grid_step(c) * math.sqrt(max(int(dim), 1)))
 
 
 def add_gaussian_noise(
     aggregate: np.ndarray, *, noise_multiplier: float, clip_norm: float,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Return ``aggregate`` (a sum of clipped updates) + N(0, (z * clip_norm)^2) noise."""
+    """Return ``aggregate`` (a sum of clipped updates) snapped to the grid plus discrete
+    Gaussian noise of parameter ``z * clip_norm`` on the grid (see the module docstring)."""
+    from privacy.distributed import _discrete_gaussian
+
     z = check_noise_multiplier(noise_multiplier)
     c = check_positive(clip_norm, name="clip_norm")
     arr = np.asarray(aggregate, dtype=np.float64)
     if z == 0:
         raise ConfigError("noise_multiplier=0 adds no noise: the release would not be private")
-    return arr + (z * c) * _std_normal(arr.size, rng).reshape(arr.shape)
+    gamma = grid_step(c)
+    if not np.all(np.isfinite(arr)) or (arr.size and np.max(np.abs(arr)) >= 2.0**40 * gamma):
+        raise InputError("the aggregate is not finite or too large for the noise grid; clip the updates")
+    noise = _discrete_gaussian(arr.size, z * c / gamma, rng)  # int64, |noise| << 2^53
+    return (np.round(arr / gamma) + noise.reshape(arr.shape)) * gamma
 
 
 def round_event(
-    *, noise_multiplier: float, client_sample_rate: float, clip_norm: float
+    *, noise_multiplier: float, client_sample_rate: float, clip_norm: float, dim: int | None = None,
 ) -> SampledGaussianEvent:
-    """The ledger event of one DP-FedAvg round."""
+    """The ledger event of one DP-FedAvg round (with ``dim``: the noise multiplier
+    :func:`add_gaussian_noise` really gives for a ``dim``-coordinate sum)."""
+    if dim is not None:
+        noise_multiplier = effective_noise_multiplier(noise_multiplier=noise_multiplier,
+                                                      clip_norm=clip_norm, dim=dim)
     return dpfedavg_event(noise_multiplier=noise_multiplier, client_sample_rate=client_sample_rate,
                           rounds=1, clipping_norm=clip_norm)

@@ -21,6 +21,7 @@ Device: ``device="cpu"``, ``"cuda"`` (refused with a clear error when no GPU is 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +41,44 @@ from privacy._checks import (
 from privacy.accountant import AccountantName, epsilon_of_events
 from privacy.events import SampledGaussianEvent, dpsgd_event
 from secagg.errors import ConfigError, UnsupportedEventError
+
+
+def os_seeded_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 fresh bits from ``os.urandom``."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def secure_noise(optimizer: Any, data_loader: Any, *, seed: int | None = None) -> None:
+    """Make an Opacus ``DPOptimizer`` and its Poisson ``DPDataLoader`` draw from the OS.
+
+    Without ``torchcsprng`` (which Opacus' own ``secure_mode`` needs): the optimizer's noise
+    generator is replaced by one freshly seeded from ``os.urandom`` before every noise draw
+    (so no generator state spans two steps), and Opacus' secure-mode sampler is switched on:
+    each coordinate is the sum of 2n = 4 Gaussians, halved, the defence of Holohan & Braghin
+    2021 against the floating-point attacks of Mironov 2012 / Jin et al. 2022. The Poisson
+    sampler of records draws from a generator seeded from ``os.urandom`` too (which records
+    are in a batch must be unpredictable for amplification by sampling).
+
+    ``seed`` (tests only) derives both from the seed instead: reproducible and not private.
+    """
+    optimizer.secure_mode = True
+    sampler = getattr(data_loader, "batch_sampler", None)
+    device = getattr(getattr(optimizer, "params", [None])[0], "device", "cpu") if getattr(
+        optimizer, "params", None) else "cpu"
+    if seed is not None:
+        optimizer.generator = torch.Generator(device=device).manual_seed(seed + 1)
+        if sampler is not None and hasattr(sampler, "generator"):
+            sampler.generator = torch.Generator().manual_seed(seed + 2)
+        return
+    if sampler is not None and hasattr(sampler, "generator"):
+        sampler.generator = os_seeded_generator()
+    draw = optimizer.add_noise
+
+    def add_noise_from_os() -> None:
+        optimizer.generator = os_seeded_generator(device)
+        draw()
+
+    optimizer.add_noise = add_noise_from_os
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -165,7 +204,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     device: str | torch.device = "cpu",
-    secure_mode: bool = False,
+    secure_mode: bool = True,
     fix_model: bool = False,
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
@@ -175,8 +214,9 @@ def make_private(
     Cross-checks before wrapping: the optimizer must optimize exactly the model's
     parameters; the model must pass ``ModuleValidator`` (or ``fix_model=True``).
 
-    ``secure_mode=True`` makes Opacus draw noise from a CSPRNG (needs ``torchcsprng``);
-    without it the noise comes from torch's default generator, fine for experiments only.
+    ``secure_mode=True`` (the default) draws the noise and the Poisson batches from the
+    operating system with a floating-point defence (:func:`secure_noise`; ``torchcsprng`` is
+    not needed). ``secure_mode=False`` uses torch's default generator: experiments only.
 
     ``poisson_sampling=False`` trains on shuffled fixed-size batches. No accountant here
     bounds that sampling scheme, so such a run has no privacy event: :meth:`PrivateTraining.event`
@@ -209,13 +249,7 @@ def make_private(
 
     from opacus import PrivacyEngine
 
-    try:
-        engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
-    except ImportError as exc:
-        raise ConfigError(
-            "secure_mode=True needs the torchcsprng package, which is not installed; install it "
-            "or use secure_mode=False for experiments"
-        ) from exc
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see secure_noise below
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
@@ -228,7 +262,9 @@ def make_private(
             poisson_sampling=poisson_sampling,
             grad_sample_mode=grad_sample_mode,
         )
-    if not secure_mode:
+    if secure_mode:
+        secure_noise(p_opt, p_loader)
+    else:
         warnings.warn(
             "DP-SGD noise comes from torch's default (non-cryptographic) generator: fine for "
             "experiments; use secure_mode=True before production",
@@ -283,7 +319,7 @@ def train_private(
     delta: float | None = None,
     accountant: AccountantName = "prv",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    secure_mode: bool = False,
+    secure_mode: bool = True,
     fix_model: bool = False,
 ) -> TrainStats:
     """Train ``model`` in place with DP-SGD (SGD optimizer) for ``epochs`` epochs.

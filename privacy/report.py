@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accountant import ACCOUNTANTS
-from privacy.ledger import Ledger
+from privacy.ledger import DETERMINISTIC_NOTE, Ledger
 from secagg.errors import ConfigError, LedgerIntegrityError
 
 ACCOUNTANT_LABELS = {
@@ -32,19 +32,26 @@ MECHANISM_TEXT = {
     "dp-sgd": (
         "DP-SGD (record level): each client trains with per-example gradient clipping and "
         "Gaussian noise (Abadi et al. 2016, Opacus). Each record is used in a step with "
-        "probability equal to the sampling rate (Poisson sampling)."
+        "probability equal to the sampling rate (Poisson sampling). Noise and batches are drawn "
+        "from the operating system's random source, with Opacus' defence against floating-point "
+        "attacks (each noise value is a sum of four Gaussians)."
     ),
     "dp-fedavg": (
-        "DP-FedAvg (user level): each round samples every client with the given probability, "
-        "clips each client's whole update to the clipping norm, and adds Gaussian noise to the "
-        "sum (McMahan et al. 2018). Protects everything one client contributes."
+        "DP-FedAvg (user level): each round samples every client with the given probability "
+        "(drawn from the operating system's random source at round time, never from a public "
+        "seed; a sampling rate of 1 means every site took part and no amplification is claimed), "
+        "clips each client's whole update to the clipping norm, and adds noise to the sum "
+        "(McMahan et al. 2018): a discrete Gaussian on a fine grid, so the output's low-order "
+        "bits leak nothing; the recorded noise multiplier allows for the grid. Protects "
+        "everything one client contributes."
     ),
     "distributed-dgauss": (
         "Distributed discrete Gaussian (user level): each client adds its share of integer "
-        "noise before secure aggregation, sized so the sum keeps the target noise even if the "
-        "configured number of clients drop out (Kairouz et al. 2021). Accounted as the Gaussian "
-        "with the same concentrated-DP guarantee; the RDP figure is the proven bound, the "
-        "PRV/PLD figures treat the noise as exactly Gaussian (an approximation)."
+        "noise before secure aggregation, sized so the shares of the surviving clients that do "
+        "not collude with the server (at most a third of the others are assumed to) carry the "
+        "target noise even if the configured number of clients drop out (Kairouz, Liu & "
+        "Steinke 2021). Only the RDP accountant has a proof for this mechanism; it enforces the "
+        "budget, and PRV/PLD figures are not stated."
     ),
     "distributed-skellam": (
         "Distributed Skellam noise (user level): each client adds integer Skellam noise before "
@@ -77,29 +84,89 @@ GENERAL_ASSUMPTIONS = [
 ]
 
 
-def _load(ledger_path: str | Path, key: bytes | None):
+THREAT_MODEL = [
+    ("Protected against: anyone who sees the released models or aggregates (other sites, the "
+     "server operator, whoever receives the final model) learning whether one unit's data was "
+     "used, beyond the epsilon and delta stated here."),
+    ("Assumed: the server follows the protocol for noise and sampling (central noise), or at "
+     "most a third of the other sites collude with it (distributed noise and masking); the "
+     "code and the operating system's random source are not compromised."),
+    ("Not protected: what a site's own infrastructure leaks, data released outside this "
+     "ledger, and the ledger's own history against someone holding its key unless the head "
+     "printed here was recorded elsewhere."),
+]
+
+GLOSSARY = [
+    ("epsilon (ε)", "How much the output may depend on one unit's data: every outcome is at most "
+     "e^ε times more (or less) likely with it than without it. Smaller is more private."),
+    ("delta (δ)", "The small probability with which the epsilon bound may fail; it must be far "
+     "below 1/n (n = number of units), or one unit could be exposed outright."),
+    ("unit of privacy", "What is protected: a record (one patient at one site) or a user (one "
+     "site with all its records)."),
+    ("noise multiplier", "Noise standard deviation divided by the clipping norm: how much noise "
+     "hides one unit's largest possible contribution."),
+    ("clipping", "Every contribution (a record's gradient, or a site's update) is scaled down to "
+     "a fixed maximum size, the clipping norm, so no unit can move the result more than that."),
+    ("sampling rate (q)", "The probability that a unit takes part in one step or round; secret "
+     "random sampling makes each step cost less privacy (amplification)."),
+    ("RDP", "Rényi differential privacy (Mironov 2017): an accountant that is a proof for every "
+     "mechanism used here, slightly pessimistic."),
+    ("PLD", "Privacy loss distribution accounting (Google dp-accounting): tight for Gaussian noise."),
+    ("PRV", "Privacy loss random variable accounting (Gopi et al. 2021): tight for Gaussian "
+     "noise; its upper bound is reported."),
+    ("ledger head", "The number of entries and the hash of the last one. Recorded elsewhere, it "
+     "proves later that no entry was removed or rewritten."),
+]
+
+
+def _load(ledger_path: str | Path, key: bytes | None, expect_head: str | None = None):
     path = Path(ledger_path)
     if not path.is_file():
         raise ConfigError(f"no ledger file at {path}")
     ledger = Ledger.open(path, key=key)
     integrity: dict[str, Any]
+    keyed = ledger.keyed
     try:
-        res = ledger.verify()
+        res = ledger.verify(expect_head=expect_head)
         integrity = {"ok": True, "error": None, "first_bad_row": None,
-                     "entries": res.entries, "head_hash": res.head_hash, "keyed": res.keyed}
+                     "entries": res.entries, "head_hash": res.head_hash, "head": res.head,
+                     "keyed": keyed, "key_checked": res.keyed, "anchored": expect_head is not None}
     except LedgerIntegrityError as exc:
         integrity = {"ok": False, "error": str(exc), "first_bad_row": getattr(exc, "row", None),
-                     "entries": None, "head_hash": None, "keyed": key is not None}
+                     "entries": None, "head_hash": None, "head": None, "keyed": keyed,
+                     "key_checked": key is not None, "anchored": False}
+    except ConfigError as exc:  # a keyed ledger read without its key: not checked, not broken
+        integrity = {"ok": None, "error": str(exc), "first_bad_row": None, "entries": None,
+                     "head_hash": None, "head": None, "keyed": keyed, "key_checked": False,
+                     "anchored": False}
     return ledger, integrity
 
 
-def report_json(ledger_path: str | Path, *, key: bytes | None = None) -> dict[str, Any]:
-    """The report's content as plain JSON-serialisable data."""
-    ledger, integrity = _load(ledger_path, key)
+def _plain_words(unit: str, eps: float, delta: float) -> str:
+    who = ("one patient's record, at the site where it is hardest to hide (every site is "
+           "bounded by this figure)" if unit == "record" else
+           "one site taking part at all, with all of its records")
+    factor = math.exp(eps) if eps < 700 else math.inf
+    return (f"Whatever anyone learns from everything this run released, any conclusion about "
+            f"{who} is at most {factor:.3g} times (e^ε, ε = {eps:.3g}) more or less likely than "
+            f"if that data had not been used, except with probability δ = {delta:g}.")
+
+
+def report_json(ledger_path: str | Path, *, key: bytes | None = None,
+                context: dict[str, Any] | None = None, expect_head: str | None = None) -> dict[str, Any]:
+    """The report's content as plain JSON-serialisable data.
+
+    ``context`` (from the engine): run identity (config hash, code version), the unit's size n,
+    batch size and per-site budgets; ``expect_head``: the head recorded elsewhere earlier.
+    """
+    ledger, integrity = _load(ledger_path, key, expect_head)
     try:
         rows = ledger.rows()
         spent = ledger.spent()
         mechanisms = sorted({r.mechanism for r in rows})
+        context = dict(context or {})
+        n = context.get("n")
+        delta_check = None if not n else {"n": n, "one_over_n": 1.0 / n, "ok": ledger.delta < 1.0 / n}
         return {
             "report": "secagg privacy budget",
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -118,6 +185,12 @@ def report_json(ledger_path: str | Path, *, key: bytes | None = None) -> dict[st
             "assumptions": GENERAL_ASSUMPTIONS + [MECHANISM_TEXT[m] for m in mechanisms
                                                   if m in MECHANISM_TEXT],
             "rows": [r.to_dict() for r in rows],
+            "guarantee": _plain_words(ledger.level, spent[ledger.accountant], ledger.delta),
+            "deterministic": any(r.note.startswith(DETERMINISTIC_NOTE) for r in rows),
+            "context": context,
+            "delta_check": delta_check,
+            "threat_model": THREAT_MODEL,
+            "glossary": [{"term": t, "meaning": m} for t, m in GLOSSARY],
         }
     finally:
         ledger.close()
@@ -162,9 +235,59 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | None = None) -> Path:
+def _identity_html(data: dict[str, Any]) -> str:
+    e = html.escape
+    integ, ctx = data["integrity"], data["context"]
+    if integ["keyed"]:
+        keyed = ("yes: HMAC-SHA256 with a key kept outside the ledger file"
+                 + ("" if integ["key_checked"] else " (NOT checked: the key was not given to this report)"))
+    else:
+        keyed = "NO: anyone who can write the file can rebuild a consistent chain"
+    anchored = ("yes: the head matched the one recorded earlier" if integ.get("anchored") else
+                "not by this report: record the head below outside this system (e.g. in the "
+                "study file) and check it later with <code>secagg report LEDGER --verify "
+                "--key-file KEY --expect-head HEAD</code>")
+    items = [
+        ("Configuration hash", e(str(ctx.get("config_hash", "see the notes of the releases below")))),
+        ("Code version", e(str(ctx.get("code_version", "see the notes of the releases below")))),
+        ("Ledger head", f'<code id="ledger-head">{e(str(integ.get("head") or "unknown"))}</code>'),
+        ("Ledger keyed", keyed),
+        ("Ledger anchored", anchored),
+    ]
+    return "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in items)
+
+
+def _sites_html(data: dict[str, Any]) -> str:
+    e = html.escape
+    ctx = data["context"]
+    parts = []
+    n, batch = ctx.get("n"), ctx.get("batch_size")
+    unit = data["unit"]
+    if n:
+        noun = "records at the largest site" if unit == "record" else "sites"
+        dc = data["delta_check"]
+        mark = "below" if dc["ok"] else "NOT below"
+        parts.append(f'<p id="delta-check">n = {n} {noun}; &delta; = {_fmt(data["delta"])} is {mark} '
+                     f'1/n = {_fmt(dc["one_over_n"])}.'
+                     + (f" Batch size {batch} (the sampling rate q is batch / records at each site)."
+                        if batch and unit == "record" else "") + "</p>")
+    sites = ctx.get("sites") or []
+    if sites:
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in (
+                e(str(s["site"])), _fmt(s.get("records")), _fmt(s.get("sample_rate")),
+                _fmt(s.get("steps_per_round")), _fmt(s.get("epsilon")))) + "</tr>"
+            for s in sites)
+        parts.append('<table id="sites"><thead><tr><th>site</th><th>records</th><th>sampling rate q</th>'
+                     '<th>steps per round</th><th>&epsilon; for one of its records</th></tr></thead>'
+                     f"<tbody>{rows}</tbody></table>")
+    return "".join(parts) or "<p>No per-site figures were given with this ledger (render the report from the run to include them).</p>"
+
+
+def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | None = None,
+                context: dict[str, Any] | None = None, expect_head: str | None = None) -> Path:
     """Write the self-contained HTML report for ``ledger_path`` to ``out_path``."""
-    data = report_json(ledger_path, key=key)
+    data = report_json(ledger_path, key=key, context=context, expect_head=expect_head)
     e = html.escape
     integ = data["integrity"]
     acc = data["enforcing_accountant"]
@@ -173,9 +296,14 @@ def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | N
     if integ["ok"]:
         integ_html = (
             f'<div class="ok" id="integrity">Integrity check passed: {integ["entries"]} '
-            f'ledger entries, hash chain intact. Head hash (record it elsewhere to detect '
-            f'later rewriting): <code>{e(integ["head_hash"])}</code>'
-            f'{" (HMAC-keyed chain)" if integ["keyed"] else ""}.</div>'
+            f'ledger entries, hash chain intact. Ledger head (record it elsewhere to detect '
+            f'later rewriting): <code>{e(integ["head"])}</code>'
+            f'{" (HMAC-keyed chain, key checked)" if integ["key_checked"] else ""}.</div>'
+        )
+    elif integ["ok"] is None:
+        integ_html = (
+            f'<div class="bad" id="integrity">Integrity NOT CHECKED: {e(integ["error"])}. The '
+            f'figures below are as the file states them.</div>'
         )
     else:
         integ_html = (
@@ -210,6 +338,13 @@ def render_html(ledger_path: str | Path, out_path: str | Path, *, key: bytes | N
         for n in ACCOUNTANTS if n in data["spent"]
     )
     assumptions = "".join(f"<li>{e(a)}</li>" for a in data["assumptions"])
+    threat = "".join(f"<li>{e(t)}</li>" for t in data["threat_model"])
+    glossary = "".join(f"<dt>{e(g['term'])}</dt><dd>{e(g['meaning'])}</dd>" for g in data["glossary"])
+    banner = ('<div class="bad" id="deterministic">INSECURE TEST RUN: the noise and sampling of '
+              'these releases were derived from a public seed (deterministic mode). They give NO '
+              'privacy, whatever the figures below say.</div>' if data["deterministic"] else "")
+    unit_text = ("record: one patient's record; the figure is that of the worst-case site"
+                 if data["unit"] == "record" else "user: one site with everything it holds")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -235,14 +370,26 @@ code {{ font-size: .85em; word-break: break-all; }}
 <body>
 <h1>Privacy budget report</h1>
 <p>Ledger <code>{e(data["ledger"])}</code>, generated {e(data["generated_at"])}.</p>
+{banner}
 {integ_html}
+<h2>What this means</h2>
+<p id="guarantee">{e(data["guarantee"])}</p>
+<p>Unit of privacy: <b id="unit">{e(unit_text)}</b>.</p>
+<h2>Run identity</h2>
+<table id="identity">{_identity_html(data)}</table>
+<h2>Sites, n and batch</h2>
+{_sites_html(data)}
+<h2>Threat model</h2>
+<ul id="threat-model">{threat}</ul>
 <h2>Budget</h2>
 <p id="budget-summary">Used <b>{_fmt(used)}</b> of the total budget <b>&epsilon; = {_fmt(data["budget_epsilon"])}</b>
 (&delta; = {_fmt(data["delta"])}, enforced with the {e(acc.upper())} accountant):
 {frac * 100:.1f}% used, {_fmt(data["remaining"])} left, over {data["releases"]} release(s).
 Unit of privacy: <b>{e(data["unit"])}</b>.</p>
 <div class="bar" role="img" aria-label="{frac * 100:.1f}% of the budget used"><div class="fill"></div></div>
-<p>Epsilon spent so far by each accountant (all are valid upper bounds; the tight ones are smaller):</p>
+<p>Epsilon spent so far by each accountant. The enforcing accountant's figure ({e(acc.upper())})
+is the guarantee; the others are shown for comparison, and an accountant without a proof for a
+mechanism used here shows "-":</p>
 <ul>{spent_items}</ul>
 <h2>Epsilon over releases</h2>
 {f'<img id="epsilon-plot" alt="cumulative epsilon per release for each accountant" src="{plot}">' if plot else "<p>No releases yet.</p>"}
@@ -259,6 +406,8 @@ abandoned (counted anyway).</p>
 </ul>
 <h2>Assumptions, in plain words</h2>
 <ul>{assumptions}</ul>
+<h2>Glossary</h2>
+<dl id="glossary">{glossary}</dl>
 </body></html>
 """
     out = Path(out_path)

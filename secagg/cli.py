@@ -42,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"secagg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    unavailable: dict[str, str] = {}  # commands whose extra is missing -> why
+    parser.set_defaults(_unavailable_commands=unavailable)
     for name, module_name, help_text in COMMANDS:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # an optional extra is missing, or the command is not built
-            stub = sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]", add_help=False)
-            stub.add_argument("_ignored", nargs=argparse.REMAINDER)  # say what is missing, whatever follows
-            stub.set_defaults(_unavailable=str(exc))
+            sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]")
+            unavailable[name] = str(exc)
             continue
         module.register(sub, name, help_text)
     return parser
@@ -74,17 +75,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unavailable = parser.get_default("_unavailable_commands")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in unavailable:  # say what is missing before parsing flags the stub does not know
+        print(f"secagg {command}: unavailable ({unavailable[command]}). "
+              "Install the missing extra, e.g. `pip install secagg[dp,he,grpc,fl]`.", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_OK
-    if getattr(args, "_unavailable", None):
-        print(
-            f"secagg {args.command}: unavailable ({args._unavailable}). "
-            "Install the missing extra, e.g. `pip install secagg[dp,he,grpc,fl]`.",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     from secagg.errors import SecAggError
 
     try:

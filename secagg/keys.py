@@ -85,7 +85,7 @@ def check_public_key(public: bytes) -> None:
     scalars are multiples of 8), so one exchange with any key tells it apart.
     """
     try:
-        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+        _PROBE.exchange(_x25519_public(bytes(public)))  # the parsed key is reused by agree()
     except ValueError:
         raise InvalidPublicKey("X25519 public key is a low-order point or malformed") from None
 

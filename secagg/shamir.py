@@ -219,17 +219,26 @@ def _null_vector(matrix: np.ndarray) -> np.ndarray | None:
 
 @lru_cache(maxsize=4096)
 def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """Lagrange basis values at 0 for the points ``xs`` in GF(p), computed once per holder set."""
-    _check_holders(xs)
-    weights = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if i != j:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        weights.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(weights)
+    """Lagrange basis values at 0 for the points ``xs`` in GF(p), computed once per holder set.
+
+    w_i = prod_{j != i} x_j / (x_j - x_i): both products are row products of a t x t matrix
+    (log2 t vectorised halvings), then one modular inverse per point.
+    """
+    x = _check_holders(xs)
+    diagonal = np.eye(len(x), dtype=bool)
+    num = _row_products(np.where(diagonal, 1, np.broadcast_to(x, (len(x), len(x)))))
+    den = _row_products(np.where(diagonal, 1, (x[None, :] - x[:, None]) % PRIME))
+    return tuple(int(n) * pow(int(d), -1, PRIME) % PRIME for n, d in zip(num.tolist(), den.tolist()))
+
+
+def _row_products(matrix: np.ndarray) -> np.ndarray:
+    """Product of each row mod p, by pairwise halving (every product stays below 2^62)."""
+    m = matrix.astype(np.int64) % PRIME
+    while m.shape[1] > 1:
+        if m.shape[1] % 2:
+            m = np.concatenate([m, np.ones((m.shape[0], 1), dtype=np.int64)], axis=1)
+        m = m[:, 0::2] * m[:, 1::2] % PRIME
+    return m[:, 0]
 
 
 def lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ by :func:`secagg.wire._check`); a scalar costs at most one object and its own by
 
 from __future__ import annotations
 
+import functools
 import struct
 import typing
 from collections.abc import Callable
@@ -33,6 +34,7 @@ _LEN = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC7: 1, 0xC8: 2, 
 _FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
           0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
 _SIZE_FMT = {1: ">B", 2: ">H", 4: ">I"}
+_SCALARS = frozenset({int, float, bool, str, bytes})
 
 
 class _Reader:
@@ -103,8 +105,33 @@ class _Reader:
         if kind != "scalar":
             raise WireError(f"{where}: expected a single value, got a nested {kind}")
 
+    def skip_scalars(self, count: int, where: str) -> None:
+        """Skip ``count`` consecutive scalars: the items of ``tuple[int, ...]``, the keys and values
+        of ``dict[int, bytes]``. One tight loop for the common tags; anything else takes
+        :meth:`scalar` (which refuses containers)."""
+        data, pos, end = self.data, self.pos, len(self.data)
+        for _ in range(count):
+            if pos >= end:
+                raise WireError("malformed message: truncated")
+            tag = data[pos]
+            if tag <= 0x7F or tag >= 0xE0:
+                pos += 1
+            elif 0xA0 <= tag <= 0xBF:
+                pos += 1 + (tag & 0x1F)
+            elif tag == 0xC4 and pos + 1 < end:
+                pos += 2 + data[pos + 1]
+            elif tag in _FIXED:
+                pos += 1 + _FIXED[tag]
+            else:
+                self.pos = pos
+                self.scalar(where)
+                pos = self.pos
+        if pos > end:
+            raise WireError("malformed message: truncated")
+        self.pos = pos
+
     def value(self, hint: Any, where: str) -> None:
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        origin, args = _origin_and_args(hint)
         if origin is tuple:
             kind, n = self.header()
             if kind != "array":
@@ -112,6 +139,9 @@ class _Reader:
             if len(args) == 2 and args[1] is Ellipsis:
                 if n > MAX_COLLECTION:
                     raise WireError(f"{where}: {n} items exceed the limit of {MAX_COLLECTION}")
+                if args[0] in _SCALARS:
+                    self.skip_scalars(n, f"{where}[]")
+                    return
                 for _ in range(n):
                     self.value(args[0], f"{where}[]")
                 return
@@ -126,11 +156,20 @@ class _Reader:
                 raise WireError(f"{where}: expected a mapping")
             if n > MAX_COLLECTION:
                 raise WireError(f"{where}: {n} entries exceed the limit of {MAX_COLLECTION}")
+            if args[0] in _SCALARS and args[1] in _SCALARS:
+                self.skip_scalars(2 * n, f"{where}[]")
+                return
             for _ in range(n):
                 self.value(args[0], f"{where} key")
                 self.value(args[1], f"{where}[]")
             return
         self.scalar(where)
+
+
+@functools.lru_cache(maxsize=256)
+def _origin_and_args(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``typing.get_origin`` and ``get_args`` of a schema hint, looked up once per hint, not per item."""
+    return typing.get_origin(hint), typing.get_args(hint)
 
 
 def check_shape(data: bytes, schema_of: Callable[[str], Fields | None], *, magic: str, version: int) -> None:

@@ -26,7 +26,8 @@ from federation.flower.grid import InProcessGrid
 FEATURES, CLASSES = 8, 2
 # DP-SGD settings of the torch clients (federation.training.LocalTraining; imported lazily so the
 # torch-free tests do not pay for torch and Opacus).
-LOCAL = {"epochs": 1, "batch_size": 16, "lr": 0.2, "dp_sgd": True, "noise_multiplier": 1.1, "max_grad_norm": 1.0}
+LOCAL = {"epochs": 1, "batch_size": 16, "lr": 0.2, "dp_sgd": True, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
+         "secure_noise": False}  # tests only: DP noise and Poisson batches from the seed, so two runs match
 
 
 def _build():

@@ -132,3 +132,17 @@ def test_a_closed_pipe_is_not_an_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_extra_is_named_whatever_the_arguments(tmp_path, monkeypatch, capsys):
+    """A command whose extra is not installed says which one, even when its flags follow."""
+    import secagg.cli
+
+    (tmp_path / "needs_grpc_cmd.py").write_text(
+        "raise ImportError(\"`secagg join` needs grpcio: pip install 'secagg[grpc]'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(secagg.cli, "COMMANDS", [("join", "needs_grpc_cmd", "join a server")])
+    for argv in (["join"], ["join", "--server", "h:1", "--config", "c.toml", "--app", "m:f"], ["join", "--help"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "pip install 'secagg[grpc]'" in err and "Traceback" not in err

@@ -30,6 +30,8 @@ def test_hospitals_demo_masks_dp_sgd_updates_and_survives_a_dropout(tmp_path, ca
     assert all(r["bytes_up_total"] > 0 for r in rounds) and summary["protection"] == "masking"
     assert Path(summary["report"]).is_file() and Path(summary["ledger"]).is_file()
     assert summary["final_accuracy"] > 0.8
+    # one summary schema: what --json prints is the summary.json the run wrote
+    assert {k: v for k, v in summary.items() if k != "event"} == json.loads((out / "summary.json").read_text())
 
 
 def test_demo_prints_a_human_summary(tmp_path, capsys):

@@ -133,3 +133,11 @@ def test_an_experiment_toml_can_name_its_own_model_by_import_path(tmp_path, monk
     bad.model = "hospital_models:nothing"
     with pytest.raises(ConfigError, match="has no 'nothing'"):
         Federation(bad)
+
+
+def test_a_saved_custom_config_run_alone_says_what_is_missing(tmp_path):
+    fed(tmp_path).run()
+    saved = ExperimentConfig.from_toml(tmp_path / "run" / "config.toml")
+    saved.out_dir = str(tmp_path / "again")
+    with pytest.raises(ConfigError, match="records data or a model passed from Python"):
+        Federation(saved)

@@ -250,3 +250,25 @@ def test_flower_simulation_with_the_mod_and_workflow_equals_plain_fedavg(tmp_pat
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         assert ledger.verify(recompute=True).releases == ROUNDS
         assert [r.released_participants for r in ledger.rows()] == [NODES, NODES - 1, NODES]
+
+
+@pytest.mark.slow  # DP-SGD (Opacus) for 10 hospitals x 2 rounds: about a minute on 2 cores
+def test_the_example_app_trains_and_writes_a_ledger_that_verifies(tmp_path, monkeypatch):
+    pytest.importorskip("opacus", reason="the example's hospitals run DP-SGD with Opacus: pip install 'secagg[dp]'")
+    from pathlib import Path
+
+    from flwr.app import Context, RecordDict
+
+    from federation.flower.grid import InProcessGrid
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples" / "flower"))
+    monkeypatch.chdir(tmp_path)
+    from secagg_flower_example.client_app import app as client_app
+    from secagg_flower_example.server_app import app as server_app
+
+    grid = InProcessGrid(client_app, 10)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config={"num-server-rounds": 2}))
+    with Ledger.open(tmp_path / "flower-ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == 2
+        assert [r.released_participants for r in ledger.rows()] == [10, 10]

@@ -161,18 +161,25 @@ def test_train_private_on_cuda():
     assert next(model.parameters()).device.type == "cuda"
 
 
-def test_secure_mode_without_csprng_is_a_clear_error():
-    try:
-        import torchcsprng  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("torchcsprng is installed")
-    model = _model()
-    with pytest.raises(ConfigError, match="torchcsprng"):
-        make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     data_loader=DataLoader(_data(), batch_size=10), noise_multiplier=1.0,
-                     max_grad_norm=1.0, secure_mode=True)
+def test_secure_mode_needs_no_csprng_and_draws_from_the_os():
+    """secure_mode used to be a ConfigError without torchcsprng (so production runs went without);
+    now it is the default and draws noise and Poisson batches from os.urandom."""
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the global generator no longer decides anything
+        model = _model()
+        model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+        pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                          data_loader=DataLoader(_data(), batch_size=64), noise_multiplier=1.0,
+                          max_grad_norm=1.0, secure_mode=True)
+        assert pt.optimizer.secure_mode  # 2n-Gaussian floating-point defence
+        x, y = next(iter(pt.data_loader))
+        pt.optimizer.zero_grad()
+        nn.functional.cross_entropy(pt.model(x), y).backward()
+        pt.optimizer.step()
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        pt.close()
+    assert not torch.equal(updates[0], updates[1])
 
 
 MNIST_DIR = Path(os.environ.get("SECAGG_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"))

@@ -191,3 +191,13 @@ def test_a_crash_after_release_before_commit_gets_a_new_reservation(tmp_path, mo
     assert len(releases) == 4  # rounds 1, 2 (lost), 2 again, 3
     assert len(rows) == len(releases)  # one reservation per release
     assert [r.status for r in rows] == ["released", "aborted", "released", "released"]
+
+
+def test_certs_init_creates_the_ledger_key(tmp_path, capsys):
+    assert cli_main(["certs", "init", "--dir", str(tmp_path / "ca")]) == 0
+    key = tmp_path / "ca" / "ledger.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(read_key(key)) == 32
+    assert "ledger_key" in capsys.readouterr().out
+    before = key.read_bytes()
+    assert cli_main(["certs", "init", "--dir", str(tmp_path / "ca"), "--force"]) == 0
+    assert key.read_bytes() == before  # never overwritten: the ledger stays verifiable

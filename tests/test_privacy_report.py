@@ -48,7 +48,8 @@ class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
         self.ids, self.imgs, self.rows, self.scripts = {}, [], 0, 0
-        self._in_body = False
+        self._table, self._in_body = None, False  # rows are counted in the releases table's body
+        self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -56,12 +57,21 @@ class _Collect(HTMLParser):
             self.ids[a["id"]] = tag
         if tag == "img":
             self.imgs.append(a.get("src", ""))
+        if tag == "table":
+            self._table = a.get("id")
         if tag == "tbody":
-            self._in_body = True
+            self._in_body = self._table == "releases"
         if tag == "tr" and self._in_body:
             self.rows += 1
         if tag == "script":
             self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table, self._in_body = None, False
+
+    def handle_data(self, data):
+        self.text.append(data)
 
 
 def test_json_report_matches_ledger(ledger_path):
@@ -161,3 +171,56 @@ def test_report_renders_in_headless_chromium(tmp_path, ledger_path):
     # the page painted something: many distinct colours (text, plot, table), not a blank page
     colours = np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_compliance_report_of_a_run_in_headless_chromium(tmp_path):
+    """What a privacy officer needs, as Chromium renders it: plain words, unit, per-site budgets,
+    n and batch, delta < 1/n, run identity with the ledger head, keyed/anchored status, the
+    threat model in three lines and a glossary; a deterministic run is flagged as insecure."""
+    import warnings
+
+    from federation.config import ExperimentConfig
+    from federation.engine import Federation
+
+    cfg = ExperimentConfig.from_dict(dict(
+        dataset="breast_cancer", num_clients=4, clients_per_round=4, rounds=1, batch_size=16,
+        protection="none", dp="dpsgd", noise_multiplier=1.5, budget_epsilon=20.0, accountant="rdp",
+        out_dir=str(tmp_path / "run")))
+    fed = Federation(cfg)
+    fed.run()
+    html_path = tmp_path / "run" / "privacy_report.html"
+    base = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(base + ["--dump-dom", html_path.as_uri()], capture_output=True, text=True,
+                         timeout=180, check=True).stdout
+    p = _Collect()
+    p.feed(dom)
+    text = " ".join(" ".join(p.text).split())
+    assert {"guarantee", "unit", "identity", "ledger-head", "delta-check", "sites", "threat-model",
+            "glossary", "integrity"} <= set(p.ids)
+    assert "deterministic" not in p.ids
+    with Ledger.open(tmp_path / "run" / "ledger.db", key=fed.ledger_key()) as led:
+        head = led.verify().head
+    assert head in text and "HMAC-SHA256" in text and "key checked" in text
+    assert "one patient's record" in text and "worst-case site" in text
+    assert f"config {cfg.fingerprint()}" in text or cfg.fingerprint() in text
+    assert "is below 1/n" in text and "Batch size 16" in text
+    assert text.count("ε for one of its records") == 1 and p.rows == 1  # one release
+    sites = dom[dom.index('id="sites"'):dom.index("</table>", dom.index('id="sites"'))]
+    assert sites.count("<tr>") == 1 + 4  # header + one row per site
+    assert dom.count("<li>", dom.index('id="threat-model"'), dom.index("</ul>", dom.index('id="threat-model"'))) == 3
+    for term in ("PRV", "PLD", "RDP", "noise multiplier", "clipping", "delta"):
+        assert term in dom[dom.index('id="glossary"'):]
+    # a deterministic run says loudly that it gives no privacy
+    import dataclasses
+
+    det = dataclasses.replace(cfg, deterministic=True, out_dir=str(tmp_path / "det"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Federation(det).run()
+    dom = subprocess.run(base + ["--dump-dom", (tmp_path / "det" / "privacy_report.html").as_uri()],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    q = _Collect()
+    q.feed(dom)
+    assert "deterministic" in q.ids and "NO privacy" in " ".join(q.text)

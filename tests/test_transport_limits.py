@@ -267,3 +267,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_connection_cap_stays_within_the_open_file_limit(monkeypatch, caplog):
+    import resource
+
+    from federation.transport.grpc_server import connection_cap
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    with caplog.at_level(logging.WARNING, logger="secagg.server"):
+        assert connection_cap(4096) == 1024 - 64
+        assert connection_cap(500) == 500
+    assert "max_connections 4096 lowered to 960: the open-file limit (ulimit -n) is 1024" in caplog.text

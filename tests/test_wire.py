@@ -228,3 +228,15 @@ def test_container_fast_checks_match_the_general_schema_check(hint, value):
             wire._CONTAINER_CHECKS = saved
 
     assert outcome(wire._CONTAINER_CHECKS) == outcome({})
+
+
+def test_fast_scalar_skip_still_refuses_containers_and_truncation():
+    # dict[int, bytes] and tuple[int, ...] items take the tight loop; a container or a cut-off
+    # item in the middle must still be refused there
+    good = wire.encode(EncryptedShares(ROUND, 3, {4: b"a" * 40, 5: b"b" * 300}, bytes(32)))
+    nested = good.replace(msgpack.packb(b"a" * 40), b"\x91\x90" + b"\xc0" * 40)  # same length
+    with pytest.raises(WireError, match="expected a single value, got a nested array"):
+        wire.decode(nested)
+    for cut in range(1, len(good)):
+        with pytest.raises(WireError):
+            wire.decode(good[:cut])

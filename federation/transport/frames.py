@@ -134,6 +134,7 @@ class Reassembler:
     _size: int = 0
     _limit: int = 0
     _keep: bool = True
+    _scope: str = ""  # how the limit was set, for the error message
 
     @property
     def buffered(self) -> int:
@@ -149,11 +150,12 @@ class Reassembler:
             if chunk.index != 0 or not (1 <= chunk.count <= max_chunks):
                 raise WireError(f"payload must start at chunk 0 and have 1..{max_chunks} chunks")
             limit = self.max_message_bytes if admit is None else admit(chunk)
+            self._scope = " (max_message_bytes)" if admit is None else " of this stage"
             self._seq, self._count, self._size = chunk.seq, chunk.count, 0
             self._keep, self._limit = limit is not None, min(limit or 0, self.max_message_bytes)
             if self._keep and (chunk.count - 1) * MIN_CHUNK_BYTES > self._limit:
                 raise WireError(
-                    f"a payload of {chunk.count} chunks is larger than the {self._limit}-byte limit of this stage"
+                    f"a payload of {chunk.count} chunks is larger than the {self._limit}-byte limit{self._scope}"
                 )
         elif chunk.seq != self._seq or chunk.index != self._index + 1 or chunk.count != self._count:
             raise WireError("chunks arrived out of order or interleaved")
@@ -165,7 +167,7 @@ class Reassembler:
             raise WireError(f"only the last chunk of a payload may be smaller than {MIN_CHUNK_BYTES} bytes")
         if self._keep:
             if self._size + len(chunk.data) > self._limit:
-                raise WireError(f"payload exceeds the {self._limit}-byte limit of this stage")
+                raise WireError(f"payload exceeds the {self._limit}-byte limit{self._scope}")
             self._parts.append(chunk.data)
         self._size += len(chunk.data)
         if not last:

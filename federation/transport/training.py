@@ -177,6 +177,7 @@ class TrainingClient:
             epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
             noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+            secure_noise=not config.deterministic,
         )
         if x is None:
             if not 0 <= client_index < len(parts):

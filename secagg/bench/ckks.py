@@ -1,7 +1,8 @@
 """CKKS / BFV benchmark: one real round in process, beside a plain float32 sum of the same updates.
 
-Drives the three roles (key holder, clients, key-less server) through their public methods
-only, so that each phase is timed on its own:
+Runs the same sessions as ``secagg.aggregate(protocol="ckks")`` and the gRPC mode
+(:mod:`secagg.ckks.session`, driven by :func:`secagg.ckks.simulate.run_round`) and times
+each phase through the sessions' timing callback:
 
 * client: ``precompute_s_per_client`` (the encryptions of zero, done before the update is
   known), ``encrypt_online_s_per_client`` (encode, add to them, TenSEAL serialize),
@@ -30,17 +31,8 @@ import numpy as np
 from secagg.bench.limits import check_bench_size
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import (
-    HeClient,
-    HeServer,
-    KeyHolder,
-    RoundConfig,
-    SplitClient,
-    combine_shares,
-    new_round_id,
-    ts,
-)
-from secagg.keys import IdentityKey
+from secagg.ckks.roles import HeClient, RoundConfig, SplitClient, new_round_id, ts
+from secagg.ckks.simulate import PhaseTimes, round_sessions, run_round
 from secagg.wire import decode
 
 BASELINE_RUNS = 7
@@ -78,63 +70,25 @@ def run_ckks_bench(
 
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
     config = RoundConfig(new_round_id(), dim, clients, params, value_bound=1.0, key_holders=key_holders, **grid)
-    started = time.perf_counter()
-    holders = [KeyHolder(config) for _ in range(key_holders)]
+    times = PhaseTimes()
+    server, parties = round_sessions(config, updates.astype(np.float64), precompute=precompute, timer=times)
+    released = run_round(server, parties)
+    holders = [parties[h].holder for h in server.roster.keyholders]
     client_ctxs = [h.context_for_clients() for h in holders]
-    server_ctxs = [h.context_for_server() for h in holders]
-    keygen_s = (time.perf_counter() - started) / key_holders
-    holder_keys = [h.public_key for h in holders]
-    ids = [IdentityKey.generate() for _ in range(clients)]
-    keys = {i: k.public_bytes for i, k in enumerate(ids)}
-    servers = [HeServer(config, c, k, keys) for c, k in zip(server_ctxs, holder_keys)]
-
-    setup = pre = enc = sign = 0.0
-    uploads: list[tuple[bytes, ...]] = []
-    for i in range(clients):
-        t0 = time.perf_counter()
-        if key_holders == 1:
-            client = HeClient(i, config, client_ctxs[0], holder_keys[0], ids[i])
-        else:
-            client = SplitClient(i, config, client_ctxs, holder_keys, ids[i])
-        t1 = time.perf_counter()
-        if precompute:
-            client.precompute()
-        t2 = time.perf_counter()
-        chunks = client.encrypt_chunks(updates[i].astype(np.float64))
-        t3 = time.perf_counter()
-        sealed = (client.seal_upload(chunks),) if key_holders == 1 else client.seal_uploads(chunks)
-        t4 = time.perf_counter()
-        uploads.append(sealed)
-        setup, pre, enc, sign = setup + t1 - t0, pre + t2 - t1, enc + t3 - t2, sign + t4 - t3
-    setup, pre, enc, sign = setup / clients, pre / clients, enc / clients, sign / clients
-    oneshot = _oneshot_encrypt_s(config, client_ctxs, holder_keys, updates[0].astype(np.float64))
-
-    started = time.perf_counter()
-    aggregates = []
-    for j, server in enumerate(servers):
-        for sent in uploads:
-            server.receive(sent[j])
-        aggregates.append(server.aggregate())
-    server_sum_s = time.perf_counter() - started
-
-    started = time.perf_counter()
-    verified = [h.verify(a, s.public_key, s.uploads, keys) for h, a, s in zip(holders, aggregates, servers)]
-    verify_s = time.perf_counter() - started
-    started = time.perf_counter()
-    if key_holders == 1:
-        released = holders[0].release(verified[0])
-    else:
-        released = combine_shares(config, [h.release_share(v) for h, v in zip(holders, verified)])
-    decrypt_s = time.perf_counter() - started
-
+    setup, pre = times["client.setup"] / clients, times["client.precompute"] / clients
+    enc, sign = times["client.encrypt"] / clients, times["client.sign"] / clients
+    oneshot = _oneshot_encrypt_s(config, client_ctxs, server.roster.keyholder_keys, updates[0].astype(np.float64))
+    server_sum_s = times["server.receive"] + times["server.aggregate"]
+    verify_s = times["keyholder.verify"]
+    decrypt_s = times["keyholder.release"] + times["server.combine"]
+    keygen_s = times["keyholder.keygen"] / key_holders
     deserialize_add_s = sum(
-        warm_median(lambda j=j, s=s: _tenseal_only_sum([sent[j] for sent in uploads], s.tenseal_context, params),
-                    runs=3)
-        for j, s in enumerate(servers)
+        warm_median(lambda s=s: _tenseal_only_sum(list(s.uploads), s.tenseal_context, params), runs=3)
+        for s in server.he_servers
     )
     total = enc + pre
-    max_abs_error = float(np.max(np.abs(released.values - exact)))
-    bytes_up = float(np.mean([sum(map(len, u)) for u in uploads])) / dim
+    max_abs_error = float(np.max(np.abs(released.total - exact)))
+    bytes_up = sum(float(np.mean([len(u) for u in s.uploads])) for s in server.he_servers) / dim
     return {
         "clients": clients,
         "dim": dim,
@@ -168,7 +122,7 @@ def run_ckks_bench(
         "bytes_up_per_param": bytes_up,
         "float32_bytes_per_param": 4.0,
         "client_context_bytes": len(client_ctxs[0]),
-        "server_context_bytes": len(server_ctxs[0]),
+        "server_context_bytes": len(holders[0].context_for_server()),
         "max_abs_error": max_abs_error,
         "error_bound": released.error_bound,
         "float32_sum_max_abs_error": float(np.max(np.abs(plain.astype(np.float64) - exact))),

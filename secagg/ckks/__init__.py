@@ -5,8 +5,10 @@ Recipe: ``secagg.aggregate(updates, protocol="ckks")``. Building blocks for a de
 party with a secret key), :class:`HeClient` (public key: encrypt only) and
 :class:`HeServer` (no key: authenticate and add). Split-trust BFV rounds
 (``RoundConfig(key_holders=k)``) use :class:`SplitClient`, :meth:`KeyHolder.decrypt_share`
-and :func:`combine_shares`. Roles, what each can learn and what collusion breaks are in
-docs/threat-model.md; parameters and measurements in docs/ckks.md.
+and :func:`combine_shares`. One round of these roles, as sans-IO state machines that every
+link (in process, gRPC, benchmark) drives: :mod:`secagg.ckks.session`. Roles, what each
+can learn and what collusion breaks are in docs/threat-model.md; parameters and
+measurements in docs/ckks.md.
 """
 
 from secagg.ckks.params import HeParams

@@ -24,7 +24,7 @@ import hashlib
 from typing import ClassVar
 
 from secagg.ckks.params import HeParams
-from secagg.wire import Message, message
+from secagg.wire import DEFAULT_MAX_BYTES, Message, message
 
 MAX_CONTEXT_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 64 * 1024 * 1024  # per chunk; the real bound is set per round (tenseal_format)
@@ -127,3 +127,109 @@ def chunks_digest(label: bytes, chunks: tuple[bytes, ...] | list[bytes]) -> byte
         h.update(len(c).to_bytes(8, "big"))
         h.update(c)
     return h.digest()
+
+
+# --------------------------------------------------------------------------- one round's stage messages
+
+
+@message
+class CkksDirectory(Message):
+    """Server -> every participant: the round's parameters (to rebuild the same RoundConfig),
+    the key holder's client id, and the CA-signed certificates of the server and of every
+    participant (clients check them; the key holder checks each upload against them)."""
+
+    TYPE: ClassVar[str] = "transport.ckks.directory.v2"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"round_id": 64, "server_certificate": 8192, "certificates": 8192}
+
+    round: int
+    round_id: bytes
+    dim: int
+    scheme: str
+    value_bound: float
+    min_clients: int
+    participants: tuple[int, ...]
+    keyholder: int
+    server_certificate: bytes
+    certificates: dict[int, bytes]
+
+
+@message
+class CkksContextRequest(Message):
+    """Server -> key holder: generate this round's keys."""
+
+    TYPE: ClassVar[str] = "transport.ckks.context_request"
+
+    round: int
+
+
+@message
+class CkksContexts(Message):
+    """Key holder -> server (sealed by the key holder's id): both sealed contexts."""
+
+    TYPE: ClassVar[str] = "transport.ckks.contexts"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"for_clients": MAX_CONTEXT_BYTES, "for_server": MAX_CONTEXT_BYTES}
+
+    round: int
+    for_clients: bytes
+    for_server: bytes
+
+
+@message
+class CkksDecryptRequest(Message):
+    """Server -> key holder: the sealed aggregate and every signed upload it claims to add."""
+
+    TYPE: ClassVar[str] = "transport.ckks.decrypt_request"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"aggregate": DEFAULT_MAX_BYTES, "uploads": DEFAULT_MAX_BYTES}
+
+    round: int
+    aggregate: bytes
+    uploads: tuple[bytes, ...]
+
+
+@message
+class CkksRelease(Message):
+    """Key holder -> server (sealed): the decrypted sum, the parties it covers and, in a
+    weighted round, the decrypted sum of their weight fractions (0.0 when unweighted)."""
+
+    TYPE: ClassVar[str] = "transport.ckks.release.v2"
+
+    round: int
+    values: bytes  # little-endian float64
+    included: tuple[int, ...]  # party indices
+    weight_sum: float
+
+
+@message
+class CkksPublicContexts(Message):
+    """Server -> clients of a split round: every key holder's sealed public context, in order."""
+
+    TYPE: ClassVar[str] = "ckks.public_contexts"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"contexts": MAX_CONTEXT_BYTES}
+
+    round: int
+    contexts: tuple[bytes, ...]
+
+
+@message
+class CkksSplitUpload(Message):
+    """Client -> server in a split round: one signed upload per key holder, in order."""
+
+    TYPE: ClassVar[str] = "ckks.split_upload"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"uploads": DEFAULT_MAX_BYTES}
+
+    round: int
+    uploads: tuple[bytes, ...]
+
+
+@message
+class CkksShareRelease(Message):
+    """Key holder -> server in a split round (sealed): its decrypted sum of shares, uniform
+    modulo t on its own; the server combines every key holder's share."""
+
+    TYPE: ClassVar[str] = "ckks.share_release"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {"fingerprint": FINGERPRINT_BYTES}
+
+    round: int
+    values: bytes  # little-endian int64 residues
+    included: tuple[int, ...]  # party indices
+    fingerprint: bytes

@@ -30,6 +30,7 @@ Two schemes share the same protocol:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -234,6 +235,7 @@ def bfv_quantization_scale(params: HeParams, sum_bound: float, n_clients: int) -
     """
     t = params.plain_modulus
     room = (t // 2 - 1 - n_clients) / (2**BFV_HEADROOM_BITS * max(sum_bound, 1e-300))
+    room = min(room, sys.float_info.max)  # a bound near 1e-300 overflows to inf; any finite factor is exact enough
     if room < 1:
         raise OverflowRisk(f"BFV plain modulus {t} cannot hold a sum bounded by {sum_bound:g}")
     return float(math.floor(room))

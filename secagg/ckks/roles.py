@@ -60,6 +60,7 @@ from secagg.errors import (
     KeyRoleError,
     MaliciousServerDetected,
     NotEnoughSurvivors,
+    RemoteProtocolError,
     ReplayError,
     WireError,
 )
@@ -229,6 +230,16 @@ class VerifiedSum:
 
     included: tuple[int, ...]
     vectors: list = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedUpload:
+    """What :meth:`HeServer.check` hands to :meth:`HeServer.commit`: an accepted upload and the new sum."""
+
+    sender: int
+    upload: bytes = field(repr=False)
+    base: list | None = field(repr=False)
+    total: list = field(repr=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -789,19 +800,40 @@ class HeServer:
         """The parameters-only TenSEAL context (no key of any kind); do not mutate it."""
         return self._ctx
 
-    def receive(self, upload: bytes) -> int:
+    def receive(self, upload: bytes, *, sender: int | None = None) -> int:
         """Authenticate, validate and add one client's upload; returns the client id.
 
-        A rejected upload leaves the running sum untouched.
+        ``sender``: the party the upload must come from (a link knows whose stream it
+        arrived on); an upload signed by another party is refused before it is added.
+        A rejected upload leaves the running sum untouched. Same as ``commit(check(...))``.
+        """
+        return self.commit(self.check(upload, sender=sender))
+
+    def check(self, upload: bytes, *, sender: int | None = None) -> CheckedUpload:
+        """Every check of :meth:`receive` and the new sum, without adding it yet.
+
+        A split round checks a client's upload for every key holder before it commits
+        any of them, so its sums never disagree on who is in them.
         """
         if self._finished:
             raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
-        sender, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
+        signer, vectors = _open_upload(upload, self._client_keys, self.round, self._ctx, self.fingerprint,
                                        seen=self._included)
-        self._sum = vectors if self._sum is None else _added(self._sum, vectors, sender)
-        self._included.append(sender)
-        self._uploads.append(upload)
-        return sender
+        if sender is not None and signer != sender:
+            raise RemoteProtocolError(f"the upload of party {signer} arrived from party {sender}", sender)
+        total = vectors if self._sum is None else _added(self._sum, vectors, signer)
+        return CheckedUpload(signer, upload, self._sum, total)
+
+    def commit(self, checked: CheckedUpload) -> int:
+        """Add an upload :meth:`check` accepted against the current sum; returns the client id."""
+        if self._finished:
+            raise AlreadyFinalized("the aggregate was already sent; uploads are closed")
+        if checked.base is not self._sum or checked.sender in self._included:
+            raise ReplayError("the sum changed since this upload was checked; check it again")
+        self._sum = checked.total
+        self._included.append(checked.sender)
+        self._uploads.append(checked.upload)
+        return checked.sender
 
     @property
     def uploads(self) -> tuple[bytes, ...]:

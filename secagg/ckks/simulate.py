@@ -1,27 +1,31 @@
 """``aggregate_ckks``: run one real CKKS (or BFV) round in process.
 
-Real keys, real ciphertexts, real signatures: a key holder, one client object per row and
-a key-less server exchange the same sealed bytes a deployment would send. The only
-shortcut is that simulated clients share one loaded copy of the (identical) public
-context.
+The in-process link: the same sessions the gRPC mode drives (:mod:`secagg.ckks.session`),
+moved by one loop, :func:`run_round`. Real keys, real ciphertexts, real signatures: the key
+holder(s), one client session per row and a key-less server exchange the same sealed bytes
+a deployment would send. The only shortcut is that simulated clients share one loaded copy
+of the (identical) public context.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 
 import numpy as np
 
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import (
-    HeClient,
-    HeServer,
-    KeyHolder,
-    RoundConfig,
-    SplitClient,
-    combine_shares,
-    new_round_id,
+from secagg.ckks.roles import RoundConfig, new_round_id
+from secagg.ckks.session import (
+    ClientSession,
+    KeyHolderSession,
+    Outcome,
+    Roster,
+    ServerSession,
+    Timer,
 )
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
@@ -96,79 +100,36 @@ def aggregate_ckks(
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
     round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
                         key_holders=key_holders, **grid)
-    split = key_holders > 1
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
     if keyholders is not None and len(keyholders) != key_holders:
         raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
-    holders = [KeyHolder(round, identity) for identity in (keyholders or [None] * key_holders)]
-    client_ctxs = [h.context_for_clients() for h in holders]
-    server_ctxs = [h.context_for_server() for h in holders]
-    # the clients' pinned key-holder keys come from the caller's argument when it names them
-    holder_keys = [k.public_bytes for k in keyholders] if keyholders else [h.public_key for h in holders]
-    timings["keyholder.keygen"] = time.perf_counter() - t
-
-    identities = {i: IdentityKey.generate() for i in range(n)}
-    client_keys = {i: k.public_bytes for i, k in identities.items()}
-    t = time.perf_counter()
-    # one key-less server state per key holder (a split round keeps one encrypted sum per key)
-    servers = [HeServer(round, ctx, key, client_keys) for ctx, key in zip(server_ctxs, holder_keys)]
-    timings["server.setup"] = time.perf_counter() - t
-
-    uploads: list[tuple[bytes, ...]] = []
-    phases = {"client.setup": 0.0, "client.precompute": 0.0, "client.encrypt": 0.0}
-    for i in range(n):
-        if i in skip:
-            continue
-        weight = None if fractions is None else float(fractions[i])
-        t0 = time.perf_counter()
-        if split:
-            client = SplitClient(i, round, client_ctxs, holder_keys, identities[i])
-        else:
-            client = HeClient(i, round, client_ctxs[0], holder_keys[0], identities[i])
-        t1 = time.perf_counter()
-        if precompute:
-            client.precompute()
-        t2 = time.perf_counter()
-        sent = client.encrypt(x[i], weight=weight)
-        uploads.append(sent if split else (sent,))
-        t3 = time.perf_counter()
-        phases["client.setup"] += t1 - t0
-        phases["client.precompute"] += t2 - t1
-        phases["client.encrypt"] += t3 - t2
-    senders = max(len(uploads), 1)
-    timings.update({k: v / senders for k, v in phases.items()})
-
-    t = time.perf_counter()
-    aggregates = []
-    for j, server in enumerate(servers):
-        for parts in uploads:
-            server.receive(parts[j])
-        aggregates.append(server.aggregate())
-    timings["server.sum"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    # each key holder gets the uploads its server state added, and pins the client keys itself
-    if split:
-        shares = [h.decrypt_share(a, s.public_key, s.uploads, client_keys)
-                  for h, a, s in zip(holders, aggregates, servers)]
-        result = combine_shares(round, shares)
-    else:
-        result = holders[0].decrypt(aggregates[0], servers[0].public_key, servers[0].uploads, client_keys)
-    timings["keyholder.decrypt"] = time.perf_counter() - t
-
-    total, error = result.values, result.error_bound
+    times = PhaseTimes()
+    server, parties = round_sessions(round, x, skip=skip, fractions=fractions, precompute=precompute,
+                                     keyholders=keyholders, timer=times)
+    out = run_round(server, parties)
+    total, error, weight_sum = out.total, out.error_bound, out.weight_sum
+    # bytes one client uploads: its part for every key holder
+    upload_bytes = sum(float(np.mean([len(u) for u in he.uploads])) for he in server.he_servers)
+    senders = max(n - len(skip), 1)
+    timings = {
+        "keyholder.keygen": times["keyholder.keygen"],
+        "server.setup": times["server.setup"],
+        "client.setup": times["client.setup"] / senders,
+        "client.precompute": times["client.precompute"] / senders,
+        "client.encrypt": (times["client.encrypt"] + times["client.sign"]) / senders,
+        "server.sum": times["server.receive"] + times["server.aggregate"],
+        "keyholder.decrypt": times["keyholder.verify"] + times["keyholder.release"] + times["server.combine"],
+    }
     extra: dict[str, float] = {}
     if fractions is not None:
         w_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
         total, error = total * w_total, error * w_total
         # the included clients' weight sum, as decrypted from the weight slots
-        extra["weight_sum"] = float(result.weight_sum) * w_total
+        extra["weight_sum"] = float(weight_sum) * w_total
     return AggregateResult(
         total=total,
-        included=result.included,
-        bytes_up_per_param=float(np.mean([sum(map(len, u)) for u in uploads])) / d,
+        included=out.included,
+        bytes_up_per_param=upload_bytes / d,
         timings=timings,
         protocol="ckks",
         max_quantization_error=float(error),
@@ -187,6 +148,64 @@ def aggregate_ckks(
             **extra,
         },
     )
+
+
+class PhaseTimes:
+    """A session timer (see :mod:`secagg.ckks.session`): total seconds per phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+    def __getitem__(self, phase: str) -> float:
+        return self.seconds.get(phase, 0.0)
+
+
+def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | ClientSession]) -> Outcome:
+    """Drive one round in process: deliver each stage's messages, hand back the replies.
+
+    A party missing from ``parties`` never answers (it dropped before the stage).
+    """
+    out = server.start()
+    while not server.done:
+        for pid, payload in out.items():
+            if pid in parties:
+                server.receive(pid, parties[pid].receive(payload))
+        out = server.close_stage()
+    return server.outcome()
+
+
+def round_sessions(
+    round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
+    fractions: np.ndarray | None = None, precompute: bool = True, keyholders: Sequence[IdentityKey] | None = None,
+    timer: Timer | None = None,
+) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:
+    """The server and parties of an in-process round. Rows are clients 0..n-1; the key
+    holders are separate parties n, n+1, ... (they contribute no update here) with the
+    identities ``keyholders`` (default: fresh ones), which every client's roster pins.
+    Clients in ``skip`` are left out (they never answer)."""
+    n, k = updates.shape[0], round.key_holders
+    identities = [IdentityKey.generate() for _ in range(n)]
+    holders = list(keyholders) if keyholders is not None else [IdentityKey.generate() for _ in range(k)]
+    server_identity = IdentityKey.generate()
+    roster = Roster(0, tuple(range(n)), tuple(range(n, n + k)), {i: ident.public_bytes for i, ident in enumerate(identities)},
+                    tuple(h.public_bytes for h in holders), server_identity.public_bytes)
+    parties: dict[int, KeyHolderSession | ClientSession] = {
+        n + j: KeyHolderSession(round, roster, n + j, ident, timer=timer) for j, ident in enumerate(holders)
+    }
+    for i in range(n):
+        if i not in skip:
+            weight = None if fractions is None else float(fractions[i])
+            parties[i] = ClientSession(round, roster, i, identities[i], updates[i], weight=weight,
+                                       precompute=precompute, timer=timer)
+    return ServerSession(round, roster, server_identity, timer=timer), parties
 
 
 def _dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> tuple[dict[str, tuple[int, ...]], set[int]]:

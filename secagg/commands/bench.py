@@ -50,8 +50,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_masking(args: argparse.Namespace) -> int:
+    from secagg.bench.limits import check_bench_size
     from secagg.bench.masking import run_masking_bench
 
+    check_bench_size(clients=args.clients, dim=args.dim, dropout=args.dropout)  # before saying it runs
+    _progress(f"masking: {args.clients} clients x {args.dim:,.0f} parameters, {args.graph} graph, "
+              f"{args.dropout:.0%} dropping: key agreement, shares, masking, unmasking ...")
     result = run_masking_bench(clients=args.clients, dim=args.dim, dropout=args.dropout,
                                graph=args.graph, bits=args.bits, degree=args.degree)
     return _emit(result, args)
@@ -60,8 +64,18 @@ def _run_masking(args: argparse.Namespace) -> int:
 def _run_ckks(args: argparse.Namespace) -> int:
     from secagg.bench.ckks import run_ckks_bench
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "mode", "json", "out", "_unavailable")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("func", "command", "mode", "json", "out") and not k.startswith("_")}
+    from secagg.bench.limits import check_bench_size
+
+    check_bench_size(clients=args.clients, dim=args.dim)
+    _progress(f"ckks: {args.clients} clients x {args.dim:,.0f} parameters: keys, encryption, sum, decryption ...")
     return _emit(run_ckks_bench(**options), args)
+
+
+def _progress(line: str) -> None:
+    """What is running, on stderr (stdout stays the result alone, for --json and pipes)."""
+    print(f"secagg bench {line}", file=sys.stderr, flush=True)
 
 
 def _unavailable(mode: str, reason: str) -> int:

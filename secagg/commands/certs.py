@@ -99,9 +99,15 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     from federation.transport.certs import init_ca
+    from privacy.ledger_key import create_key
 
     path = init_ca(args.dir, name=args.name, days=args.days, force=args.force)
     print(f"CA certificate: {path}\nCA key:         {path.parent / 'ca.key'} (keep it offline)")
+    ledger_key = path.parent / "ledger.key"
+    if not ledger_key.exists():
+        create_key(ledger_key)
+    print(f"ledger key:     {ledger_key} (mode 0600; the server's privacy ledger HMAC key: set "
+          f"ledger_key = \"{ledger_key}\" in the experiment's [privacy] table)")
     return 0
 
 

@@ -35,8 +35,8 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
                    help="with --verify, also recompute every cumulative epsilon from the events")
     p.add_argument("--key-file", help="file holding the ledger's HMAC key (keyed ledgers; mode 0600)")
     p.add_argument("--expect-head", metavar="COUNT:HASH",
-                   help="with --verify, the head recorded earlier (printed by report); a different "
-                        "head means entries were removed or rewritten, or the file replaced")
+                   help="the head recorded earlier (printed by report): --verify fails and the report "
+                        "says so if the ledger's head differs (entries removed or rewritten, file replaced)")
     p.set_defaults(func=run)
 
 
@@ -50,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from privacy.ledger_key import read_key
 
     key = read_key(args.key_file) if args.key_file else None
-    if args.expect_head and not args.verify:
-        raise ConfigError("--expect-head goes with --verify")
     if args.verify:
         ledger = Ledger.open(path, key=key)
         try:
@@ -66,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out and not args.json:
         raise ConfigError("say what to produce: --out report.html, --json, or --verify")
     if args.out:
-        out = report.render_html(path, args.out, key=key)
+        out = report.render_html(path, args.out, key=key, expect_head=args.expect_head)
         print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(report.dumps(report.report_json(path, key=key)))
+        print(report.dumps(report.report_json(path, key=key, expect_head=args.expect_head)))
     return 0

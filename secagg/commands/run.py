@@ -14,7 +14,7 @@ OVERRIDES: list[tuple[str, str, type, str]] = [
     ("--dp", "dp", str, "none | dpsgd | user | user-distributed"),
     ("--noise-multiplier", "noise_multiplier", float, "DP noise multiplier"),
     ("--budget-epsilon", "budget_epsilon", float, "privacy budget (epsilon) the ledger enforces"),
-    ("--threshold", "threshold", int, "masking threshold t (clients needed to unmask)"),
+    ("--threshold", "threshold", int, "masking threshold t (clients needed to unmask; a floor, raised to the secure minimum)"),
     ("--dropout-rate", "dropout_rate", float, "probability a sampled client drops mid-protocol"),
     ("--data-dir", "data_dir", str, "folder holding the datasets (default: ../shared/data if present)"),
     ("--out", "out_dir", str, "output folder (metrics, checkpoint, ledger, report)"),

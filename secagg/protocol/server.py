@@ -130,6 +130,8 @@ class ServerSession:
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._response_bytes: dict[int, bytes] = {}
+        # responder -> field -> (owners, shares[owner, limb]): decoded once, on receipt
+        self._decoded: dict[int, dict[str, tuple[tuple[int, ...], np.ndarray]]] = {}
         self._u1: frozenset[int] = frozenset()
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
@@ -281,13 +283,15 @@ class ServerSession:
                 or not unusable <= sharers):
             raise RemoteProtocolError(f"client {sender} revealed a different set of shares than requested", sender)
         try:
-            shamir.decode_shares(
-                list(msg.self_seed_shares.values()) + list(msg.mask_key_shares.values()), secret_bytes=SECRET_BYTES
-            )
+            decoded = {
+                field: (tuple(shares), shamir.decode_shares(list(shares.values()), secret_bytes=SECRET_BYTES))
+                for field, shares in (("self_seed_shares", msg.self_seed_shares), ("mask_key_shares", msg.mask_key_shares))
+            }
         except InvalidShare:
             raise RemoteProtocolError(f"client {sender} sent a share of the wrong size or outside the field", sender) from None
         if unusable:
             self.disputes[sender] = tuple(sorted(unusable))
+        self._decoded[sender] = decoded
         self._responses[sender] = msg
 
     _RECEIVERS = {
@@ -396,8 +400,9 @@ class ServerSession:
             by_holders.setdefault(tuple(holders[:t]), []).append(owner)
         secrets: dict[int, bytes] = {}
         failed: list[int] = []
+        table, row, column = self._share_table(field, owners)
         for holders, group in by_holders.items():
-            shares = self._share_matrix(holders, group, field)
+            shares = table[np.ix_([row[h] for h in holders], [column[o] for o in group])]
             limbs = shamir.interpolate_at_zero(holders, shares, secret_bytes=SECRET_BYTES)
             for owner, secret in zip(group, shamir.secrets_from_limbs(limbs, SECRET_BYTES)):
                 if secret is not None and valid(owner, secret):
@@ -405,12 +410,14 @@ class ServerSession:
                 else:
                     failed.append(owner)
         for owner in failed:
-            secrets[owner] = self._decode_around(owner, holders_of[owner], field, valid)
+            holders = holders_of[owner]
+            shares = table[[row[h] for h in holders], column[owner], :]
+            secrets[owner] = self._decode_around(owner, holders, shares, field, valid)
         return secrets
 
-    def _decode_around(self, owner: int, holders: list[int], field: str, valid) -> bytes:
+    def _decode_around(self, owner: int, holders: list[int], shares: np.ndarray, field: str, valid) -> bytes:
+        """The owner's secret from ``shares[holder, limb]`` although some are wrong (see shamir.honest_holders)."""
         t = self.config.threshold
-        shares = self._share_matrix(tuple(holders), [owner], field)[:, 0, :]
         for _ in range(3):  # a wrong share hides in the random limb combination with probability 1/p
             decoded = shamir.honest_holders(holders, shares, t)
             if decoded is None:
@@ -436,12 +443,21 @@ class ServerSession:
             f"{owner} dealt inconsistent shares. The round is abandoned; nothing was unmasked."
         )
 
-    def _share_matrix(self, holders: tuple[int, ...], owners: list[int], field: str) -> np.ndarray:
-        """shares[h, owner, limb] for these holders and owners, one buffer decode per holder."""
-        return np.stack([
-            shamir.decode_shares([getattr(self._responses[h], field)[o] for o in owners], secret_bytes=SECRET_BYTES)
-            for h in holders
-        ])
+    def _share_table(self, field: str, owners: frozenset[int]):
+        """shares[responder, owner, limb] for ``field`` (zero where none) and the row / column of each id.
+
+        Built once per field from the arrays decoded on receipt (one vectorised assignment
+        per responder); every reconstruction is then a fancy-index gather.
+        """
+        column = {o: i for i, o in enumerate(sorted(owners))}
+        row = {h: i for i, h in enumerate(sorted(self._decoded))}
+        table = np.zeros((len(row), len(column), shamir.limbs_for(SECRET_BYTES)), dtype=np.uint32)
+        for holder, fields in self._decoded.items():
+            held, shares = fields[field]
+            wanted = [i for i, o in enumerate(held) if o in column]
+            if wanted:
+                table[row[holder], [column[held[i]] for i in wanted]] = shares[wanted]
+        return table, row, column
 
     def _seed_is_committed(self, owner: int, seed: bytes) -> bool:
         return seed_commitment(self.config.round_id, owner, seed) == self._shares[owner].commitment

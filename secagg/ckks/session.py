@@ -1,0 +1,578 @@
+"""One ckks (or BFV) round as sans-IO state machines: server, client and key holder.
+
+Every link (in process, gRPC) drives these sessions and only moves their bytes:
+
+    server                               key holder                 client (one per participant)
+    ------                               ----------                 ------
+    start()        -- context request -> receive() -> contexts
+    receive(kh, contexts); close_stage() -- public context ----------> receive() -> upload
+    receive(c, upload) ...; close_stage() -- sum + uploads -> receive() -> release
+    receive(kh, release); close_stage(); outcome
+
+The key holder generates the round's keys, verifies every upload in the sum before it
+decrypts (see :class:`~secagg.ckks.roles.KeyHolder`) and releases the plaintext sum; over
+the network it is also a participant with its own update (:class:`ClientSession` runs a
+:class:`KeyHolderSession` inside). A split BFV round (``key_holders`` > 1) has one key
+holder per key: clients upload one share per key holder, each key holder releases its
+decrypted share, and the server combines them (:func:`~secagg.ckks.roles.combine_shares`). Each session has an explicit stage, a transition table
+and sticky failure: once a session failed it stays failed and every later call raises
+:class:`~secagg.errors.SessionAborted`. A client message the server refuses raises a
+typed error from :meth:`ServerSession.receive` and changes nothing (the client is listed
+in ``rejected``); only :meth:`ServerSession.close_stage` fails the round.
+
+No sockets, threads or clocks: the link owns deadlines. ``timer`` (optional) is a
+callback ``timer(phase) -> context manager`` that a caller hands in to time phases
+("keyholder.keygen", "client.encrypt", ...); benchmarks time through it.
+
+Who signed what is checked against a :class:`Roster` built from a source each party
+trusts: :func:`client_from_directory` builds a client's roster from the certificates a
+server relays, checked by the ``check_certificate`` callback the link hands in (so the
+core never imports the transport's PKI code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from secagg import wire
+from secagg.ckks.messages import (
+    CkksContextRequest,
+    CkksContexts,
+    CkksDecryptRequest,
+    CkksDirectory,
+    CkksPublicContexts,
+    CkksRelease,
+    CkksShareRelease,
+    CkksSplitUpload,
+)
+from secagg.ckks.params import HeParams
+from secagg.ckks.roles import (
+    DecryptedShare,
+    DecryptedSum,
+    HeClient,
+    HeServer,
+    KeyHolder,
+    RoundConfig,
+    SplitClient,
+    combine_shares,
+)
+from secagg.errors import (
+    ConfigError,
+    InvalidSignature,
+    MaliciousServerDetected,
+    NotEnoughSurvivors,
+    RemoteProtocolError,
+    ReplayError,
+    SecAggError,
+    SessionAborted,
+    WireError,
+)
+from secagg.keys import IdentityKey
+
+Timer = Callable[[str], AbstractContextManager]
+MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
+
+
+def _no_timer(_phase: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who takes part in one round and the Ed25519 keys their messages are checked against.
+
+    Party ``i`` of the :class:`RoundConfig` is client ``participants[i]``; ``keyholders``
+    (one, or ``config.key_holders`` in a split round) are ids too, in key order. Each party
+    builds its roster from a source it trusts (certificates checked against its CA, or its
+    own configuration), never from what the server claims unchecked.
+    """
+
+    round: int
+    participants: tuple[int, ...]
+    keyholders: tuple[int, ...]
+    client_keys: Mapping[int, bytes]  # participant id -> identity key
+    keyholder_keys: tuple[bytes, ...]  # in the order of ``keyholders``
+    server_key: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.keyholders) != len(self.keyholder_keys) or len(set(self.keyholders)) != len(self.keyholders):
+            raise ConfigError("a roster needs one identity key per key holder, each key holder once")
+
+    @property
+    def party_keys(self) -> dict[int, bytes]:
+        """Party index -> identity key (what the ckks roles check uploads against)."""
+        return {i: self.client_keys[c] for i, c in enumerate(self.participants)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the server releases: the decrypted sum over ``included`` (participant ids)."""
+
+    total: np.ndarray
+    included: tuple[int, ...]
+    weight_sum: float | None
+    error_bound: float
+
+
+def params_for(scheme: str) -> HeParams:
+    """The default parameter set of ``scheme``."""
+    if scheme == "ckks":
+        return HeParams.ckks()
+    if scheme == "bfv":
+        return HeParams.bfv()
+    raise ConfigError(f"scheme must be 'ckks' or 'bfv', got {scheme!r}")
+
+
+def config_of(d: CkksDirectory) -> RoundConfig:
+    """The RoundConfig every party rebuilds from a directory."""
+    return RoundConfig(d.round_id, d.dim, len(d.participants), params_for(d.scheme), d.value_bound, False,
+                       d.min_clients)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ServerStage(enum.Enum):
+    CONTEXT = "context"
+    UPLOAD = "upload"
+    DECRYPT = "decrypt"
+    DONE = "done"
+    FAILED = "failed"
+
+
+SERVER_NEXT: dict[ServerStage, ServerStage] = {
+    ServerStage.CONTEXT: ServerStage.UPLOAD,
+    ServerStage.UPLOAD: ServerStage.DECRYPT,
+    ServerStage.DECRYPT: ServerStage.DONE,
+}
+
+
+class ServerSession:
+    """The server's part: relay the key holders' contexts, add uploads, have the sum decrypted.
+
+    The server holds no key (one :class:`~secagg.ckks.roles.HeServer` per key holder). In
+    a split round it combines the key holders' decrypted shares (:func:`combine_shares`
+    checks their range and check slots, as a single key holder does).
+    """
+
+    def __init__(self, config: RoundConfig, roster: Roster, identity: IdentityKey | None, *,
+                 timer: Timer | None = None) -> None:
+        if len(roster.participants) != config.n_clients:
+            raise ConfigError(f"the roster lists {len(roster.participants)} participants, the round {config.n_clients}")
+        if len(roster.keyholders) != config.key_holders:
+            raise ConfigError(f"the roster lists {len(roster.keyholders)} key holders, the round {config.key_holders}")
+        self.config, self.roster = config, roster
+        self.identity = identity or IdentityKey.generate()  # the key holders check the aggregate against it
+        self.stage = ServerStage.CONTEXT
+        self.failure: str | None = None
+        self.rejected: dict[int, str] = {}
+        self._timer = timer or _no_timer
+        self._split = config.key_holders > 1
+        self._started = False
+        self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
+        self._he: tuple[HeServer, ...] = ()  # one per key holder, in roster order
+        self._releases: dict[int, CkksRelease | CkksShareRelease] = {}
+        self._result: DecryptedSum | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stage is ServerStage.DONE
+
+    @property
+    def he_servers(self) -> tuple[HeServer, ...]:
+        """The key-less roles (one per key holder) once the contexts arrived."""
+        return self._he
+
+    def start(self) -> dict[int, bytes]:
+        """The context request for every key holder (once)."""
+        self._alive()
+        if self._started:
+            raise ReplayError("the round was already started")
+        self._started = True
+        request = wire.encode(CkksContextRequest(round=self.roster.round))
+        return {h: request for h in self.roster.keyholders}
+
+    def awaiting(self) -> frozenset[int]:
+        """Who the current stage still waits for."""
+        r, s = self.roster, self.stage
+        waiting: set[int] = set()
+        if s is ServerStage.CONTEXT:
+            waiting = set(r.keyholders) - set(self._contexts)
+        elif s is ServerStage.UPLOAD and self._he:
+            waiting = set(r.participants) - {r.participants[i] for i in self._he[0].included}
+        elif s is ServerStage.DECRYPT:
+            waiting = set(r.keyholders) - set(self._releases)
+        return frozenset(waiting - set(self.rejected))
+
+    def max_payload_bytes(self) -> int:
+        """Largest message one client may send at the current stage (a link refuses more at once)."""
+        k = self.config.key_holders
+        if self.stage is ServerStage.CONTEXT:
+            return MAX_CONTEXTS_BYTES
+        if self.stage is ServerStage.UPLOAD:
+            return k * self.config.max_message_bytes + (64 << 10)
+        return 8 * sum(self.config.chunk_sizes) + (64 << 10)  # the released sum (or share)
+
+    def receive(self, client_id: int, payload: bytes) -> None:
+        """Check and take one client's message; a refused one raises and changes nothing."""
+        self._alive()
+        if client_id not in self.awaiting():
+            raise ReplayError(f"client {client_id} sent a message stage {self.stage.value!r} did not ask for")
+        handle = {ServerStage.CONTEXT: self._take_contexts, ServerStage.UPLOAD: self._take_upload,
+                  ServerStage.DECRYPT: self._take_release}[self.stage]
+        try:
+            handle(client_id, payload)
+        except SecAggError as exc:
+            self.rejected[client_id] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def close_stage(self) -> dict[int, bytes]:
+        """End the current stage; the messages of the next one. A failure here is sticky."""
+        self._alive()
+        if not self._started:
+            raise ReplayError("start() the round first")
+        close = {ServerStage.CONTEXT: self._open_uploads, ServerStage.UPLOAD: self._request_decryption,
+                 ServerStage.DECRYPT: self._finish}[self.stage]
+        try:
+            out = close()
+        except SecAggError as exc:
+            self.stage, self.failure = ServerStage.FAILED, f"{type(exc).__name__}: {exc}"
+            raise
+        self.stage = SERVER_NEXT[self.stage]
+        return out
+
+    def outcome(self) -> Outcome:
+        if not self.done:
+            raise ReplayError(f"the round has no outcome (stage {self.stage.value!r})")
+        result = self._result
+        included = tuple(sorted(self.roster.participants[i] for i in result.included))
+        return Outcome(result.values, included, result.weight_sum, result.error_bound)
+
+    def _alive(self) -> None:
+        if self.stage is ServerStage.FAILED:
+            raise SessionAborted(f"the round failed ({self.failure}); start a new one")
+        if self.stage is ServerStage.DONE:
+            raise ReplayError("the round already finished")
+
+    def _from_keyholder(self, client_id: int, payload: bytes, expect):
+        key = self.roster.keyholder_keys[self.roster.keyholders.index(client_id)]
+        _, msg = wire.open_sealed(payload, {client_id: key}.get, expect=expect)
+        if msg.round != self.roster.round:
+            raise ReplayError(f"key holder message of round {msg.round} in round {self.roster.round}")
+        return msg
+
+    def _take_contexts(self, client_id: int, payload: bytes) -> None:
+        self._contexts[client_id] = self._from_keyholder(client_id, payload, CkksContexts)
+
+    def _take_upload(self, client_id: int, payload: bytes) -> None:
+        party = self.roster.participants.index(client_id)
+        with self._timer("server.receive"):
+            if self._split:
+                msg = wire.decode(payload, max_bytes=self.max_payload_bytes(), expect=CkksSplitUpload)
+                if msg.round != self.roster.round or len(msg.uploads) != len(self._he):
+                    raise ReplayError(f"client {client_id}'s upload is not one upload per key holder for this round")
+                parts = msg.uploads
+            else:
+                parts = (payload,)
+            # every part is checked before any is added: the key holders' sums cover the same clients
+            checked = [he.check(part, sender=party) for he, part in zip(self._he, parts)]
+            for he, c in zip(self._he, checked):
+                he.commit(c)
+
+    def _take_release(self, client_id: int, payload: bytes) -> None:
+        he = self._he[self.roster.keyholders.index(client_id)]
+        release = self._from_keyholder(client_id, payload, CkksShareRelease if self._split else CkksRelease)
+        size = sum(self.config.chunk_sizes) if self._split else self.config.dim
+        if len(release.values) != 8 * size:
+            raise WireError(f"the released sum has {len(release.values) // 8} values, the round {size}")
+        if tuple(sorted(release.included)) != tuple(sorted(he.included)):
+            raise RemoteProtocolError("the key holder released a sum over other clients than the server's", client_id)
+        if self._split and release.fingerprint != he.fingerprint:
+            raise RemoteProtocolError("the key holder released a share under another key", client_id)
+        self._releases[client_id] = release
+
+    def _open_uploads(self) -> dict[int, bytes]:
+        r = self.roster
+        if len(self._contexts) != len(r.keyholders):
+            raise NotEnoughSurvivors("the key holder did not send the round's keys; nothing can be aggregated")
+        contexts = [self._contexts[h] for h in r.keyholders]
+        with self._timer("server.setup"):
+            self._he = tuple(HeServer(self.config, c.for_server, key, r.party_keys, identity=self.identity)
+                             for c, key in zip(contexts, r.keyholder_keys))
+        if self._split:
+            public = wire.encode(CkksPublicContexts(r.round, tuple(c.for_clients for c in contexts)))
+        else:
+            public = contexts[0].for_clients
+        return {c: public for c in r.participants}
+
+    def _request_decryption(self) -> dict[int, bytes]:
+        with self._timer("server.aggregate"):
+            aggregates = [he.aggregate() for he in self._he]  # NotEnoughSurvivors below min_clients
+        return {h: wire.encode(CkksDecryptRequest(self.roster.round, a, he.uploads))
+                for h, a, he in zip(self.roster.keyholders, aggregates, self._he)}
+
+    def _finish(self) -> dict[int, bytes]:
+        r, cfg = self.roster, self.config
+        if len(self._releases) != len(r.keyholders):
+            raise NotEnoughSurvivors("the key holder did not return the decrypted sum")
+        if self._split:
+            shares = [DecryptedShare(np.frombuffer(self._releases[h].values, dtype="<i8").astype(np.int64),
+                                     tuple(self._releases[h].included), self._releases[h].fingerprint)
+                      for h in r.keyholders]
+            with self._timer("server.combine"):
+                self._result = combine_shares(cfg, shares)  # range and check slots of the combined sum
+        else:
+            release = self._releases[r.keyholders[0]]
+            included = tuple(sorted(release.included))
+            self._result = DecryptedSum(np.frombuffer(release.values, dtype="<f8").copy(), included,
+                                        release.weight_sum if cfg.weighted else None,
+                                        cfg.error_bound(len(included)))
+        return {}
+
+
+# --------------------------------------------------------------------------- key holder
+
+
+class KeyHolderStage(enum.Enum):
+    REQUEST = "request"
+    DECRYPT = "decrypt"
+    DONE = "done"
+    FAILED = "failed"
+
+
+KEYHOLDER_NEXT: dict[KeyHolderStage, KeyHolderStage] = {
+    KeyHolderStage.REQUEST: KeyHolderStage.DECRYPT,
+    KeyHolderStage.DECRYPT: KeyHolderStage.DONE,
+}
+
+
+class _Sticky:
+    """A session that fails for good on its first error."""
+
+    stage: enum.Enum
+    failure: str | None = None
+
+    def _step(self, handlers: Mapping, nxt: Mapping, payload: bytes):
+        if self.stage.value == "failed":
+            raise SessionAborted(f"this round failed ({self.failure}); nothing more is sent")
+        if self.stage not in handlers:
+            raise ReplayError("the server sent a message this party did not expect")
+        try:
+            reply = handlers[self.stage](payload)
+        except Exception as exc:
+            self.stage, self.failure = type(self.stage)("failed"), f"{type(exc).__name__}: {exc}"
+            raise
+        self.stage = nxt[self.stage]
+        return reply
+
+
+class KeyHolderSession(_Sticky):
+    """One key holder's part: keys on request, then one verified decryption.
+
+    ``keyholder`` is its id in ``roster.keyholders``; it seals its contexts and its
+    release with that id. The uploads in the sum are checked against ``roster.party_keys``
+    and the aggregate against ``roster.server_key``, both from its own trusted roster.
+    """
+
+    def __init__(self, config: RoundConfig, roster: Roster, keyholder: int, identity: IdentityKey, *,
+                 timer: Timer | None = None) -> None:
+        if keyholder not in roster.keyholders:
+            raise ConfigError(f"{keyholder} is not a key holder of this round")
+        self.config, self.roster, self.id, self.identity = config, roster, keyholder, identity
+        self.stage = KeyHolderStage.REQUEST
+        self.holder: KeyHolder | None = None
+        self._timer = timer or _no_timer
+
+    @property
+    def done(self) -> bool:
+        return self.stage is KeyHolderStage.DONE
+
+    def receive(self, payload: bytes) -> bytes:
+        return self._step({KeyHolderStage.REQUEST: self._keys, KeyHolderStage.DECRYPT: self._decrypt},
+                          KEYHOLDER_NEXT, payload)
+
+    def _keys(self, payload: bytes) -> bytes:
+        r = self.roster
+        request = wire.decode(payload, expect=CkksContextRequest)
+        if request.round != r.round:
+            raise ReplayError(f"context request of round {request.round} in round {r.round}")
+        with self._timer("keyholder.keygen"):
+            self.holder = KeyHolder(self.config, identity=self.identity)
+            reply = CkksContexts(r.round, self.holder.context_for_clients(), self.holder.context_for_server())
+        return wire.seal(reply, self.id, self.identity)
+
+    def _decrypt(self, payload: bytes) -> bytes:
+        r = self.roster
+        limit = len(r.participants) * self.config.max_message_bytes + (1 << 20)
+        request = wire.decode(payload, max_bytes=max(limit, wire.DEFAULT_MAX_BYTES), expect=CkksDecryptRequest)
+        if request.round != r.round:
+            raise ReplayError(f"decrypt request of round {request.round} in round {r.round}")
+        # verifies every upload against the trusted keys and recomputes the sum before decrypting
+        with self._timer("keyholder.verify"):
+            verified = self.holder.verify(request.aggregate, r.server_key, request.uploads, r.party_keys)
+        with self._timer("keyholder.release"):
+            if self.config.key_holders > 1:
+                share = self.holder.release_share(verified)
+                reply = CkksShareRelease(r.round, share.values.astype("<i8").tobytes(), tuple(share.included),
+                                         share.fingerprint)
+            else:
+                result = self.holder.release(verified)
+                weight_sum = 0.0 if result.weight_sum is None else float(result.weight_sum)
+                reply = CkksRelease(r.round, result.values.astype("<f8").tobytes(), tuple(result.included),
+                                    weight_sum)
+        return wire.seal(reply, self.id, self.identity)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class ClientStage(enum.Enum):
+    REQUEST = "request"  # key holder only: waits for the context request
+    CONTEXT = "context"  # waits for the public context(s), then uploads
+    DECRYPT = "decrypt"  # key holder only: waits for the sum to decrypt
+    DONE = "done"
+    FAILED = "failed"
+
+
+CLIENT_NEXT: dict[bool, dict[ClientStage, ClientStage]] = {  # keyed by "is a key holder"
+    False: {ClientStage.CONTEXT: ClientStage.DONE},
+    True: {ClientStage.REQUEST: ClientStage.CONTEXT, ClientStage.CONTEXT: ClientStage.DECRYPT,
+           ClientStage.DECRYPT: ClientStage.DONE},
+}
+
+
+class ClientSession(_Sticky):
+    """One participant: encrypt and upload its update under the key holders' public keys.
+
+    When this client is one of the round's key holders it also answers the context request
+    and the decrypt request through a :class:`KeyHolderSession`.
+    """
+
+    def __init__(self, config: RoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
+                 update: np.ndarray, *, weight: float | None = None, precompute: bool = True,
+                 timer: Timer | None = None) -> None:
+        if client_id not in roster.participants:
+            raise ConfigError("this client is not a participant of the round")
+        self.config, self.roster, self.client_id, self.identity = config, roster, client_id, identity
+        self.update, self.weight, self.precompute = update, weight, precompute
+        self.is_holder = client_id in roster.keyholders
+        self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
+        self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
+        self._timer = timer or _no_timer
+
+    @property
+    def done(self) -> bool:
+        return self.stage is ClientStage.DONE
+
+    def receive(self, payload: bytes) -> bytes:
+        handlers = {ClientStage.CONTEXT: self._upload}
+        if self.keyholder is not None:
+            handlers[ClientStage.REQUEST] = handlers[ClientStage.DECRYPT] = self.keyholder.receive
+        return self._step(handlers, CLIENT_NEXT[self.is_holder], payload)
+
+    def _upload(self, payload: bytes) -> bytes:
+        r, party = self.roster, self.roster.participants.index(self.client_id)
+        split = self.config.key_holders > 1
+        with self._timer("client.setup"):
+            if split:
+                msg = wire.decode(payload, expect=CkksPublicContexts)
+                if msg.round != r.round:
+                    raise ReplayError(f"public contexts of round {msg.round} in round {r.round}")
+                client = SplitClient(party, self.config, msg.contexts, r.keyholder_keys, identity=self.identity)
+            else:
+                client = HeClient(party, self.config, payload, r.keyholder_keys[0], identity=self.identity)
+        if self.precompute:  # the library's fast path: encryptions of zero, then encode and add
+            with self._timer("client.precompute"):
+                client.precompute()
+        with self._timer("client.encrypt"):
+            chunks = client.encrypt_chunks(self.update, weight=self.weight)
+        with self._timer("client.sign"):
+            if split:
+                return wire.encode(CkksSplitUpload(r.round, client.seal_uploads(chunks)))
+            return client.seal_upload(chunks)
+
+
+# --------------------------------------------------------------------------- from a relayed directory
+
+
+class CertifiedPeer(Protocol):
+    """What a checked certificate says about its holder."""
+
+    role: str  # "server" or "client"
+    client_id: int | None
+    identity_public_key: bytes
+    keyholder: bool  # the CA granted the key-holder role
+
+
+CertificateCheck = Callable[[bytes], CertifiedPeer]
+
+
+def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,
+                          update: np.ndarray, trusted_keyholder: int | None,
+                          check_certificate: CertificateCheck) -> ClientSession:
+    """A client's session for a round a server announced; refuses a round it must not join.
+
+    ``trusted_keyholder`` is the key holder named in the client's own configuration; a
+    directory naming any other refuses the round (the server cannot promote a client).
+    ``check_certificate(pem)`` verifies a relayed certificate against the client's CA and
+    raises on a bad one. Clips the update to the round's per-coordinate bound.
+    """
+    d = directory
+    if d.round != round:
+        raise ReplayError(f"directory of round {d.round} sent in round {round}")
+    if client_id not in d.participants:
+        raise ConfigError("this client is not a participant of the round")
+    holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
+    server = check_certificate(d.server_certificate)
+    if server.role != "server":
+        raise InvalidSignature("the relayed server certificate is not a server certificate")
+    if set(d.certificates) != set(d.participants):
+        raise InvalidSignature("the directory must relay the certificate of every participant, and only theirs")
+    client_keys: dict[int, bytes] = {}
+    for cid in d.participants:
+        peer = check_certificate(d.certificates[cid])
+        if peer.role != "client" or peer.client_id != cid:
+            raise InvalidSignature(f"the certificate relayed for client {cid} names someone else")
+        client_keys[cid] = peer.identity_public_key
+    if client_keys[client_id] != identity.public_bytes:
+        raise InvalidSignature("the directory does not hold this client's own certificate")
+    config = config_of(d)
+    x = np.clip(np.asarray(update, dtype=np.float64).ravel(), -d.value_bound, d.value_bound)
+    if x.size != d.dim:
+        raise ConfigError(f"this client's update has {x.size} values, the round expects {d.dim}")
+    roster = Roster(d.round, tuple(d.participants), (d.keyholder,), client_keys, (holder_key,),
+                    server.identity_public_key)
+    return ClientSession(config, roster, client_id, identity, x)
+
+
+def _trusted_keyholder_key(d: CkksDirectory, client_id: int, identity: IdentityKey, trusted: int | None,
+                           check_certificate: CertificateCheck) -> bytes:
+    """The trusted key holder's identity key; refuses a round naming any other key holder."""
+    if trusted is None:
+        raise ConfigError(
+            "this client trusts no key holder, so it takes part in no ckks round: set `keyholder = ID` in "
+            "[client] to the client whose certificate the CA issued with the key-holder role"
+        )
+    if d.keyholder != trusted:
+        raise MaliciousServerDetected(
+            f"the server names client {d.keyholder} as this round's key holder; this client trusts only "
+            f"client {trusted}. Refusing the round"
+        )
+    if d.keyholder not in d.certificates:
+        raise InvalidSignature("the directory lacks the key holder's certificate")
+    holder = check_certificate(d.certificates[d.keyholder])
+    if holder.role != "client" or holder.client_id != d.keyholder or not holder.keyholder:
+        raise InvalidSignature(
+            f"client {d.keyholder}'s certificate does not carry the CA's key-holder role; "
+            "issue it with `secagg certs issue ID --role keyholder`"
+        )
+    if client_id == d.keyholder and holder.identity_public_key != identity.public_bytes:
+        raise InvalidSignature("the relayed key-holder certificate is not this client's own")
+    return holder.identity_public_key

@@ -1,0 +1,124 @@
+"""The ckks round's sans-IO sessions: stage order, sticky failure, and what each refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+
+from secagg import wire
+from secagg.ckks import HeParams, RoundConfig, new_round_id
+from secagg.ckks.messages import CkksDecryptRequest, CkksSplitUpload
+from secagg.ckks.session import ClientStage, ServerStage
+from secagg.ckks.simulate import round_sessions, run_round
+from secagg.errors import (
+    ConfigError,
+    MaliciousServerDetected,
+    NotEnoughSurvivors,
+    RemoteProtocolError,
+    ReplayError,
+    SessionAborted,
+)
+
+DIM = 10
+
+
+def sessions(n: int = 3, **kw):
+    x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
+    config = RoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
+    server, parties = round_sessions(config, x)
+    return x, config, server, parties
+
+
+def deliver(parties, out):
+    """Each addressed party's reply to its message (as a link would carry them)."""
+    return {pid: parties[pid].receive(payload) for pid, payload in out.items()}
+
+
+def test_in_process_round_is_the_sum_and_every_session_ends_done():
+    x, _config, server, parties = sessions()
+    out = run_round(server, parties)
+    assert out.included == (0, 1, 2) and server.stage is ServerStage.DONE
+    assert np.max(np.abs(out.total - x.sum(0))) <= out.error_bound
+    assert all(p.done for p in parties.values())
+
+
+def test_an_upload_on_another_clients_stream_is_refused_before_it_is_added():
+    """A client replaying a peer's signed upload as its own: refused, the sum unchanged."""
+    x, config, server, parties = sessions()
+    holder = config.n_clients  # the in-process key holder's id
+    server.receive(holder, parties[holder].receive(server.start()[holder]))
+    uploads = deliver({c: parties[c] for c in range(3)}, server.close_stage())
+    with pytest.raises(RemoteProtocolError, match="arrived from party 0"):
+        server.receive(0, uploads[1])
+    assert server.he_servers[0].included == () and 0 in server.rejected
+    assert server.awaiting() == {1, 2}  # the refused client is out of the round
+    server.receive(1, uploads[1])
+    server.receive(2, uploads[2])
+    with pytest.raises(ReplayError, match="did not ask for"):
+        server.receive(1, uploads[1])
+    server.receive(holder, deliver(parties, server.close_stage())[holder])
+    server.close_stage()
+    out = server.outcome()
+    assert out.included == (1, 2)
+    assert np.max(np.abs(out.total - x[1:].sum(0))) <= out.error_bound
+
+
+def test_a_split_upload_is_checked_for_every_key_holder_before_any_part_is_added():
+    """Part 1 of a split upload is another client's: no key holder's sum takes the client."""
+    x, _config, server, parties = sessions(params=HeParams.bfv(), key_holders=2)
+    for h, reply in deliver(parties, server.start()).items():
+        server.receive(h, reply)
+    uploads = {c: wire.decode(parties[c].receive(p), expect=CkksSplitUpload)
+               for c, p in server.close_stage().items()}
+    mixed = CkksSplitUpload(0, (uploads[0].uploads[0], uploads[1].uploads[1]))
+    with pytest.raises(RemoteProtocolError):
+        server.receive(0, wire.encode(mixed))
+    assert [he.included for he in server.he_servers] == [(), ()]
+    for c in (1, 2):
+        server.receive(c, wire.encode(uploads[c]))
+    for h, reply in deliver(parties, server.close_stage()).items():
+        server.receive(h, reply)
+    server.close_stage()
+    out = server.outcome()
+    assert out.included == (1, 2) and np.max(np.abs(out.total - x[1:].sum(0))) <= out.error_bound
+
+
+def test_a_key_holder_that_caught_a_lying_server_stays_failed():
+    _x, config, server, parties = sessions()
+    holder = config.n_clients
+    server.receive(holder, parties[holder].receive(server.start()[holder]))
+    for c, reply in deliver(parties, server.close_stage()).items():
+        server.receive(c, reply)
+    (request,) = server.close_stage().values()
+    honest = wire.decode(request, expect=CkksDecryptRequest)
+    dropped = CkksDecryptRequest(0, honest.aggregate, honest.uploads[:2])  # hides an upload from the check
+    with pytest.raises(MaliciousServerDetected):
+        parties[holder].receive(wire.encode(dropped))
+    assert parties[holder].stage.value == "failed"
+    with pytest.raises(SessionAborted):  # the honest request does not get a second decryption
+        parties[holder].receive(request)
+
+
+def test_a_round_without_the_key_holders_keys_fails_and_stays_failed():
+    _, _, server, _parties = sessions()
+    server.start()
+    assert server.awaiting() == {3}
+    with pytest.raises(NotEnoughSurvivors, match="did not send the round's keys"):
+        server.close_stage()
+    assert server.stage is ServerStage.FAILED
+    for call in (server.close_stage, lambda: server.receive(3, b"x"), server.start):
+        with pytest.raises(SessionAborted):
+            call()
+
+
+def test_a_client_answers_only_its_stage_and_refuses_a_garbled_context_for_good():
+    _, _, _server, parties = sessions()
+    client = parties[0]
+    assert client.stage is ClientStage.CONTEXT
+    with pytest.raises(ConfigError, match="not a valid message signed by the key holder"):
+        client.receive(b"not a context")
+    assert client.stage is ClientStage.FAILED
+    with pytest.raises(SessionAborted):
+        client.receive(b"anything")
