@@ -99,7 +99,8 @@ def print_summary(fed: Federation, summary: RunSummary, *, as_json: bool, noun: 
     print(f"  Uploaded in total: {_bytes(data['bytes_up_total'])}.")
     if private:
         budget = "" if c.budget_epsilon is None else f" of a budget of {c.budget_epsilon:g}"
-        level = "record-level, per client (DP-SGD)" if c.dp == "dpsgd" else "user-level (DP-FedAvg)"
+        level = getattr(fed, "dp_unit", None) or (
+            "record-level, per client (DP-SGD)" if c.dp == "dpsgd" else "user-level (DP-FedAvg)")
         print(f"  Privacy spent: epsilon = {data['epsilon']:.3f}{budget} at delta = {c.delta:g}, {level}.")
         print(f"  Privacy ledger (hash-chained, write-ahead): {data['ledger']}")
         print(f"  Privacy budget report (HTML): {data['report']}")

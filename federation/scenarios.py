@@ -98,7 +98,7 @@ SCENARIOS: dict[str, Scenario] = {
         dict(dataset="shops", num_clients=8, partition="natural", model="mf", hidden=16, rounds=20,
              clients_per_round=8, local_epochs=1, batch_size=50, lr=1.0, server_lr=4.0,
              protection="masking", threshold=6, update_clip=100.0,
-             dp="dpsgd", noise_multiplier=1.5, max_grad_norm=1.0, delta=1e-5, budget_epsilon=10.0,
+             dp="dpsgd", noise_multiplier=1.5, max_grad_norm=0.3, delta=1e-5, budget_epsilon=10.0,
              eval_every=5, out_dir="out/demo-shops", name="shops"),
         "Each shop trains item and customer embeddings on its own customers with customer-level "
         "DP-SGD and uploads only its masked item-table update; customer embeddings never leave the shop.",

@@ -138,7 +138,7 @@ def dpfedavg_event(
 
 #: RDP orders used to account the distributed discrete Gaussian (Prop. 14 holds for alpha >= 1).
 DDG_RDP_ORDERS: tuple[float, ...] = (
-    tuple(1.0 + x / 20.0 for x in range(1, 20)) + tuple(2.0 + x / 4.0 for x in range(0, 40))
+    tuple(1.0 + x / 20.0 for x in range(1, 20)) + tuple(2.0 + x / 4.0 for x in range(40))
     + tuple(float(a) for a in range(12, 65)) + (80.0, 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0)
 )
 

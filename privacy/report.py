@@ -85,15 +85,15 @@ GENERAL_ASSUMPTIONS = [
 
 
 THREAT_MODEL = [
-    "Protected against: anyone who sees the released models or aggregates (other sites, the "
-    "server operator, whoever receives the final model) learning whether one unit's data was "
-    "used, beyond the epsilon and delta stated here.",
-    "Assumed: the server follows the protocol for noise and sampling (central noise), or at "
-    "most a third of the other sites collude with it (distributed noise and masking); the "
-    "code and the operating system's random source are not compromised.",
-    "Not protected: what a site's own infrastructure leaks, data released outside this "
-    "ledger, and the ledger's own history against someone holding its key unless the head "
-    "printed here was recorded elsewhere.",
+    ("Protected against: anyone who sees the released models or aggregates (other sites, the "
+     "server operator, whoever receives the final model) learning whether one unit's data was "
+     "used, beyond the epsilon and delta stated here."),
+    ("Assumed: the server follows the protocol for noise and sampling (central noise), or at "
+     "most a third of the other sites collude with it (distributed noise and masking); the "
+     "code and the operating system's random source are not compromised."),
+    ("Not protected: what a site's own infrastructure leaks, data released outside this "
+     "ledger, and the ledger's own history against someone holding its key unless the head "
+     "printed here was recorded elsewhere."),
 ]
 
 GLOSSARY = [

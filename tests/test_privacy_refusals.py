@@ -79,7 +79,7 @@ def test_dpsgd_noise_does_not_follow_the_task_seed():
 
     ds = _data(n=64)
     x, y = ds.tensors[0].numpy(), ds.tensors[1].numpy()
-    build = lambda: build_model("mlp", (8,), 2, hidden=4)  # noqa: E731
+    build = lambda: build_model("mlp", (8,), 2, hidden=4)
     params = np.zeros(sum(p.numel() for p in build().parameters()), dtype=np.float32)
     local = LocalTraining(batch_size=16, dp_sgd=True, noise_multiplier=1.0, max_grad_norm=1.0)
     a = train_client(build, params, x, y, local, client=0, seed=123)

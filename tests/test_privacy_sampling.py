@@ -12,7 +12,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from federation.config import ExperimentConfig

@@ -81,6 +81,20 @@ def test_serve_refuses_ray_client_address_with_a_clear_error(tmp_path, capsys):
     assert "--num-cpus applies to a local Ray only" in capsys.readouterr().err
 
 
+SHIPPED_PROBE = """
+import sys, ray
+from federation.transport.ray_cluster import connect
+connect(sys.argv[1])
+
+@ray.remote
+def shipped():
+    import os
+    return [p for p in sys.path if "py_modules" in p and os.path.isfile(os.path.join(p, "secagg", "wire.py"))]
+
+print(ray.get(shipped.remote()))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,11 +109,13 @@ def test_serve_against_a_token_authenticated_ray_cluster(tmp_path):
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix sockets need a short path
     ray_bin = Path(sys.executable).with_name("ray")
-    head_env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    head_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # workers get no local copy
+    head_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", temp_dir],
-        env=head_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=head_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     try:
         driver_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
@@ -115,6 +131,12 @@ def test_serve_against_a_token_authenticated_ray_cluster(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         (line,) = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
         assert line["round"] == 0 and line["included"] == 6
+        # the job's runtime_env puts a shipped copy of the package on the workers' path (on this one
+        # machine Ray also hands the workers the driver's sys.path, which comes first)
+        probe = subprocess.run([sys.executable, "-c", SHIPPED_PROBE, f"127.0.0.1:{port}"], env=driver_env,
+                               capture_output=True, text=True, timeout=300)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        assert "runtime_resources" in probe.stdout and "py_modules" in probe.stdout, probe.stdout
         # without the token, the same cluster refuses the driver (and says why)
         no_token = dict(driver_env, RAY_AUTH_TOKEN_PATH=str(tmp_path / "missing"), HOME=str(tmp_path))
         denied = subprocess.run(cmd, env=no_token, capture_output=True, text=True, timeout=300)

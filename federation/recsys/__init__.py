@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ShopsFederation", "Interactions", "SyntheticShops", "generate_shops", "load_movielens"]
+__all__ = ["Interactions", "ShopsFederation", "SyntheticShops", "generate_shops", "load_movielens"]
 
 _LAZY = {
     "ShopsFederation": "federation.recsys.federation",

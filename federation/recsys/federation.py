@@ -115,6 +115,13 @@ class ShopsFederation(Federation):
         self.last_ranking = EMPTY
         self.last_per_shop: tuple[Ranking, ...] = ()
 
+    @property
+    def dp_unit(self) -> str:
+        """What one DP guarantee protects here, in words (the console prints it)."""
+        if self.config.dp == "dpsgd":
+            return "customer-level: one customer and all their purchases (DP-SGD in every shop)"
+        return "shop-level: one shop and all its customers (DP-FedAvg)"
+
     def evaluate(self) -> tuple[float | None, float]:
         """Every shop evaluates locally; returns (None, held-out loss): the recommender's figures
         are HR@10 and NDCG@10 (:meth:`metrics`), not a classification accuracy."""

@@ -30,7 +30,6 @@ u's own embedding is the intended use.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np

@@ -86,7 +86,7 @@ def load_movielens(
     shop_of_user = rng.choice(shops, size=len(user_ids), p=shares)
     popularity_rank = np.empty(n_items, dtype=np.int64)
     popularity_rank[np.argsort(-np.bincount(item, minlength=n_items), kind="stable")] = np.arange(n_items)
-    head = popularity_rank < int(round(shared_fraction * n_items))
+    head = popularity_rank < round(shared_fraction * n_items)
     catalogues = (rng.random((shops, n_items)) < catalogue_fraction) | head
     sold = catalogues[shop_of_user[user_idx], item]
     data = from_events(
@@ -101,5 +101,5 @@ def write_ratings_csv(path: str | Path, users: np.ndarray, items: np.ndarray, ra
     """Write ratings in MovieLens' ``ratings.csv`` format (for tests and for exporting)."""
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("userId,movieId,rating,timestamp\n")
-        for row in zip(users, items, ratings, stamps):
-            fh.write(f"{int(row[0])},{int(row[1])},{float(row[2]):.1f},{int(row[3])}\n")
+        fh.writelines(f"{int(u)},{int(i)},{float(r):.1f},{int(t)}\n"
+                      for u, i, r, t in zip(users, items, ratings, stamps))

@@ -74,7 +74,7 @@ def generate_shops(spec: SyntheticShops | None = None, *, seed: int = 0) -> Inte
     rank = rng.permutation(n_items) + 1  # item i has popularity rank rank[i]
     log_pop = -spec.popularity_exponent * np.log(rank)
 
-    head = rank <= int(round(spec.shared_fraction * n_items))
+    head = rank <= round(spec.shared_fraction * n_items)
     catalogues = (rng.random((spec.num_shops, n_items)) < spec.catalogue_fraction) | head
     sizes = np.maximum(spec.min_customers, np.round(
         spec.customers_per_shop * rng.lognormal(0.0, spec.size_spread, spec.num_shops)

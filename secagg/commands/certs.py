@@ -99,7 +99,6 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     from federation.transport.certs import init_ca
-
     from privacy.ledger_key import create_key
 
     path = init_ca(args.dir, name=args.name, days=args.days, force=args.force)
