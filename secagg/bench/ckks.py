@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import numpy as np
 
 from secagg.bench.limits import check_bench_size
+from secagg.bench.timing import warm_median
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import HeClient, RoundConfig, SplitClient, new_round_id, ts
@@ -64,7 +64,7 @@ def run_ckks_bench(
     clients, dim = check_bench_size(clients=clients, dim=dim)
     params = _params(scheme, poly_modulus_degree, coeff_mod_bit_sizes, scale_bits)
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)
-    plain_sum_s = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
+    plain_sum_s = warm_median(lambda: updates.sum(axis=0, dtype=np.float32), runs=BASELINE_RUNS)
     plain = updates.sum(axis=0, dtype=np.float32)
     exact = updates.astype(np.float64).sum(axis=0)
 
@@ -130,17 +130,6 @@ def run_ckks_bench(
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
     }
-
-
-def warm_median(fn, runs: int = BASELINE_RUNS) -> float:
-    """Median wall time of ``runs`` calls of ``fn`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _oneshot_encrypt_s(config: RoundConfig, client_ctxs, holder_keys, x: np.ndarray) -> float:
