@@ -37,6 +37,10 @@ async def _attacker(pki, port: int, cid: int, act) -> str:
                 pass
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
+        except asyncio.InvalidStateError:
+            # The server ended the stream while the attacker was still writing (e.g. it was
+            # disconnected for its frame rate): the call is over, report how it ended.
+            return (await call.code()).name
         return "EOF"
 
 
