@@ -176,6 +176,8 @@ async def _raw_client(pki, port, cid, behaviour):
                 pass
         except grpc.aio.AioRpcError:
             pass
+        except asyncio.InvalidStateError:
+            pass  # the server ended the stream while this client was still writing
 
 
 async def _garbage(call, c):
