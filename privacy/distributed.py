@@ -293,8 +293,8 @@ def target_std_for(*, noise_multiplier: float, l2_sensitivity: float) -> float:
 _WARNED_SEEDED = False
 
 
-def _uniform(size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Uniform doubles in (0, 1]: 53 random bits each, from os.urandom unless ``rng``."""
+def os_uniform(size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Uniform doubles in (0, 1]: 53 random bits each, from os.urandom unless ``rng`` (tests only)."""
     if rng is None:
         bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64)
     else:
@@ -304,8 +304,8 @@ def _uniform(size: int, rng: np.random.Generator | None) -> np.ndarray:
 
 def _discrete_laplace(size: int, t: int, rng: np.random.Generator | None) -> np.ndarray:
     # Difference of two geometric variables: P(G >= k) = exp(-k/t) for G = floor(-t ln U).
-    g1 = np.floor(-t * np.log(_uniform(size, rng)))
-    g2 = np.floor(-t * np.log(_uniform(size, rng)))
+    g1 = np.floor(-t * np.log(os_uniform(size, rng)))
+    g2 = np.floor(-t * np.log(os_uniform(size, rng)))
     return (g1 - g2).astype(np.int64)
 
 
@@ -325,7 +325,7 @@ def _discrete_gaussian(size: int, sigma: float, rng: np.random.Generator | None)
         batch = max(16, int(need * 1.6) + 16)  # acceptance rate is > 1/2 in practice
         y = _discrete_laplace(batch, t, rng)
         p = np.exp(-((np.abs(y) - sigma * sigma / t) ** 2) / (2 * sigma * sigma))
-        ok = y[_uniform(batch, rng) <= p]
+        ok = y[os_uniform(batch, rng) <= p]
         take = min(len(ok), need)
         out[filled : filled + take] = ok[:take]
         filled += take
