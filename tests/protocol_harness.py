@@ -42,14 +42,17 @@ def server_seal(session, msg):
     return wire.seal(msg, SERVER_ID, session.server_identity)
 
 
-def split_attack(session, victim: int, colluders: set[int], group_a: set[int], group_b: set[int]):
+def split_attack(session, victim: int, colluders: set[int], group_a: set[int], group_b: set[int],
+                 outgoing=None):
     """Run the split attack from the consistency stage on; return the victim's shares the server got.
 
     Colluders are real sessions that ran honestly so far; the server reads the shares they
-    hold and signs with their identity keys. Returns (self-seed share holders, mask-key
-    share holders, honest clients that refused).
+    hold and signs with their identity keys. ``outgoing``: the consistency stage's requests
+    when the caller already ran the round that far (e.g. to read the round's graph). Returns
+    (self-seed share holders, mask-key share holders, honest clients that refused).
     """
-    outgoing = run_until(session, Stage.CONSISTENCY)
+    if outgoing is None:
+        outgoing = run_until(session, Stage.CONSISTENCY)
     rid, digest = session.config.round_id, session.server._digest
     everyone = tuple(sorted(outgoing))
     told_alive, told_dropped = everyone, tuple(c for c in everyone if c != victim)

@@ -28,7 +28,6 @@ from secagg.protocol.messages import (
     EncryptedShares,
     KeyDirectory,
     RoundConfig,
-    UnmaskRequest,
     UnmaskResponse,
     consistency_payload,
 )
@@ -130,40 +129,12 @@ def _sparse_split(session, victim, n_colluders, n_a):
 
     Only the victim's neighbours hold its shares, so the others play no part.
     """
-    outgoing = session.server.start()
-    for _ in (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT):
-        outgoing = step(session, outgoing)
+    outgoing = run_until(session, Stage.CONSISTENCY)  # the graph exists once the adverts are in
     near = sorted(session.server.graph.neighbours(victim) - {victim})
     colluders = set(near[:n_colluders])
     honest = [c for c in near if c not in colluders]
     group_a, group_b = set(honest[:n_a]), set(honest[n_a:])
-    rid, digest = session.config.round_id, session.server._digest
-    everyone = tuple(sorted(outgoing))
-    alive, gone = everyone, tuple(c for c in everyone if c != victim)
-    sigs = {v: {c: session.clients[c]._identity.sign(consistency_payload(rid, digest, v)) for c in colluders}
-            for v in (alive, gone)}
-    plan = [(group_a | {victim}, alive, ()), (group_b, gone, (victim,))]
-    refused = set()
-    for members, view, _ in plan:
-        for c in members:
-            try:
-                reply = session.clients[c].receive(server_seal(session, ConsistencyRequest(rid, view)))
-            except SecAggError:
-                refused.add(c)
-                continue
-            sigs[view][c] = wire.open_sealed(reply, lambda p: session.identities[p])[1].signature
-    seeds = {c for c in colluders if victim in session.clients[c]._held}
-    keys = set(seeds)
-    for members, view, dropped in plan:
-        for c in members - refused:
-            try:
-                reply = session.clients[c].receive(server_seal(session, UnmaskRequest(rid, view, dropped, sigs[view])))
-            except MaliciousServerDetected:
-                continue
-            response = wire.open_sealed(reply, lambda p: session.identities[p])[1]
-            seeds |= {c} if victim in response.self_seed_shares else set()
-            keys |= {c} if victim in response.mask_key_shares else set()
-    return seeds, keys, refused
+    return split_attack(session, victim, colluders, group_a, group_b, outgoing=outgoing)
 
 
 def test_planned_sparse_parameters_pass_every_clients_check_and_account_for_seed_grinding():
