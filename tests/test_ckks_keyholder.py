@@ -26,6 +26,7 @@ from secagg.ckks.roles import SERVER_ID
 from secagg.errors import AlreadyFinalized, InvalidCiphertext, MaliciousServerDetected, ReplayError
 from secagg.keys import IdentityKey
 from secagg.wire import decode, encode, seal
+from tests.test_ckks import _varint
 
 CKKS = HeParams.ckks()
 BFV = HeParams.bfv()
@@ -41,15 +42,6 @@ def _data_prime(params: HeParams) -> int:
 
 def _seal_header(version: bytes, size: int) -> bytes:
     return struct.pack("<HB", 0xA15E, 16) + version + struct.pack("<BHQ", 0, 0, size)  # uncompressed
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def forge_chunk(honest_chunk: bytes, ctx, params: HeParams, size: int, c0: np.ndarray, c1: np.ndarray) -> bytes:
