@@ -566,12 +566,12 @@ class ClientSession(_Sticky):
         """
         kh = self.keyholder
         secret, public, used = kh.holder.export_state() if kh is not None and kh.holder is not None else (b"", b"", False)
-        check = kh.check.export_state() if kh is not None and kh.check is not None else ((), (), (), ())
+        checking = kh is not None and kh.check is not None and not kh.check.closed
+        check = kh.check.export_state() if checking else ((), (), (), ())
         return wire.encode(CkksClientSnapshot(
             self.config.round_id, self.client_id, self.stage.value, self.failure or "",
             kh.stage.value if kh is not None else "", secret, public, used,
-            kh.batches if kh is not None else 0, kh.batches_checked if kh is not None else 0,
-            kh is not None and kh.check is not None, *check,
+            kh.batches if kh is not None else 0, kh.batches_checked if kh is not None else 0, checking, *check,
         ))
 
     def restore(self, data: bytes) -> None:
