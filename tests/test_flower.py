@@ -338,7 +338,13 @@ class ForgingCkksWorkflow(SecAggWorkflow):
     def _forge(self, payload: bytes) -> bytes:
         import tenseal as ts
 
-        from secagg.ckks.messages import CkksDecryptRequest, HeAggregateHeader, HeCiphertexts, HeContext, chunks_digest
+        from secagg.ckks.messages import (
+            CkksDecryptRequest,
+            HeAggregateHeader,
+            HeCiphertexts,
+            HeContext,
+            chunks_digest,
+        )
         from secagg.ckks.roles import SERVER_ID as HE_SERVER
 
         request = wire.decode(payload, expect=CkksDecryptRequest)

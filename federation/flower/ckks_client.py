@@ -21,7 +21,13 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message
 
 from federation.flower.mod import SESSION_RECORD, ContextRoundIds, _credentials, _field, _train
-from federation.flower.records import CKKS_DECRYPT, CKKS_KEYS, CKKS_UPLOAD, KEYHOLDER, FlowerCkksDirectory
+from federation.flower.records import (
+    CKKS_DECRYPT,
+    CKKS_KEYS,
+    CKKS_UPLOAD,
+    KEYHOLDER,
+    FlowerCkksDirectory,
+)
 from federation.transport.certs import Credentials, verify_certificate
 from secagg import wire
 from secagg.ckks.messages import CkksDirectory

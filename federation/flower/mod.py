@@ -32,7 +32,14 @@ from flwr.app.message_type import MessageType
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from federation.flower.records import CKKS_STAGES, CREDENTIALS, DP_KEYS, HELLO, RECORD, FlowerDirectory
+from federation.flower.records import (
+    CKKS_STAGES,
+    CREDENTIALS,
+    DP_KEYS,
+    HELLO,
+    RECORD,
+    FlowerDirectory,
+)
 from federation.transport.certs import Credentials, verify_certificate
 from secagg import wire
 from secagg.errors import InputError, LocalProtocolError, MaliciousServerDetected, PrivacyError
