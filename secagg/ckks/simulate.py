@@ -21,6 +21,7 @@ import numpy as np
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import RoundConfig, new_round_id
 from secagg.ckks.session import (
+    FORWARD_BYTES,
     ClientSession,
     KeyHolderSession,
     Outcome,
@@ -226,12 +227,13 @@ def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | Cl
 def round_sessions(
     round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
     fractions: np.ndarray | None = None, precompute: bool = True, keyholders: Sequence[IdentityKey] | None = None,
-    timer: Timer | None = None,
+    timer: Timer | None = None, forward_bytes: int = FORWARD_BYTES,
 ) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:
     """The server and parties of an in-process round. Rows are clients 0..n-1; the key
     holders are separate parties n, n+1, ... (they contribute no update here) with the
     identities ``keyholders`` (default: fresh ones), which every client's roster pins.
-    Clients in ``skip`` are left out (they never answer)."""
+    Clients in ``skip`` are left out (they never answer). ``forward_bytes``: see
+    :class:`~secagg.ckks.session.ServerSession`."""
     n, k = updates.shape[0], round.key_holders
     identities = [IdentityKey.generate() for _ in range(n)]
     holders = list(keyholders) if keyholders is not None else [IdentityKey.generate() for _ in range(k)]
@@ -246,7 +248,7 @@ def round_sessions(
             weight = None if fractions is None else float(fractions[i])
             parties[i] = ClientSession(round, roster, i, identities[i], updates[i], weight=weight,
                                        precompute=precompute, timer=timer)
-    return ServerSession(round, roster, server_identity, timer=timer), parties
+    return ServerSession(round, roster, server_identity, timer=timer, forward_bytes=forward_bytes), parties
 
 
 def _dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> tuple[dict[str, tuple[int, ...]], set[int]]:
