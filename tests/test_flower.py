@@ -147,14 +147,10 @@ def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
     assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    """A CA with a server and five client credential directories (client ids 11..15)."""
-    from federation.transport.certs import init_ca, issue
-
-    ca = tmp_path_factory.mktemp("ca")
-    init_ca(ca)
-    return {"server": issue(ca, server=True), **{p: issue(ca, client_id=11 + p) for p in range(5)}}
+@pytest.fixture
+def deployment(pki):
+    """The shared CA's server and five client credential directories (client ids 11..15)."""
+    return {"server": pki / "ca" / "server", **{p: pki / "ca" / f"client-{11 + p}" for p in range(5)}}
 
 
 def _with_credentials(deployment):
