@@ -281,10 +281,16 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
     """The gRPC key holder (its CkksClientRound) gets the uploads with the aggregate and checks them."""
     pytest.importorskip("grpc")
     from federation.transport.certs import Credentials, init_ca, issue
-    from federation.transport.ckks_mode import CkksContextRequest, CkksContexts, CkksDecryptRequest, CkksDirectory
-    from federation.transport.ckks_mode import CkksClientRound, CkksRelease
-    from federation.transport.rounds import ClientContext
     from secagg import wire
+    from secagg.ckks.messages import (
+        CkksContextRequest,
+        CkksContexts,
+        CkksDecryptRequest,
+        CkksDirectory,
+        CkksRelease,
+    )
+    from secagg.ckks.mode import CkksClientRound
+    from secagg.rounds import ClientContext
 
     init_ca(tmp_path / "ca")
     server_creds = Credentials.load(issue(tmp_path / "ca", server=True))
@@ -299,7 +305,8 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
     xs = {c: np.full(dim, 0.1 * c) for c in creds}
 
     def session(c):
-        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].ca_pem, keyholder=1), directory)
+        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].verify_peer, keyholder=1),
+                               directory)
 
     def run(make_request):
         rounds = {c: session(c) for c in creds}

@@ -15,7 +15,7 @@ handler with bytes in and out, so no protoc step). Every gRPC message on it is o
    by that key and naming that id; every protocol payload must be sealed the same way.
    Anything else is an identity mismatch and the stream is closed.
 3. Rounds: the coordinator waits for clients, builds the round's :class:`ServerRound`
-   (a sans-IO protocol session behind :mod:`federation.transport.rounds`), sends each
+   (a sans-IO protocol session, :mod:`secagg.rounds`), sends each
    participant ``RoundStart`` and its payload, and closes each stage when every awaited
    client answered or ``stage_timeout`` passed. A client that did not answer in time,
    disconnected, or sent something invalid is a dropout of that round; the reason is
@@ -56,10 +56,10 @@ from federation.transport.frames import (
     TokenBucket,
 )
 from federation.transport.revocation import RevocationList
-from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
+from secagg.rounds import RoundContext, RoundOutcome, get_mode
 
 log = logging.getLogger("secagg.server")
 CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
@@ -313,7 +313,7 @@ class AggregationServer:
             identity_keys={cid: self._conns[cid].key for cid in participants},
             threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
             certificates={cid: self._conns[cid].cert_pem for cid in participants},
-            server_certificate=self.credentials.cert_pem,
+            server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
             driver, params = mode.server(ctx)

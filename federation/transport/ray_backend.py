@@ -153,7 +153,7 @@ def run_ray_round(
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
 
-    The round is planned like every other (:func:`~federation.transport.masking_mode.plan_from_options`):
+    The round is planned like every other (:func:`~secagg.protocol.mode.plan_from_options`):
     ``threshold`` is a floor, raised to the secure minimum.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
@@ -161,9 +161,9 @@ def run_ray_round(
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.masking_mode import codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
+    from secagg.protocol.mode import codec_from_options, plan_from_options
     from secagg.protocol.server import ServerSession, ServerState
 
     if updates is not None:

@@ -32,12 +32,9 @@ core never imports the transport's PKI code).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -75,13 +72,9 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
+from secagg.rounds import CertificateCheck, Timer, no_timer
 
-Timer = Callable[[str], AbstractContextManager]
 MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
-
-
-def _no_timer(_phase: str) -> AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -173,7 +166,7 @@ class ServerSession:
         self.stage = ServerStage.CONTEXT
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
         self._split = config.key_holders > 1
         self._started = False
         self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
@@ -388,7 +381,7 @@ class KeyHolderSession(_Sticky):
         self.config, self.roster, self.id, self.identity = config, roster, keyholder, identity
         self.stage = KeyHolderStage.REQUEST
         self.holder: KeyHolder | None = None
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     @property
     def done(self) -> bool:
@@ -465,7 +458,7 @@ class ClientSession(_Sticky):
         self.is_holder = client_id in roster.keyholders
         self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
         self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     @property
     def done(self) -> bool:
@@ -500,18 +493,6 @@ class ClientSession(_Sticky):
 
 
 # --------------------------------------------------------------------------- from a relayed directory
-
-
-class CertifiedPeer(Protocol):
-    """What a checked certificate says about its holder."""
-
-    role: str  # "server" or "client"
-    client_id: int | None
-    identity_public_key: bytes
-    keyholder: bool  # the CA granted the key-holder role
-
-
-CertificateCheck = Callable[[bytes], CertifiedPeer]
 
 
 def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,
