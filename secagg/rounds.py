@@ -200,7 +200,7 @@ class Reply:
     """One event a link reports: a client's reply, or (``payload`` None) that the link lost it."""
 
     client: int
-    payload: bytes | None
+    payload: bytes | memoryview | None
     reason: str = ""
 
 
@@ -242,6 +242,11 @@ class PhaseTimes:
     def __getitem__(self, phase: str) -> float:
         return self.seconds.get(phase, 0.0)
 
+    def add(self, seconds: Mapping[str, float]) -> None:
+        """Count phases timed elsewhere (e.g. by parties in other processes)."""
+        for phase, s in seconds.items():
+            self.seconds[phase] += s
+
 
 # --------------------------------------------------------------------------- the driver
 
@@ -274,8 +279,8 @@ def drive(server: ServerRound, link: Link, *, timer: Timer | None = None) -> Rou
         refused: list[int] = []
         for reply in link.replies(view):
             if reply.client in gone:
-                continue
-            if reply.payload is None:
+                pass
+            elif reply.payload is None:
                 leave(reply.client, reply.reason, tell_link=False)
             elif reply.client in view.awaiting:
                 try:
@@ -285,13 +290,14 @@ def drive(server: ServerRound, link: Link, *, timer: Timer | None = None) -> Rou
                     leave(reply.client, f"{type(exc).__name__}: {exc}", tell_link=True)
                     refused.append(reply.client)
                 else:
-                    sent[reply.client] += len(reply.payload)
+                    sent[reply.client] += memoryview(reply.payload).nbytes
             view.awaiting = frozenset(server.awaiting()) - gone.keys()
+            del reply  # a payload may be update-sized: free it before the link fetches the next one
         missing = set(server.awaiting()) | set(refused)
         for client in sorted(set(server.awaiting()) - gone.keys()):
             leave(client, f"no reply in stage {view.name!r}", tell_link=True)
-        if missing:
-            dropped[view.name] = sorted(missing)
+        if missing:  # a stage may run more than once (ckks decrypt batches): add up
+            dropped[view.name] = sorted(set(dropped.get(view.name, ())) | missing)
         out = server.close_stage()
         index += 1
     result = server.outcome()
@@ -310,7 +316,7 @@ def drive(server: ServerRound, link: Link, *, timer: Timer | None = None) -> Rou
 
 
 class Party(Protocol):
-    def receive(self, payload: bytes) -> bytes | None: ...
+    def receive(self, payload: bytes) -> bytes | memoryview | None: ...
 
 
 class InMemoryLink:
@@ -354,6 +360,7 @@ class InMemoryLink:
             self.answered[stage.name] += 1
             if reply is not None:
                 yield Reply(client, reply)
+            del reply  # free an update-sized reply before the next party builds its own
 
     def drop(self, client: int, reason: str) -> None:
         self.gone.add(client)

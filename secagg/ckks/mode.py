@@ -13,7 +13,9 @@ keyholder``); a directory naming any other key holder is refused by every client
 
 Options: ``dim`` (required), ``clip`` (per-coordinate bound every client enforces,
 required), ``scheme`` ("ckks" or "bfv"), ``keyholder`` (client id; default: the one
-participant whose certificate carries the key-holder role -- clients refuse any other).
+participant whose certificate carries the key-holder role -- clients refuse any other),
+``forward_bytes`` (bound on the uploads forwarded to the key holder in one message;
+default 64 MiB, see :class:`~secagg.ckks.session.ServerSession`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from secagg import wire
 from secagg.ckks.messages import CkksDirectory
 from secagg.ckks.roles import new_round_id
 from secagg.ckks.session import (
+    FORWARD_BYTES,
     ClientSession,
     Roster,
     ServerSession,
@@ -120,7 +123,8 @@ def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
     )
     roster = Roster(ctx.round, tuple(ctx.participants), (keyholder,),
                     {c: ctx.identity_keys[c] for c in ctx.participants}, (ctx.identity_keys[keyholder],))
-    session = ServerSession(config_of(directory), roster, ctx.server_identity)
+    session = ServerSession(config_of(directory), roster, ctx.server_identity,
+                            forward_bytes=int(o.get("forward_bytes", FORWARD_BYTES)))
     return CkksServerRound(session), wire.encode(directory)
 
 

@@ -10,6 +10,7 @@ would learn.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -62,7 +63,9 @@ class InMemoryRound:
         """Drive every stage through :func:`secagg.rounds.drive`; ``dropouts`` maps stage -> client
         ids that vanish at that stage."""
         clients, server = PhaseTimes(), PhaseTimes()
-        link = InMemoryLink(self.clients, vanish=dropouts, timer=clients)
+        # receive_view: a masked input reaches the server as a view of the buffer it was sealed in
+        parties = {c: SimpleNamespace(receive=s.receive_view) for c, s in self.clients.items()}
+        link = InMemoryLink(parties, vanish=dropouts, timer=clients)
         outcome = drive(MaskingServerRound(self.server), link, timer=server)
         self.gone |= link.gone
         for stage, answered in link.answered.items():
@@ -107,7 +110,7 @@ def aggregate_masking(
             raise InputError(f"weights must be {n} finite numbers, one per client")
         matrix = matrix * w[:, None]
     if clip is None:
-        bound = float(np.max(np.abs(matrix))) or 1.0
+        bound = max(float(np.max(np.abs(row))) for row in matrix) or 1.0  # one row's |x| at a time
         codec = _codec(bound, n, bits, "coordinate", scale, noise_headroom)
     else:
         codec = _codec(clip, n, bits, clip_mode, scale, noise_headroom)
