@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Stage loops not yet on the seam, each with who is moving it. An entry that no longer
 # closes a stage must be removed here (the test fails until it is).
 NOT_YET_LINKS = {
-    "federation/flower/workflow.py": "the Flower interop workflow (owned by the flower work, issue 9)",
+    "federation/flower/workflow.py": "the Flower masking workflow (owned by the flower work)",
+    "federation/flower/ckks_server.py": "the Flower ckks server (owned by the flower work)",
     "federation/transport/ray_backend.py": "the Ray link (being ported onto drive())",
     "federation/transport/grpc_server.py": "the gRPC link (being ported onto drive())",
 }

@@ -81,6 +81,12 @@ def plan_from_options(clients: tuple[int, ...], options: Mapping[str, object], t
     )
 
 
+def payload_limit(clients: int, dim: int, bits: int = 32, *, masked: bool = False) -> int:
+    """Largest sealed message a client may send at a stage: 64 KiB + 1 KiB per client, plus
+    the packed vector (ceil(bits / 8) bytes a coordinate) at the masked-input stage."""
+    return (64 << 10) + (1 << 10) * clients + (dim * -(-bits // 8) if masked else 0)
+
+
 class MaskingServerRound:
     """:class:`~secagg.rounds.ServerRound` over a :class:`ServerSession`."""
 
@@ -113,10 +119,7 @@ class MaskingServerRound:
         first chunk, before holding any of it.
         """
         cfg = self.session.config
-        limit = (64 << 10) + (1 << 10) * len(cfg.clients)
-        if self.session.stage is Stage.MASKED_INPUT:
-            limit += cfg.dim * -(-cfg.bits // 8)
-        return limit
+        return payload_limit(len(cfg.clients), cfg.dim, cfg.bits, masked=self.session.stage is Stage.MASKED_INPUT)
 
     @property
     def done(self) -> bool:
@@ -151,8 +154,8 @@ class MaskingClientRound:
             raise InvalidSignature("the directory does not hold this client's own certificate")
         self.session = ClientSession(ctx.client_id, ctx.identity, identities, update=ctx.update, policy=ctx.policy)
 
-    def receive(self, payload: bytes) -> bytes | None:
-        return self.session.receive(payload)
+    def receive(self, payload: bytes) -> bytes | memoryview | None:
+        return self.session.receive_view(payload)  # the masked input is sent from the buffer it was sealed in
 
     @property
     def done(self) -> bool:
