@@ -143,7 +143,10 @@ def _unpack_frame(data: bytes, max_bytes: int) -> list:
             "send large vectors in chunks or raise the limit on both sides"
         )
     data = bytes(data)
-    check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)  # before msgpack allocates anything
+    if len(data) <= SHAPE_MEMO_BYTES:
+        _small_shape_checked(data)
+    else:
+        check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)  # before msgpack allocates anything
     try:
         return msgpack.unpackb(
             data, raw=False, strict_map_key=False, use_list=True,
@@ -151,6 +154,19 @@ def _unpack_frame(data: bytes, max_bytes: int) -> list:
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed message: {type(exc).__name__}") from None
+
+
+#: frames up to this size have their shape check remembered (see ``_small_shape_checked``)
+SHAPE_MEMO_BYTES = 1024
+
+
+@functools.lru_cache(maxsize=8192)  # at most 8 MiB of remembered frames
+def _small_shape_checked(data: bytes) -> None:
+    """:func:`check_shape` of a small frame, remembered: the same signed advert or server
+    message reaches every client of an in-process round, and the check is a pure function of
+    the bytes (the registry only grows, and only a frame that passed is remembered: a failure
+    raises, which ``lru_cache`` does not keep)."""
+    check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)
 
 
 def _fields_of(type_name: str):
