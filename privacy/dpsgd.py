@@ -208,6 +208,7 @@ def make_private(
     fix_model: bool = False,
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
+    seed: int | None = None,
 ) -> PrivateTraining:
     """Wrap ``model``, ``optimizer`` and ``data_loader`` for DP-SGD with Opacus.
 
@@ -221,7 +222,13 @@ def make_private(
     ``poisson_sampling=False`` trains on shuffled fixed-size batches. No accountant here
     bounds that sampling scheme, so such a run has no privacy event: :meth:`PrivateTraining.event`
     and :meth:`PrivateTraining.epsilon` refuse it (use it only to test mechanics or time steps).
+
+    ``seed`` (deterministic test runs only, with ``secure_mode=False``): the noise and the
+    Poisson batches follow it (:func:`secure_noise` with a seed): reproducible, not private.
     """
+    if seed is not None and secure_mode:
+        raise ConfigError("a seed makes the DP-SGD noise predictable: pass secure_mode=False with it "
+                          "(deterministic test runs only), or drop the seed")
     noise_multiplier = check_noise_multiplier(noise_multiplier)
     max_grad_norm = check_positive(max_grad_norm, name="max_grad_norm")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -249,9 +256,9 @@ def make_private(
 
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see secure_noise below
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see secure_noise below
         warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
         p_model, p_opt, p_loader = engine.make_private(
             module=model,
@@ -262,12 +269,13 @@ def make_private(
             poisson_sampling=poisson_sampling,
             grad_sample_mode=grad_sample_mode,
         )
-    if secure_mode:
-        secure_noise(p_opt, p_loader)
-    else:
+    if secure_mode or seed is not None:
+        secure_noise(p_opt, p_loader, seed=seed)
+    if not secure_mode:
         warnings.warn(
-            "DP-SGD noise comes from torch's default (non-cryptographic) generator: fine for "
-            "experiments; use secure_mode=True before production",
+            ("DP-SGD noise follows a fixed seed" if seed is not None else
+             "DP-SGD noise comes from torch's default (non-cryptographic) generator")
+            + ": fine for experiments; use secure_mode=True before production",
             RuntimeWarning,
             stacklevel=2,
         )

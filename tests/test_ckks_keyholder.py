@@ -313,7 +313,7 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
             server.receive(rounds[c].receive(contexts.for_clients))
         return rounds[1].receive(wire.encode(make_request(config, server, rounds[1].holder)))
 
-    sealed = run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads))
+    sealed = run(lambda cfg, server, holder: CkksDecryptRequest(0, 0, 1, server.aggregate(), server.uploads))
     _, release = wire.open_sealed(sealed, {1: creds[1].identity.public_bytes}.get, expect=CkksRelease)
     assert release.included == (0, 1)
     np.testing.assert_allclose(np.frombuffer(release.values, "<f8"), xs[1] + xs[2], atol=1e-6)
@@ -322,12 +322,12 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
         n = CKKS.poly_modulus_degree
         honest = decode(server.uploads[0], expect=HeCiphertexts).chunks[0]
         chunk = forge_chunk(honest, server._ctx, CKKS, dim, np.zeros(n, np.uint64), np.full(n, 2**28, np.uint64))
-        return CkksDecryptRequest(0, forged_aggregate(cfg, server, holder.fingerprint, [chunk]), server.uploads)
+        return CkksDecryptRequest(0, 0, 1, forged_aggregate(cfg, server, holder.fingerprint, [chunk]), server.uploads)
 
     with pytest.raises(MaliciousServerDetected):
         run(forged)
     with pytest.raises(MaliciousServerDetected):  # the real sum, but without the uploads to check it
-        run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads[:1]))
+        run(lambda cfg, server, holder: CkksDecryptRequest(0, 0, 1, server.aggregate(), server.uploads[:1]))
 
 
 def test_aggregate_names_the_key_holders():

@@ -1,4 +1,5 @@
-"""Ray backend: clients as Ray actors give the same released sum as the in-process engine.
+"""Ray backend: clients as Ray actors give the same released sum as the in-process engine
+(masking: bit-identical; ckks: within its error bound, bfv: bit-identical).
 
 One local Ray (num_cpus=2) for the whole module; skipped with the reason when Ray is not
 installed (`pip install 'secagg[ray]'`).
@@ -13,7 +14,7 @@ import secagg
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (optional extra: pip install 'secagg[ray]')")
 
-from federation.transport.ray_backend import run_ray_round, start_ray
+from federation.transport.ray_backend import run_ray_ckks_round, run_ray_round, start_ray
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,56 @@ def test_ray_actors_match_in_process_engine_on_same_seed(local_ray, graph):
     np.testing.assert_allclose(res["total"], updates[list(ref.included)].sum(axis=0), atol=1e-4)
 
 
+def test_ray_sparse_round_matches_in_process_with_chunked_batches(local_ray):
+    """Replies come back chunk by chunk in whatever order the actors finish; the sum is the same."""
+    from federation.transport.ray_backend import make_pools
+
+    rng = np.random.default_rng(12)
+    updates = rng.normal(0, 1, (24, 30))
+    ref = secagg.aggregate(updates, protocol="masking", graph="sparse", clip=50.0, seed=8,
+                           dropouts={"masked_input": [4, 17]})
+    pools = make_pools(tuple(range(1, 25)), num_actors=3, seed=8)
+    res = run_ray_round(updates, options={"clip": 50.0, "graph": "sparse", "dropout": 2 / 24}, seed=8,
+                        pools=pools, dropouts={"masked_input": [5, 18]})
+    assert res["degree"] == ref.parameters["degree"] and res["threshold"] == ref.parameters["threshold"]
+    assert tuple(c - 1 for c in res["included"]) == ref.included
+    np.testing.assert_array_equal(res["total"], ref.total)
+    assert res["masked_input_bytes_per_param"] > 4.0  # the link counted every masked upload it moved
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "bfv"])
+def test_ray_ckks_round_matches_in_process(local_ray, scheme):
+    """CKKS/BFV with the clients and the key holder on actors, the server in this process.
+
+    BFV is exact arithmetic modulo t on deterministically rounded inputs: the totals are
+    bit-identical. CKKS decryption carries fresh encryption noise from SEAL's CSPRNG (it is
+    not, and must not be, seedable), so two runs agree only within the error bound: each
+    released value is within ``error_bound`` of the exact sum, and scaling the bound's z
+    from its 1e-6 failure rate (over all slots) to 1e-9 over both runs gives the tolerance
+    below (false-failure rate < 1e-9, tail model in secagg.ckks.roles.RoundConfig.error_bound).
+    """
+    import math
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (6, 50))
+    drops = {"upload": [2]}
+    ref = secagg.aggregate(x, protocol="ckks", scheme=scheme, clip=10.0, dropouts=drops)
+    res = run_ray_ckks_round(x, scheme=scheme, clip=10.0, dropouts=drops, num_actors=2)
+    assert res.included == ref.included == (0, 1, 3, 4, 5)
+    assert res.protocol == "ckks" and res.parameters == ref.parameters
+    exact = x[list(ref.included)].sum(axis=0)
+    if scheme == "bfv":
+        np.testing.assert_array_equal(res.total, ref.total)
+        widen = 1.0  # the bfv bound is the rounding's own worst case, never exceeded
+    else:
+        z = 3 + math.log(0.014 * 50 * 1e6) / math.log(3.5)  # the bound's own z (1e-6 over all slots)
+        z_test = 3 + math.log(0.014 * 50 * 2 * 1e9) / math.log(3.5)  # 1e-9 over both runs' slots
+        widen = z_test / z
+        np.testing.assert_array_less(np.abs(res.total - ref.total), 2 * widen * ref.max_quantization_error)
+    np.testing.assert_array_less(np.abs(res.total - exact), widen * res.max_quantization_error + 1e-12)
+    assert res.bytes_up_per_param == pytest.approx(ref.bytes_up_per_param, rel=0.05)
+
+
 def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
     import json
 
@@ -59,6 +110,25 @@ def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
 
     expected = sum(synthetic_update(20, c, 0).astype(np.float64) for c in range(1, 9))
     assert abs(rounds[0]["norm"] - float(np.linalg.norm(expected))) < 1e-3
+
+
+def test_serve_backend_ray_runs_ckks(local_ray, tmp_path, capsys):
+    import json
+
+    from secagg.cli import main
+
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(
+        '[server]\ncredentials = "unused-with-ray"\nmode = "ckks"\nrounds = 1\n'
+        'expected_clients = 5\nthreshold = 3\n[server.options]\ndim = 20\nclip = 5.0\n'
+    )
+    assert main(["serve", "--config", str(cfg), "--backend", "ray"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["round"] == 0 and line["included"] == 5
+    from federation.transport.config import synthetic_update
+
+    expected = sum(np.clip(synthetic_update(20, c, 0), -5, 5).astype(np.float64) for c in range(1, 6))
+    assert abs(line["norm"] - float(np.linalg.norm(expected))) <= 20 * line["max_error"]
 
 
 @pytest.mark.slow

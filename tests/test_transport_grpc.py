@@ -392,8 +392,8 @@ def test_a_client_that_trusts_no_key_holder_refuses_ckks_rounds(pki):
     assert all("trusts no key holder" in why for why in refusals.values())
 
 
-@pytest.mark.parametrize("scheme", ["ckks", "bfv"])
-def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
+@pytest.mark.parametrize(("scheme", "forward"), [("ckks", {}), ("bfv", {}), ("ckks", {"forward_bytes": 1})])
+def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme, forward):
     """One round of the same sessions, driven in process and over gRPC: the same released sum, bit for bit.
 
     The encryption randomness differs between the two runs (it is secret and never fixed);
@@ -401,6 +401,7 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
     CKKS the inputs are multiples of 2^-10, so their sum lies on the 2^-22 release grid and
     the key holder's rounding removes the decryption noise: the noise would have to exceed
     2^-23 (about 50 of its standard deviations here), a false-failure rate far below 1e-9.
+    With ``forward_bytes`` 1 the server forwards the uploads one per message (four decrypt stages).
     """
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
     import secagg
@@ -414,7 +415,8 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
         cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
         return await asyncio.gather(*[run_client(cs, creds(pki, c), lambda r, c=c: updates[c]) for c in cids])
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme}, expected_clients=4, threshold=3)
+    s = settings(mode="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme, **forward}, expected_clients=4,
+                 threshold=3)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     assert reports[0].ok and reports[0].outcome.included == cids
     local = secagg.aggregate(rows, protocol="ckks", scheme=scheme, value_bound=bound, min_clients=3)

@@ -13,7 +13,9 @@ keyholder``); a directory naming any other key holder is refused by every client
 
 Options: ``dim`` (required), ``clip`` (per-coordinate bound every client enforces,
 required), ``scheme`` ("ckks" or "bfv"), ``keyholder`` (client id; default: the one
-participant whose certificate carries the key-holder role -- clients refuse any other).
+participant whose certificate carries the key-holder role -- clients refuse any other),
+``forward_bytes`` (bound on the uploads forwarded to the key holder in one message;
+default 64 MiB, see :class:`~secagg.ckks.session.ServerSession`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from secagg.ckks.messages import (  # noqa: F401 -- the wire messages of this mo
     CkksRelease,
 )
 from secagg.ckks.session import (
+    FORWARD_BYTES,
     ClientSession,
     Roster,
     ServerSession,
@@ -131,7 +134,8 @@ def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
     )
     roster = Roster(ctx.round, tuple(ctx.participants), (keyholder,),
                     {c: ctx.identity_keys[c] for c in ctx.participants}, (ctx.identity_keys[keyholder],))
-    session = ServerSession(config_of(directory), roster, ctx.server_identity)
+    session = ServerSession(config_of(directory), roster, ctx.server_identity,
+                            forward_bytes=int(o.get("forward_bytes", FORWARD_BYTES)))
     return CkksServerRound(session), wire.encode(directory)
 
 

@@ -32,8 +32,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output folder after a crash (no budget is re-spent)")
     parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
-                        help="where clients train and run the masking protocol: this process (default) "
-                             "or Ray workers (needs the ray extra)")
+                        help="where clients train and run the protection protocol (masking or ckks): this "
+                             "process (default) or Ray workers (needs the ray extra)")
     parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                         help="with --backend ray: join this Ray cluster (GCS address or 'auto') instead of "
                              "starting a new local Ray; see docs/deployment.md for token authentication")
@@ -72,15 +72,11 @@ def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
     if args.backend == "ray":
         import ray
 
-        from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
+        from federation.transport.ray_backend import ray_federation, start_ray
 
         started = start_ray(getattr(args, "ray_address", None), getattr(args, "num_cpus", None))
         try:
-            aggregator = None
-            if config.protection.startswith("masking") and config.dp != "user-distributed":
-                aggregator = RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
-                                           seed=config.seed if config.deterministic else None)
-            return _run(Federation(config, executor=RayExecutor(), aggregator=aggregator), args, noun)
+            return _run(ray_federation(config), args, noun)
         finally:
             if started:
                 ray.shutdown()

@@ -101,18 +101,12 @@ def _train_on_ray(cfg, args) -> int:
     import ray
 
     from federation.config import ExperimentConfig
-    from federation.engine import Federation
-    from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
+    from federation.transport.ray_backend import ray_federation, start_ray
 
     config = ExperimentConfig.from_toml(cfg.training)
     started = start_ray(args.ray_address, args.num_cpus)
     try:
-        fed = Federation(
-            config, executor=RayExecutor(),
-            aggregator=RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
-                                     seed=config.seed if config.deterministic else None),
-        )
-        summary = fed.run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
+        summary = ray_federation(config).run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
     finally:
         if started:
             ray.shutdown()

@@ -62,6 +62,7 @@ from secagg.prg import MaskAccumulator
 from secagg.protocol.common import (
     SECRET_BYTES,
     SERVER_ID,
+    bytes_per_element,
     codec_of,
     graph_of,
     pack_residues,
@@ -192,6 +193,17 @@ class ClientSession:
 
     def receive(self, data: bytes) -> bytes:
         """Consume one sealed server message; return the sealed reply."""
+        reply = self.receive_view(data)
+        return reply if isinstance(reply, bytes) else bytes(reply)
+
+    def receive_view(self, data: bytes | memoryview) -> bytes | memoryview:
+        """:meth:`receive` without copying the masked input out of the buffer it was sealed in.
+
+        The masked-input reply is a read-only view of one buffer holding the whole sealed
+        message (the masked vector is encoded and masked where it lies), so a link that
+        can send a bytes-like object -- the in-process round, the gRPC client -- holds one
+        update-sized buffer per client, not four.
+        """
         if self.state is ClientState.ABORTED:
             raise SessionAborted(f"session aborted earlier ({self.abort_reason}); start a new one")
         try:
@@ -212,7 +224,8 @@ class ClientSession:
         except Exception as exc:  # a bug must not leave a half-updated session usable
             self._abort(exc)
             raise
-        sealed = wire.seal(reply, self.client_id, self._identity)
+        # The masked input arrives sealed already (built in place, see _on_shares).
+        sealed = reply if isinstance(reply, memoryview) else wire.seal(reply, self.client_id, self._identity)
         self.upload_bytes += len(sealed)
         return sealed
 
@@ -374,7 +387,13 @@ class ClientSession:
         self._sharers = sharers
         if self._update is None:
             raise LocalProtocolError("no update to send: call set_update() before the masked-input stage")
-        return MaskedInput(config.round_id, self.client_id, pack_residues(self._masked_update(), config.bits))
+        width = bytes_per_element(config.bits)
+        sealed = wire.SealedBuffer(MaskedInput(config.round_id, self.client_id, b""), self.client_id, config.dim * width)
+        if width == 4:  # residues are masked where they will be sent
+            self._masked_update(out=sealed.tail.view("<u4"))
+        else:
+            sealed.tail[:] = np.frombuffer(pack_residues(self._masked_update(), config.bits), dtype=np.uint8)
+        return sealed.seal(self._identity)
 
     def _on_consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
         config = self._require_config()
@@ -452,11 +471,12 @@ class ClientSession:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _masked_update(self) -> np.ndarray:
+    def _masked_update(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The masked residues, in ``out`` (uint32, the round's dimension) when given."""
         config = self._config
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
-        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
+        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise, out=out)
         acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
         acc.add(self._self_seed, 1)
         for peer in sorted(self._sharers - {self.client_id}):

@@ -142,6 +142,9 @@ class MaskedInput(Message):
     # A whole update up to MAX_DIM 4-byte residues (a BERT-base update is 440 MB); the
     # server bounds each message by its own round's dimension before parsing it.
     FIELD_LIMITS = {"vector": 4 * MAX_DIM}
+    # Decoded as a read-only view of the received message (no copy of a 440 MB vector),
+    # and written in place by the client (wire.SealedBuffer); so it stays the last field.
+    BORROWED_FIELDS = frozenset({"vector"})
     round_id: bytes
     client: int
     vector: bytes

@@ -32,6 +32,7 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from secagg import shamir, wire
+from secagg.encoding import sum_in_result_buffer
 from secagg.errors import (
     InvalidPublicKey,
     InvalidShare,
@@ -125,7 +126,8 @@ class ServerSession:
         self._adverts: dict[int, bytes] = {}
         self._keys: dict[int, AdvertiseKeys] = {}
         self._shares: dict[int, EncryptedShares] = {}
-        self._sum = np.zeros(config.dim, dtype=np.uint32)
+        # The running sum lives in the upper half of the float64 result it decodes into.
+        self._result, self._sum = sum_in_result_buffer(config.dim)
         self._masked_from: set[int] = set()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
@@ -364,7 +366,7 @@ class ServerSession:
                 acc.add(seed, -pairwise_sign(peer, owner))
         residues = np.bitwise_and(acc.value, np.uint32(self._codec.modulus - 1), out=acc.value)
         self.timings["server.remove_masks"] = time.perf_counter() - started
-        self.result = self._codec.decode_sum(residues)
+        self.result = self._codec.decode_sum(residues, out=self._result)
         self.included = tuple(sorted(self._u3))
         return {}
 

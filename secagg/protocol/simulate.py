@@ -70,7 +70,7 @@ class InMemoryRound:
                     continue
                 started = time.perf_counter()
                 try:
-                    reply = self.clients[client_id].receive(message)
+                    reply = self.clients[client_id].receive_view(message)  # no copy of a masked input
                 except NotEnoughSurvivors:
                     self.gone.add(client_id)  # too few live neighbours: this client stops, like a dropout
                     continue
@@ -79,6 +79,7 @@ class InMemoryRound:
                 started = time.perf_counter()
                 self.server.receive(reply)
                 receiving += time.perf_counter() - started
+                del reply  # a masked input is update-sized: free it before the next client builds its own
             if answered:
                 self.client_seconds[stage.value] = spent / answered
                 self.server_receive_seconds[stage.value] = receiving
@@ -120,7 +121,7 @@ def aggregate_masking(
             raise InputError(f"weights must be {n} finite numbers, one per client")
         matrix = matrix * w[:, None]
     if clip is None:
-        bound = float(np.max(np.abs(matrix))) or 1.0
+        bound = max(float(np.max(np.abs(row))) for row in matrix) or 1.0  # one row's |x| at a time
         codec = _codec(bound, n, bits, "coordinate", scale, noise_headroom)
     else:
         codec = _codec(clip, n, bits, clip_mode, scale, noise_headroom)
