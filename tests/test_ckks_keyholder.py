@@ -277,20 +277,16 @@ def test_split_bfv_out_of_range_is_refused_after_combining():
 # --------------------------------------------------------------------------- the same over the transport mode
 
 
-def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(tmp_path):
+def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(pki):
     """The gRPC key holder (its CkksClientRound) gets the uploads with the aggregate and checks them."""
-    pytest.importorskip("grpc")
-    from federation.transport.certs import Credentials, init_ca, issue
+    from federation.transport.certs import Credentials
     from federation.transport.ckks_mode import CkksContextRequest, CkksContexts, CkksDecryptRequest, CkksDirectory
     from federation.transport.ckks_mode import CkksClientRound, CkksRelease
     from federation.transport.rounds import ClientContext
     from secagg import wire
 
-    init_ca(tmp_path / "ca")
-    server_creds = Credentials.load(issue(tmp_path / "ca", server=True))
-    creds = {1: Credentials.load(issue(tmp_path / "ca", client_id=1, role="keyholder")),
-             2: Credentials.load(issue(tmp_path / "ca", client_id=2)),
-             3: Credentials.load(issue(tmp_path / "ca", client_id=3))}
+    server_creds = Credentials.load(pki / "ca" / "server")
+    creds = {cid: Credentials.load(pki / "ca" / f"client-{cid}") for cid in (1, 2, 3)}  # 1 is a key holder
     dim = 50
     directory = wire.encode(CkksDirectory(
         round=0, round_id=new_round_id(), dim=dim, scheme="ckks", value_bound=1.0, min_clients=2,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from federation.transport import frames
-from federation.transport.certs import Credentials, init_ca, issue
+from federation.transport.certs import Credentials
 from federation.transport.frames import Hello
 from federation.transport.grpc_client import ClientSettings, channel_options, run_client
 from federation.transport.grpc_server import AggregationServer, ServerSettings
@@ -26,18 +26,6 @@ from secagg import wire
 from secagg.keys import IdentityKey
 
 DIM = 64
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
-    init_ca(root / "ca")
-    issue(root / "ca", server=True)
-    for cid in range(1, 20):
-        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")  # 1 may hold ckks keys
-    init_ca(root / "evil")
-    issue(root / "evil", client_id=1)
-    return root
 
 
 def creds(pki, cid: int, ca: str = "ca") -> Credentials:

@@ -25,7 +25,7 @@ from federation.transport.frames import Hello
 from federation.transport.grpc_client import ClientSettings, channel_options
 from federation.transport.grpc_server import AggregationServer
 from secagg import wire
-from tests.test_transport_grpc import creds, honest, pki, settings  # noqa: F401 -- pki is a fixture
+from tests.test_transport_grpc import creds, honest, settings
 
 
 async def _silent(pki, port: int, cid: int, done: asyncio.Event) -> str:
