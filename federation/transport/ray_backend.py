@@ -71,6 +71,11 @@ class _Pool:
         """Peak resident memory of this process (Linux /proc), for benchmarks."""
         return _peak_rss_kib()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this whole process (user + system, Ray's own work included), for benchmarks."""
+        t = os.times()
+        return t.user + t.system
+
     def public_keys(self) -> dict[int, bytes]:
         return {c: k.public_bytes for c, k in self.identities.items()}
 
@@ -229,7 +234,15 @@ def _hosts(pools: list, ids: Sequence[int]) -> tuple[dict[int, bytes], dict[int,
     keys: dict[int, bytes] = {}
     owners: dict[int, object] = {}
     wanted = set(ids)
-    for (pool, _), hosted in zip(pools, ray.get([p.public_keys.remote() for p, _ in pools])):
+    try:
+        listed = ray.get([p.public_keys.remote() for p, _ in pools])
+    except ray.exceptions.RayError as exc:  # the actors could not start (first call that waits on them)
+        missing = next((line.strip() for line in str(exc).splitlines() if "ModuleNotFoundError" in line), None)
+        if missing is None:
+            raise
+        raise ConfigError(f"the Ray workers cannot start the client actors ({missing}): install the package's "
+                          "third-party dependencies (and Ray) on every node of the cluster") from None
+    for (pool, _), hosted in zip(pools, listed):
         for c, key in hosted.items():
             if c in wanted:
                 keys[c], owners[c] = key, pool
