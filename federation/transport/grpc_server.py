@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -85,6 +85,8 @@ class ServerSettings:
     keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
+    # incomplete payloads of all clients together; a client whose payload does not fit waits (unread)
+    max_inflight_bytes: int = 1 << 30
     frames_per_second: float = 2000.0
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
@@ -104,6 +106,8 @@ class ServerSettings:
                               "and keepalive_timeout must be positive seconds")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
+        if self.max_inflight_bytes < 1:
+            raise ConfigError("max_inflight_bytes must be a positive number of bytes (e.g. 1073741824 for 1 GiB)")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -119,10 +123,10 @@ class _Conn:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
         cert = x509.load_pem_x509_certificate(cert_pem)
         self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.out: asyncio.Queue[bytes | Iterator[bytes] | None] = asyncio.Queue()  # a payload: its frames, lazily
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
-        self.reassembler = Reassembler(settings.max_message_bytes)
+        self.reassembler = Reassembler(settings.max_message_bytes, views=True)  # payloads are parsed in place
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
@@ -132,10 +136,12 @@ class _Conn:
         if not self.closed:
             self.out.put_nowait(data)
 
-    def send_payload(self, payload: bytes) -> None:
+    def send_payload(self, payload: bytes | memoryview) -> None:
+        """Queue ``payload``'s frames; each is encoded when written (a payload sent to many
+        clients is held once, not once per queue)."""
         self.seq += 1
-        for f in frames.chunk_payload(payload, self.seq, self.chunk_bytes):
-            self.send_frame(f)
+        if not self.closed:
+            self.out.put_nowait(frames.chunk_payload(payload, self.seq, self.chunk_bytes))
 
     def close(self) -> None:
         """End the stream once the queued frames are written; cancel it if they are not within
@@ -195,6 +201,7 @@ class AggregationServer:
         self.port: int | None = None
         self.reports: list[RoundReport] = []
         self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self._inflight = frames.ByteBudget(settings.max_inflight_bytes)
         self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -360,7 +367,8 @@ class AggregationServer:
             except Exception as exc:  # e.g. the ledger refuses: nothing leaves, the server goes on
                 ok, reason, outcome = False, f"release refused: {type(exc).__name__}: {exc}", None
                 log.error("round %d: %s", number, reason)
-        total = np.asarray(shared).astype("<f8").tobytes() if (ok and s.share_result) else b""
+        # float64 bytes of the aggregate as a view (no copy when it is float64 already)
+        total = memoryview(np.ascontiguousarray(shared, dtype="<f8")).cast("B") if (ok and s.share_result) else b""
         included = outcome.included if ok else ()
         end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, has_total=bool(total), included=tuple(included)))
         for cid in participants:
@@ -446,7 +454,7 @@ class AggregationServer:
         else:
             conn.close()
 
-    def _deliver(self, conn: _Conn, payload: bytes) -> None:
+    def _deliver(self, conn: _Conn, payload: bytes | memoryview) -> None:
         state = self._round
         if state is None or conn.cid not in state.active or conn.cid not in state.pending():
             conn.unexpected += 1
@@ -558,7 +566,8 @@ class AggregationServer:
                 item = await conn.out.get()
                 if item is None:
                     break
-                await context.write(item)
+                for frame in [item] if isinstance(item, bytes) else item:
+                    await context.write(frame)
         except Exception as exc:  # noqa: BLE001 -- any failed write means the client is gone
             log.debug("client %d: write failed: %s", cid, type(exc).__name__)
         finally:
@@ -574,6 +583,7 @@ class AggregationServer:
             "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
             f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
         )
+        reserved = 0  # bytes of the in-flight budget the current payload holds
         try:
             while True:
                 data = await context.read()
@@ -585,15 +595,24 @@ class AggregationServer:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                limit = None
+                if not conn.reassembler.in_progress:  # a payload begins: admit it, then wait for budget
+                    limit = self._admit(conn, frame)
+                    if limit is not None:
+                        reserved = await self._inflight.take(limit)
                 held = conn.reassembler.buffered
                 try:
-                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                    payload = conn.reassembler.feed(frame, admit=lambda first: limit)
                 except WireError as exc:
                     raise _Kick(f"refused message: {exc}") from None
                 finally:
                     self._account(conn.reassembler.buffered - held)
                 if payload is not None:
                     self._deliver(conn, payload)
+                    payload = None  # freed before its budget is given back
+                if not conn.reassembler.in_progress and reserved:
+                    self._inflight.give(reserved)
+                    reserved = 0
         except _Kick as exc:
             reason = str(exc)
             self._drop_conn(conn, reason)
@@ -604,6 +623,7 @@ class AggregationServer:
             reason = f"disconnected (stream error: {type(exc).__name__})"
         finally:
             self._account(-conn.reassembler.release())
+            self._inflight.give(reserved)
         self._drop_conn(conn, reason)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from federation.transport.certs import verify_certificate
+from federation.transport.frames import CONNECTION_BYTES
 from federation.transport.rounds import (
     ClientContext,
     Mode,
@@ -88,6 +89,28 @@ def policy_from_settings(settings) -> ClientPolicy:
     return ClientPolicy(min_participants=int(settings.min_participants), collusion=float(settings.collusion), **store)
 
 
+def payload_limit(clients: int, dim: int, bits: int = 32, *, masked: bool = False) -> int:
+    """Largest sealed message a client may send at a stage: 64 KiB + 1 KiB per client, plus
+    the packed vector (ceil(bits / 8) bytes a coordinate) at the masked-input stage."""
+    return (64 << 10) + (1 << 10) * clients + (dim * -(-bits // 8) if masked else 0)
+
+
+def server_memory_bound(clients: int, dim: int, bits: int = 32, inflight: int | None = None) -> int:
+    """Worst-case bytes a masking round adds to a gRPC server's resident memory (docs/deployment.md).
+
+    ``8 dim``: the float64 aggregate, whose upper half holds the running uint32 sum (the
+    lower half is touched only when the sum is decoded); the masked inputs arriving at
+    once (``payload_limit`` each: uploads are parsed in place, never copied), at most the
+    server's ``max_inflight_bytes`` (``inflight``; None: no budget) or one payload if it
+    is larger; and ``CONNECTION_BYTES`` of frames in flight per connection. Not counted:
+    the process's idle baseline (interpreter, libraries, gRPC), which a deployment
+    measures once.
+    """
+    upload = payload_limit(clients, dim, bits, masked=True)
+    arriving = clients * upload if inflight is None else min(clients * upload, max(inflight, upload))
+    return 8 * dim + arriving + clients * CONNECTION_BYTES
+
+
 class MaskingServerRound:
     def __init__(self, session: ServerSession) -> None:
         self.session = session
@@ -118,10 +141,7 @@ class MaskingServerRound:
         at its first chunk, before holding any of it.
         """
         cfg = self.session.config
-        limit = (64 << 10) + (1 << 10) * len(cfg.clients)
-        if self.session.stage is Stage.MASKED_INPUT:
-            limit += cfg.dim * -(-cfg.bits // 8)
-        return limit
+        return payload_limit(len(cfg.clients), cfg.dim, cfg.bits, masked=self.session.stage is Stage.MASKED_INPUT)
 
     @property
     def done(self) -> bool:
@@ -153,8 +173,8 @@ class MaskingClientRound:
             raise InvalidSignature("the directory does not hold this client's own certificate")
         self.session = ClientSession(ctx.client_id, ctx.identity, identities, update=ctx.update, policy=ctx.policy)
 
-    def receive(self, payload: bytes) -> bytes | None:
-        return self.session.receive(payload)
+    def receive(self, payload: bytes) -> bytes | memoryview | None:
+        return self.session.receive_view(payload)  # the masked input is sent from the buffer it was sealed in
 
     @property
     def done(self) -> bool:
