@@ -54,8 +54,8 @@ class _Pool:
     """
 
     def __init__(self, client_ids: Sequence[int], seed: int | None = None) -> None:
-        from secagg.ckks.simulate import PhaseTimes
         from secagg.keys import IdentityKey
+        from secagg.rounds import PhaseTimes
 
         self._ids = tuple(int(c) for c in client_ids)
         self.seed = seed
@@ -228,7 +228,7 @@ class RayLink:
 
 
 def drive(server, link: RayLink) -> None:
-    """Run ``server`` (a :class:`~federation.transport.rounds.ServerRound`) to the end over ``link``.
+    """Run ``server`` (a :class:`~secagg.rounds.ServerRound`) to the end over ``link``.
 
     A reply the server refuses counts as that party's failure; the round goes on without it.
     """
@@ -283,7 +283,7 @@ def run_ray_round(
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
 
-    The round is planned like every other (:func:`~federation.transport.masking_mode.plan_from_options`):
+    The round is planned like every other (:func:`~secagg.protocol.mode.plan_from_options`):
     ``threshold`` is a floor, raised to the secure minimum.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
@@ -291,9 +291,9 @@ def run_ray_round(
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.masking_mode import MaskingServerRound, codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
+    from secagg.protocol.mode import MaskingServerRound, codec_from_options, plan_from_options
     from secagg.protocol.server import ServerSession
 
     if updates is not None:
@@ -363,10 +363,11 @@ def run_ray_ckks_round(
     over ids ``0 .. n+key_holders-1``) reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.ckks_mode import CkksServerRound
+    from secagg.ckks.mode import CkksServerRound
     from secagg.ckks.session import Roster, ServerSession
-    from secagg.ckks.simulate import PhaseTimes, ckks_result, plan_ckks
+    from secagg.ckks.simulate import ckks_result, plan_ckks
     from secagg.keys import IdentityKey
+    from secagg.rounds import PhaseTimes
 
     known = {"clip", "dropouts", "weights", "scheme", "params", "value_bound", "min_clients",
              "release_grid_bits", "key_holders"}
