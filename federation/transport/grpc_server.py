@@ -15,7 +15,7 @@ handler with bytes in and out, so no protoc step). Every gRPC message on it is o
    by that key and naming that id; every protocol payload must be sealed the same way.
    Anything else is an identity mismatch and the stream is closed.
 3. Rounds: the coordinator waits for clients, builds the round's :class:`ServerRound`
-   (a sans-IO protocol session behind :mod:`federation.transport.rounds`), sends each
+   (a sans-IO protocol session, :mod:`secagg.rounds`), sends each
    participant ``RoundStart`` and its payload, and closes each stage when every awaited
    client answered or ``stage_timeout`` passed. A client that did not answer in time,
    disconnected, or sent something invalid is a dropout of that round; the reason is
@@ -56,10 +56,11 @@ from federation.transport.frames import (
     TokenBucket,
 )
 from federation.transport.revocation import RevocationList
-from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
+from secagg.protocol.mode import payload_limit
+from secagg.rounds import RoundContext, RoundOutcome, get_mode
 
 log = logging.getLogger("secagg.server")
 CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
@@ -320,7 +321,7 @@ class AggregationServer:
             identity_keys={cid: self._conns[cid].key for cid in participants},
             threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
             certificates={cid: self._conns[cid].cert_pem for cid in participants},
-            server_certificate=self.credentials.cert_pem,
+            server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
             driver, params = mode.server(ctx)
@@ -637,6 +638,22 @@ def connection_cap(wanted: int, reserve: int = 64) -> int:
     cap = max(1, soft - reserve)
     log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
     return cap
+
+
+def server_memory_bound(clients: int, dim: int, bits: int = 32, inflight: int | None = None) -> int:
+    """Worst-case bytes a masking round adds to a gRPC server's resident memory (docs/deployment.md).
+
+    ``8 dim``: the float64 aggregate, whose upper half holds the running uint32 sum (the
+    lower half is touched only when the sum is decoded); the masked inputs arriving at
+    once (``payload_limit`` each: uploads are parsed in place, never copied), at most the
+    server's ``max_inflight_bytes`` (``inflight``; None: no budget) or one payload if it
+    is larger; and ``CONNECTION_BYTES`` of frames in flight per connection. Not counted:
+    the process's idle baseline (interpreter, libraries, gRPC), which a deployment
+    measures once.
+    """
+    upload = payload_limit(clients, dim, bits, masked=True)
+    arriving = clients * upload if inflight is None else min(clients * upload, max(inflight, upload))
+    return 8 * dim + arriving + clients * frames.CONNECTION_BYTES
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:

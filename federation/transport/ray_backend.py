@@ -54,8 +54,8 @@ class _Pool:
     """
 
     def __init__(self, client_ids: Sequence[int], seed: int | None = None) -> None:
-        from secagg.ckks.simulate import PhaseTimes
         from secagg.keys import IdentityKey
+        from secagg.rounds import PhaseTimes
 
         self._ids = tuple(int(c) for c in client_ids)
         self.seed = seed
@@ -180,12 +180,12 @@ def _rounding_seed(seed: int, client: int) -> bytes:
 class RayLink:
     """Moves one stage's messages between the driver and the actors hosting the parties.
 
-    The link only moves bytes: ``exchange`` groups the stage's messages by actor, sends
-    each actor its batch in a few chunks (one Ray call per chunk, never one per message),
-    and yields the replies as each chunk comes back, so the driver checks the first
-    replies while the actors still compute the rest. It records what a link sees:
-    parties that failed (with the reason), the actors' CPU seconds and the bytes received
-    per stage.
+    The link only moves bytes: :meth:`deliver` groups the stage's messages by actor and
+    sends each actor its batch in a few chunks (one Ray call per chunk, never one per
+    message); :meth:`replies` yields the replies as each chunk comes back, so the driver
+    checks the first replies while the actors still compute the rest, and reports each
+    party that failed on its actor as ``(id, None, reason)``. It records what a link sees:
+    who failed and why, the actors' CPU seconds and the bytes received per stage.
     """
 
     def __init__(self, owners: Mapping[int, object], *, chunks_per_actor: int = 4) -> None:
@@ -194,37 +194,54 @@ class RayLink:
         self.failed: dict[int, str] = {}
         self.client_cpu = 0.0
         self.received_bytes: dict[str, int] = {}
+        self._pending: list = []
+        self._stage = ""
 
-    def exchange(self, stage: str, outgoing: Mapping[int, bytes]) -> Iterator[tuple[int, bytes]]:
-        ray = _require_ray()
+    def deliver(self, stage: str, outgoing: Mapping[int, bytes]) -> None:
+        """Send the stage's messages (party id -> bytes) to the actors hosting their parties."""
+        self._stage = getattr(stage, "name", stage)
         by_actor: dict[object, list[int]] = {}
         for c in outgoing:
-            by_actor.setdefault(self.owners[c], []).append(c)
-        pending = []
+            if c not in self.failed:
+                by_actor.setdefault(self.owners[c], []).append(c)
         for actor, ids in by_actor.items():
             for part in np.array_split(np.asarray(ids), min(self.chunks_per_actor, len(ids))):
-                pending.append(actor.step.remote(stage, {int(c): outgoing[int(c)] for c in part}))
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+                self._pending.append(actor.step.remote(self._stage, {int(c): outgoing[int(c)] for c in part}))
+
+    def replies(self, stage: str | None = None) -> Iterator[tuple[int, bytes | None, str]]:
+        """The delivered stage's replies as they arrive: (party, payload, "") or (party, None, reason)."""
+        ray = _require_ray()
+        while self._pending:
+            done, self._pending = ray.wait(self._pending, num_returns=1)
             replies, fails, cpu = ray.get(done[0])
-            self.failed.update(fails)
             self.client_cpu += cpu
-            self.received_bytes[stage] = self.received_bytes.get(stage, 0) + sum(map(len, replies.values()))
-            yield from replies.items()
+            self.received_bytes[self._stage] = self.received_bytes.get(self._stage, 0) + sum(map(len, replies.values()))
+            for c, reason in fails.items():
+                self.failed[c] = reason
+                yield c, None, reason
+            for c, payload in replies.items():
+                yield c, payload, ""
+
+    def drop(self, client: int, reason: str) -> None:
+        """Carry nothing more to ``client`` (the server refused it); its actor session is left to end."""
+        self.failed[client] = reason
 
 
 def drive(server, link: RayLink) -> None:
-    """Run ``server`` (a :class:`~federation.transport.rounds.ServerRound`) to the end over ``link``.
+    """Run ``server`` (a :class:`~secagg.rounds.ServerRound`) to the end over ``link``.
 
     A reply the server refuses counts as that party's failure; the round goes on without it.
     """
     out = server.start()
     while not server.done:
-        for c, reply in link.exchange(server.stage(), out):
+        link.deliver(server.stage(), out)
+        for c, reply, _ in link.replies():
+            if reply is None:
+                continue
             try:
                 server.receive(c, reply)
             except SecAggError as exc:
-                link.failed[c] = f"{type(exc).__name__}: {exc}"
+                link.drop(c, f"{type(exc).__name__}: {exc}")
         out = server.close_stage()
 
 
@@ -266,7 +283,7 @@ def run_ray_round(
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
 
-    The round is planned like every other (:func:`~federation.transport.masking_mode.plan_from_options`):
+    The round is planned like every other (:func:`~secagg.protocol.mode.plan_from_options`):
     ``threshold`` is a floor, raised to the secure minimum.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
@@ -274,9 +291,9 @@ def run_ray_round(
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.masking_mode import MaskingServerRound, codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
+    from secagg.protocol.mode import MaskingServerRound, codec_from_options, plan_from_options
     from secagg.protocol.server import ServerSession
 
     if updates is not None:
@@ -346,10 +363,11 @@ def run_ray_ckks_round(
     over ids ``0 .. n+key_holders-1``) reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.ckks_mode import CkksServerRound
+    from secagg.ckks.mode import CkksServerRound
     from secagg.ckks.session import Roster, ServerSession
-    from secagg.ckks.simulate import PhaseTimes, ckks_result, plan_ckks
+    from secagg.ckks.simulate import ckks_result, plan_ckks
     from secagg.keys import IdentityKey
+    from secagg.rounds import PhaseTimes
 
     known = {"clip", "dropouts", "weights", "scheme", "params", "value_bound", "min_clients",
              "release_grid_bits", "key_holders"}
