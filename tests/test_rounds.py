@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_YET_LINKS = {
     "federation/flower/workflow.py": "the Flower masking workflow (owned by the flower work)",
     "federation/flower/ckks_server.py": "the Flower ckks server (owned by the flower work)",
-    "federation/transport/ray_backend.py": "the Ray link (being ported onto drive())",
 }
 
 

@@ -33,8 +33,9 @@ class InMemoryRound:
                  threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
                  seed: int | None = None,
                  client_noise: Callable[[int, int, float], np.ndarray] | None = None,
-                 policy: ClientPolicy | None = None) -> None:
-        """``policy`` is every client's (the library default when None); the plan follows it."""
+                 policy: ClientPolicy | None = None, workers: int = 1) -> None:
+        """``policy`` is every client's (the library default when None); the plan follows it.
+        ``workers``: threads each party may use to expand masks (results are bit-identical)."""
         n, dim = updates.shape
         self.client_ids = tuple(range(1, n + 1))
         self.server_identity = IdentityKey.generate()
@@ -43,13 +44,13 @@ class InMemoryRound:
         self.identities.update({c: k.public_bytes for c, k in client_identities.items()})
         self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
                                  dropout=dropout_hint, degree=degree, policy=policy)
-        self.server = ServerSession(self.config, self.server_identity, self.identities)
+        self.server = ServerSession(self.config, self.server_identity, self.identities, workers=workers)
         self.clients = {
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
                 rounding_seed=None if seed is None else _rounding_seed(seed, c),
                 integer_noise=None if client_noise is None else _bind_row(client_noise, c - 1),
-                policy=policy,
+                policy=policy, workers=workers,
             )
             for c in self.client_ids
         }
