@@ -229,9 +229,10 @@ def _images(n=96, seed=1):
     return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
 
 
-def _private_copy(mode, ds, *, noise_multiplier, poisson_sampling, seed=None, batch_size=32):
+def _private_copy(mode, ds, *, noise_multiplier, poisson_sampling, seed=None, batch_size=32,
+                  build=_conv_model):
     torch.manual_seed(0)  # the same initial weights for both modes
-    model = _conv_model()
+    model = build()
     pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                       data_loader=DataLoader(ds, batch_size=batch_size),
                       noise_multiplier=noise_multiplier, max_grad_norm=2.0,
@@ -249,13 +250,27 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
-def test_ghost_clipping_gives_the_hooks_clipped_step(ghost):
-    ds = _images()
+def _sequence_model():
+    """A Linear layer on (batch, positions, features): per-example norms in one backward pass."""
+    return nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 5, 3))
+
+
+def _sequences(n=96, seed=1):
+    images = _images(n, seed)
+    return TensorDataset(images.tensors[0].reshape(n, 8, 8), images.tensors[1])
+
+
+@pytest.mark.parametrize("ghost, build, data", [
+    ("ghost", _conv_model, _images), ("bookkeeping", _conv_model, _images),
+    ("bookkeeping", _sequence_model, _sequences),
+])
+def test_ghost_clipping_gives_the_hooks_clipped_step(ghost, build, data):
+    ds = data()
     x, y = ds.tensors[0][:32], ds.tensors[1][:32]
     steps, norms = {}, {}
     for mode in ("hooks", ghost):
-        model, pt = _private_copy(mode, ds, noise_multiplier=0.0, poisson_sampling=False)
+        model, pt = _private_copy(mode, ds, noise_multiplier=0.0, poisson_sampling=False,
+                                  build=build)
         before = _flat(model)
         pt.optimizer.zero_grad()
         pt.criterion(pt.model(x), y).backward()
