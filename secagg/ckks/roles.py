@@ -65,10 +65,9 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
-from secagg.wire import decode, encode, open_sealed, seal
+from secagg.wire import SERVER_ID, decode, encode, open_sealed, seal
 
 KEYHOLDER_ID = -1
-SERVER_ID = -2
 FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
 DEFAULT_RELEASE_GRID_BITS = 22
 MAX_KEY_HOLDERS = 8

@@ -150,14 +150,14 @@ class ClientSession:
         integer_noise: Callable[[int, float], np.ndarray] | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        """``identities`` maps party id -> Ed25519 public key (the server is id 0).
+        """``identities`` maps party id -> Ed25519 public key (the server's is ``SERVER_ID``).
 
         ``integer_noise(dim, scale)`` returns this client's share of distributed DP noise
         in integer (quantized) units; it is added after rounding and before masking, so it
         survives quantization and the server only sees the noisy sum.
         """
-        if client_id == SERVER_ID:
-            raise LocalProtocolError("client ids start at 1; 0 is the server")
+        if client_id < 1:  # a Shamir share is the polynomial at the client id: never at 0
+            raise LocalProtocolError(f"client ids start at 1, got {client_id}")
         self.client_id = client_id
         self._identity = identity
         self._identities = dict(identities)
