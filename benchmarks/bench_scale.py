@@ -62,7 +62,7 @@ class TimedRound(InMemoryRound):
             session.receive = timed_client
 
 
-def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> dict:
+def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, workers: int = 1) -> dict:
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
     rate = keystream_rate()
     plain = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
@@ -70,7 +70,7 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> di
     n_drop = int(round(dropout * clients))
     dropped = [c + 1 for c in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []
     started = time.perf_counter()
-    session = TimedRound(updates, codec, graph=graph, dropout_hint=dropout)
+    session = TimedRound(updates, codec, graph=graph, dropout_hint=dropout, workers=workers)
     setup_s = time.perf_counter() - started
     profiler = cProfile.Profile() if profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -90,7 +90,7 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> di
     unmask_s = server.timings.get("server.unmask", 0.0)
     row = {
         "clients": clients, "dim": dim, "graph": "complete" if g.complete else "sparse",
-        "degree": session.config.degree, "threshold": session.config.threshold, "dropped": len(lost),
+        "degree": session.config.degree, "workers": workers, "threshold": session.config.threshold, "dropped": len(lost),
         "round_wall_s": round_s, "round_cpu_s (what a loaded machine distorts least)": round_cpu_s,
         "setup_s (identity keys, not part of a round)": setup_s,
         "server_stage_s": {k: v for k, v in server.timings.items()},
@@ -126,8 +126,10 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="fraction of clients that never deliver their masked vector (default 0.1)")
     parser.add_argument("--profile", action="store_true", help="also list the top functions by own time")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="threads each party may use to expand masks (default 1: serial; results are identical)")
     args = parser.parse_args()
-    print(json.dumps(run(args.clients, int(args.dim), args.graph, args.dropout, args.profile), indent=1))
+    print(json.dumps(run(args.clients, int(args.dim), args.graph, args.dropout, args.profile, args.workers), indent=1))
 
 
 if __name__ == "__main__":

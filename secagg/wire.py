@@ -223,6 +223,10 @@ def _unpack_frame(data: bytes | memoryview, max_bytes: int) -> tuple[list, dict[
             f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit; "
             "send large vectors in chunks or raise the limit on both sides"
         )
+    if len(data) <= SHAPE_MEMO_BYTES:  # far below BORROW_MIN_BYTES: nothing to borrow
+        small = bytes(data)
+        _small_shape_checked(small)
+        return _unpack_small(small), {}
     view = memoryview(data).cast("B").toreadonly()
     types: list[str] = []
 
@@ -243,14 +247,31 @@ def _unpack_frame(data: bytes | memoryview, max_bytes: int) -> tuple[list, dict[
         small = b"".join(pieces)
     else:
         small = data if isinstance(data, bytes) else bytes(view)
+    return _unpack_small(small), {name: view[start:end] for (_, start, end), name in cut}
+
+
+def _unpack_small(data: bytes) -> list:
+    """msgpack's items of a frame whose shape was checked (large values already cut out)."""
     try:
-        items = msgpack.unpackb(
-            small, raw=False, strict_map_key=False, use_list=True,
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, use_list=True,
             max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed message: {type(exc).__name__}") from None
-    return items, {name: view[start:end] for (_, start, end), name in cut}
+
+
+#: frames up to this size have their shape check remembered (see ``_small_shape_checked``)
+SHAPE_MEMO_BYTES = 1024
+
+
+@functools.lru_cache(maxsize=8192)  # at most 8 MiB of remembered frames
+def _small_shape_checked(data: bytes) -> None:
+    """:func:`check_shape` of a small frame, remembered: the same signed advert or server
+    message reaches every client of an in-process round, and the check is a pure function of
+    the bytes (the registry only grows, and only a frame that passed is remembered: a failure
+    raises, which ``lru_cache`` does not keep)."""
+    check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)
 
 
 def _fields_of(type_name: str):

@@ -174,3 +174,44 @@ def test_a_client_answers_only_its_stage_and_refuses_a_garbled_context_for_good(
     assert client.stage is ClientStage.FAILED
     with pytest.raises(SessionAborted):
         client.receive(b"anything")
+
+
+def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_the_same_sum():
+    """A Flower node keeps no object between messages: the key holder (a participant here) is
+    rebuilt from its snapshot each time, through keys, its own upload and batched checking."""
+    from secagg.ckks.session import ClientSession, Roster, ServerSession
+    from secagg.keys import IdentityKey
+
+    n = 4
+    x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
+    config = RoundConfig(new_round_id(), DIM, n, HeParams.ckks())
+    ids = [IdentityKey.generate() for _ in range(n)]
+    server_id = IdentityKey.generate()
+    roster = Roster(0, tuple(range(n)), (0,), {i: k.public_bytes for i, k in enumerate(ids)}, (ids[0].public_bytes,),
+                    server_id.public_bytes)
+    server = ServerSession(config, roster, server_id, forward_bytes=1)
+    others = {i: ClientSession(config, roster, i, ids[i], x[i]) for i in range(1, n)}
+    saved = b""
+
+    def holder_receives(payload):
+        nonlocal saved
+        holder = ClientSession(config, roster, 0, ids[0], None)
+        if saved:
+            holder.restore(saved)
+        if holder.stage is ClientStage.CONTEXT:
+            holder.set_update(x[0])
+        try:
+            return holder.receive(payload)
+        finally:
+            saved = holder.snapshot()
+
+    out = server.start()
+    while not server.done:
+        for pid, payload in out.items():
+            server.receive(pid, holder_receives(payload) if pid == 0 else others[pid].receive(payload))
+        out = server.close_stage()
+    result = server.outcome()
+    assert result.included == (0, 1, 2, 3)
+    assert np.max(np.abs(result.total - x.sum(0))) <= result.error_bound
+    with pytest.raises(ReplayError, match="did not expect"):
+        holder_receives(b"a second decryption request")  # resumed DONE: nothing more is answered

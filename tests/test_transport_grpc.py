@@ -20,10 +20,10 @@ from federation.transport.certs import Credentials
 from federation.transport.frames import Hello
 from federation.transport.grpc_client import ClientSettings, channel_options, run_client
 from federation.transport.grpc_server import AggregationServer, ServerSettings
-from federation.transport.masking_mode import MaskingClientRound
-from federation.transport.rounds import PlainUpdate
 from secagg import wire
 from secagg.keys import IdentityKey
+from secagg.plain import PlainUpdate
+from secagg.protocol.mode import MaskingClientRound
 
 DIM = 64
 
@@ -278,7 +278,7 @@ def test_large_update_streams_in_chunks(pki):
 
 def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    from federation.transport.ckks_mode import CkksClientRound
+    from secagg.ckks.mode import CkksClientRound
 
     def flaky_holder(mode, ctx, params):
         inner = CkksClientRound(ctx, params)
@@ -328,7 +328,7 @@ def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
     """Run a ckks round; return the server's reports, the clients' and why each client refused."""
-    from federation.transport.ckks_mode import CkksClientRound
+    from secagg.ckks.mode import CkksClientRound
 
     refusals: dict[int, str] = {}
 

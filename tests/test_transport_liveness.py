@@ -151,7 +151,7 @@ def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
 
     from federation.transport.grpc_client import run_client
     from federation.transport.grpc_server import serve_forever_with_state
-    from federation.transport.masking_mode import MaskingClientRound
+    from secagg.protocol.mode import MaskingClientRound
     from tests.test_transport_grpc import update
 
     lines = []

@@ -117,6 +117,10 @@ class Credentials:
             )
         return peer
 
+    def verify_peer(self, cert_pem: bytes) -> PeerIdentity:
+        """A certificate a server relays, checked against this party's CA (the rounds' certificate callback)."""
+        return verify_certificate(cert_pem, self.ca_pem)
+
 
 # --------------------------------------------------------------------------- key files
 

@@ -15,7 +15,7 @@ handler with bytes in and out, so no protoc step). Every gRPC message on it is o
    by that key and naming that id; every protocol payload must be sealed the same way.
    Anything else is an identity mismatch and the stream is closed.
 3. Rounds: the coordinator waits for clients, builds the round's :class:`ServerRound`
-   (a sans-IO protocol session behind :mod:`federation.transport.rounds`), sends each
+   (a sans-IO protocol session, :mod:`secagg.rounds`), sends each
    participant ``RoundStart`` and its payload, and closes each stage when every awaited
    client answered or ``stage_timeout`` passed. A client that did not answer in time,
    disconnected, or sent something invalid is a dropout of that round; the reason is
@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,10 +56,11 @@ from federation.transport.frames import (
     TokenBucket,
 )
 from federation.transport.revocation import RevocationList
-from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
 from secagg.keys import verify_signature
+from secagg.protocol.mode import payload_limit
+from secagg.rounds import RoundContext, RoundOutcome, get_mode
 
 log = logging.getLogger("secagg.server")
 CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
@@ -85,6 +86,8 @@ class ServerSettings:
     keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
+    # incomplete payloads of all clients together; a client whose payload does not fit waits (unread)
+    max_inflight_bytes: int = 1 << 30
     frames_per_second: float = 2000.0
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
@@ -104,6 +107,8 @@ class ServerSettings:
                               "and keepalive_timeout must be positive seconds")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
+        if self.max_inflight_bytes < 1:
+            raise ConfigError("max_inflight_bytes must be a positive number of bytes (e.g. 1073741824 for 1 GiB)")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -119,10 +124,10 @@ class _Conn:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
         cert = x509.load_pem_x509_certificate(cert_pem)
         self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.out: asyncio.Queue[bytes | Iterator[bytes] | None] = asyncio.Queue()  # a payload: its frames, lazily
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
-        self.reassembler = Reassembler(settings.max_message_bytes)
+        self.reassembler = Reassembler(settings.max_message_bytes, views=True)  # payloads are parsed in place
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
@@ -132,10 +137,12 @@ class _Conn:
         if not self.closed:
             self.out.put_nowait(data)
 
-    def send_payload(self, payload: bytes) -> None:
+    def send_payload(self, payload: bytes | memoryview) -> None:
+        """Queue ``payload``'s frames; each is encoded when written (a payload sent to many
+        clients is held once, not once per queue)."""
         self.seq += 1
-        for f in frames.chunk_payload(payload, self.seq, self.chunk_bytes):
-            self.send_frame(f)
+        if not self.closed:
+            self.out.put_nowait(frames.chunk_payload(payload, self.seq, self.chunk_bytes))
 
     def close(self) -> None:
         """End the stream once the queued frames are written; cancel it if they are not within
@@ -195,6 +202,7 @@ class AggregationServer:
         self.port: int | None = None
         self.reports: list[RoundReport] = []
         self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self._inflight = frames.ByteBudget(settings.max_inflight_bytes)
         self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -313,7 +321,7 @@ class AggregationServer:
             identity_keys={cid: self._conns[cid].key for cid in participants},
             threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
             certificates={cid: self._conns[cid].cert_pem for cid in participants},
-            server_certificate=self.credentials.cert_pem,
+            server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
             driver, params = mode.server(ctx)
@@ -360,7 +368,8 @@ class AggregationServer:
             except Exception as exc:  # e.g. the ledger refuses: nothing leaves, the server goes on
                 ok, reason, outcome = False, f"release refused: {type(exc).__name__}: {exc}", None
                 log.error("round %d: %s", number, reason)
-        total = np.asarray(shared).astype("<f8").tobytes() if (ok and s.share_result) else b""
+        # float64 bytes of the aggregate as a view (no copy when it is float64 already)
+        total = memoryview(np.ascontiguousarray(shared, dtype="<f8")).cast("B") if (ok and s.share_result) else b""
         included = outcome.included if ok else ()
         end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, has_total=bool(total), included=tuple(included)))
         for cid in participants:
@@ -446,7 +455,7 @@ class AggregationServer:
         else:
             conn.close()
 
-    def _deliver(self, conn: _Conn, payload: bytes) -> None:
+    def _deliver(self, conn: _Conn, payload: bytes | memoryview) -> None:
         state = self._round
         if state is None or conn.cid not in state.active or conn.cid not in state.pending():
             conn.unexpected += 1
@@ -558,7 +567,8 @@ class AggregationServer:
                 item = await conn.out.get()
                 if item is None:
                     break
-                await context.write(item)
+                for frame in [item] if isinstance(item, bytes) else item:
+                    await context.write(frame)
         except Exception as exc:  # noqa: BLE001 -- any failed write means the client is gone
             log.debug("client %d: write failed: %s", cid, type(exc).__name__)
         finally:
@@ -574,6 +584,7 @@ class AggregationServer:
             "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
             f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
         )
+        reserved = 0  # bytes of the in-flight budget the current payload holds
         try:
             while True:
                 data = await context.read()
@@ -585,15 +596,24 @@ class AggregationServer:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                limit = None
+                if not conn.reassembler.in_progress:  # a payload begins: admit it, then wait for budget
+                    limit = self._admit(conn, frame)
+                    if limit is not None:
+                        reserved = await self._inflight.take(limit)
                 held = conn.reassembler.buffered
                 try:
-                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                    payload = conn.reassembler.feed(frame, admit=lambda first: limit)
                 except WireError as exc:
                     raise _Kick(f"refused message: {exc}") from None
                 finally:
                     self._account(conn.reassembler.buffered - held)
                 if payload is not None:
                     self._deliver(conn, payload)
+                    payload = None  # freed before its budget is given back
+                if not conn.reassembler.in_progress and reserved:
+                    self._inflight.give(reserved)
+                    reserved = 0
         except _Kick as exc:
             reason = str(exc)
             self._drop_conn(conn, reason)
@@ -604,6 +624,7 @@ class AggregationServer:
             reason = f"disconnected (stream error: {type(exc).__name__})"
         finally:
             self._account(-conn.reassembler.release())
+            self._inflight.give(reserved)
         self._drop_conn(conn, reason)
 
 
@@ -617,6 +638,22 @@ def connection_cap(wanted: int, reserve: int = 64) -> int:
     cap = max(1, soft - reserve)
     log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
     return cap
+
+
+def server_memory_bound(clients: int, dim: int, bits: int = 32, inflight: int | None = None) -> int:
+    """Worst-case bytes a masking round adds to a gRPC server's resident memory (docs/deployment.md).
+
+    ``8 dim``: the float64 aggregate, whose upper half holds the running uint32 sum (the
+    lower half is touched only when the sum is decoded); the masked inputs arriving at
+    once (``payload_limit`` each: uploads are parsed in place, never copied), at most the
+    server's ``max_inflight_bytes`` (``inflight``; None: no budget) or one payload if it
+    is larger; and ``CONNECTION_BYTES`` of frames in flight per connection. Not counted:
+    the process's idle baseline (interpreter, libraries, gRPC), which a deployment
+    measures once.
+    """
+    upload = payload_limit(clients, dim, bits, masked=True)
+    arriving = clients * upload if inflight is None else min(clients * upload, max(inflight, upload))
+    return 8 * dim + arriving + clients * frames.CONNECTION_BYTES
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:

@@ -23,12 +23,13 @@ from secagg.protocol.simulate import InMemoryRound
 
 def run_masking_bench(
     *, clients: int, dim: int, dropout: float = 0.1, graph: str = "complete", bits: int = 32,
-    degree: int | None = None, stage: str = "masked_input",
+    degree: int | None = None, stage: str = "masked_input", workers: int = 1,
 ) -> dict:
     """Return the benchmark figures as a flat dict (see ``secagg bench masking --help``).
 
     A fraction ``dropout`` of the clients (every k-th) drop at ``stage``; by default they never
-    deliver their masked vector, the case that forces the server to reconstruct keys.
+    deliver their masked vector, the case that forces the server to reconstruct keys. ``workers``:
+    threads each party may use to expand masks (bit-identical results; see secagg.prg.MaskAccumulator).
     """
     clients, dim = check_bench_size(clients=clients, dim=dim, dropout=dropout)
     updates = _updates(clients, dim)
@@ -41,7 +42,8 @@ def run_masking_bench(
     # As aggregate_masking(clip=None): the fixed-point range is the batch's largest |coordinate|.
     codec = FixedPointCodec.for_clients(clip=float(np.max(np.abs(updates))) or 1.0, max_clients=clients,
                                         bits=bits, clip_mode="coordinate")
-    session = InMemoryRound(updates, codec, graph=graph, degree=degree, dropout_hint=min(dropout, 0.5))
+    session = InMemoryRound(updates, codec, graph=graph, degree=degree, dropout_hint=min(dropout, 0.5),
+                            workers=workers)
     started = time.perf_counter()
     session.run({stage: dropped})
     wall_s = time.perf_counter() - started
@@ -74,6 +76,7 @@ def run_masking_bench(
         "degree": session.config.degree,
         "threshold": session.config.threshold,
         "bits": bits,
+        "workers": workers,
         "included": len(included),
         "server_unmask_s": server_unmask_s,
         "server_reconstruct_s": timings.get("server.reconstruct", 0.0),

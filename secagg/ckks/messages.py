@@ -260,3 +260,37 @@ class CkksShareRelease(Message):
     values: bytes  # little-endian int64 residues
     included: tuple[int, ...]  # party indices
     fingerprint: bytes
+
+
+@message
+class CkksClientSnapshot(Message):
+    """A client session's state between two messages (local storage only, never sent).
+
+    For hosts that keep no Python object between the messages of a round (a Flower
+    SuperNode). A key holder's snapshot holds the round's *secret key* (``secret_context``)
+    and its check of the aggregate so far (``check_*``: the aggregate's client list and
+    chunks, the senders checked, the running sum); keep it where the live session would
+    be. Empty fields: no key holder, or no check in progress.
+    """
+
+    TYPE: ClassVar[str] = "ckks.client_snapshot"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {
+        "round_id": 64, "secret_context": MAX_CONTEXT_BYTES, "public_context": MAX_CONTEXT_BYTES,
+        "check_chunks": MAX_CHUNK_BYTES, "check_total": MAX_CHUNK_BYTES,
+    }
+
+    round_id: bytes
+    client_id: int
+    stage: str
+    failure: str
+    keyholder_stage: str
+    secret_context: bytes
+    public_context: bytes
+    used: bool
+    batches: int
+    batches_checked: int
+    checking: bool
+    check_included: tuple[int, ...]
+    check_chunks: tuple[bytes, ...]
+    check_senders: tuple[int, ...]
+    check_total: tuple[bytes, ...]

@@ -671,6 +671,11 @@ class SumCheck:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """Finished or refused: nothing more is checked."""
+        return self._closed
+
+    @property
     def missing(self) -> int:
         """Listed clients whose upload has not been checked yet."""
         return len(self.included) - len(self.senders)
@@ -712,7 +717,6 @@ class SumCheck:
 
     def export_state(self) -> tuple[tuple[int, ...], tuple[bytes, ...], tuple[int, ...], tuple[bytes, ...]]:
         """(included, aggregate chunks, senders so far, running sum): to continue in another process."""
-        self._open()
         total = () if self._total is None else tuple(v.serialize() for v in self._total)
         return self.included, self._chunks, tuple(self.senders), total
 

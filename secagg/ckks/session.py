@@ -37,18 +37,16 @@ core never imports the transport's PKI code).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from secagg import wire
 from secagg.ckks.messages import (
     CkksBatchReceived,
+    CkksClientSnapshot,
     CkksContextRequest,
     CkksContexts,
     CkksDecryptRequest,
@@ -73,6 +71,7 @@ from secagg.ckks.roles import (
 from secagg.errors import (
     ConfigError,
     InvalidSignature,
+    LocalProtocolError,
     MaliciousServerDetected,
     NotEnoughSurvivors,
     RemoteProtocolError,
@@ -82,14 +81,10 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
+from secagg.rounds import CertificateCheck, Timer, no_timer
 
-Timer = Callable[[str], AbstractContextManager]
 MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
 FORWARD_BYTES = 64 << 20  # default bound on the uploads the server forwards to a key holder in one message
-
-
-def _no_timer(_phase: str) -> AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -185,7 +180,7 @@ class ServerSession:
         self.stage = ServerStage.CONTEXT
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
         self._split = config.key_holders > 1
         self._started = False
         self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
@@ -448,7 +443,7 @@ class KeyHolderSession(_Sticky):
         self.check: SumCheck | None = None  # the aggregate being checked, batch by batch
         self.batches = 0  # how many batches the server announced (0: none received yet)
         self.batches_checked = 0
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     def _next(self, nxt: Mapping) -> enum.Enum:
         if self.stage is KeyHolderStage.DECRYPT and self.check is not None:
@@ -527,11 +522,14 @@ class ClientSession(_Sticky):
     """One participant: encrypt and upload its update under the key holders' public keys.
 
     When this client is one of the round's key holders it also answers the context request
-    and the decrypt request through a :class:`KeyHolderSession`.
+    and the decrypt request through a :class:`KeyHolderSession`. ``update`` may be left
+    None and given later with :meth:`set_update`, before the public context arrives (a
+    Flower node trains only when the upload is asked for). :meth:`snapshot` and
+    :meth:`restore` carry the session from one process to the next.
     """
 
     def __init__(self, config: RoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
-                 update: np.ndarray, *, weight: float | None = None, precompute: bool = True,
+                 update: np.ndarray | None, *, weight: float | None = None, precompute: bool = True,
                  timer: Timer | None = None) -> None:
         if client_id not in roster.participants:
             raise ConfigError("this client is not a participant of the round")
@@ -540,11 +538,57 @@ class ClientSession(_Sticky):
         self.is_holder = client_id in roster.keyholders
         self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
         self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     @property
     def done(self) -> bool:
         return self.stage is ClientStage.DONE
+
+    def set_update(self, update: np.ndarray) -> None:
+        """This client's update, clipped to the round's per-coordinate bound ``value_bound``."""
+        x = np.asarray(update, dtype=np.float64).ravel()
+        if x.size != self.config.dim:
+            raise ConfigError(f"this client's update has {x.size} values, the round expects {self.config.dim}")
+        self.update = np.clip(x, -self.config.value_bound, self.config.value_bound)
+
+    def snapshot(self) -> bytes:
+        """This session's state as bytes (:class:`~secagg.ckks.messages.CkksClientSnapshot`).
+
+        A key holder's snapshot holds the round's secret key: keep it on this client's
+        machine, as the live session would be. The update is not kept (:meth:`set_update`).
+        """
+        kh = self.keyholder
+        secret, public, used = kh.holder.export_state() if kh is not None and kh.holder is not None else (b"", b"", False)
+        checking = kh is not None and kh.check is not None and not kh.check.closed
+        check = kh.check.export_state() if checking else ((), (), (), ())
+        return wire.encode(CkksClientSnapshot(
+            self.config.round_id, self.client_id, self.stage.value, self.failure or "",
+            kh.stage.value if kh is not None else "", secret, public, used,
+            kh.batches if kh is not None else 0, kh.batches_checked if kh is not None else 0, checking, *check,
+        ))
+
+    def restore(self, data: bytes) -> None:
+        """Continue from :meth:`snapshot` bytes. This session must be new, built for the same
+        round (same directory, checked again by its builder) and the same client."""
+        snap = wire.decode(data, expect=CkksClientSnapshot)
+        fresh = self.stage is (ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT)
+        if not fresh or snap.round_id != self.config.round_id or snap.client_id != self.client_id:
+            raise LocalProtocolError("the snapshot belongs to another round or client, or this session already ran")
+        try:
+            self.stage = ClientStage(snap.stage)
+            kh = self.keyholder
+            if kh is not None:
+                kh.stage = KeyHolderStage(snap.keyholder_stage)
+                kh.batches, kh.batches_checked = snap.batches, snap.batches_checked
+                if snap.secret_context:
+                    kh.holder = KeyHolder.restore(self.config, self.identity, snap.secret_context,
+                                                  snap.public_context, snap.used)
+                if snap.checking:
+                    kh.check = SumCheck.restore(kh.holder, self.roster.party_keys, snap.check_included,
+                                                snap.check_chunks, snap.check_senders, snap.check_total)
+        except (ValueError, AttributeError):
+            raise WireError("the session snapshot does not fit this client's round") from None
+        self.failure = snap.failure or None
 
     def receive(self, payload: bytes) -> bytes:
         handlers = {ClientStage.CONTEXT: self._upload}
@@ -558,6 +602,8 @@ class ClientSession(_Sticky):
         return nxt[self.stage]
 
     def _upload(self, payload: bytes) -> bytes:
+        if self.update is None:
+            raise LocalProtocolError("this client has no update to upload: call set_update() before the upload stage")
         r, party = self.roster, self.roster.participants.index(self.client_id)
         split = self.config.key_holders > 1
         with self._timer("client.setup"):
@@ -582,27 +628,16 @@ class ClientSession(_Sticky):
 # --------------------------------------------------------------------------- from a relayed directory
 
 
-class CertifiedPeer(Protocol):
-    """What a checked certificate says about its holder."""
-
-    role: str  # "server" or "client"
-    client_id: int | None
-    identity_public_key: bytes
-    keyholder: bool  # the CA granted the key-holder role
-
-
-CertificateCheck = Callable[[bytes], CertifiedPeer]
-
-
 def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,
-                          update: np.ndarray, trusted_keyholder: int | None,
+                          update: np.ndarray | None, trusted_keyholder: int | None,
                           check_certificate: CertificateCheck) -> ClientSession:
     """A client's session for a round a server announced; refuses a round it must not join.
 
     ``trusted_keyholder`` is the key holder named in the client's own configuration; a
     directory naming any other refuses the round (the server cannot promote a client).
     ``check_certificate(pem)`` verifies a relayed certificate against the client's CA and
-    raises on a bad one. Clips the update to the round's per-coordinate bound.
+    raises on a bad one. Clips the update to the round's per-coordinate bound; without one
+    (None), pass it later with :meth:`ClientSession.set_update`.
     """
     d = directory
     if d.round != round:
@@ -623,13 +658,12 @@ def client_from_directory(directory: CkksDirectory, *, round: int, client_id: in
         client_keys[cid] = peer.identity_public_key
     if client_keys[client_id] != identity.public_bytes:
         raise InvalidSignature("the directory does not hold this client's own certificate")
-    config = config_of(d)
-    x = np.clip(np.asarray(update, dtype=np.float64).ravel(), -d.value_bound, d.value_bound)
-    if x.size != d.dim:
-        raise ConfigError(f"this client's update has {x.size} values, the round expects {d.dim}")
     roster = Roster(d.round, tuple(d.participants), (d.keyholder,), client_keys, (holder_key,),
                     server.identity_public_key)
-    return ClientSession(config, roster, client_id, identity, x)
+    session = ClientSession(config_of(d), roster, client_id, identity, None)
+    if update is not None:
+        session.set_update(update)
+    return session
 
 
 def _trusted_keyholder_key(d: CkksDirectory, client_id: int, identity: IdentityKey, trusted: int | None,

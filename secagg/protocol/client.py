@@ -58,7 +58,7 @@ from secagg.keys import (
     pair_context,
     verify_signature,
 )
-from secagg.prg import MaskAccumulator
+from secagg.prg import MaskAccumulator, check_workers
 from secagg.protocol.common import (
     SECRET_BYTES,
     SERVER_ID,
@@ -149,8 +149,12 @@ class ClientSession:
         rounding_seed: bytes | None = None,
         integer_noise: Callable[[int, float], np.ndarray] | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
+        workers: int = 1,
     ) -> None:
         """``identities`` maps party id -> Ed25519 public key (the server's is ``SERVER_ID``).
+
+        ``workers``: threads that expand this client's masks (1: serial, the default); the
+        masked vector is bit-identical whatever the count (see :class:`secagg.prg.MaskAccumulator`).
 
         ``integer_noise(dim, scale)`` returns this client's share of distributed DP noise
         in integer (quantized) units; it is added after rounding and before masking, so it
@@ -166,6 +170,7 @@ class ClientSession:
         self._rounding_seed = rounding_seed
         self._integer_noise = integer_noise
         self._randbytes = randbytes
+        self._workers = check_workers(workers)
         self.state = ClientState.WAIT_CONFIG
         self.abort_reason: str | None = None
         # Per-round secrets; dropped as soon as they are no longer needed.
@@ -477,11 +482,13 @@ class ClientSession:
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
         encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise, out=out)
-        acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
-        acc.add(self._self_seed, 1)
-        for peer in sorted(self._sharers - {self.client_id}):
-            seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
-            acc.add(seed, pairwise_sign(self.client_id, peer))
+        masks = [(self._self_seed, 1)] + [
+            (pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1]),
+             pairwise_sign(self.client_id, peer))
+            for peer in sorted(self._sharers - {self.client_id})
+        ]
+        acc = MaskAccumulator(config.dim, initial=encoded, copy=False, workers=self._workers)  # added in place
+        acc.add_many(masks)
         return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
 
     def _open_share(self, sender: int, blob: bytes) -> ShareBundle | None:
