@@ -178,7 +178,7 @@ def open_sealed(
     public_key = public_key_of(sender_id)
     if public_key is None:
         raise InvalidSignature(f"message signed by unknown party {sender_id}; register its identity key first")
-    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
+    verify_envelope(sender_id, payload, signature, public_key)
     return sender_id, decode(payload, max_bytes=max_bytes, expect=expect)
 
 
@@ -288,6 +288,15 @@ def unverified_envelope(
     checks it against the key in the sender's certificate) before handing the message on.
     """
     return _envelope(data, max_bytes)
+
+
+def verify_envelope(sender_id: int, payload: bytes | memoryview, signature: bytes, public_key: bytes) -> None:
+    """Check the parts :func:`unverified_envelope` returned against ``public_key``.
+
+    Raises :class:`~secagg.errors.InvalidSignature` when the seal is not that key's
+    signature over this sender and payload.
+    """
+    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
 
 
 def _to_wire(value: Any) -> Any:

@@ -95,6 +95,7 @@ class _Pool:
         float64 bytes by client; ``synthetic`` = (dim, base_seed, round, scale) makes them here
         instead. ``drop`` maps a stage to the clients that vanish there."""
         from secagg.protocol.client import ClientSession
+        from secagg.protocol.simulate import rounding_seed
 
         self.sessions = {}
         self.drop = {s: set(ids) & set(self._ids) for s, ids in drop.items()}
@@ -103,7 +104,7 @@ class _Pool:
                 continue
             self.sessions[c] = ClientSession(
                 c, self.identities[c], directory, update=_update_of(c, updates, synthetic),
-                rounding_seed=None if self.seed is None else _rounding_seed(self.seed, c),
+                rounding_seed=None if self.seed is None else rounding_seed(self.seed, c),
             )
         return len(self.sessions)
 
@@ -171,13 +172,6 @@ def _peak_rss_kib() -> int:
     except OSError:
         pass
     return 0
-
-
-def _rounding_seed(seed: int, client: int) -> bytes:
-    # The in-process simulation's derivation (secagg.protocol.simulate), so both agree.
-    from secagg.protocol.simulate import _rounding_seed as derive_rounding_seed
-
-    return derive_rounding_seed(seed, client)
 
 
 class RayLink:
