@@ -38,6 +38,7 @@ def test_ray_actors_match_in_process_engine_on_same_seed(local_ray, graph):
         dropouts={stage: [r + 1 for r in rows] for stage, rows in drop_rows.items()},
     )
     assert tuple(c - 1 for c in res["included"]) == ref.included
+    assert {s: tuple(c - 1 for c in ids) for s, ids in res["outcome"].dropped.items()} == ref.dropped
     assert 6 not in ref.included and 2 not in ref.included and 9 in ref.included
     np.testing.assert_array_equal(res["total"], ref.total)  # bit-identical, not merely close
     np.testing.assert_allclose(res["total"], updates[list(ref.included)].sum(axis=0), atol=1e-4)

@@ -156,7 +156,7 @@ class ClientSession:
         randbytes: Callable[[int], bytes] = os.urandom,
         workers: int = 1,
     ) -> None:
-        """``identities`` maps party id -> Ed25519 public key (the server is id 0).
+        """``identities`` maps party id -> Ed25519 public key (the server's is ``SERVER_ID``).
 
         ``workers``: threads that expand this client's masks (1: serial, the default); the
         masked vector is bit-identical whatever the count (see :class:`secagg.prg.MaskAccumulator`).
@@ -165,8 +165,8 @@ class ClientSession:
         in integer (quantized) units; it is added after rounding and before masking, so it
         survives quantization and the server only sees the noisy sum.
         """
-        if client_id == SERVER_ID:
-            raise LocalProtocolError("client ids start at 1; 0 is the server")
+        if client_id < 1:  # a Shamir share is the polynomial at the client id: never at 0
+            raise LocalProtocolError(f"client ids start at 1, got {client_id}")
         self.client_id = client_id
         self._identity = identity
         self._identities = dict(identities)

@@ -48,7 +48,7 @@ class InMemoryRound:
         self.clients = {
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
-                rounding_seed=None if seed is None else _rounding_seed(seed, c),
+                rounding_seed=None if seed is None else rounding_seed(seed, c),
                 integer_noise=None if client_noise is None else _bind_row(client_noise, c - 1),
                 policy=policy, workers=workers,
             )
@@ -195,5 +195,7 @@ def _check_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dic
     return out
 
 
-def _rounding_seed(seed: int, client: int) -> bytes:
+def rounding_seed(seed: int, client: int) -> bytes:
+    """Client ``client``'s stochastic-rounding seed from a simulation's public ``seed`` (tests and
+    benchmarks only): every link that simulates clients derives it here, so their sums agree."""
     return derive(seed.to_bytes(16, "big", signed=True), label=b"secagg/v1/test-rounding", context=client.to_bytes(8, "big"))
