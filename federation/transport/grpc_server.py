@@ -67,7 +67,6 @@ from federation.transport.revocation import RevocationList
 from federation.transport.state import read_progress, record_failed_round, record_round
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
-from secagg.keys import verify_signature
 from secagg.protocol.mode import payload_limit
 from secagg.rounds import Reply, RoundContext, RoundOutcome, StageView, drive, get_mode
 
@@ -222,6 +221,7 @@ class GrpcLink:
     def _open(self, stage: StageView, outgoing: dict[int, bytes]) -> None:
         self.stage, self.answered = stage, set()
         self._server._send(self._state, outgoing)
+        log.info("round %d: stage %r, %d clients left", self._state.number, stage.name, len(self._state.active))
 
     def expects(self, cid: int) -> bool:
         """Whether the stage being carried still waits for a message from ``cid``."""
@@ -553,7 +553,7 @@ class AggregationServer:
         if sender != conn.cid:
             raise _Kick(f"identity mismatch: payload sealed as client {sender} on client {conn.cid}'s certificate")
         try:
-            verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
+            wire.verify_envelope(sender, body, signature, conn.key)
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
 
@@ -746,7 +746,7 @@ def report_summary(report: RoundReport, stage_timeout: float | None = None) -> d
     return line
 
 
-async def serve_forever_with_state(
+async def serve_resumable_rounds(
     settings: ServerSettings,
     credentials: Credentials,
     state_dir,

@@ -52,11 +52,11 @@ def serve(config_path: str | Path, *, backend: str = "grpc", host: str | None = 
     import asyncio
 
     from federation.transport.certs import Credentials
-    from federation.transport.grpc_server import serve_forever_with_state
+    from federation.transport.grpc_server import serve_resumable_rounds
 
     creds = Credentials.load(cfg.credentials)
     creds.check_binding()
-    return 0 if asyncio.run(serve_forever_with_state(s, creds, cfg.state_dir, print_line=on_line)) else 1
+    return 0 if asyncio.run(serve_resumable_rounds(s, creds, cfg.state_dir, print_line=on_line)) else 1
 
 
 def _train(cfg, backend: str, *, ray_address: str | None, num_cpus: int | None,
