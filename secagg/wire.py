@@ -44,6 +44,9 @@ WIRE_VERSION = 2  # 2: a seal signs the SHA-256 digest of its payload (1 signed 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # largest message a decoder accepts unless told otherwise
 MAX_FIELD_BYTES = 64 * 1024 * 1024 * 4  # per bytes-field upper bound (a 2^26-parameter uint32 vector)
 BORROW_MIN_BYTES = 1 << 20  # a BORROWED_FIELDS value this large is decoded as a view, not a copy
+#: The sender id the server seals with, in every protocol. Clients are numbered from 1 (masking:
+#: a Shamir share is the polynomial at the client id) or 0 (CKKS, whose key holder seals as -1).
+SERVER_ID = -2
 _SIGNATURE_BIN = 2 + 64  # an Ed25519 signature as a msgpack bin8
 
 _REGISTRY: dict[str, type[Message]] = {}
@@ -175,7 +178,7 @@ def open_sealed(
     public_key = public_key_of(sender_id)
     if public_key is None:
         raise InvalidSignature(f"message signed by unknown party {sender_id}; register its identity key first")
-    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
+    verify_envelope(sender_id, payload, signature, public_key)
     return sender_id, decode(payload, max_bytes=max_bytes, expect=expect)
 
 
@@ -285,6 +288,15 @@ def unverified_envelope(
     checks it against the key in the sender's certificate) before handing the message on.
     """
     return _envelope(data, max_bytes)
+
+
+def verify_envelope(sender_id: int, payload: bytes | memoryview, signature: bytes, public_key: bytes) -> None:
+    """Check the parts :func:`unverified_envelope` returned against ``public_key``.
+
+    Raises :class:`~secagg.errors.InvalidSignature` when the seal is not that key's
+    signature over this sender and payload.
+    """
+    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
 
 
 def _to_wire(value: Any) -> Any:

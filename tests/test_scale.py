@@ -227,6 +227,29 @@ def test_masking_bench_counts_the_keystream_each_side_needs_and_the_upload_check
         k = row["degree"]
         assert kept + lost * (k - lost + 1) <= server_masks <= kept + lost * k
         assert k - lost + 3 <= client_masks <= k + 3
+    # The floor adds one agreement per pairwise mask: the server's rebuilt ones, a client's own.
+    agreements = (row["server_unmask_floor_s"] - row["server_unmask_keystream_limit_s"]) / row["agreement_s"]
+    assert round(agreements) == server_masks - kept
+    client_agreements = (row["client_mask_floor_s"] - row["client_mask_keystream_limit_s"]) / row["agreement_s"]
+    assert client_agreements == pytest.approx(client_masks - 3, abs=1e-3)  # a mean over clients: not whole
     assert row["server_upload_check_s"] > 0
     assert row["server_total_s"] >= row["server_unmask_s"] + row["server_upload_check_s"]
     assert row["max_abs_error"] <= row["quantization_error_bound"]
+
+
+def test_a_round_with_mask_threads_unmasks_exactly_like_the_serial_one(monkeypatch):
+    from secagg.protocol.simulate import InMemoryRound
+
+    monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 256)  # so a 2,000-entry vector really is split
+    updates = np.random.default_rng(1).uniform(-1, 1, (6, 2000))  # test data, not secret
+    codec = FixedPointCodec.for_clients(clip=1.0, max_clients=6, clip_mode="coordinate")
+    sums = []
+    for workers in (1, 2):
+        session = InMemoryRound(updates, codec, seed=7, workers=workers)
+        session.run({Stage.MASKED_INPUT.value: [2]})  # client 2's masks are rebuilt by the server
+        sums.append(session.server.result)
+    # Same inputs and rounding seed, fresh keys each round: every mask cancels, so the two sums
+    # are the same bits, and equal the plain sum of the included updates to the encoding's error.
+    np.testing.assert_array_equal(sums[0], sums[1])
+    included = [0, 2, 3, 4, 5]
+    assert np.max(np.abs(sums[1] - updates[included].sum(axis=0))) <= codec.sum_error_bound(5)
