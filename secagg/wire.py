@@ -44,6 +44,9 @@ WIRE_VERSION = 2  # 2: a seal signs the SHA-256 digest of its payload (1 signed 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # largest message a decoder accepts unless told otherwise
 MAX_FIELD_BYTES = 64 * 1024 * 1024 * 4  # per bytes-field upper bound (a 2^26-parameter uint32 vector)
 BORROW_MIN_BYTES = 1 << 20  # a BORROWED_FIELDS value this large is decoded as a view, not a copy
+#: The sender id the server seals with, in every protocol. Clients are numbered from 1 (masking:
+#: a Shamir share is the polynomial at the client id) or 0 (CKKS, whose key holder seals as -1).
+SERVER_ID = -2
 _SIGNATURE_BIN = 2 + 64  # an Ed25519 signature as a msgpack bin8
 
 _REGISTRY: dict[str, type[Message]] = {}
