@@ -31,7 +31,7 @@ SERVER = """
 import asyncio, json, sys
 from pathlib import Path
 
-import federation.transport.masking_mode  # imported before the baseline: the round needs it
+import secagg.protocol.mode  # imported before the baseline: the round needs it
 from federation.transport.certs import Credentials
 from federation.transport.grpc_server import AggregationServer, ServerSettings
 
@@ -60,7 +60,8 @@ asyncio.run(main())
 def measure(clients: int, dim: int, inflight: int | None, root: Path, share_result: bool = True) -> dict:
     from federation.transport.certs import Credentials, init_ca, issue
     from federation.transport.grpc_client import ClientSettings, run_client
-    from federation.transport.masking_mode import payload_limit, server_memory_bound
+    from federation.transport.grpc_server import ServerSettings, server_memory_bound
+    from secagg.protocol.mode import payload_limit
 
     init_ca(root / "ca")
     issue(root / "ca", server=True)
@@ -70,8 +71,9 @@ def measure(clients: int, dim: int, inflight: int | None, root: Path, share_resu
     options = {"mode": "masking", "options": {"dim": dim, "clip": 1e4, "clip_mode": "coordinate"},
                "expected_clients": clients, "threshold": clients - 1, "rounds": 1, "join_timeout": 600.0,
                "stage_timeout": 600.0, "max_message_bytes": max(message, 256 << 20), "share_result": share_result}
-    if inflight is not None:
-        options["max_inflight_bytes"] = inflight
+    if inflight is None:
+        inflight = ServerSettings().max_inflight_bytes  # the default budget, which the bound must use
+    options["max_inflight_bytes"] = inflight
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(root / "ca" / "server"), json.dumps(options)],
                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
     try:
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--no-share-result", action="store_true",
                         help="the server does not send the aggregate back (saves the clients 8 B x d each)")
     args = parser.parse_args()
-    from federation.transport.masking_mode import payload_limit
+    from secagg.protocol.mode import payload_limit
 
     dim = int(args.dim)
     inflight = None if args.inflight is None else int(args.inflight * payload_limit(args.clients, dim, masked=True))

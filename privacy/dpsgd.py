@@ -7,8 +7,9 @@ Two entry points:
   :class:`PrivateTraining` with named fields -- never a tuple whose arity depends on a flag.
   The returned objects act like their non-private counterparts; using any other model,
   optimizer or data loader for training invalidates the stated guarantee.
-  Per-example clipping is Opacus' ghost clipping where the model and loss allow it, else
-  Opacus hooks (:mod:`privacy.clipping`: same clipped, noised step; the choice is logged).
+  Per-example clipping is ghost clipping where the model and loss allow it (in one backward
+  pass for Linear/Conv2d models, else Opacus' two), else Opacus hooks (:mod:`privacy.clipping`:
+  same clipped, noised step; the choice is logged).
 * :func:`train_private` runs one client's local training (e.g. one federated round) and
   returns :class:`TrainStats`, including the record-level privacy event to put in a ledger.
 
@@ -41,7 +42,12 @@ from privacy._checks import (
     check_positive_int,
 )
 from privacy.accountant import AccountantName, epsilon_of_events
-from privacy.clipping import ClippingChoice, choose_clipping, refuse_unclipped_steps
+from privacy.clipping import (
+    ClippingChoice,
+    choose_clipping,
+    mark_when_factors_read,
+    refuse_unclipped_steps,
+)
 from privacy.events import SampledGaussianEvent, dpsgd_event
 from secagg.errors import ConfigError, UnsupportedEventError
 
@@ -136,10 +142,10 @@ def validate_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
 class PrivateTraining:
     """What :func:`make_private` returns. Train with exactly these objects.
 
-    ``criterion`` computes the loss to backpropagate: with ghost clipping
-    (``clipping.mode == "ghost"``) it is Opacus' per-example criterion, whose ``backward()``
-    runs the two clipped passes, and the optimizer refuses a gradient that did not come from
-    it; with hooks it is the criterion given to :func:`make_private` (or None if none was).
+    ``criterion`` computes the loss to backpropagate: with ghost clipping (``clipping.mode``
+    ``"ghost"`` or ``"bookkeeping"``) it is a per-example criterion whose ``backward()`` leaves
+    the clipped gradient sum, and the optimizer refuses a gradient that did not come from it;
+    with hooks it is the criterion given to :func:`make_private` (or None if none was).
     ``clipping`` says which clipping was chosen and why.
     """
 
@@ -155,6 +161,7 @@ class PrivateTraining:
     clipping: ClippingChoice
     privacy_engine: Any = field(repr=False)
     poisson_sampling: bool = True
+    detach_clipping: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:
@@ -185,6 +192,8 @@ class PrivateTraining:
 
     def close(self) -> None:
         """Remove Opacus hooks so the underlying model can be reused (e.g. next round)."""
+        if self.detach_clipping is not None:
+            self.detach_clipping()
         remove = getattr(self.model, "remove_hooks", None)
         if callable(remove):
             try:
@@ -239,12 +248,13 @@ def make_private(
     and :meth:`PrivateTraining.epsilon` refuse it (use it only to test mechanics or time steps).
 
     Per-example clipping (:mod:`privacy.clipping`): ``grad_sample_mode="auto"`` (the default)
-    uses Opacus' ghost clipping when ``criterion`` is a torch loss with mean reduction and
-    Opacus supports every trainable layer, else hooks; the choice and its reason are logged
-    (logger ``secagg.dpsgd``) and kept in :attr:`PrivateTraining.clipping`. With ghost clipping
-    the loss must be computed by :attr:`PrivateTraining.criterion`. ``"hooks"`` and
-    ``"ghost"`` force one (``"ghost"`` raises ConfigError where it cannot run). Both clip and
-    noise alike: same step, same accounting.
+    uses ghost clipping when ``criterion`` is a torch loss with mean reduction and every
+    trainable layer is supported -- in one backward pass (``"bookkeeping"``) for models of
+    Linear and Conv2d layers, else Opacus' two-pass ghost clipping -- and hooks otherwise; the
+    choice and its reason are logged (logger ``secagg.dpsgd``) and kept in
+    :attr:`PrivateTraining.clipping`. With ghost clipping the loss must be computed by
+    :attr:`PrivateTraining.criterion`. ``"hooks"``, ``"ghost"`` and ``"bookkeeping"`` force one
+    (ConfigError where it cannot run). All clip and noise alike: same step, same accounting.
 
     ``seed`` (deterministic test runs only, with ``secure_mode=False``): the noise and the
     Poisson batches follow it (:func:`secure_noise` with a seed): reproducible, not private.
@@ -293,13 +303,23 @@ def make_private(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=poisson_sampling,
-            grad_sample_mode=clipping.mode,
+            grad_sample_mode="hooks" if clipping.mode == "hooks" else "ghost",
         )
-    if clipping.mode == "ghost":
-        p_model, p_opt, criterion, p_loader = wrapped
-        refuse_unclipped_steps(p_model, p_opt)
-    else:
+    detach_clipping = None
+    if clipping.mode == "hooks":
         p_model, p_opt, p_loader = wrapped
+    else:  # both ghost modes: Opacus' ghost optimizer noises the clipped sum left in p.grad
+        p_model, p_opt, criterion, p_loader = wrapped
+        if clipping.mode == "ghost":
+            mark_when_factors_read(p_model, refuse_unclipped_steps(p_opt))
+        else:
+            from privacy.bookkeeping import BookkeepingClipper, BookkeepingLoss
+
+            p_model.remove_hooks()  # the single backward pass replaces Opacus' two
+            mark_clipped = refuse_unclipped_steps(p_opt, on_zero_grad=lambda: clipper.forget())
+            clipper = BookkeepingClipper(model, max_grad_norm, on_clipped=mark_clipped)
+            criterion = BookkeepingLoss(clipper, opacus_criterion)
+            detach_clipping = clipper.remove
     if secure_mode or seed is not None:
         secure_noise(p_opt, p_loader, seed=seed)
     if not secure_mode:
@@ -323,6 +343,7 @@ def make_private(
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         sample_rate=float(sample_rate), dataset_size=n, device=dev, privacy_engine=engine,
         poisson_sampling=poisson_sampling, criterion=criterion, clipping=clipping,
+        detach_clipping=detach_clipping,
     )
 
 

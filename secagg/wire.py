@@ -44,6 +44,9 @@ WIRE_VERSION = 2  # 2: a seal signs the SHA-256 digest of its payload (1 signed 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # largest message a decoder accepts unless told otherwise
 MAX_FIELD_BYTES = 64 * 1024 * 1024 * 4  # per bytes-field upper bound (a 2^26-parameter uint32 vector)
 BORROW_MIN_BYTES = 1 << 20  # a BORROWED_FIELDS value this large is decoded as a view, not a copy
+#: The sender id the server seals with, in every protocol. Clients are numbered from 1 (masking:
+#: a Shamir share is the polynomial at the client id) or 0 (CKKS, whose key holder seals as -1).
+SERVER_ID = -2
 _SIGNATURE_BIN = 2 + 64  # an Ed25519 signature as a msgpack bin8
 
 _REGISTRY: dict[str, type[Message]] = {}
@@ -175,7 +178,7 @@ def open_sealed(
     public_key = public_key_of(sender_id)
     if public_key is None:
         raise InvalidSignature(f"message signed by unknown party {sender_id}; register its identity key first")
-    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
+    verify_envelope(sender_id, payload, signature, public_key)
     return sender_id, decode(payload, max_bytes=max_bytes, expect=expect)
 
 
@@ -220,6 +223,10 @@ def _unpack_frame(data: bytes | memoryview, max_bytes: int) -> tuple[list, dict[
             f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit; "
             "send large vectors in chunks or raise the limit on both sides"
         )
+    if len(data) <= SHAPE_MEMO_BYTES:  # far below BORROW_MIN_BYTES: nothing to borrow
+        small = bytes(data)
+        _small_shape_checked(small)
+        return _unpack_small(small), {}
     view = memoryview(data).cast("B").toreadonly()
     types: list[str] = []
 
@@ -240,14 +247,31 @@ def _unpack_frame(data: bytes | memoryview, max_bytes: int) -> tuple[list, dict[
         small = b"".join(pieces)
     else:
         small = data if isinstance(data, bytes) else bytes(view)
+    return _unpack_small(small), {name: view[start:end] for (_, start, end), name in cut}
+
+
+def _unpack_small(data: bytes) -> list:
+    """msgpack's items of a frame whose shape was checked (large values already cut out)."""
     try:
-        items = msgpack.unpackb(
-            small, raw=False, strict_map_key=False, use_list=True,
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, use_list=True,
             max_array_len=MAX_COLLECTION, max_map_len=MAX_COLLECTION,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed message: {type(exc).__name__}") from None
-    return items, {name: view[start:end] for (_, start, end), name in cut}
+
+
+#: frames up to this size have their shape check remembered (see ``_small_shape_checked``)
+SHAPE_MEMO_BYTES = 1024
+
+
+@functools.lru_cache(maxsize=8192)  # at most 8 MiB of remembered frames
+def _small_shape_checked(data: bytes) -> None:
+    """:func:`check_shape` of a small frame, remembered: the same signed advert or server
+    message reaches every client of an in-process round, and the check is a pure function of
+    the bytes (the registry only grows, and only a frame that passed is remembered: a failure
+    raises, which ``lru_cache`` does not keep)."""
+    check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)
 
 
 def _fields_of(type_name: str):
@@ -264,6 +288,15 @@ def unverified_envelope(
     checks it against the key in the sender's certificate) before handing the message on.
     """
     return _envelope(data, max_bytes)
+
+
+def verify_envelope(sender_id: int, payload: bytes | memoryview, signature: bytes, public_key: bytes) -> None:
+    """Check the parts :func:`unverified_envelope` returned against ``public_key``.
+
+    Raises :class:`~secagg.errors.InvalidSignature` when the seal is not that key's
+    signature over this sender and payload.
+    """
+    verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
 
 
 def _to_wire(value: Any) -> Any:

@@ -30,7 +30,7 @@ from secagg.ckks import (
 )
 from secagg.ckks.messages import HeCiphertexts, HeContext, HeUploadHeader, chunks_digest
 from secagg.ckks.roles import KEYHOLDER_ID
-from secagg.ckks.tenseal_format import check_vector
+from secagg.ckks.tenseal_format import check_serialized_vector
 from secagg.errors import (
     AlreadyFinalized,
     ConfigError,
@@ -369,7 +369,7 @@ def test_zstd_bomb_is_refused_before_decompression():
     blob = struct.pack("<HBBBBHQ", 0xA15E, 16, 4, 0, 2, 0, blob_len) + frame
     vec = b"\x0a\x02" + _varint(4096) + b"\x12" + _varint(len(blob)) + blob + b"\x19" + struct.pack("<d", 2.0**40)
     with pytest.raises(InvalidCiphertext):
-        check_vector(vec, expected_size=4096, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+        check_serialized_vector(vec, expected_size=4096, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
 
 
 def _varint(n: int) -> bytes:
@@ -536,7 +536,7 @@ _GENUINE = ts.ckks_vector(_CTX, [0.5] * 100).serialize()  # one genuine TenSEAL 
 @given(st.binary(max_size=600), st.integers(1, 4096), st.booleans())
 def test_structural_check_raises_only_invalid_ciphertext_on_arbitrary_bytes(data, size, ckks):
     try:
-        check_vector(data, expected_size=size, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40 if ckks else None)
+        check_serialized_vector(data, expected_size=size, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40 if ckks else None)
     except InvalidCiphertext:
         pass
 
@@ -549,15 +549,15 @@ def test_structural_check_on_mutated_genuine_headers(data):
     value = data.draw(st.integers(0, 255))
     mutated = genuine[:pos] + bytes([value]) + genuine[pos + 1 :]
     try:
-        check_vector(mutated, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+        check_serialized_vector(mutated, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
     except InvalidCiphertext:
         pass
 
 
 def test_genuine_ciphertext_passes_the_structural_check():
-    check_vector(_GENUINE, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+    check_serialized_vector(_GENUINE, expected_size=100, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
     with pytest.raises(InvalidCiphertext):
-        check_vector(_GENUINE, expected_size=99, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
+        check_serialized_vector(_GENUINE, expected_size=99, raw_bytes=CKKS.ciphertext_bytes, scale=2.0**40)
 
 
 @pytest.mark.parametrize("kw", [{}, {"scheme": "bfv", "key_holders": 2}])

@@ -280,10 +280,16 @@ def test_split_bfv_out_of_range_is_refused_after_combining():
 def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(pki):
     """The gRPC key holder (its CkksClientRound) gets the uploads with the aggregate and checks them."""
     from federation.transport.certs import Credentials
-    from federation.transport.ckks_mode import CkksContextRequest, CkksContexts, CkksDecryptRequest, CkksDirectory
-    from federation.transport.ckks_mode import CkksClientRound, CkksRelease
-    from federation.transport.rounds import ClientContext
     from secagg import wire
+    from secagg.ckks.messages import (
+        CkksContextRequest,
+        CkksContexts,
+        CkksDecryptRequest,
+        CkksDirectory,
+        CkksRelease,
+    )
+    from secagg.ckks.mode import CkksClientRound
+    from secagg.rounds import ClientContext
 
     server_creds = Credentials.load(pki / "ca" / "server")
     creds = {cid: Credentials.load(pki / "ca" / f"client-{cid}") for cid in (1, 2, 3)}  # 1 is a key holder
@@ -295,7 +301,8 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
     xs = {c: np.full(dim, 0.1 * c) for c in creds}
 
     def session(c):
-        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].ca_pem, keyholder=1), directory)
+        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].verify_peer, keyholder=1),
+                               directory)
 
     def run(make_request):
         rounds = {c: session(c) for c in creds}

@@ -217,8 +217,8 @@ def test_mnist_one_epoch_dpsgd():
 
 def _conv_model():
     """Conv2d (per-example gradient norms under ghost) + Linear layers (ghost norms)."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 8), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def _images(n=96, seed=1):
@@ -229,9 +229,10 @@ def _images(n=96, seed=1):
     return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
 
 
-def _private_copy(mode, ds, *, noise_multiplier, poisson_sampling, seed=None, batch_size=32):
+def _private_copy(mode, ds, *, noise_multiplier, poisson_sampling, seed=None, batch_size=32,
+                  build=_conv_model):
     torch.manual_seed(0)  # the same initial weights for both modes
-    model = _conv_model()
+    model = build()
     pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                       data_loader=DataLoader(ds, batch_size=batch_size),
                       noise_multiplier=noise_multiplier, max_grad_norm=2.0,
@@ -249,34 +250,51 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_ghost_clipping_gives_the_hooks_clipped_step():
-    ds = _images()
+def _sequence_model():
+    """A Linear layer on (batch, positions, features): per-example norms in one backward pass."""
+    return nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 5, 3))
+
+
+def _sequences(n=96, seed=1):
+    images = _images(n, seed)
+    return TensorDataset(images.tensors[0].reshape(n, 8, 8), images.tensors[1])
+
+
+@pytest.mark.parametrize("ghost, build, data", [
+    ("ghost", _conv_model, _images), ("bookkeeping", _conv_model, _images),
+    ("bookkeeping", _sequence_model, _sequences),
+])
+def test_ghost_clipping_gives_the_hooks_clipped_step(ghost, build, data):
+    ds = data()
     x, y = ds.tensors[0][:32], ds.tensors[1][:32]
     steps, norms = {}, {}
-    for mode in ("hooks", "ghost"):
-        model, pt = _private_copy(mode, ds, noise_multiplier=0.0, poisson_sampling=False)
+    for mode in ("hooks", ghost):
+        model, pt = _private_copy(mode, ds, noise_multiplier=0.0, poisson_sampling=False,
+                                  build=build)
         before = _flat(model)
         pt.optimizer.zero_grad()
         pt.criterion(pt.model(x), y).backward()
         if mode == "hooks":
             per_param = [p.grad_sample.flatten(1).norm(dim=1) for p in model.parameters()]
             norms[mode] = torch.stack(per_param).norm(dim=0)
-        else:
-            norms[mode] = pt.model.per_sample_gradient_norms.detach().clone()
+        else:  # Opacus' ghost module, or the single-pass clipper, keeps the norms it clipped by
+            keeper = pt.model if mode == "ghost" else pt.criterion.clipper
+            norms[mode] = keeper.per_sample_gradient_norms.detach().clone()
         pt.optimizer.step()
         steps[mode] = _flat(model) - before  # lr 1, no noise: minus the mean clipped gradient
         pt.close()
     assert (norms["hooks"] > 2.0).any() and (norms["hooks"] < 2.0).any()  # clipping is active
-    torch.testing.assert_close(norms["ghost"], norms["hooks"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(steps["ghost"], steps["hooks"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(norms[ghost], norms["hooks"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(steps[ghost], steps["hooks"], rtol=1e-4, atol=1e-6)
 
 
-def test_ghost_clipping_gives_the_hooks_noised_steps_and_accounting():
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_clipping_gives_the_hooks_noised_steps_and_accounting(ghost):
     # Same seed: the same Poisson batches and the same noise draws (the secure-mode sampler,
     # four Gaussians per coordinate), so the noised steps must agree to float tolerance.
     ds = _images()
     final, pts = {}, {}
-    for mode in ("hooks", "ghost"):
+    for mode in ("hooks", ghost):
         model, pt = _private_copy(mode, ds, noise_multiplier=1.0, poisson_sampling=True, seed=7)
         for xb, yb in pt.data_loader:
             pt.optimizer.zero_grad()
@@ -284,15 +302,16 @@ def test_ghost_clipping_gives_the_hooks_noised_steps_and_accounting():
             pt.optimizer.step()
         final[mode], pts[mode] = _flat(model), pt
         pt.close()
-    torch.testing.assert_close(final["ghost"], final["hooks"], rtol=1e-4, atol=1e-5)
-    assert pts["ghost"].steps == pts["hooks"].steps == len(pts["hooks"].data_loader)
-    assert pts["ghost"].event() == pts["hooks"].event()
-    assert pts["ghost"].epsilon(1e-3) == pts["hooks"].epsilon(1e-3)
+    torch.testing.assert_close(final[ghost], final["hooks"], rtol=1e-4, atol=1e-5)
+    assert pts[ghost].steps == pts["hooks"].steps == len(pts["hooks"].data_loader)
+    assert pts[ghost].event() == pts["hooks"].event()
+    assert pts[ghost].epsilon(1e-3) == pts["hooks"].epsilon(1e-3)
 
 
-def test_ghost_refuses_a_gradient_not_clipped_by_its_criterion():
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_refuses_a_gradient_not_clipped_by_its_criterion(ghost):
     ds = _images()
-    _, pt = _private_copy("ghost", ds, noise_multiplier=1.0, poisson_sampling=False)
+    _, pt = _private_copy(ghost, ds, noise_multiplier=1.0, poisson_sampling=False)
     x, y = next(iter(pt.data_loader))
     pt.optimizer.zero_grad()
     nn.functional.cross_entropy(pt.model(x), y).backward()  # the unclipped mean gradient
@@ -302,9 +321,10 @@ def test_ghost_refuses_a_gradient_not_clipped_by_its_criterion():
     pt.close()
 
 
-def test_ghost_takes_an_empty_poisson_batch_as_a_noise_only_step():
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_takes_an_empty_poisson_batch_as_a_noise_only_step(ghost):
     ds = _images()
-    model, pt = _private_copy("ghost", ds, noise_multiplier=0.0, poisson_sampling=False)
+    model, pt = _private_copy(ghost, ds, noise_multiplier=0.0, poisson_sampling=False)
     before = _flat(model)
     pt.optimizer.zero_grad()
     pt.criterion(pt.model(ds.tensors[0][:0]), ds.tensors[1][:0]).backward()
@@ -349,11 +369,12 @@ def test_unsupported_layer_falls_back_to_hooks_and_logs_why(caplog):
 def test_ghost_is_chosen_only_where_it_applies(criterion, model, why):
     from privacy.clipping import choose_clipping
 
-    assert choose_clipping(_model(), nn.CrossEntropyLoss()).mode == "ghost"
+    assert choose_clipping(_model(), nn.CrossEntropyLoss()).mode == "bookkeeping"
     choice = choose_clipping(model, criterion)
     assert choice.mode == "hooks" and why in choice.reason
-    with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
-        choose_clipping(model, criterion, "ghost")
+    for mode in ("ghost", "bookkeeping"):
+        with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
+            choose_clipping(model, criterion, mode)
     assert choose_clipping(_model(), nn.CrossEntropyLoss(), "hooks").mode == "hooks"
     with pytest.raises(ConfigError, match="grad_sample_mode"):
         choose_clipping(_model(), nn.CrossEntropyLoss(), "functorch")
@@ -366,3 +387,51 @@ def test_tied_weights_are_not_ghost_clipped():
     second.weight = first.weight
     choice = choose_clipping(nn.Sequential(first, nn.Tanh(), second), nn.CrossEntropyLoss())
     assert choice.mode == "hooks" and "tied weights" in choice.reason
+
+
+def test_layers_outside_single_pass_clipping_take_opacus_ghost_clipping():
+    from privacy.clipping import choose_clipping
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2))  # Opacus samples it
+    choice = choose_clipping(model, nn.CrossEntropyLoss())
+    assert choice.mode == "ghost" and "1 (LayerNorm) is not a Linear or Conv2d" in choice.reason
+    with pytest.raises(ConfigError, match="not a Linear or Conv2d"):
+        choose_clipping(model, nn.CrossEntropyLoss(), "bookkeeping")
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(torch.tanh(self.layer(x))))
+
+
+def test_single_pass_clipping_refuses_a_layer_run_twice():
+    model = _Twice()
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                      max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    assert pt.clipping.mode == "bookkeeping"
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    loss = pt.criterion(pt.model(x), y)
+    with pytest.raises(ConfigError, match="exactly once"):
+        loss.backward()
+    with pytest.raises(PrivacyError):
+        pt.optimizer.step()
+    pt.close()
+
+
+def test_single_pass_clipping_refuses_an_output_changed_in_place():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                      max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    with pytest.raises(ConfigError, match="in place"):
+        pt.criterion(pt.model(x), y).backward()
+    pt.close()

@@ -175,7 +175,7 @@ def _dying_client_main(config: str, server: str, die_after: int) -> None:
     from federation.transport.certs import Credentials
     from federation.transport.config import input_source, load_client_config
     from federation.transport.grpc_client import run_client
-    from federation.transport.rounds import get_mode
+    from secagg.rounds import get_mode
 
     cfg = load_client_config(config)
     cfg.settings.server = server

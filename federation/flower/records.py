@@ -48,7 +48,7 @@ class FlowerDirectory(wire.Message):
     """Workflow -> every node at ``advertise``: who is who in this round.
 
     ``nodes`` maps protocol id -> Flower node id; ``identities`` maps protocol id -> Ed25519
-    public key (0 is the server). ``max_weight`` is the public normaliser of sample counts
+    public key (the server's under ``SERVER_ID``). ``max_weight`` is the public normaliser of sample counts
     (weight = num_examples / max_weight). ``dp`` is the per-round DP-SGD spend the server
     records in its ledger: [noise_multiplier, sample_rate, steps, max_grad_norm], or empty.
     """

@@ -2,14 +2,15 @@
 
 Theory of operation
 -------------------
-Each Ray actor (a :class:`_Pool`) hosts a batch of clients and their sans-IO
-:class:`~secagg.protocol.client.ClientSession` objects -- one actor per CPU, not one per
+Each Ray actor (a :class:`_Pool`) hosts a batch of parties and their sans-IO sessions
+(masking clients; ckks clients and key holders) -- one actor per CPU, not one per
 client: a Python process per client would cost ~100 MB each, so 1,000 clients would not
 fit one machine, while the protocol only needs each client's state and keys to live apart
-from the server's. The driver runs the :class:`~secagg.protocol.server.ServerSession`
-and, stage by stage, sends every actor the sealed server messages for its clients and
-feeds their sealed replies back. Actors and driver exchange only the protocol's sealed
-wire bytes (``dict[int, bytes]``), exactly what the gRPC transport carries; Ray's own
+from the server's. The driver runs the server round through the one round loop,
+:func:`secagg.rounds.drive`; :class:`RayLink` is only the link: stage by stage it sends
+every actor the messages for its parties in a few batched calls and hands the replies
+back as they arrive. Actors and driver exchange only the protocol's sealed wire bytes
+(``dict[int, bytes]``), exactly what the gRPC transport carries; Ray's own
 serialisation moves them inside one trusted cluster.
 
 Same results as the in-process engine: with ``seed`` set, client ``c`` (row ``c-1``)
@@ -29,10 +30,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from secagg.errors import ConfigError, SecAggError
+
+if TYPE_CHECKING:
+    from secagg.rounds import Reply, StageView
 
 log = logging.getLogger("secagg.ray")
 
@@ -54,8 +59,8 @@ class _Pool:
     """
 
     def __init__(self, client_ids: Sequence[int], seed: int | None = None) -> None:
-        from secagg.ckks.simulate import PhaseTimes
         from secagg.keys import IdentityKey
+        from secagg.rounds import PhaseTimes
 
         self._ids = tuple(int(c) for c in client_ids)
         self.seed = seed
@@ -90,6 +95,7 @@ class _Pool:
         float64 bytes by client; ``synthetic`` = (dim, base_seed, round, scale) makes them here
         instead. ``drop`` maps a stage to the clients that vanish there."""
         from secagg.protocol.client import ClientSession
+        from secagg.protocol.simulate import rounding_seed
 
         self.sessions = {}
         self.drop = {s: set(ids) & set(self._ids) for s, ids in drop.items()}
@@ -98,7 +104,7 @@ class _Pool:
                 continue
             self.sessions[c] = ClientSession(
                 c, self.identities[c], directory, update=_update_of(c, updates, synthetic),
-                rounding_seed=None if self.seed is None else _rounding_seed(self.seed, c),
+                rounding_seed=None if self.seed is None else rounding_seed(self.seed, c),
             )
         return len(self.sessions)
 
@@ -123,18 +129,16 @@ class _Pool:
         self.times.seconds.clear()
         return seconds
 
-    def upload_bytes(self) -> dict[int, int]:
-        """Bytes each hosted masking client sent this round (every stage, sealed)."""
-        return {c: s.upload_bytes for c, s in self.sessions.items()}
-
     def step(self, stage: str, inbox: Mapping[int, bytes]) -> tuple[dict[int, bytes], dict[int, str], float]:
-        """Hand each hosted party its message; return replies, failures and CPU seconds."""
+        """Hand each hosted party its message; return replies, parties that stopped (with the
+        reason: a simulated dropout or an error the party raised) and CPU seconds."""
         started = time.process_time()
         out: dict[int, bytes] = {}
         failed: dict[int, str] = {}
         for c, data in inbox.items():
             if c in self.drop.get(stage, ()):
                 self.sessions.pop(c, None)  # simulated dropout: the client vanishes here
+                failed[c] = f"dropped out at stage {stage!r} (simulated)"
                 continue
             session = self.sessions.get(c)
             if session is None:
@@ -170,62 +174,54 @@ def _peak_rss_kib() -> int:
     return 0
 
 
-def _rounding_seed(seed: int, client: int) -> bytes:
-    # The in-process simulation's derivation (secagg.protocol.simulate), so both agree.
-    from secagg.protocol.simulate import _rounding_seed as derive_rounding_seed
-
-    return derive_rounding_seed(seed, client)
-
-
 class RayLink:
-    """Moves one stage's messages between the driver and the actors hosting the parties.
+    """:class:`secagg.rounds.Link` to parties hosted on Ray actors; the driver is :func:`secagg.rounds.drive`.
 
-    The link only moves bytes: ``exchange`` groups the stage's messages by actor, sends
-    each actor its batch in a few chunks (one Ray call per chunk, never one per message),
-    and yields the replies as each chunk comes back, so the driver checks the first
-    replies while the actors still compute the rest. It records what a link sees:
-    parties that failed (with the reason), the actors' CPU seconds and the bytes received
-    per stage.
+    The link only moves bytes: :meth:`deliver` groups the stage's messages by actor and
+    sends each actor its batch in a few chunks (one Ray call per chunk, never one per
+    message); :meth:`replies` yields the replies as each chunk comes back, so the driver
+    checks the first replies while the actors still compute the rest, and reports each
+    party that stopped on its actor (simulated dropout, refused message) as a
+    ``Reply(id, None, reason)``. It also counts what a link sees: the actors' CPU seconds
+    and the bytes received per stage.
     """
 
     def __init__(self, owners: Mapping[int, object], *, chunks_per_actor: int = 4) -> None:
         self.owners = owners
         self.chunks_per_actor = max(1, int(chunks_per_actor))
-        self.failed: dict[int, str] = {}
         self.client_cpu = 0.0
         self.received_bytes: dict[str, int] = {}
+        self._gone: set[int] = set()
+        self._pending: list = []
 
-    def exchange(self, stage: str, outgoing: Mapping[int, bytes]) -> Iterator[tuple[int, bytes]]:
-        ray = _require_ray()
+    def deliver(self, stage: StageView, outgoing: Mapping[int, bytes]) -> None:
         by_actor: dict[object, list[int]] = {}
         for c in outgoing:
-            by_actor.setdefault(self.owners[c], []).append(c)
-        pending = []
-        for actor, ids in by_actor.items():
-            for part in np.array_split(np.asarray(ids), min(self.chunks_per_actor, len(ids))):
-                pending.append(actor.step.remote(stage, {int(c): outgoing[int(c)] for c in part}))
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            replies, fails, cpu = ray.get(done[0])
-            self.failed.update(fails)
+            if c not in self._gone:
+                by_actor.setdefault(self.owners[c], []).append(c)
+        self._pending = [
+            actor.step.remote(stage.name, {int(c): outgoing[int(c)] for c in part})
+            for actor, ids in by_actor.items()
+            for part in np.array_split(np.asarray(ids), min(self.chunks_per_actor, len(ids)))
+        ]
+
+    def replies(self, stage: StageView) -> Iterator[Reply]:
+        from secagg.rounds import Reply
+
+        ray = _require_ray()
+        while self._pending:
+            done, self._pending = ray.wait(self._pending, num_returns=1)
+            replies, stopped, cpu = ray.get(done[0])
             self.client_cpu += cpu
-            self.received_bytes[stage] = self.received_bytes.get(stage, 0) + sum(map(len, replies.values()))
-            yield from replies.items()
+            self.received_bytes[stage.name] = self.received_bytes.get(stage.name, 0) + sum(map(len, replies.values()))
+            for c, reason in stopped.items():
+                self._gone.add(c)
+                yield Reply(c, None, reason)
+            for c, payload in replies.items():
+                yield Reply(c, payload)
 
-
-def drive(server, link: RayLink) -> None:
-    """Run ``server`` (a :class:`~federation.transport.rounds.ServerRound`) to the end over ``link``.
-
-    A reply the server refuses counts as that party's failure; the round goes on without it.
-    """
-    out = server.start()
-    while not server.done:
-        for c, reply in link.exchange(server.stage(), out):
-            try:
-                server.receive(c, reply)
-            except SecAggError as exc:
-                link.failed[c] = f"{type(exc).__name__}: {exc}"
-        out = server.close_stage()
+    def drop(self, client: int, reason: str) -> None:
+        self._gone.add(client)  # its actor session stays idle: nothing more is delivered to it
 
 
 def _hosts(pools: list, ids: Sequence[int]) -> tuple[dict[int, bytes], dict[int, object]]:
@@ -266,7 +262,7 @@ def run_ray_round(
 ) -> dict:
     """One masking round with clients on Ray actors; returns the released total and figures.
 
-    The round is planned like every other (:func:`~federation.transport.masking_mode.plan_from_options`):
+    The round is planned like every other (:func:`~secagg.protocol.mode.plan_from_options`):
     ``threshold`` is a floor, raised to the secure minimum.
 
     Give ``updates`` (an (n, d) array; client ``c`` holds row ``c-1``) or ``n_clients`` and
@@ -274,10 +270,11 @@ def run_ray_round(
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.masking_mode import MaskingServerRound, codec_from_options, plan_from_options
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
+    from secagg.protocol.mode import MaskingServerRound, plan_from_options
     from secagg.protocol.server import ServerSession
+    from secagg.rounds import PhaseTimes, drive
 
     if updates is not None:
         updates = np.asarray(updates, dtype=np.float64)
@@ -308,28 +305,22 @@ def run_ray_round(
     ])
     setup_s = time.perf_counter() - t0
     link = RayLink(owners)
-    drive(server, link)
+    times = PhaseTimes()
+    outcome = drive(server, link, timer=times)
     seconds = time.perf_counter() - t0
-    session = server.session
-    sent: dict[int, int] = {}
-    for part in ray.get([p.upload_bytes.remote() for p, _ in pools]):
-        sent.update(part)
-    uploads = [sent.get(c, 0) for c in session.included]
     return {
-        "total": session.result,
-        "included": session.included,
-        "dropped_at": dict(session.dropped_at),
-        "failed": link.failed,
+        "outcome": outcome,
+        "total": outcome.total,
+        "included": outcome.included,
         "round_seconds": seconds,
         "setup_seconds": setup_s,
         "client_cpu_seconds": link.client_cpu,
-        "server_timings": dict(session.timings),
+        "server_timings": {**server.session.timings, **times.seconds},
         "degree": config.degree,
         "threshold": config.threshold,
         # the in-process engine's definition: all sealed bytes a counted client sent, per parameter
-        "upload_bytes_per_param": float(np.mean(uploads)) / dim if uploads else 0.0,
-        "masked_input_bytes_per_param": link.received_bytes.get("masked_input", 0) / max(len(session.included), 1) / dim,
-        "codec": codec_from_options(opts, n_clients),
+        "upload_bytes_per_param": outcome.bytes_up_per_param,
+        "masked_input_bytes_per_param": link.received_bytes.get("masked_input", 0) / max(len(outcome.included), 1) / dim,
     }
 
 
@@ -346,10 +337,11 @@ def run_ray_ckks_round(
     over ids ``0 .. n+key_holders-1``) reuses actors across rounds.
     """
     ray = _require_ray()
-    from federation.transport.ckks_mode import CkksServerRound
+    from secagg.ckks.mode import CkksServerRound
     from secagg.ckks.session import Roster, ServerSession
-    from secagg.ckks.simulate import PhaseTimes, ckks_result, plan_ckks
+    from secagg.ckks.simulate import ckks_result, plan_ckks
     from secagg.keys import IdentityKey
+    from secagg.rounds import PhaseTimes, drive
 
     known = {"clip", "dropouts", "weights", "scheme", "params", "value_bound", "min_clients",
              "release_grid_bits", "key_holders"}
@@ -373,7 +365,7 @@ def run_ray_ckks_round(
     times = PhaseTimes()
     server = CkksServerRound(ServerSession(plan.round, roster, server_identity, timer=times))
     link = RayLink(owners)
-    drive(server, link)
+    drive(server, link, timer=times)
     for seconds in ray.get([p.phase_seconds.remote() for p, _ in pools]):
         times.add(seconds)
     result = ckks_result(plan, server.session, server.session.outcome(), times)
@@ -555,14 +547,15 @@ class RayAggregator:
             matrix, options=options, threshold=self.threshold, pools=self._pools_for(range(1, n + 1)),
             seed=self.seed, dropouts={s: [int(r) + 1 for r in rows] for s, rows in dropouts.items() if rows},
         )
+        outcome = res["outcome"]
         timings = dict(res["server_timings"])
         timings["client.cpu_total"] = res["client_cpu_seconds"]
         return AggregateResult(
-            total=res["total"],
-            included=tuple(c - 1 for c in res["included"]),
-            bytes_up_per_param=res["upload_bytes_per_param"],
+            total=outcome.total,
+            included=tuple(c - 1 for c in outcome.included),
+            bytes_up_per_param=outcome.bytes_up_per_param,
             timings=timings,
             protocol="masking",
-            max_quantization_error=res["codec"].sum_error_bound(len(res["included"])),
-            dropped={s: tuple(c - 1 for c in ids) for s, ids in res["dropped_at"].items() if ids},
+            max_quantization_error=outcome.max_quantization_error,
+            dropped={s: tuple(c - 1 for c in ids) for s, ids in outcome.dropped.items()},
         )

@@ -32,7 +32,8 @@ from secagg.bench.timing import warm_median
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import HeClient, RoundConfig, SplitClient, new_round_id, ts
-from secagg.ckks.simulate import PhaseTimes, round_sessions, run_round
+from secagg.ckks.simulate import round_sessions, run_round
+from secagg.rounds import PhaseTimes
 from secagg.wire import decode
 
 BASELINE_RUNS = 7

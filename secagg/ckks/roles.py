@@ -50,7 +50,7 @@ from secagg.ckks.messages import (
     chunks_digest,
 )
 from secagg.ckks.params import BFV_CHECK_SLOTS, HeParams, bfv_quantization_scale, check_capacity
-from secagg.ckks.tenseal_format import check_vector, max_vector_bytes
+from secagg.ckks.tenseal_format import check_serialized_vector, max_vector_bytes
 from secagg.errors import (
     AlreadyFinalized,
     ConfigError,
@@ -65,10 +65,9 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
-from secagg.wire import decode, encode, open_sealed, seal
+from secagg.wire import SERVER_ID, decode, encode, open_sealed, seal
 
 KEYHOLDER_ID = -1
-SERVER_ID = -2
 FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
 DEFAULT_RELEASE_GRID_BITS = 22
 MAX_KEY_HOLDERS = 8
@@ -377,7 +376,7 @@ def _added(total: list, vectors: list, sender: int) -> list:
 def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
-    check_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
+    check_serialized_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
                  scale=p.scale if p.scheme == "ckks" else None)
     try:
         vec = ts.ckks_vector_from(ctx, data) if p.scheme == "ckks" else ts.bfv_vector_from(ctx, data)

@@ -37,12 +37,9 @@ core never imports the transport's PKI code).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -84,14 +81,10 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
+from secagg.rounds import CertificateCheck, Timer, no_timer
 
-Timer = Callable[[str], AbstractContextManager]
 MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
 FORWARD_BYTES = 64 << 20  # default bound on the uploads the server forwards to a key holder in one message
-
-
-def _no_timer(_phase: str) -> AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -187,7 +180,7 @@ class ServerSession:
         self.stage = ServerStage.CONTEXT
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
         self._split = config.key_holders > 1
         self._started = False
         self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
@@ -450,7 +443,7 @@ class KeyHolderSession(_Sticky):
         self.check: SumCheck | None = None  # the aggregate being checked, batch by batch
         self.batches = 0  # how many batches the server announced (0: none received yet)
         self.batches_checked = 0
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     def _next(self, nxt: Mapping) -> enum.Enum:
         if self.stage is KeyHolderStage.DECRYPT and self.check is not None:
@@ -545,7 +538,7 @@ class ClientSession(_Sticky):
         self.is_holder = client_id in roster.keyholders
         self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
         self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     @property
     def done(self) -> bool:
@@ -633,18 +626,6 @@ class ClientSession(_Sticky):
 
 
 # --------------------------------------------------------------------------- from a relayed directory
-
-
-class CertifiedPeer(Protocol):
-    """What a checked certificate says about its holder."""
-
-    role: str  # "server" or "client"
-    client_id: int | None
-    identity_public_key: bytes
-    keyholder: bool  # the CA granted the key-holder role
-
-
-CertificateCheck = Callable[[bytes], CertifiedPeer]
 
 
 def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,

@@ -1,23 +1,21 @@
 """``aggregate_ckks``: run one real CKKS (or BFV) round in process.
 
 The in-process link: the same sessions the gRPC mode drives (:mod:`secagg.ckks.session`),
-moved by one loop, :func:`run_round`. Real keys, real ciphertexts, real signatures: the key
-holder(s), one client session per row and a key-less server exchange the same sealed bytes
-a deployment would send. The only shortcut is that simulated clients share one loaded copy
+moved by the one round loop, :func:`secagg.rounds.drive`. Real keys, real ciphertexts, real
+signatures: the key holder(s), one client session per row and a key-less server exchange
+the same sealed bytes a deployment would send. The only shortcut is that simulated clients share one loaded copy
 of the (identical) public context.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
+from secagg.ckks.mode import CkksServerRound
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import RoundConfig, new_round_id
 from secagg.ckks.session import (
@@ -27,11 +25,11 @@ from secagg.ckks.session import (
     Outcome,
     Roster,
     ServerSession,
-    Timer,
 )
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
 from secagg.result import AggregateResult
+from secagg.rounds import InMemoryLink, PhaseTimes, Timer, drive
 
 # A client listed under any of these stages never uploads and is left out of the sum.
 PRE_UPLOAD_STAGES = ("advertise", "share", "masked_input", "upload")
@@ -187,40 +185,12 @@ def ckks_result(plan: CkksPlan, server: ServerSession, out: Outcome, times: Phas
     )
 
 
-class PhaseTimes:
-    """A session timer (see :mod:`secagg.ckks.session`): total seconds per phase."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - started
-
-    def __getitem__(self, phase: str) -> float:
-        return self.seconds.get(phase, 0.0)
-
-    def add(self, seconds: Mapping[str, float]) -> None:
-        """Count phases timed elsewhere (e.g. by parties in other processes)."""
-        for phase, s in seconds.items():
-            self.seconds[phase] += s
-
-
 def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | ClientSession]) -> Outcome:
-    """Drive one round in process: deliver each stage's messages, hand back the replies.
+    """Drive one round in process (:func:`secagg.rounds.drive` over an in-memory link).
 
     A party missing from ``parties`` never answers (it dropped before the stage).
     """
-    out = server.start()
-    while not server.done:
-        for pid, payload in out.items():
-            if pid in parties:
-                server.receive(pid, parties[pid].receive(payload))
-        out = server.close_stage()
+    drive(CkksServerRound(server), InMemoryLink(parties))
     return server.outcome()
 
 
