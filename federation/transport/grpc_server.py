@@ -745,6 +745,7 @@ def report_summary(report: RoundReport, stage_timeout: float | None = None) -> d
     if report.ok and report.outcome is not None:
         line["included"] = list(report.outcome.included)
         line["norm"] = float(np.linalg.norm(report.outcome.total))
+        line["bytes_up_per_param"] = round(report.outcome.bytes_up_per_param, 4)
     else:
         line["reason"] = report.reason
     return line
