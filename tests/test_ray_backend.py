@@ -101,7 +101,7 @@ def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
 
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "masking"\nrounds = 2\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "masking"\nrounds = 2\n'
         'expected_clients = 6\nthreshold = 4\n[server.options]\ndim = 20\nclip = 100.0\n'
     )
     assert main(["serve", "--config", str(cfg), "--backend", "ray", "--clients", "8", "--seed", "3"]) == 0
@@ -120,7 +120,7 @@ def test_serve_backend_ray_runs_ckks(local_ray, tmp_path, capsys):
 
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "ckks"\nrounds = 1\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "ckks"\nrounds = 1\n'
         'expected_clients = 5\nthreshold = 3\n[server.options]\ndim = 20\nclip = 5.0\n'
     )
     assert main(["serve", "--config", str(cfg), "--backend", "ray"]) == 0
