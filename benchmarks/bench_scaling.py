@@ -37,7 +37,7 @@ D_SWEEP_CLIENTS = 20
 KEPT = ("clients", "dim", "graph", "degree", "threshold", "workers", "simulation_wall_s", "server_unmask_s",
         "server_total_s", "client_mask_s", "client_total_s", "aes256_ctr_bytes_per_s",
         "server_unmask_keystream_limit_s", "server_unmask_over_keystream_limit", "client_mask_keystream_limit_s",
-        "client_mask_over_keystream_limit", "max_abs_error", "quantization_error_bound", "load_avg_1min")
+        "client_mask_over_keystream_limit", "agreement_s", "server_unmask_floor_s", "client_mask_floor_s", "max_abs_error", "quantization_error_bound", "load_avg_1min")
 
 
 def run(workers: int) -> list[dict]:
@@ -74,6 +74,9 @@ def plot(rows: list[dict], meta: dict) -> None:
              title=f"In-process round (all clients + server), d={N_SWEEP_DIM:.0e}")
     middle.set(xscale="log", yscale="log", xlabel="clients N", ylabel="seconds",
                title=f"Server unmasking vs keystream limit, d={N_SWEEP_DIM:.0e}")
+    for ax in (left, middle):
+        ax.set_xticks(N_SWEEP, [str(n) for n in N_SWEEP], minor=False)
+        ax.set_xticks([], minor=True)
     sweep = [r for r in rows if r["clients"] == D_SWEEP_CLIENTS and r["dim"] in D_SWEEP]
     ds = [r["dim"] for r in sweep]
     for key, label, style in (("server_unmask_s", "server unmask", "-"),

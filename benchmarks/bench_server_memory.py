@@ -60,7 +60,7 @@ asyncio.run(main())
 def measure(clients: int, dim: int, inflight: int | None, root: Path, share_result: bool = True) -> dict:
     from federation.transport.certs import Credentials, init_ca, issue
     from federation.transport.grpc_client import ClientSettings, run_client
-    from federation.transport.grpc_server import server_memory_bound
+    from federation.transport.grpc_server import ServerSettings, server_memory_bound
     from secagg.protocol.mode import payload_limit
 
     init_ca(root / "ca")
@@ -71,8 +71,9 @@ def measure(clients: int, dim: int, inflight: int | None, root: Path, share_resu
     options = {"mode": "masking", "options": {"dim": dim, "clip": 1e4, "clip_mode": "coordinate"},
                "expected_clients": clients, "threshold": clients - 1, "rounds": 1, "join_timeout": 600.0,
                "stage_timeout": 600.0, "max_message_bytes": max(message, 256 << 20), "share_result": share_result}
-    if inflight is not None:
-        options["max_inflight_bytes"] = inflight
+    if inflight is None:
+        inflight = ServerSettings().max_inflight_bytes  # the default budget, which the bound must use
+    options["max_inflight_bytes"] = inflight
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(root / "ca" / "server"), json.dumps(options)],
                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
     try:

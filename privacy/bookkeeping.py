@@ -63,13 +63,14 @@ class BookkeepingClipper:
         self.max_grad_norm = max_grad_norm
         self.on_clipped = on_clipped
         self.layers = [m for _, m in trainable_modules(model)]
-        self.seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]] = {}
         self.per_sample_gradient_norms: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if module.training and torch.is_grad_enabled():
-            self.seen.setdefault(module, []).append((inputs[0].detach(), output))
+            a = inputs[0].detach()  # shares the input's version counter
+            self.seen.setdefault(module, []).append((a, output, (a._version, output._version)))
 
     def forget(self) -> None:
         """Drop what the last forward pass kept (called by ``zero_grad``)."""
@@ -94,10 +95,16 @@ class BookkeepingClipper:
             )
         kept = [self.seen[m][0] for m in self.layers]
         self.forget()
-        outputs = [out for _, out in kept]
+        if any((a._version, out._version) != versions for a, out, versions in kept):
+            raise ConfigError(
+                "a Linear or Conv2d layer's input or output was modified in place after the layer "
+                "ran (e.g. nn.ReLU(inplace=True)); single-pass ghost clipping needs both as they "
+                "were: use out-of-place activations or grad_sample_mode='ghost'"
+            )
+        outputs = [out for _, out, _ in kept]
         grads = torch.autograd.grad(loss_per_sample.sum(), outputs, allow_unused=True)
         parts, squares = [], []
-        for m, (a, out), g in zip(self.layers, kept, grads):
+        for m, (a, out, _), g in zip(self.layers, kept, grads):
             g = torch.zeros_like(out) if g is None else g.detach()
             part, square = self._norms(m, a, g)
             parts.append(part)

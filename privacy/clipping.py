@@ -86,8 +86,7 @@ def _ghost_summary(model: nn.Module) -> str:
     ghost, per_example = Counter(), Counter()
     for _, m in trainable_modules(model):
         (ghost if type(m) in Ghost.NORM_SAMPLERS else per_example)[type(m).__name__] += 1
-    parts = [f"{n} x {t}" for t, n in sorted(ghost.items())]
-    norms = ", ".join(parts) or "none"
+    norms = ", ".join(f"{n} x {t}" for t, n in sorted(ghost.items())) or "none"
     others = ", ".join(f"{n} x {t}" for t, n in sorted(per_example.items())) or "none"
     return (f"every trainable layer is supported and the loss is per-example; ghost norms for "
             f"{norms}; per-example gradient norms (fast gradient clipping) for {others}")
@@ -110,9 +109,10 @@ def choose_clipping(model: nn.Module, criterion: Any, requested: str = "auto") -
     else:
         obstacles = _ghost_obstacles(model, criterion)
         single_pass = obstacles + bookkeeping_obstacles(model)
-        if requested != "auto" and (single_pass if requested == "bookkeeping" else obstacles):
+        blocking = {"ghost": obstacles, "bookkeeping": single_pass}.get(requested)
+        if blocking:
             raise ConfigError(f"grad_sample_mode={requested!r} cannot be used: "
-                              + "; ".join(single_pass if requested == "bookkeeping" else obstacles)
+                              + "; ".join(blocking)
                               + ". Use grad_sample_mode='auto' to fall back to what applies.")
         if obstacles:
             choice = ClippingChoice("hooks", "ghost clipping does not apply: " + "; ".join(obstacles))

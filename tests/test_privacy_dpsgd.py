@@ -423,3 +423,15 @@ def test_single_pass_clipping_refuses_a_layer_run_twice():
     with pytest.raises(PrivacyError):
         pt.optimizer.step()
     pt.close()
+
+
+def test_single_pass_clipping_refuses_an_output_changed_in_place():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                      max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    with pytest.raises(ConfigError, match="in place"):
+        pt.criterion(pt.model(x), y).backward()
+    pt.close()

@@ -227,6 +227,11 @@ def test_masking_bench_counts_the_keystream_each_side_needs_and_the_upload_check
         k = row["degree"]
         assert kept + lost * (k - lost + 1) <= server_masks <= kept + lost * k
         assert k - lost + 3 <= client_masks <= k + 3
+    # The floor adds one agreement per pairwise mask: the server's rebuilt ones, a client's own.
+    agreements = (row["server_unmask_floor_s"] - row["server_unmask_keystream_limit_s"]) / row["agreement_s"]
+    assert round(agreements) == server_masks - kept
+    client_agreements = (row["client_mask_floor_s"] - row["client_mask_keystream_limit_s"]) / row["agreement_s"]
+    assert client_agreements == pytest.approx(client_masks - 3, abs=1e-3)  # a mean over clients: not whole
     assert row["server_upload_check_s"] > 0
     assert row["server_total_s"] >= row["server_unmask_s"] + row["server_upload_check_s"]
     assert row["max_abs_error"] <= row["quantization_error_bound"]

@@ -92,7 +92,10 @@ class KeyDirectory(Message):
 
 @message
 class ShareBundle(Message):
-    """Plaintext inside one AES-GCM share ciphertext (sender -> one recipient)."""
+    """The shares of one sender's secrets that one recipient holds (kept in client snapshots).
+
+    Between the two they travel as their two shares, raw, inside AES-GCM with the round,
+    sender and recipient as associated data (see ``ClientSession._open_share``)."""
 
     TYPE = "masking.share_bundle"
     FIELD_LIMITS = {"mask_key_share": 64, "self_seed_share": 64}
