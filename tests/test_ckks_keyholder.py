@@ -338,9 +338,9 @@ def test_aggregate_names_the_key_holders():
 
     x = np.random.default_rng(3).uniform(-1, 1, (3, 40))
     ids = [IdentityKey.generate(), IdentityKey.generate()]
-    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids)
+    result = secagg.aggregate(x, protection="ckks", scheme="bfv", key_holders=2, keyholders=ids)
     assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
     from secagg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="keyholders lists 1"):
-        secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])
+        secagg.aggregate(x, protection="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])

@@ -407,7 +407,7 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme, forward
                  threshold=3)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     assert reports[0].ok and reports[0].outcome.included == cids
-    local = secagg.aggregate(rows, protocol="ckks", scheme=scheme, value_bound=bound, min_clients=3)
+    local = secagg.aggregate(rows, protection="ckks", scheme=scheme, value_bound=bound, min_clients=3)
     assert local.included == (0, 1, 2, 3)
     assert reports[0].outcome.total.tobytes() == np.asarray(local.total, dtype="<f8").tobytes()
     assert np.max(np.abs(local.total - rows.sum(0))) <= local.max_quantization_error

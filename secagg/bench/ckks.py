@@ -1,6 +1,6 @@
 """CKKS / BFV benchmark: one real round in process, beside a plain float32 sum of the same updates.
 
-Runs the same sessions as ``secagg.aggregate(protocol="ckks")`` and the gRPC mode
+Runs the same sessions as ``secagg.aggregate(protection="ckks")`` and the gRPC mode
 (:mod:`secagg.ckks.session`, driven by :func:`secagg.ckks.simulate.run_round`) and times
 each phase through the sessions' timing callback:
 
