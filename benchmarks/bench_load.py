@@ -76,7 +76,7 @@ def run_mode(root: Path, label: str, n: int, dim: int, rounds: int, workers: int
     elif mode == "ckks":
         options += "clip = 100.0\n"
     (root / f"server-{mode}.toml").write_text(
-        f'[server]\ncredentials = "ca/server"\nmode = "{mode}"\nrounds = {rounds}\n'
+        f'[server]\ncredentials = "ca/server"\nprotection = "{mode}"\nrounds = {rounds}\n'
         f"expected_clients = {n}\nthreshold = {n // 2 + 1}\njoin_timeout = 300\nstage_timeout = 300\n"
         f"max_connections = {n + 16}\n[server.options]\n{options}"
     )

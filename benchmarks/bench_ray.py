@@ -4,9 +4,12 @@ Clients live in a few Ray actors (one per CPU by default); the server session ru
 driver. Reports round time, the SecAgg+ degree/threshold, upload size, driver and actor
 peak memory, and in the same run the plain float32 sum of the same updates (baseline)
 and, with --compare-in-process, the in-process engine on the same updates and seed (the
-totals must be identical). Writes benchmarks/results/ray_sparse.json.
+totals must be identical). CPU seconds are reported beside wall seconds (the driver's and
+every actor process's, Ray's own work included; the in-process round's): on a shared
+machine the wall time follows the load, the CPU time much less, and Ray CPU / in-process
+CPU is what the Ray link costs. Writes benchmarks/results/ray_sparse.json.
 
-    python benchmarks/bench_ray.py --clients 1000 --dim 1000 --num-cpus 2
+    python benchmarks/bench_ray.py --clients 1000 --dim 10000 --num-cpus 2 --compare-in-process
 """
 
 from __future__ import annotations
@@ -62,12 +65,21 @@ def main() -> None:
     rounds = []
     total = None
     for r in range(args.rounds):
+        load = os.getloadavg()[0]
+        actor_cpu = ray.get([p.cpu_seconds.remote() for p, _ in pools])
+        driver_cpu = time.process_time()
         res = run_ray_round(updates, options=options, seed=args.seed, round_=r, pools=pools,
                             dropouts={"masked_input": [i + 1 for i in dropped_rows]})
+        driver_cpu = time.process_time() - driver_cpu
+        actor_cpu = [b - a for a, b in zip(actor_cpu, ray.get([p.cpu_seconds.remote() for p, _ in pools]))]
         total = res["total"]
         keep = ("round_seconds", "setup_seconds", "client_cpu_seconds", "degree", "threshold",
                 "upload_bytes_per_param", "masked_input_bytes_per_param")
         line = {k: round(res[k], 3) if isinstance(res[k], float) else res[k] for k in keep}
+        line["driver_cpu_seconds"] = round(driver_cpu, 2)
+        line["actor_process_cpu_seconds"] = [round(c, 2) for c in actor_cpu]
+        line["ray_cpu_seconds"] = round(driver_cpu + sum(actor_cpu), 2)
+        line["load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         line["included"] = len(res["included"])
         line["server_timings"] = {k: round(v, 3) for k, v in res["server_timings"].items()}
         rounds.append(line)
@@ -89,11 +101,19 @@ def main() -> None:
     }
     ray.shutdown()
     if args.compare_in_process:
-        t = time.perf_counter()
-        ref = secagg.aggregate(updates, protocol="masking", graph="sparse", clip=100.0, seed=args.seed,
+        load = os.getloadavg()[0]
+        t, cpu = time.perf_counter(), time.process_time()
+        ref = secagg.aggregate(updates, protection="masking", graph="sparse", clip=100.0, seed=args.seed,
                                dropouts={"masked_input": dropped_rows})
         report["in_process_round_seconds"] = round(time.perf_counter() - t, 2)
+        report["in_process_cpu_seconds"] = round(time.process_time() - cpu, 2)
+        report["in_process_load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         report["identical_to_in_process"] = bool(np.array_equal(ref.total, total))
+        last = rounds[-1]
+        report["ray_over_in_process"] = {
+            "wall": round(last["round_seconds"] / report["in_process_round_seconds"], 3),
+            "cpu": round(last["ray_cpu_seconds"] / report["in_process_cpu_seconds"], 3),
+        }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -23,54 +23,22 @@ import time
 
 import numpy as np
 
-from secagg.bench.timing import keystream_rate, warm_median
+from secagg.bench.timing import agreement_seconds, keystream_rate, warm_median
 from secagg.encoding import FixedPointCodec
 from secagg.protocol.common import Stage
 from secagg.protocol.simulate import InMemoryRound
 
 
-class TimedRound(InMemoryRound):
-    """The in-process round, also timing the server's ``receive`` (signature check, decode, sum)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.receive_seconds: dict[str, float] = {}
-        self.client_totals: dict[str, float] = {}
-        server_receive = self.server.receive
-
-        def timed_receive(data: bytes) -> int:
-            stage = self.server.stage.value
-            started = time.perf_counter()
-            try:
-                return server_receive(data)
-            finally:
-                self.receive_seconds[stage] = self.receive_seconds.get(stage, 0.0) + time.perf_counter() - started
-
-        self.server.receive = timed_receive
-        for session in self.clients.values():
-            client_receive = session.receive
-
-            def timed_client(data: bytes, _receive=client_receive, _session=session) -> bytes:
-                stage = {"wait_config": "advertise", "wait_directory": "share", "wait_shares": "masked_input",
-                         "wait_consistency": "consistency", "wait_unmask": "unmask"}[_session.state.value]
-                started = time.perf_counter()
-                try:
-                    return _receive(data)
-                finally:
-                    self.client_totals[stage] = self.client_totals.get(stage, 0.0) + time.perf_counter() - started
-
-            session.receive = timed_client
-
-
-def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> dict:
+def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, workers: int = 1) -> dict:
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
     rate = keystream_rate()
+    per_agreement = agreement_seconds()
     plain = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
     codec = FixedPointCodec.for_clients(clip=1.0, max_clients=clients, clip_mode="coordinate")
     n_drop = int(round(dropout * clients))
     dropped = [c + 1 for c in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []
     started = time.perf_counter()
-    session = TimedRound(updates, codec, graph=graph, dropout_hint=dropout)
+    session = InMemoryRound(updates, codec, graph=graph, dropout_hint=dropout, workers=workers)
     setup_s = time.perf_counter() - started
     profiler = cProfile.Profile() if profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -90,19 +58,24 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool) -> di
     unmask_s = server.timings.get("server.unmask", 0.0)
     row = {
         "clients": clients, "dim": dim, "graph": "complete" if g.complete else "sparse",
-        "degree": session.config.degree, "threshold": session.config.threshold, "dropped": len(lost),
+        "degree": session.config.degree, "workers": workers, "threshold": session.config.threshold, "dropped": len(lost),
         "round_wall_s": round_s, "round_cpu_s (what a loaded machine distorts least)": round_cpu_s,
         "setup_s (identity keys, not part of a round)": setup_s,
         "server_stage_s": {k: v for k, v in server.timings.items()},
-        "server_receive_s": session.receive_seconds,
+        "server_receive_s": session.server_receive_seconds,
         "server_total_s": sum(v for k, v in server.timings.items() if k.count(".") == 1
-                              and k.split(".")[1] in {s.value for s in Stage}) + sum(session.receive_seconds.values()),
-        "clients_total_s": session.client_totals,
-        "clients_all_stages_s": sum(session.client_totals.values()),
+                              and k.split(".")[1] in {s.value for s in Stage}) + sum(session.server_receive_seconds.values()),
+        "clients_total_s": session.client_total_seconds,
+        "clients_all_stages_s": sum(session.client_total_seconds.values()),
         "aes256_ctr_bytes_per_s": rate,
         "server_unmask_keystream_bytes": server_keystream,
         "server_unmask_keystream_limit_s": server_keystream / rate,
         "server_unmask_over_limit": unmask_s / (server_keystream / rate),
+        "agreement_s (X25519 + HKDF, warm median, same run)": per_agreement,
+        "server_unmask_agreements": masks - len(survivors),
+        "server_unmask_floor_s (keystream limit + its agreements)": server_keystream / rate
+        + (masks - len(survivors)) * per_agreement,
+        "server_unmask_over_floor": unmask_s / (server_keystream / rate + (masks - len(survivors)) * per_agreement),
         "plain_sum_s (warm median)": plain,
         "max_abs_error": float(np.max(np.abs(server.result - exact))),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -126,8 +99,10 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="fraction of clients that never deliver their masked vector (default 0.1)")
     parser.add_argument("--profile", action="store_true", help="also list the top functions by own time")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="threads each party may use to expand masks (default 1: serial; results are identical)")
     args = parser.parse_args()
-    print(json.dumps(run(args.clients, int(args.dim), args.graph, args.dropout, args.profile), indent=1))
+    print(json.dumps(run(args.clients, int(args.dim), args.graph, args.dropout, args.profile, args.workers), indent=1))
 
 
 if __name__ == "__main__":

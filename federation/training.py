@@ -1,4 +1,4 @@
-"""Local training on one client: plain SGD, FedProx, or DP-SGD (Opacus), returning the update.
+"""Local training on one client (plain SGD, FedProx, or DP-SGD through privacy.make_private).
 
 This is the step a distributed backend runs remotely: :func:`train_client` takes only plain
 values (a model builder, the global parameter vector, the client's arrays and a
@@ -112,21 +112,18 @@ def train_client(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     train_model: nn.Module = model
     if config.dp_sgd:
-        from opacus import PrivacyEngine
-
-        from privacy.dpsgd import secure_noise
+        from privacy import make_private
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # opacus warns about torchcsprng: secure_noise replaces it
-            engine = PrivacyEngine(accountant="rdp")
-            train_model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
+            # a deterministic run is marked as such in the ledger: no warning per client and round
+            warnings.filterwarnings("ignore", message="DP-SGD noise follows a fixed seed")
+            private = make_private(
+                model=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                secure_mode=config.secure_noise,
+                seed=None if config.secure_noise else (0 if seed is None else seed),
             )
-        if config.secure_noise:
-            secure_noise(optimizer, loader)
-        else:
-            secure_noise(optimizer, loader, seed=0 if seed is None else seed)
+        train_model, optimizer, loader = private.model, private.optimizer, private.data_loader
     params = list(model.parameters())
     train_model.train()
     with warnings.catch_warnings():

@@ -7,6 +7,9 @@ Two entry points:
   :class:`PrivateTraining` with named fields -- never a tuple whose arity depends on a flag.
   The returned objects act like their non-private counterparts; using any other model,
   optimizer or data loader for training invalidates the stated guarantee.
+  Per-example clipping is ghost clipping where the model and loss allow it (in one backward
+  pass for Linear/Conv2d models, else Opacus' two), else Opacus hooks (:mod:`privacy.clipping`:
+  same clipped, noised step; the choice is logged).
 * :func:`train_private` runs one client's local training (e.g. one federated round) and
   returns :class:`TrainStats`, including the record-level privacy event to put in a ledger.
 
@@ -39,6 +42,12 @@ from privacy._checks import (
     check_positive_int,
 )
 from privacy.accountant import AccountantName, epsilon_of_events
+from privacy.clipping import (
+    ClippingChoice,
+    choose_clipping,
+    mark_when_factors_read,
+    refuse_unclipped_steps,
+)
 from privacy.events import SampledGaussianEvent, dpsgd_event
 from secagg.errors import ConfigError, UnsupportedEventError
 
@@ -131,7 +140,14 @@ def validate_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
 
 @dataclass
 class PrivateTraining:
-    """What :func:`make_private` returns. Train with exactly these objects."""
+    """What :func:`make_private` returns. Train with exactly these objects.
+
+    ``criterion`` computes the loss to backpropagate: with ghost clipping (``clipping.mode``
+    ``"ghost"`` or ``"bookkeeping"``) it is a per-example criterion whose ``backward()`` leaves
+    the clipped gradient sum, and the optimizer refuses a gradient that did not come from it;
+    with hooks it is the criterion given to :func:`make_private` (or None if none was).
+    ``clipping`` says which clipping was chosen and why.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -141,8 +157,11 @@ class PrivateTraining:
     sample_rate: float
     dataset_size: int
     device: torch.device
+    criterion: Callable[..., Any] | None
+    clipping: ClippingChoice
     privacy_engine: Any = field(repr=False)
     poisson_sampling: bool = True
+    detach_clipping: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:
@@ -173,6 +192,8 @@ class PrivateTraining:
 
     def close(self) -> None:
         """Remove Opacus hooks so the underlying model can be reused (e.g. next round)."""
+        if self.detach_clipping is not None:
+            self.detach_clipping()
         remove = getattr(self.model, "remove_hooks", None)
         if callable(remove):
             try:
@@ -183,6 +204,8 @@ class PrivateTraining:
         for p in inner.parameters():
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
+            if hasattr(p, "_norm_sample"):  # ghost clipping's per-example norms
+                p._norm_sample = None
             p.grad = None
 
 
@@ -207,7 +230,9 @@ def make_private(
     secure_mode: bool = True,
     fix_model: bool = False,
     poisson_sampling: bool = True,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
+    seed: int | None = None,
+    criterion: Callable[..., torch.Tensor] | None = None,
 ) -> PrivateTraining:
     """Wrap ``model``, ``optimizer`` and ``data_loader`` for DP-SGD with Opacus.
 
@@ -221,7 +246,22 @@ def make_private(
     ``poisson_sampling=False`` trains on shuffled fixed-size batches. No accountant here
     bounds that sampling scheme, so such a run has no privacy event: :meth:`PrivateTraining.event`
     and :meth:`PrivateTraining.epsilon` refuse it (use it only to test mechanics or time steps).
+
+    Per-example clipping (:mod:`privacy.clipping`): ``grad_sample_mode="auto"`` (the default)
+    uses ghost clipping when ``criterion`` is a torch loss with mean reduction and every
+    trainable layer is supported -- in one backward pass (``"bookkeeping"``) for models of
+    Linear and Conv2d layers, else Opacus' two-pass ghost clipping -- and hooks otherwise; the
+    choice and its reason are logged (logger ``secagg.dpsgd``) and kept in
+    :attr:`PrivateTraining.clipping`. With ghost clipping the loss must be computed by
+    :attr:`PrivateTraining.criterion`. ``"hooks"``, ``"ghost"`` and ``"bookkeeping"`` force one
+    (ConfigError where it cannot run). All clip and noise alike: same step, same accounting.
+
+    ``seed`` (deterministic test runs only, with ``secure_mode=False``): the noise and the
+    Poisson batches follow it (:func:`secure_noise` with a seed): reproducible, not private.
     """
+    if seed is not None and secure_mode:
+        raise ConfigError("a seed makes the DP-SGD noise predictable: pass secure_mode=False with it "
+                          "(deterministic test runs only), or drop the seed")
     noise_multiplier = check_noise_multiplier(noise_multiplier)
     max_grad_norm = check_positive(max_grad_norm, name="max_grad_norm")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -246,28 +286,47 @@ def make_private(
     n = _dataset_size(data_loader)
     if n == 0:
         raise ConfigError("data_loader.dataset is empty; a client needs at least one record")
+    clipping = choose_clipping(model, criterion, grad_sample_mode)
+    opacus_criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
 
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see secure_noise below
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see secure_noise below
         warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-        p_model, p_opt, p_loader = engine.make_private(
+        wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=data_loader,
+            criterion=opacus_criterion,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=poisson_sampling,
-            grad_sample_mode=grad_sample_mode,
+            grad_sample_mode="hooks" if clipping.mode == "hooks" else "ghost",
         )
-    if secure_mode:
-        secure_noise(p_opt, p_loader)
-    else:
+    detach_clipping = None
+    if clipping.mode == "hooks":
+        p_model, p_opt, p_loader = wrapped
+    else:  # both ghost modes: Opacus' ghost optimizer noises the clipped sum left in p.grad
+        p_model, p_opt, criterion, p_loader = wrapped
+        if clipping.mode == "ghost":
+            mark_when_factors_read(p_model, refuse_unclipped_steps(p_opt))
+        else:
+            from privacy.bookkeeping import BookkeepingClipper, BookkeepingLoss
+
+            p_model.remove_hooks()  # the single backward pass replaces Opacus' two
+            mark_clipped = refuse_unclipped_steps(p_opt, on_zero_grad=lambda: clipper.forget())
+            clipper = BookkeepingClipper(model, max_grad_norm, on_clipped=mark_clipped)
+            criterion = BookkeepingLoss(clipper, opacus_criterion)
+            detach_clipping = clipper.remove
+    if secure_mode or seed is not None:
+        secure_noise(p_opt, p_loader, seed=seed)
+    if not secure_mode:
         warnings.warn(
-            "DP-SGD noise comes from torch's default (non-cryptographic) generator: fine for "
-            "experiments; use secure_mode=True before production",
+            ("DP-SGD noise follows a fixed seed" if seed is not None else
+             "DP-SGD noise comes from torch's default (non-cryptographic) generator")
+            + ": fine for experiments; use secure_mode=True before production",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -283,7 +342,8 @@ def make_private(
         model=p_model, optimizer=p_opt, data_loader=p_loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         sample_rate=float(sample_rate), dataset_size=n, device=dev, privacy_engine=engine,
-        poisson_sampling=poisson_sampling,
+        poisson_sampling=poisson_sampling, criterion=criterion, clipping=clipping,
+        detach_clipping=detach_clipping,
     )
 
 
@@ -326,8 +386,9 @@ def train_private(
 
     The model's parameters are updated in place and Opacus hooks are removed afterwards,
     so the same model can be trained again next round. ``loader`` yields ``(x, y)``
-    batches; ``loss_fn`` defaults to cross-entropy. With ``delta`` the record-level
-    epsilon of this call is computed by ``accountant``. Not compatible with
+    batches; ``loss_fn`` defaults to cross-entropy (a torch loss with mean reduction lets
+    :func:`make_private` choose ghost clipping; any other callable trains with hooks). With
+    ``delta`` the record-level epsilon of this call is computed by ``accountant``. Not compatible with
     ``fix_model=True`` when the caller needs its own model object updated (the fixed
     model is a copy); fix the model beforehand with :func:`validate_model`.
     """
@@ -342,7 +403,7 @@ def train_private(
         private = make_private(
             model=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, device=device,
-            secure_mode=secure_mode, fix_model=fix_model,
+            secure_mode=secure_mode, fix_model=fix_model, criterion=loss_fn,
         )
     start = time.perf_counter()
     total_loss, samples = 0.0, 0
@@ -352,12 +413,14 @@ def train_private(
             for x, y in private.data_loader:
                 x, y = x.to(private.device), y.to(private.device)
                 private.optimizer.zero_grad(set_to_none=True)
-                if len(x) == 0:  # Poisson sampling can draw an empty batch; still a DP step
-                    out = private.model(x)
-                    loss = loss_fn(out, y) if out.numel() else out.sum()
+                out = private.model(x)
+                # Poisson sampling can draw an empty batch; it is still a (noise-only) DP step.
+                # The mean loss over no example is NaN, so hooks take a zero loss instead; the
+                # ghost criterion handles it (its per-example losses are simply empty).
+                if len(x) == 0 and private.clipping.mode == "hooks":
+                    loss = out.sum()
                 else:
-                    out = private.model(x)
-                    loss = loss_fn(out, y)
+                    loss = private.criterion(out, y)
                     total_loss += float(loss.detach()) * len(x)
                     samples += len(x)
                 loss.backward()

@@ -22,7 +22,8 @@ from secagg.errors import ConfigError, InputError, OverflowRisk
 from secagg.prg import expand_uint64
 
 CLIP_MODES = ("l2", "coordinate")
-ENCODE_CHUNK = 1 << 20  # entries encoded per pass (a multiple of 2: rounding-stream offsets stay block-aligned)
+ENCODE_CHUNK = 1 << 18  # entries encoded per pass: 2 MiB float64 temporaries (a multiple of 2: rounding-stream
+# offsets stay block-aligned)
 SUPPORTED_BITS = range(8, 33)
 
 
@@ -95,14 +96,16 @@ class FixedPointCodec:
         return x if factor is None else x * factor
 
     def encode(
-        self, x: np.ndarray, *, rounding_seed: bytes | None = None, integer_noise: np.ndarray | None = None
+        self, x: np.ndarray, *, rounding_seed: bytes | None = None, integer_noise: np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Clip, scale, stochastically round, add ``integer_noise`` and map to residues mod 2^bits.
 
         Works through the vector ``ENCODE_CHUNK`` entries at a time, so the float64 and
         int64 temporaries stay a few MiB whatever the dimension; the output is the same
         as encoding the whole vector at once (the rounding stream is read at each chunk's
-        offset).
+        offset). ``out`` (a uint32 vector of the same length) receives the residues, e.g.
+        the slot of a message being built, instead of a new array.
         """
         x = check_vector(x)
         if integer_noise is not None:
@@ -111,7 +114,10 @@ class FixedPointCodec:
                 raise InputError(f"integer noise must be an integer vector of {x.shape[0]} entries")
         factor = None if self.clip_mode == "coordinate" else self._l2_factor(x)
         seed = rounding_seed if rounding_seed is not None else os.urandom(32)
-        out = np.empty(x.shape[0], dtype=np.uint32)
+        if out is None:
+            out = np.empty(x.shape[0], dtype=np.uint32)
+        elif out.dtype != np.uint32 or out.shape != x.shape:
+            raise InputError(f"the output of encode must be a uint32 vector of {x.shape[0]} entries")
         for start in range(0, x.shape[0], ENCODE_CHUNK):
             stop = min(start + ENCODE_CHUNK, x.shape[0])
             noise = None if integer_noise is None else integer_noise[start:stop]
@@ -151,22 +157,47 @@ class FixedPointCodec:
         """Signed integers -> residues mod 2^bits stored as uint32."""
         return (integers.astype(np.int64) & (self.modulus - 1)).astype(np.uint32)
 
-    def decode_sum(self, residues: np.ndarray) -> np.ndarray:
+    def decode_sum(self, residues: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Residues of a sum of encodings -> float sum (centred lift, then unscale).
 
         The centred lift is a sign extension: shift the residue's top bit into bit 31 and
-        read the word as int32 (an arithmetic shift back brings it down), so the only
-        float64 array is the output.
+        read the word as int32 (an arithmetic shift back brings it down). Works through
+        ``ENCODE_CHUNK`` entries at a time, so the only full-size array is the float64
+        output: ``out`` when given. ``residues`` may lie in the upper half of ``out``'s
+        own bytes (see :func:`sum_in_result_buffer`): entry i is read before any write
+        reaches its bytes, so the sum and its decoding take 8 bytes an entry, not 12.
         """
         r = np.asarray(residues)
         if r.dtype != np.uint32:
             r = (r.astype(np.int64) & (self.modulus - 1)).astype(np.uint32)
+        if out is None:
+            out = np.empty(r.shape[0], dtype=np.float64)
+        elif out.dtype != np.float64 or out.shape != r.shape:
+            raise InputError(f"decode_sum writes a float64 vector of {r.shape[0]} entries")
         shift = 32 - self.bits
-        if shift:
-            signed = (r << np.uint32(shift)).view(np.int32) >> shift
-        else:
-            signed = r.view(np.int32)
-        return signed / self.scale
+        for start in range(0, r.shape[0], ENCODE_CHUNK):
+            part = r[start:start + ENCODE_CHUNK]
+            if shift:
+                signed = (part << np.uint32(shift)).view(np.int32) >> shift
+            else:
+                signed = part.view(np.int32)
+            out[start:start + ENCODE_CHUNK] = signed / self.scale  # a new chunk, then written: overlap-safe
+        return out
+
+
+def sum_in_result_buffer(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float64 result vector and a zeroed uint32 sum living in the upper half of its bytes.
+
+    A server sums residues (4 bytes an entry) and finally decodes them to float64 (8
+    bytes); with the sum stored where the result's second half goes, decoding in
+    ascending order (:meth:`FixedPointCodec.decode_sum` with ``out=result``) overwrites
+    only entries it has read, and the pages of the first half are not touched (so not
+    resident) until decoding writes them: 4 bytes an entry while collecting, 8 at the end.
+    """
+    result = np.empty(dim, dtype=np.float64)
+    total = result.view(np.uint32)[dim:]
+    total[:] = 0
+    return result, total
 
 
 def _check_parameters(*, clip: float, bits: int, max_clients: int, clip_mode: str, headroom: float) -> None:

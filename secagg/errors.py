@@ -115,3 +115,8 @@ class UnsupportedEventError(PrivacyError, ValueError):
 
 class DataError(SecAggError, FileNotFoundError):
     """A dataset is missing or malformed; the message names the files expected."""
+
+
+class ConnectionLost(SecAggError):
+    """A peer went away before the work was done and did not come back in time (e.g. the server
+    stopped before its last round): start again once it is reachable, or allow a longer retry."""

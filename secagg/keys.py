@@ -12,6 +12,7 @@ HKDF without ``info``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -75,19 +76,40 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, contex
     return derive(shared, label=label, context=context)
 
 
-_PROBE = X25519PrivateKey.generate()
+# The u-coordinates of every X25519 public key of small order, reduced mod p: the points of
+# order dividing 8 on Curve25519 (its group is Z/8 x Z/l) and of order dividing 4 on its
+# quadratic twist (Z/4 x Z/l'), which X25519 also accepts. A scalar multiple of such a
+# point by a clamped scalar (a multiple of 8) is the point at infinity, so exchanging with
+# one gives the all-zero secret whatever the private key; every other point has a large
+# prime-order component that clamping cannot kill. Checking the key against this list is
+# therefore the same test as an exchange with a probe key (RFC 7748 s6.1), without the
+# scalar multiplication. tests/test_scale.py checks each entry, every encoding of it and
+# many other keys against the exchange itself.
+_P25519 = 2**255 - 19
+_LOW_ORDER_U = frozenset({
+    0,  # order 2 (on both the curve and the twist)
+    1,  # order 4 on the curve
+    _P25519 - 1,  # order 4 on the twist
+    325606250916557431795983626356110631294008115727848805560023387167927233504,  # order 8
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,  # order 8
+})
 
 
 def check_public_key(public: bytes) -> None:
     """Raise :class:`InvalidPublicKey` unless ``public`` is a usable X25519 key.
 
-    A low-order point gives the all-zero shared secret with every private key (clamped
-    scalars are multiples of 8), so one exchange with any key tells it apart.
+    A usable key is 32 bytes whose u-coordinate (top bit ignored and reduced mod p, as
+    X25519 decodes it) is not of small order: see ``_LOW_ORDER_U``.
     """
+    raw = bytes(public)
+    if len(raw) != KEY_BYTES:
+        raise InvalidPublicKey(f"X25519 public key must be {KEY_BYTES} bytes, got {len(raw)}")
+    if (int.from_bytes(raw, "little") & ((1 << 255) - 1)) % _P25519 in _LOW_ORDER_U:
+        raise InvalidPublicKey("X25519 public key is a low-order point; generate a fresh key pair")
     try:
-        _PROBE.exchange(_x25519_public(bytes(public)))  # the parsed key is reused by agree()
+        _x25519_public(raw)  # the parsed key is reused by agree()
     except ValueError:
-        raise InvalidPublicKey("X25519 public key is a low-order point or malformed") from None
+        raise InvalidPublicKey("X25519 public key is malformed") from None
 
 
 def derive(secret: bytes, *, label: bytes, context: bytes) -> bytes:
@@ -142,11 +164,35 @@ class IdentityKey:
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
-    """Raise :class:`InvalidSignature` unless ``signature`` is valid; never returns a bool."""
+    """Raise :class:`InvalidSignature` unless ``signature`` is valid; never returns a bool.
+
+    A signature that verified once is remembered, so checking the very same signature by
+    the same key over the same bytes again costs a SHA-256, not a curve verification: in one
+    process every simulated client checks the same signed adverts and consistency
+    signatures, which the server has already checked on receipt. Ed25519 verification is a
+    deterministic function of (key, signature, message), so a remembered success is exactly
+    what verifying again would return. Only successes are remembered: a bad signature is
+    verified, and refused, every time. The message is remembered by its SHA-256 digest, so
+    the memory stays small; a false hit would need a SHA-256 collision, 2^128 work like
+    forging Ed25519 itself (the assumption every seal already makes, see
+    ``secagg.wire._signed_bytes``). Public data only.
+    """
+    key = (bytes(public_key), bytes(signature), hashlib.sha256(data).digest())
+    if key in _VERIFIED:
+        return
     try:
-        _ed25519_public(bytes(public_key)).verify(signature, data)
+        _ed25519_public(key[0]).verify(key[1], data)
     except (_CryptoInvalidSignature, ValueError):
         raise InvalidSignature("signature does not verify") from None
+    _VERIFIED[key] = None
+    if len(_VERIFIED) > VERIFIED_SIGNATURES_KEPT:
+        _VERIFIED.pop(next(iter(_VERIFIED)), None)  # the oldest first (dicts keep insertion order)
+
+
+#: verified (key, signature, SHA-256 of the message) kept per process: a few signatures per
+#: client per round at N = 1000 (its seals, its consistency signature), about 2 MB at most
+VERIFIED_SIGNATURES_KEPT = 1 << 14
+_VERIFIED: dict[tuple[bytes, bytes, bytes], None] = {}
 
 
 # Loading a public key decodes a curve point; a party checks the same peers' keys several

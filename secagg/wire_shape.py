@@ -27,6 +27,7 @@ MAX_COLLECTION = 1 << 20  # largest tuple / mapping a field may hold
 MAX_NAME_BYTES = 256  # magic, "signed", type names and field names
 
 Fields = tuple[tuple[str, Any, str], ...]  # (name, type hint, error label) per field
+Span = tuple[int, int, int]  # a bin object: (header start, data start, data end)
 
 # First byte -> (kind, fixed length or None). Kinds: "scalar" (length = bytes after the tag),
 # "str"/"bin"/"ext" (length read from the next 1, 2 or 4 bytes), "array"/"map".
@@ -86,7 +87,7 @@ class _Reader:
                 raise WireError(f"{where}: name longer than {MAX_NAME_BYTES} bytes")
             start = self._take(n)
             try:
-                return self.data[start : start + n].decode("utf-8")
+                return bytes(self.data[start : start + n]).decode("utf-8")
             except UnicodeDecodeError:
                 raise WireError(f"{where}: not UTF-8") from None
         self.scalar(where)
@@ -99,6 +100,16 @@ class _Reader:
             return tag
         self.scalar(where)
         return None
+
+    def bin_span(self) -> Span | None:
+        """If the next object is a bin, skip it and return (header start, data start, data end)."""
+        tag = self.data[self.pos] if self.pos < len(self.data) else -1
+        if tag not in (0xC4, 0xC5, 0xC6):
+            return None
+        start = self._take(1)
+        n = self._length(_LEN[tag])
+        data_start = self._take(n)
+        return start, data_start, data_start + n
 
     def scalar(self, where: str) -> None:
         kind, _ = self.header()
@@ -172,13 +183,18 @@ def _origin_and_args(hint: Any) -> tuple[Any, tuple[Any, ...]]:
     return typing.get_origin(hint), typing.get_args(hint)
 
 
-def check_shape(data: bytes, schema_of: Callable[[str], Fields | None], *, magic: str, version: int) -> None:
+def check_shape(
+    data: bytes | memoryview, schema_of: Callable[[str], Fields | None], *, magic: str, version: int
+) -> dict[str, Span]:
     """Raise :class:`WireError` unless ``data`` is one message frame whose containers match its schema.
 
     Accepts ``[magic, version, type, {field: value}]`` (the body checked against
     ``schema_of(type)``) and the signed envelope ``[magic, version, "signed", sender,
     payload, signature]`` (all scalars; the payload is checked when it is decoded).
+    Returns where each top-level bin value lies (by field name; "payload" and "signature"
+    in an envelope), so a decoder can take a large one as a view instead of a copy.
     """
+    spans: dict[str, Span] = {}
     r = _Reader(data)
     kind, n = r.header()
     if kind != "array" or n not in (4, 6):
@@ -191,7 +207,11 @@ def check_shape(data: bytes, schema_of: Callable[[str], Fields | None], *, magic
     type_name = r.string("type")
     if n == 6:
         for where in ("sender", "payload", "signature"):
-            r.scalar(where)
+            span = r.bin_span()
+            if span is None:
+                r.scalar(where)
+            else:
+                spans[where] = span
     else:
         fields = schema_of(type_name) if type_name is not None else None
         if fields is None:
@@ -206,6 +226,12 @@ def check_shape(data: bytes, schema_of: Callable[[str], Fields | None], *, magic
             if name not in hints or name in seen:
                 raise WireError(f"{type_name}: schema mismatch (unexpected or repeated field {name!r})")
             seen.add(name)
-            r.value(*hints[name])
+            hint, where = hints[name]
+            span = None if _origin_and_args(hint)[0] in (tuple, dict) else r.bin_span()
+            if span is None:
+                r.value(hint, where)
+            else:
+                spans[name] = span
     if r.pos != len(data):
         raise WireError("malformed message: extra bytes after the message")
+    return spans

@@ -135,12 +135,13 @@ def run_server(grid: Grid, context: Context, *, rounds: int, num_nodes: int, fit
     return parameters_to_ndarrays(params)
 
 
-def server_app(*, rounds: int, num_nodes: int, fit_workflow, out: dict) -> ServerApp:
+def server_app(*, rounds: int, num_nodes: int, fit_workflow, out: dict, kind: str = "dpsgd") -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        out["parameters"] = run_server(grid, context, rounds=rounds, num_nodes=num_nodes, fit_workflow=fit_workflow)
+        out["parameters"] = run_server(grid, context, rounds=rounds, num_nodes=num_nodes, fit_workflow=fit_workflow,
+                                       kind=kind)
 
     return app
 

@@ -277,20 +277,22 @@ def test_split_bfv_out_of_range_is_refused_after_combining():
 # --------------------------------------------------------------------------- the same over the transport mode
 
 
-def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(tmp_path):
+def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggregate(pki):
     """The gRPC key holder (its CkksClientRound) gets the uploads with the aggregate and checks them."""
-    pytest.importorskip("grpc")
-    from federation.transport.certs import Credentials, init_ca, issue
-    from federation.transport.ckks_mode import CkksContextRequest, CkksContexts, CkksDecryptRequest, CkksDirectory
-    from federation.transport.ckks_mode import CkksClientRound, CkksRelease
-    from federation.transport.rounds import ClientContext
+    from federation.transport.certs import Credentials
     from secagg import wire
+    from secagg.ckks.messages import (
+        CkksContextRequest,
+        CkksContexts,
+        CkksDecryptRequest,
+        CkksDirectory,
+        CkksRelease,
+    )
+    from secagg.ckks.mode import CkksClientRound
+    from secagg.rounds import ClientContext
 
-    init_ca(tmp_path / "ca")
-    server_creds = Credentials.load(issue(tmp_path / "ca", server=True))
-    creds = {1: Credentials.load(issue(tmp_path / "ca", client_id=1, role="keyholder")),
-             2: Credentials.load(issue(tmp_path / "ca", client_id=2)),
-             3: Credentials.load(issue(tmp_path / "ca", client_id=3))}
+    server_creds = Credentials.load(pki / "ca" / "server")
+    creds = {cid: Credentials.load(pki / "ca" / f"client-{cid}") for cid in (1, 2, 3)}  # 1 is a key holder
     dim = 50
     directory = wire.encode(CkksDirectory(
         round=0, round_id=new_round_id(), dim=dim, scheme="ckks", value_bound=1.0, min_clients=2,
@@ -299,7 +301,8 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
     xs = {c: np.full(dim, 0.1 * c) for c in creds}
 
     def session(c):
-        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].ca_pem, keyholder=1), directory)
+        return CkksClientRound(ClientContext(0, c, creds[c].identity, xs[c], creds[c].verify_peer, keyholder=1),
+                               directory)
 
     def run(make_request):
         rounds = {c: session(c) for c in creds}
@@ -313,7 +316,7 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
             server.receive(rounds[c].receive(contexts.for_clients))
         return rounds[1].receive(wire.encode(make_request(config, server, rounds[1].holder)))
 
-    sealed = run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads))
+    sealed = run(lambda cfg, server, holder: CkksDecryptRequest(0, 0, 1, server.aggregate(), server.uploads))
     _, release = wire.open_sealed(sealed, {1: creds[1].identity.public_bytes}.get, expect=CkksRelease)
     assert release.included == (0, 1)
     np.testing.assert_allclose(np.frombuffer(release.values, "<f8"), xs[1] + xs[2], atol=1e-6)
@@ -322,12 +325,12 @@ def test_transport_key_holder_verifies_uploads_and_refuses_a_server_built_aggreg
         n = CKKS.poly_modulus_degree
         honest = decode(server.uploads[0], expect=HeCiphertexts).chunks[0]
         chunk = forge_chunk(honest, server._ctx, CKKS, dim, np.zeros(n, np.uint64), np.full(n, 2**28, np.uint64))
-        return CkksDecryptRequest(0, forged_aggregate(cfg, server, holder.fingerprint, [chunk]), server.uploads)
+        return CkksDecryptRequest(0, 0, 1, forged_aggregate(cfg, server, holder.fingerprint, [chunk]), server.uploads)
 
     with pytest.raises(MaliciousServerDetected):
         run(forged)
     with pytest.raises(MaliciousServerDetected):  # the real sum, but without the uploads to check it
-        run(lambda cfg, server, holder: CkksDecryptRequest(0, server.aggregate(), server.uploads[:1]))
+        run(lambda cfg, server, holder: CkksDecryptRequest(0, 0, 1, server.aggregate(), server.uploads[:1]))
 
 
 def test_aggregate_names_the_key_holders():
@@ -335,9 +338,9 @@ def test_aggregate_names_the_key_holders():
 
     x = np.random.default_rng(3).uniform(-1, 1, (3, 40))
     ids = [IdentityKey.generate(), IdentityKey.generate()]
-    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids)
+    result = secagg.aggregate(x, protection="ckks", scheme="bfv", key_holders=2, keyholders=ids)
     assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
     from secagg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="keyholders lists 1"):
-        secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])
+        secagg.aggregate(x, protection="ckks", scheme="bfv", key_holders=2, keyholders=ids[:1])

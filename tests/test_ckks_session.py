@@ -9,7 +9,7 @@ pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
 
 from secagg import wire
 from secagg.ckks import HeParams, RoundConfig, new_round_id
-from secagg.ckks.messages import CkksDecryptRequest, CkksSplitUpload
+from secagg.ckks.messages import CkksBatchReceived, CkksDecryptRequest, CkksSplitUpload
 from secagg.ckks.session import ClientStage, ServerStage
 from secagg.ckks.simulate import round_sessions, run_round
 from secagg.errors import (
@@ -24,11 +24,21 @@ from secagg.errors import (
 DIM = 10
 
 
-def sessions(n: int = 3, **kw):
+def sessions(n: int = 3, forward_bytes: int | None = None, **kw):
     x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
     config = RoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
-    server, parties = round_sessions(config, x)
+    server, parties = round_sessions(config, x, **({} if forward_bytes is None else {"forward_bytes": forward_bytes}))
     return x, config, server, parties
+
+
+def to_decrypt_stage(config, server, parties):
+    """Run the context and upload stages; the first decrypt-stage message for the key holder."""
+    holder = config.n_clients
+    server.receive(holder, parties[holder].receive(server.start()[holder]))
+    for c, reply in deliver(parties, server.close_stage()).items():
+        server.receive(c, reply)
+    (request,) = server.close_stage().values()
+    return holder, request
 
 
 def deliver(parties, out):
@@ -93,12 +103,54 @@ def test_a_key_holder_that_caught_a_lying_server_stays_failed():
         server.receive(c, reply)
     (request,) = server.close_stage().values()
     honest = wire.decode(request, expect=CkksDecryptRequest)
-    dropped = CkksDecryptRequest(0, honest.aggregate, honest.uploads[:2])  # hides an upload from the check
+    dropped = CkksDecryptRequest(0, 0, 1, honest.aggregate, honest.uploads[:2])  # hides an upload from the check
     with pytest.raises(MaliciousServerDetected):
         parties[holder].receive(wire.encode(dropped))
     assert parties[holder].stage.value == "failed"
     with pytest.raises(SessionAborted):  # the honest request does not get a second decryption
         parties[holder].receive(request)
+
+
+def test_uploads_reach_the_key_holder_in_batches_of_bounded_size_and_the_sum_is_exact():
+    """forward_bytes below one upload: one upload per decrypt-stage message, each confirmed."""
+    x, config, server, parties = sessions(n=5, forward_bytes=1)
+    holder, request = to_decrypt_stage(config, server, parties)
+    keys = {holder: parties[holder].identity.public_bytes}.get
+    for index in range(5):
+        batch = wire.decode(request, expect=CkksDecryptRequest)
+        assert (batch.index, batch.count, len(batch.uploads)) == (index, 5, 1)
+        assert bool(batch.aggregate) == (index == 0)
+        reply = parties[holder].receive(request)
+        if index < 4:
+            assert wire.open_sealed(reply, keys, expect=CkksBatchReceived)[1].checked == index + 1
+            assert server.stage is ServerStage.DECRYPT and parties[holder].stage.value == "decrypt"
+        server.receive(holder, reply)
+        out = server.close_stage()
+        if index < 4:
+            (request,) = out.values()
+    out = server.outcome()
+    assert out.included == (0, 1, 2, 3, 4) and parties[holder].done
+    assert np.max(np.abs(out.total - x.sum(0))) <= out.error_bound
+
+
+def test_a_key_holder_refuses_a_skipped_batch_and_a_batch_of_unlisted_uploads_for_good():
+    _x, config, server, parties = sessions(n=4, forward_bytes=1)
+    holder, request = to_decrypt_stage(config, server, parties)
+    first = wire.decode(request, expect=CkksDecryptRequest)
+    parties[holder].receive(request)
+    skipped = CkksDecryptRequest(0, 2, first.count, b"", first.uploads)  # batch 1 never sent
+    with pytest.raises(ReplayError, match="expected batch 1"):
+        parties[holder].receive(wire.encode(skipped))
+    assert parties[holder].stage.value == "failed"
+    # a fresh round: the server forwards client 0's upload twice (once in place of client 1's)
+    _x, config, server, parties = sessions(n=4, forward_bytes=1)
+    holder, request = to_decrypt_stage(config, server, parties)
+    first = wire.decode(request, expect=CkksDecryptRequest)
+    parties[holder].receive(request)
+    with pytest.raises(ReplayError, match="already uploaded"):
+        parties[holder].receive(wire.encode(CkksDecryptRequest(0, 1, first.count, b"", first.uploads)))
+    with pytest.raises(SessionAborted):
+        parties[holder].receive(wire.encode(CkksDecryptRequest(0, 1, first.count, b"", first.uploads)))
 
 
 def test_a_round_without_the_key_holders_keys_fails_and_stays_failed():
@@ -122,3 +174,44 @@ def test_a_client_answers_only_its_stage_and_refuses_a_garbled_context_for_good(
     assert client.stage is ClientStage.FAILED
     with pytest.raises(SessionAborted):
         client.receive(b"anything")
+
+
+def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_the_same_sum():
+    """A Flower node keeps no object between messages: the key holder (a participant here) is
+    rebuilt from its snapshot each time, through keys, its own upload and batched checking."""
+    from secagg.ckks.session import ClientSession, Roster, ServerSession
+    from secagg.keys import IdentityKey
+
+    n = 4
+    x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
+    config = RoundConfig(new_round_id(), DIM, n, HeParams.ckks())
+    ids = [IdentityKey.generate() for _ in range(n)]
+    server_id = IdentityKey.generate()
+    roster = Roster(0, tuple(range(n)), (0,), {i: k.public_bytes for i, k in enumerate(ids)}, (ids[0].public_bytes,),
+                    server_id.public_bytes)
+    server = ServerSession(config, roster, server_id, forward_bytes=1)
+    others = {i: ClientSession(config, roster, i, ids[i], x[i]) for i in range(1, n)}
+    saved = b""
+
+    def holder_receives(payload):
+        nonlocal saved
+        holder = ClientSession(config, roster, 0, ids[0], None)
+        if saved:
+            holder.restore(saved)
+        if holder.stage is ClientStage.CONTEXT:
+            holder.set_update(x[0])
+        try:
+            return holder.receive(payload)
+        finally:
+            saved = holder.snapshot()
+
+    out = server.start()
+    while not server.done:
+        for pid, payload in out.items():
+            server.receive(pid, holder_receives(payload) if pid == 0 else others[pid].receive(payload))
+        out = server.close_stage()
+    result = server.outcome()
+    assert result.included == (0, 1, 2, 3)
+    assert np.max(np.abs(result.total - x.sum(0))) <= result.error_bound
+    with pytest.raises(ReplayError, match="did not expect"):
+        holder_receives(b"a second decryption request")  # resumed DONE: nothing more is answered

@@ -164,6 +164,26 @@ def test_dpsgd_local_training_runs_and_is_noisy():
     assert np.all(np.isfinite(a.delta))
 
 
+def test_dpsgd_local_training_goes_through_privacy_make_private():
+    """The engine's DP-SGD is privacy.make_private's: its model checks and its seeded noise."""
+    data = toy(200)
+    params = get_flat(build_model("logreg", (4,), 3))
+    seeded = LocalTraining(batch_size=20, dp_sgd=True, secure_noise=False)
+    build = lambda: build_model("logreg", (4,), 3)
+    a, b = (train_client(build, params, data.x_train, data.y_train, seeded, client=0, seed=3) for _ in range(2))
+    np.testing.assert_array_equal(a.delta, b.delta)  # deterministic runs: noise and batches follow the seed
+    with_batchnorm = lambda: torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    bn_params = get_flat(with_batchnorm())
+    with pytest.raises(ConfigError, match="BatchNorm"):  # privacy's explanation, not an Opacus traceback
+        train_client(with_batchnorm, bn_params, data.x_train, data.y_train, seeded, client=0, seed=3)
+    model = build()
+    with pytest.raises(ConfigError, match="secure_mode=False"):  # a seed never silently weakens real noise
+        privacy.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+                                 torch.zeros(4, 4), torch.zeros(4, dtype=torch.long))),
+                             noise_multiplier=1.0, max_grad_norm=1.0, seed=1)
+
+
 # ------------------------------------------------------------------ strategies
 
 def test_fedavg_is_a_step_along_the_mean_update():

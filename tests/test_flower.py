@@ -147,14 +147,10 @@ def test_a_replayed_round_gets_no_second_signature_from_a_node(tmp_path):
     assert replies[1].has_error() and "ReplayError" in replies[1].error.reason
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    """A CA with a server and five client credential directories (client ids 11..15)."""
-    from federation.transport.certs import init_ca, issue
-
-    ca = tmp_path_factory.mktemp("ca")
-    init_ca(ca)
-    return {"server": issue(ca, server=True), **{p: issue(ca, client_id=11 + p) for p in range(5)}}
+@pytest.fixture
+def deployment(pki):
+    """The shared CA's server and five client credential directories (client ids 11..15)."""
+    return {"server": pki / "ca" / "server", **{p: pki / "ca" / f"client-{11 + p}" for p in range(5)}}
 
 
 def _with_credentials(deployment):
@@ -272,3 +268,148 @@ def test_the_example_app_trains_and_writes_a_ledger_that_verifies(tmp_path, monk
     with Ledger.open(tmp_path / "flower-ledger.db") as ledger:
         assert ledger.verify(recompute=True).releases == 2
         assert [r.released_participants for r in ledger.rows()] == [10, 10]
+
+
+# --------------------------------------------------------------------------- the ckks option
+
+
+@pytest.fixture(scope="module")
+def ckks_deployment(tmp_path_factory):
+    """A CA, the server's credentials and ten nodes' (client ids 11..20); client 11 holds the key-holder role."""
+    pytest.importorskip("tenseal", reason="the ckks option needs TenSEAL: pip install 'secagg[he]'")
+    from federation.transport.certs import init_ca, issue
+
+    ca = tmp_path_factory.mktemp("ckks-ca")
+    init_ca(ca)
+    return {"server": issue(ca, server=True),
+            **{p: issue(ca, client_id=11 + p, role="keyholder" if p == 0 else "client") for p in range(10)}}
+
+
+def _ckks_node_config(deployment):
+    """Each node's credentials, and the key holder every node trusts (client 11)."""
+    return lambda pid: {"secagg-credentials": str(deployment[pid]), "secagg-keyholder": 11}
+
+
+def _ckks_error_bound(workflow, plain_rounds) -> float:
+    """CKKS error of the released means summed over rounds, plus float32 rounding of the plain
+    FedAvg they are compared with, times 10 for propagation through later rounds."""
+    f32 = 4 * np.finfo(np.float32).eps * max(float(np.max(np.abs(p))) for p in plain_rounds)
+    return 10 * sum(r.max_quantization_error + f32 for r in workflow.reports)
+
+
+def test_ckks_rounds_equal_plain_fedavg_with_the_uploads_forwarded_one_per_message(ckks_deployment, tmp_path):
+    nodes, drop = 5, (2, 3)
+    plain, _ = run_in_process(secure=False, num_nodes=nodes, rounds=2, drop=[drop], kind="lsq", claimed=_claims(nodes))
+    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"], forward_bytes=1,
+                                  privacy=_plan(tmp_path))
+    secure, grid = run_in_process(secure=True, num_nodes=nodes, rounds=2, fit_workflow=workflow, drop=[drop],
+                                  kind="lsq", claimed=_claims(nodes), node_config=_ckks_node_config(ckks_deployment))
+    assert [r.aborted for r in workflow.reports] == [None, None]
+    assert [len(r.included) for r in workflow.reports] == [nodes, nodes - 1]
+    assert workflow.reports[1].dropped[grid.node_ids[3]].startswith("ckks.upload")
+    assert np.max(np.abs(plain[0])) > 1e-2
+    np.testing.assert_allclose(secure[0], plain[0], rtol=0, atol=_ckks_error_bound(workflow, plain))
+    # a round: hello and upload to every node, keys to the key holder, and -- every upload
+    # forwarded in a message of its own -- one ckks.decrypt message per upload in the sum
+    assert grid.messages_sent == (nodes + 1 + nodes + nodes) + (nodes + 1 + nodes + (nodes - 1))
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == 2
+        assert [r.released_participants for r in ledger.rows()] == [nodes, nodes - 1]
+        assert all("ckks" in r.note for r in ledger.rows())
+
+
+class ForgingCkksWorkflow(SecAggWorkflow):
+    """A lying server: in place of the sum of the uploads it sends the key holder a ciphertext of
+    its own making (chosen values encrypted under the round's public key, which it relays), signed
+    as the aggregate over every node -- what a chosen-ciphertext key-recovery attack needs decrypted."""
+
+    def _collect(self, grid, rnd, sends, report, **kwargs):
+        stage = next(iter(sends.values()))[0]
+        if stage == "ckks.upload":
+            self.public_context = next(iter(sends.values()))[1]
+        if stage == "ckks.decrypt":
+            sends = {nid: (stage, self._forge(payload)) for nid, (stage, payload) in sends.items()}
+        return super()._collect(grid, rnd, sends, report, **kwargs)
+
+    def _forge(self, payload: bytes) -> bytes:
+        import tenseal as ts
+
+        from secagg.ckks.messages import (
+            CkksDecryptRequest,
+            HeAggregateHeader,
+            HeCiphertexts,
+            HeContext,
+            chunks_digest,
+        )
+        from secagg.ckks.roles import SERVER_ID as HE_SERVER
+
+        request = wire.decode(payload, expect=CkksDecryptRequest)
+        outer = wire.decode(request.aggregate, expect=HeCiphertexts)
+        _, honest = wire.open_sealed(outer.header, lambda _: self._credentials.identity.public_bytes,
+                                     expect=HeAggregateHeader)
+        context = wire.decode(wire.unverified_envelope(self.public_context)[1], expect=HeContext)  # relayed, public
+        public = ts.context_from(context.context)
+        chunks = (ts.ckks_vector(public, [1e-3] * honest.dim).serialize(),)  # the server's chosen plaintext
+        header = HeAggregateHeader(honest.round_id, honest.fingerprint, honest.dim, honest.weighted, honest.included,
+                                   len(chunks), chunks_digest(b"aggregate", chunks))
+        forged = wire.encode(HeCiphertexts(wire.seal(header, HE_SERVER, self._credentials.identity), chunks))
+        return wire.encode(CkksDecryptRequest(request.round, request.index, request.count, forged, request.uploads))
+
+
+def test_the_ckks_key_holder_refuses_a_ciphertext_the_server_built(ckks_deployment, tmp_path):
+    workflow = ForgingCkksWorkflow(mode="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
+    params, grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
+                                  claimed=_claims(4), node_config=_ckks_node_config(ckks_deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None and "NotEnoughSurvivors" in report.aborted
+    assert report.dropped[grid.node_ids[0]].startswith("ckks.decrypt: MaliciousServerDetected")
+    assert "not the sum of the signed uploads" in report.dropped[grid.node_ids[0]]
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])  # nothing was released
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert [r.status for r in ledger.rows()] == ["aborted"]
+
+
+@pytest.mark.slow  # Flower's simulation engine (Ray) with 10 supernodes: a few minutes on 2 cores
+def test_flower_simulation_with_the_ckks_option_equals_plain_fedavg(ckks_deployment, tmp_path):
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'flwr[simulation]'")
+    from flwr.simulation import run_simulation
+
+    from federation.flower.mod import make_secagg_mod
+    from tests.flower_harness import client_app, server_app
+
+    nodes, rounds, drop = 10, 2, (2, 4)
+    plain, _ = run_in_process(secure=False, num_nodes=nodes, rounds=rounds, drop=[drop], kind="lsq",
+                              claimed=_claims(nodes))
+    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
+    # the simulation engine gives a node only its partition id: the mod maps it to the node's credentials
+    configure = _ckks_node_config(ckks_deployment)
+    mod = make_secagg_mod(node_config=lambda ctxt: configure(int(ctxt.node_config["partition-id"])))
+    out: dict = {}
+    run_simulation(
+        server_app=server_app(rounds=rounds, num_nodes=nodes, fit_workflow=workflow, out=out, kind="lsq"),
+        client_app=client_app(secure=True, drop=[drop], mod=mod, kind="lsq", claimed=_claims(nodes)),
+        num_supernodes=nodes,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    assert [r.aborted for r in workflow.reports] == [None] * rounds
+    assert [len(r.included) for r in workflow.reports] == [nodes, nodes - 1]
+    np.testing.assert_allclose(out["parameters"][0], plain[0], rtol=0, atol=_ckks_error_bound(workflow, plain))
+    with Ledger.open(tmp_path / "ledger.db") as ledger:
+        assert ledger.verify(recompute=True).releases == rounds
+        assert [r.released_participants for r in ledger.rows()] == [nodes, nodes - 1]
+
+
+def test_a_node_refuses_a_ckks_round_below_its_policys_minimum_sum(ckks_deployment):
+    """Nodes that add their updates only to sums of at least 5: a 4-node round is refused by all."""
+    from federation.flower.mod import make_secagg_mod
+    from secagg.protocol import ClientPolicy
+
+    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"])
+    params, grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
+                                  mod=make_secagg_mod(policy=ClientPolicy(min_participants=5)),
+                                  node_config=_ckks_node_config(ckks_deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None and "did not send the round's keys" in report.aborted
+    assert report.dropped[grid.node_ids[0]].startswith("ckks.keys: MaliciousServerDetected")
+    assert "min_participants" in report.dropped[grid.node_ids[0]]
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])

@@ -74,17 +74,15 @@ def site(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_sites_train_on_their_own_data_over_grpc(site):
+def test_sites_train_on_their_own_data_over_grpc(site, make_pki):
     from federation.config import ExperimentConfig
-    from federation.transport.certs import Credentials, init_ca, issue
+    from federation.transport.certs import Credentials
     from federation.transport.grpc_server import ServerSettings
     from federation.transport.training import GrpcFederation
     from secagg.cli import main
 
-    init_ca(site / "ca")
-    issue(site / "ca", server=True)
+    make_pki(site / "ca", (1, 2, 3))
     for cid in (1, 2, 3):
-        issue(site / "ca", client_id=cid)
         (site / f"client-{cid}.toml").write_text(
             f'[client]\ncredentials = "ca/client-{cid}"\n[client.training]\nexperiment = "experiment.toml"\n')
     settings = ServerSettings(expected_clients=3, threshold=2, join_timeout=120, rejoin_timeout=30,
@@ -115,11 +113,8 @@ def test_sites_train_on_their_own_data_over_grpc(site):
     assert summary.final_accuracy > 0.8
 
 
-def _client_args(site, app):
-    from federation.transport.certs import init_ca, issue
-
-    init_ca(site / "ca")
-    issue(site / "ca", client_id=1)
+def _client_args(site, make_pki, app):
+    make_pki(site / "ca", (1,))
     (site / "client-1.toml").write_text(
         '[client]\ncredentials = "ca/client-1"\n[client.training]\nexperiment = "experiment.toml"\n')
     return ["join", "--server", "localhost:1", "--config", str(site / "client-1.toml"), "--app", app]
@@ -132,10 +127,10 @@ def _client_args(site, app):
     ("site_app:broken", "failed: OSError: database unreachable"),
     ("site_app:wrong_shape", "the site's records have shape (7,) but the experiment's model takes (30,)"),
 ])
-def test_a_bad_app_is_one_line_before_connecting(site, capsys, app, fragment):
+def test_a_bad_app_is_one_line_before_connecting(site, make_pki, capsys, app, fragment):
     from secagg.cli import main
 
-    assert main(_client_args(site, app)) == 1
+    assert main(_client_args(site, make_pki, app)) == 1
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
 

@@ -114,6 +114,8 @@ PARTS: dict[str, tuple[str, ...]] = {
     "federation.transport": ("federation.transport",),
     "privacy": ("privacy",),
     "secagg.api": ("secagg.api", "secagg.bench"),
+    # the round seam: interfaces, the one driver loop, the plain baseline mode
+    "secagg.rounds": ("secagg.rounds", "secagg.plain"),
     "secagg.protocol": ("secagg.protocol",),
     "secagg.ckks": ("secagg.ckks",),
     # encodings, PRG, keys, Shamir, graphs, the wire format, errors, the result type

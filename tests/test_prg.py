@@ -58,3 +58,34 @@ def test_bad_seeds_and_signs_are_refused():
         expand_uint32(b"short", 4)
     with pytest.raises(ConfigError, match="sign"):
         MaskAccumulator(4).add(os.urandom(32), 2)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_threaded_masks_are_bit_identical_to_the_serial_path(workers, monkeypatch):
+    import secagg.prg as prg
+
+    # Small slices (4 KiB per worker) so the threads really split a vector with ragged ends.
+    monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 1024)
+    monkeypatch.setattr(prg, "MASK_CHUNK_ELEMENTS", 1000)  # several chunks per slice, not block aligned
+    monkeypatch.setattr(prg, "SEEDS_PER_PASS", 2)  # and several passes of seeds
+    dim = 8 * 1024 + 13
+    base = np.arange(dim, dtype=np.uint32) * np.uint32(2654435761)
+    masks = [(os.urandom(32), sign) for sign in (1, -1, 1, 1, -1)]
+    serial = MaskAccumulator(dim, initial=base)
+    for seed, sign in masks:
+        serial.add(seed, sign)
+    threaded = MaskAccumulator(dim, initial=base, workers=workers)
+    threaded.add_many(masks)
+    np.testing.assert_array_equal(threaded.value, serial.value)
+    one = MaskAccumulator(dim, initial=base)
+    one.add_many(masks)
+    np.testing.assert_array_equal(one.value, serial.value)
+    with pytest.raises(ConfigError, match="sign"):  # every sign is checked before any thread starts
+        threaded.add_many([(os.urandom(32), 1), (os.urandom(32), 0)])
+    np.testing.assert_array_equal(threaded.value, serial.value)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_worker_counts_that_are_not_counts_are_refused(workers):
+    with pytest.raises(ConfigError, match="workers"):
+        MaskAccumulator(4, workers=workers)

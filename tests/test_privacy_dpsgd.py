@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from privacy.dpsgd import (
     train_private,
     validate_model,
 )
-from secagg.errors import ConfigError, UnsupportedEventError
+from secagg.errors import ConfigError, PrivacyError, UnsupportedEventError
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:DP-SGD noise comes from", "ignore:.*full_backward_hook.*", "ignore:.*Secure RNG.*",
@@ -86,10 +87,10 @@ def test_per_sample_clipping_bounds_the_update():
 
 def test_noise_is_added():
     torch.manual_seed(0)
-    ds = _data()
+    ds = _data(d=64)  # 64 features: 1074 parameters, enough draws for the bound below
     updates = []
     for _ in range(2):
-        model = _model()
+        model = _model(64)
         model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         pt = make_private(model=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=64),
@@ -100,7 +101,9 @@ def test_noise_is_added():
         pt.optimizer.step()
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         pt.close()
-    # same data and start point: only the Gaussian noise differs (std sigma*C/B per coordinate)
+    # same data and start point: only the Gaussian noise differs (std sigma*C/B per coordinate).
+    # 1074 OS-drawn coordinates: the sample std is within 25 % of sqrt(2) sigma C / B except with
+    # probability 2e-29 (chi-square), a false-failure rate below 1e-9 (with 178 it was 2.4e-6)
     diff = (updates[0] - updates[1]).std().item()
     assert diff == pytest.approx(2**0.5 * 1.0 * 1.0 / 64, rel=0.25)
 
@@ -208,3 +211,227 @@ def test_mnist_one_epoch_dpsgd():
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.7 and 0 < stats.epsilon < 1.0
+
+
+# --- per-example clipping: ghost (Opacus fast gradient clipping) vs hooks -----------------------
+
+def _conv_model():
+    """Conv2d (per-example gradient norms under ghost) + Linear layers (ghost norms)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _images(n=96, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # a few large inputs: their gradients exceed the clipping norm, the others do not
+    x = torch.randn(n, 1, 8, 8, generator=g) * torch.where(torch.arange(n) % 3 == 0, 30.0, 0.3)[
+        :, None, None, None]
+    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+
+def _private_copy(mode, ds, *, noise_multiplier, poisson_sampling, seed=None, batch_size=32,
+                  build=_conv_model):
+    torch.manual_seed(0)  # the same initial weights for both modes
+    model = build()
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                      data_loader=DataLoader(ds, batch_size=batch_size),
+                      noise_multiplier=noise_multiplier, max_grad_norm=2.0,
+                      poisson_sampling=poisson_sampling, grad_sample_mode=mode,
+                      criterion=nn.CrossEntropyLoss(), secure_mode=seed is None)
+    if seed is not None:  # tests only: noise and Poisson batches drawn from this seed
+        from privacy.dpsgd import secure_noise
+
+        secure_noise(pt.optimizer, pt.data_loader, seed=seed)
+    assert pt.clipping.mode == mode and pt.optimizer.secure_mode
+    return model, pt
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _sequence_model():
+    """A Linear layer on (batch, positions, features): per-example norms in one backward pass."""
+    return nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 5, 3))
+
+
+def _sequences(n=96, seed=1):
+    images = _images(n, seed)
+    return TensorDataset(images.tensors[0].reshape(n, 8, 8), images.tensors[1])
+
+
+@pytest.mark.parametrize("ghost, build, data", [
+    ("ghost", _conv_model, _images), ("bookkeeping", _conv_model, _images),
+    ("bookkeeping", _sequence_model, _sequences),
+])
+def test_ghost_clipping_gives_the_hooks_clipped_step(ghost, build, data):
+    ds = data()
+    x, y = ds.tensors[0][:32], ds.tensors[1][:32]
+    steps, norms = {}, {}
+    for mode in ("hooks", ghost):
+        model, pt = _private_copy(mode, ds, noise_multiplier=0.0, poisson_sampling=False,
+                                  build=build)
+        before = _flat(model)
+        pt.optimizer.zero_grad()
+        pt.criterion(pt.model(x), y).backward()
+        if mode == "hooks":
+            per_param = [p.grad_sample.flatten(1).norm(dim=1) for p in model.parameters()]
+            norms[mode] = torch.stack(per_param).norm(dim=0)
+        else:  # Opacus' ghost module, or the single-pass clipper, keeps the norms it clipped by
+            keeper = pt.model if mode == "ghost" else pt.criterion.clipper
+            norms[mode] = keeper.per_sample_gradient_norms.detach().clone()
+        pt.optimizer.step()
+        steps[mode] = _flat(model) - before  # lr 1, no noise: minus the mean clipped gradient
+        pt.close()
+    assert (norms["hooks"] > 2.0).any() and (norms["hooks"] < 2.0).any()  # clipping is active
+    torch.testing.assert_close(norms[ghost], norms["hooks"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(steps[ghost], steps["hooks"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_clipping_gives_the_hooks_noised_steps_and_accounting(ghost):
+    # Same seed: the same Poisson batches and the same noise draws (the secure-mode sampler,
+    # four Gaussians per coordinate), so the noised steps must agree to float tolerance.
+    ds = _images()
+    final, pts = {}, {}
+    for mode in ("hooks", ghost):
+        model, pt = _private_copy(mode, ds, noise_multiplier=1.0, poisson_sampling=True, seed=7)
+        for xb, yb in pt.data_loader:
+            pt.optimizer.zero_grad()
+            pt.criterion(pt.model(xb), yb).backward()
+            pt.optimizer.step()
+        final[mode], pts[mode] = _flat(model), pt
+        pt.close()
+    torch.testing.assert_close(final[ghost], final["hooks"], rtol=1e-4, atol=1e-5)
+    assert pts[ghost].steps == pts["hooks"].steps == len(pts["hooks"].data_loader)
+    assert pts[ghost].event() == pts["hooks"].event()
+    assert pts[ghost].epsilon(1e-3) == pts["hooks"].epsilon(1e-3)
+
+
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_refuses_a_gradient_not_clipped_by_its_criterion(ghost):
+    ds = _images()
+    _, pt = _private_copy(ghost, ds, noise_multiplier=1.0, poisson_sampling=False)
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    nn.functional.cross_entropy(pt.model(x), y).backward()  # the unclipped mean gradient
+    with pytest.raises(PrivacyError, match="PrivateTraining.criterion"):
+        pt.optimizer.step()
+    assert pt.steps == 0
+    pt.close()
+
+
+@pytest.mark.parametrize("ghost", ["ghost", "bookkeeping"])
+def test_ghost_takes_an_empty_poisson_batch_as_a_noise_only_step(ghost):
+    ds = _images()
+    model, pt = _private_copy(ghost, ds, noise_multiplier=0.0, poisson_sampling=False)
+    before = _flat(model)
+    pt.optimizer.zero_grad()
+    pt.criterion(pt.model(ds.tensors[0][:0]), ds.tensors[1][:0]).backward()
+    pt.optimizer.step()
+    assert pt.steps == 1 and torch.equal(_flat(model), before)  # no noise, no example: no move
+    pt.close()
+
+
+class _Scale(nn.Module):
+    """A layer with its own parameter and no Opacus grad or norm sampler."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_unsupported_layer_falls_back_to_hooks_and_logs_why(caplog):
+    model = nn.Sequential(nn.Linear(8, 4), _Scale(4), nn.Linear(4, 2))
+    with caplog.at_level(logging.INFO, logger="secagg.dpsgd"):
+        pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                          max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    assert pt.clipping.mode == "hooks" and "1 (_Scale)" in pt.clipping.reason
+    assert f"clipping: hooks ({pt.clipping.reason})" in caplog.text
+    x, y = next(iter(pt.data_loader))  # and it trains, the loss from its own criterion
+    pt.optimizer.zero_grad()
+    pt.criterion(pt.model(x), y).backward()
+    pt.optimizer.step()
+    assert pt.steps == 1
+    pt.close()
+
+
+@pytest.mark.parametrize("criterion, model, why", [
+    (None, _model(), "no criterion was given"),
+    (lambda out, y: nn.functional.cross_entropy(out, y), _model(), "not a torch loss module"),
+    (nn.CrossEntropyLoss(reduction="sum"), _model(), "must be 'mean'"),
+    (nn.CrossEntropyLoss(), nn.Sequential(nn.Linear(8, 4), _Scale(4)), "no norm or per-example"),
+])
+def test_ghost_is_chosen_only_where_it_applies(criterion, model, why):
+    from privacy.clipping import choose_clipping
+
+    assert choose_clipping(_model(), nn.CrossEntropyLoss()).mode == "bookkeeping"
+    choice = choose_clipping(model, criterion)
+    assert choice.mode == "hooks" and why in choice.reason
+    for mode in ("ghost", "bookkeeping"):
+        with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
+            choose_clipping(model, criterion, mode)
+    assert choose_clipping(_model(), nn.CrossEntropyLoss(), "hooks").mode == "hooks"
+    with pytest.raises(ConfigError, match="grad_sample_mode"):
+        choose_clipping(_model(), nn.CrossEntropyLoss(), "functorch")
+
+
+def test_tied_weights_are_not_ghost_clipped():
+    from privacy.clipping import choose_clipping
+
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    choice = choose_clipping(nn.Sequential(first, nn.Tanh(), second), nn.CrossEntropyLoss())
+    assert choice.mode == "hooks" and "tied weights" in choice.reason
+
+
+def test_layers_outside_single_pass_clipping_take_opacus_ghost_clipping():
+    from privacy.clipping import choose_clipping
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2))  # Opacus samples it
+    choice = choose_clipping(model, nn.CrossEntropyLoss())
+    assert choice.mode == "ghost" and "1 (LayerNorm) is not a Linear or Conv2d" in choice.reason
+    with pytest.raises(ConfigError, match="not a Linear or Conv2d"):
+        choose_clipping(model, nn.CrossEntropyLoss(), "bookkeeping")
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(torch.tanh(self.layer(x))))
+
+
+def test_single_pass_clipping_refuses_a_layer_run_twice():
+    model = _Twice()
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                      max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    assert pt.clipping.mode == "bookkeeping"
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    loss = pt.criterion(pt.model(x), y)
+    with pytest.raises(ConfigError, match="exactly once"):
+        loss.backward()
+    with pytest.raises(PrivacyError):
+        pt.optimizer.step()
+    pt.close()
+
+
+def test_single_pass_clipping_refuses_an_output_changed_in_place():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    pt = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      data_loader=DataLoader(_data(), batch_size=50), noise_multiplier=1.0,
+                      max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    x, y = next(iter(pt.data_loader))
+    pt.optimizer.zero_grad()
+    with pytest.raises(ConfigError, match="in place"):
+        pt.criterion(pt.model(x), y).backward()
+    pt.close()

@@ -93,14 +93,13 @@ def test_fixed_cohorts_claim_no_amplification_and_keep_identities(tmp_path):
     assert not fed.redact_cohorts
 
 
-def test_grpc_training_records_q_one(tmp_path):
+def test_grpc_training_records_q_one(tmp_path, pki):
     """Before: every connected client joined every round, but the ledger recorded the configured q."""
-    from federation.transport.certs import Credentials, init_ca, issue
+    from federation.transport.certs import Credentials
     from federation.transport.grpc_server import ServerSettings
     from federation.transport.training import GrpcFederation
 
-    init_ca(tmp_path / "ca")
-    bundle = issue(tmp_path / "ca", server=True)
+    bundle = pki / "ca" / "server"
     cfg = user_config(tmp_path, sampling="poisson", sampling_rate=0.2, num_clients=3, rounds=2,
                       budget_epsilon=50.0)
     fed = GrpcFederation(cfg, ServerSettings(expected_clients=3, threshold=2), Credentials.load(bundle))

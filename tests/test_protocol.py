@@ -20,8 +20,7 @@ from secagg.errors import (
 )
 from secagg.keys import IdentityKey
 from secagg.protocol.client import TRANSITIONS, ClientState
-from secagg.protocol.common import Stage
-from secagg.protocol.plan import plan_masking
+from secagg.protocol.common import SERVER_ID, Stage
 from secagg.protocol.messages import (
     ConsistencyRequest,
     KeyDirectory,
@@ -31,6 +30,7 @@ from secagg.protocol.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from secagg.protocol.plan import plan_masking
 from tests.protocol_harness import make_round, run_until, server_seal, step
 
 STAGES = [s.value for s in Stage]
@@ -145,8 +145,15 @@ def test_bad_dropout_specs_raise_config_errors():
         secagg.aggregate(updates, dropouts={"later": [1]})
     with pytest.raises(ConfigError, match="0..3"):
         secagg.aggregate(updates, dropouts={"share": [9]})
-    with pytest.raises(ConfigError, match="unknown protocol"):
-        secagg.aggregate(updates, protocol="rot13")
+    with pytest.raises(ConfigError, match="unknown protection"):
+        secagg.aggregate(updates, protection="rot13")
+
+
+def test_the_old_keyword_protocol_still_works_with_a_warning():
+    x = np.arange(12.0).reshape(4, 3)
+    with pytest.warns(FutureWarning, match=r"aggregate\(protection='masking'\)"):
+        old = secagg.aggregate(x, protocol="masking", seed=1)
+    np.testing.assert_array_equal(old.total, secagg.aggregate(x, protection="masking", seed=1).total)
 
 
 # -- a lying server ---------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def test_bad_dropout_specs_raise_config_errors():
 def test_server_listing_a_client_as_both_dropped_and_surviving_is_refused_by_every_client():
     session, _ = make_round(n=6)
     outgoing = run_until(session, Stage.UNMASK)
-    honest = wire.open_sealed(next(iter(outgoing.values())), lambda p: session.identities[0])[1]
+    honest = wire.open_sealed(next(iter(outgoing.values())), lambda p: session.identities[SERVER_ID])[1]
     victim = honest.survivors[0]
     lie = UnmaskRequest(honest.round_id, honest.survivors, tuple(sorted(set(honest.dropped) | {victim})), honest.signatures)
     for client_id in outgoing:
@@ -201,7 +208,7 @@ def test_survivor_set_other_than_the_signed_one_is_refused():
     session, _ = make_round(n=5)
     outgoing = run_until(session, Stage.UNMASK)
     c = next(iter(outgoing))
-    honest = wire.open_sealed(outgoing[c], lambda p: session.identities[0])[1]
+    honest = wire.open_sealed(outgoing[c], lambda p: session.identities[SERVER_ID])[1]
     smaller = tuple(honest.survivors[1:])
     lie = UnmaskRequest(honest.round_id, smaller, (honest.survivors[0],), honest.signatures)
     with pytest.raises(MaliciousServerDetected):
@@ -219,7 +226,7 @@ def test_client_refuses_a_threshold_that_is_too_low():
 
 def test_forged_server_messages_are_refused():
     session, _ = make_round(n=4)
-    forged = wire.seal(session.config, 0, IdentityKey.generate())
+    forged = wire.seal(session.config, SERVER_ID, IdentityKey.generate())
     with pytest.raises(SecAggError):
         session.clients[1].receive(forged)
 

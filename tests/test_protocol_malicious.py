@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import pytest
 
-from federation.transport.masking_mode import plan_from_options
+from secagg.protocol.mode import plan_from_options
 from secagg import wire
 from secagg.errors import ConfigError, MaliciousServerDetected, ReplayError, SecAggError
 from secagg.keys import IdentityKey

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import secagg
-from federation.transport.masking_mode import plan_from_options
+from secagg.protocol.mode import plan_from_options
 from secagg.errors import ConfigError
 from secagg.protocol.plan import ClientPolicy, attack_size, check_round, min_threshold, plan_masking
 

@@ -9,7 +9,7 @@ from secagg import wire
 from secagg.errors import LocalProtocolError, MaliciousServerDetected, SessionAborted, WireError
 from secagg.keys import IdentityKey
 from secagg.protocol.client import ClientSession, ClientSnapshot, ClientState
-from secagg.protocol.common import Stage
+from secagg.protocol.common import SERVER_ID, Stage
 from secagg.protocol.messages import UnmaskRequest
 from tests.protocol_harness import make_round, run_until, server_seal
 
@@ -45,7 +45,7 @@ def test_an_aborted_session_resumes_aborted_and_reveals_nothing():
     session2, _ = make_round(n=5)
     # Honest stages up to the unmask request, then a lying one: client 1 both alive and dropped.
     outgoing = run_until(session2, Stage.UNMASK)
-    honest = wire.open_sealed(outgoing[2], lambda _: session2.identities[0])[1]
+    honest = wire.open_sealed(outgoing[2], lambda _: session2.identities[SERVER_ID])[1]
     lie = UnmaskRequest(honest.round_id, honest.survivors, (1,), honest.signatures)
     client = session2.clients[2]
     with pytest.raises(MaliciousServerDetected):

@@ -3,7 +3,10 @@
 The fast tests check the decisions (what ``ray.init`` is given); the slow test starts a
 token-authenticated ``ray start --head`` cluster on loopback, runs ``secagg serve --backend
 ray --ray-address`` against it without RAY_AUTH_MODE set, and stops the cluster's own
-process group.
+process group. The cluster's workers run in a bare virtual environment that has Ray and
+the third-party dependencies but not this package (as a real node would), so the round
+only completes if the job's runtime_env ships the package; a control job without it
+checks that the workers indeed cannot import it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def test_token_auth_is_enabled_for_an_explicit_address_when_a_token_exists(tmp_p
 def _server_toml(tmp_path: Path) -> Path:
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "masking"\nrounds = 1\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "masking"\nrounds = 1\n'
         'expected_clients = 6\nthreshold = 4\n[server.options]\ndim = 20\nclip = 100.0\n'
     )
     return cfg
@@ -88,10 +91,26 @@ connect(sys.argv[1])
 
 @ray.remote
 def shipped():
-    import os
-    return [p for p in sys.path if "py_modules" in p and os.path.isfile(os.path.join(p, "secagg", "wire.py"))]
+    import secagg
+    return secagg.__file__
 
 print(ray.get(shipped.remote()))
+"""
+
+# The same job without the runtime_env: the workers must fail to import the package.
+UNSHIPPED_PROBE = """
+import sys, ray
+ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False)
+
+@ray.remote(max_retries=0)
+def importable():
+    try:
+        import secagg
+    except ImportError:
+        return False
+    return True
+
+print("IMPORTABLE" if ray.get(importable.remote()) else "NOT-IMPORTABLE")
 """
 
 
@@ -101,6 +120,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_venv(root: Path) -> Path:
+    """A virtual environment like a cluster node's: Ray and the third-party packages of this
+    one (its site-packages on the path through a .pth line, which does not run the .pth
+    files there, so the editable install of secagg is not seen), but not this package."""
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
+    (site_packages,) = root.glob("lib/python*/site-packages")
+    (site_packages / "node_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return root / "bin" / "python"
+
+
 @pytest.mark.slow
 def test_serve_against_a_token_authenticated_ray_cluster(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (optional extra: pip install 'secagg[ray]')")
@@ -108,13 +140,16 @@ def test_serve_against_a_token_authenticated_ray_cluster(tmp_path):
     token.write_text(os.urandom(16).hex())
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix sockets need a short path
-    ray_bin = Path(sys.executable).with_name("ray")
-    head_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # workers get no local copy
+    node_python = _node_venv(tmp_path / "node-venv")
+    head_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     head_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    work = tmp_path / "work"  # the drivers' cwd (Ray puts it on the workers' path): no package there
+    work.mkdir()
     head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", temp_dir],
-        env=head_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(node_python), "-c", "from ray.scripts.scripts import main; main()", "start", "--head", "--block",
+         "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+         "--temp-dir", temp_dir],
+        env=head_env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     try:
@@ -124,22 +159,26 @@ def test_serve_against_a_token_authenticated_ray_cluster(tmp_path):
                "--backend", "ray", "--ray-address", f"127.0.0.1:{port}", "--clients", "6", "--seed", "1"]
         deadline = time.monotonic() + 120
         while True:  # the head needs a while to come up on a busy machine
-            run = subprocess.run(cmd, env=driver_env, capture_output=True, text=True, timeout=300)
+            run = subprocess.run(cmd, env=driver_env, cwd=work, capture_output=True, text=True, timeout=300)
             if run.returncode == 0 or time.monotonic() > deadline or head.poll() is not None:
                 break
             time.sleep(3)
         assert run.returncode == 0, run.stderr[-3000:]
         (line,) = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
         assert line["round"] == 0 and line["included"] == 6
-        # the job's runtime_env puts a shipped copy of the package on the workers' path (on this one
-        # machine Ray also hands the workers the driver's sys.path, which comes first)
+        # the workers import the copy the job's runtime_env shipped, not a local install
         probe = subprocess.run([sys.executable, "-c", SHIPPED_PROBE, f"127.0.0.1:{port}"], env=driver_env,
-                               capture_output=True, text=True, timeout=300)
+                               cwd=work, capture_output=True, text=True, timeout=300)
         assert probe.returncode == 0, probe.stderr[-3000:]
         assert "runtime_resources" in probe.stdout and "py_modules" in probe.stdout, probe.stdout
+        # control: without the runtime_env the same workers cannot import the package at all
+        control = subprocess.run([sys.executable, "-c", UNSHIPPED_PROBE, f"127.0.0.1:{port}"],
+                                 env=dict(driver_env, RAY_AUTH_MODE="token"), cwd=work, capture_output=True,
+                                 text=True, timeout=300)
+        assert "NOT-IMPORTABLE" in control.stdout, control.stdout + control.stderr[-3000:]
         # without the token, the same cluster refuses the driver (and says why)
         no_token = dict(driver_env, RAY_AUTH_TOKEN_PATH=str(tmp_path / "missing"), HOME=str(tmp_path))
-        denied = subprocess.run(cmd, env=no_token, capture_output=True, text=True, timeout=300)
+        denied = subprocess.run(cmd, env=no_token, cwd=work, capture_output=True, text=True, timeout=300)
         assert denied.returncode != 0
     finally:
         _stop_group(head)

@@ -5,6 +5,8 @@ not outlive the data it serves (no wall-clock thresholds: the timings live in
 benchmarks/bench_scale.py).
 """
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -68,6 +70,64 @@ def test_cached_public_keys_still_refuse_bad_keys_and_bad_signatures():
         check_public_key(bytearray(peer.public_bytes))
         with pytest.raises(InvalidPublicKey):
             check_public_key(bytes(32))
+
+
+def _probe_refuses(raw: bytes) -> bool:
+    """The long way: does an exchange with a fresh key refuse ``raw`` (all-zero secret)?"""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return True
+    return False
+
+
+def test_the_low_order_list_refuses_exactly_the_keys_an_exchange_refuses():
+    from secagg.keys import _LOW_ORDER_U, _P25519
+
+    # Every listed point in every encoding X25519 accepts (top bit set or not, u or u + p).
+    encodings = [(u + extra) | top for u in _LOW_ORDER_U for extra in (0, _P25519) for top in (0, 1 << 255)
+                 if u + extra < 1 << 255]
+    assert len(encodings) == 14  # 5 points, 2 of them (0, 1) also encodable as u + p; 2 top bits each
+    # Many other keys: the smallest and largest u, every u + p encoding, fresh keys.
+    others = [u for u in range(2, 300) if u not in _LOW_ORDER_U] + [_P25519 - u for u in range(2, 300)]
+    others += [_P25519 + u for u in range(2, 19)] + [int.from_bytes(KeyPair.generate().public_bytes, "little")
+                                                    for _ in range(200)]
+    for value in encodings + others:
+        raw = value.to_bytes(32, "little")
+        assert _probe_refuses(raw) is (value in encodings)
+        if value in encodings:
+            with pytest.raises(InvalidPublicKey):
+                check_public_key(raw)
+        else:
+            check_public_key(raw)
+    with pytest.raises(InvalidPublicKey):
+        check_public_key(bytes(31))
+
+
+def test_a_remembered_signature_is_only_ever_the_exact_one_that_verified():
+    from secagg import keys
+
+    identity, other = IdentityKey.generate(), IdentityKey.generate()
+    data = b"consistency payload" * 100
+    signature = identity.sign(data)
+    verify_signature(identity.public_bytes, signature, data)
+    assert (identity.public_bytes, signature, hashlib.sha256(data).digest()) in keys._VERIFIED
+    for key, sig, message in [(identity.public_bytes, signature, data + b"x"),  # other bytes
+                              (other.public_bytes, signature, data),  # other key
+                              (identity.public_bytes, identity.sign(b"other"), data)]:  # other signature
+        for _ in range(2):  # a failure is never remembered: refused every time
+            with pytest.raises(InvalidSignature):
+                verify_signature(key, sig, message)
+    verify_signature(bytearray(identity.public_bytes), bytearray(signature), memoryview(data))
+    # Bounded: once full, each new signature pushes out the oldest one.
+    keys._VERIFIED.clear()
+    keys._VERIFIED.update(((b"k", b"s", i.to_bytes(32, "big")), None) for i in range(keys.VERIFIED_SIGNATURES_KEPT))
+    verify_signature(identity.public_bytes, signature, data)
+    assert len(keys._VERIFIED) == keys.VERIFIED_SIGNATURES_KEPT
+    assert (b"k", b"s", bytes(32)) not in keys._VERIFIED
+    keys._VERIFIED.clear()
 
 
 # -- large vectors: views instead of copies, chunks instead of whole-vector temporaries ----
@@ -167,6 +227,29 @@ def test_masking_bench_counts_the_keystream_each_side_needs_and_the_upload_check
         k = row["degree"]
         assert kept + lost * (k - lost + 1) <= server_masks <= kept + lost * k
         assert k - lost + 3 <= client_masks <= k + 3
+    # The floor adds one agreement per pairwise mask: the server's rebuilt ones, a client's own.
+    agreements = (row["server_unmask_floor_s"] - row["server_unmask_keystream_limit_s"]) / row["agreement_s"]
+    assert round(agreements) == server_masks - kept
+    client_agreements = (row["client_mask_floor_s"] - row["client_mask_keystream_limit_s"]) / row["agreement_s"]
+    assert client_agreements == pytest.approx(client_masks - 3, abs=1e-3)  # a mean over clients: not whole
     assert row["server_upload_check_s"] > 0
     assert row["server_total_s"] >= row["server_unmask_s"] + row["server_upload_check_s"]
     assert row["max_abs_error"] <= row["quantization_error_bound"]
+
+
+def test_a_round_with_mask_threads_unmasks_exactly_like_the_serial_one(monkeypatch):
+    from secagg.protocol.simulate import InMemoryRound
+
+    monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 256)  # so a 2,000-entry vector really is split
+    updates = np.random.default_rng(1).uniform(-1, 1, (6, 2000))  # test data, not secret
+    codec = FixedPointCodec.for_clients(clip=1.0, max_clients=6, clip_mode="coordinate")
+    sums = []
+    for workers in (1, 2):
+        session = InMemoryRound(updates, codec, seed=7, workers=workers)
+        session.run({Stage.MASKED_INPUT.value: [2]})  # client 2's masks are rebuilt by the server
+        sums.append(session.server.result)
+    # Same inputs and rounding seed, fresh keys each round: every mask cancels, so the two sums
+    # are the same bits, and equal the plain sum of the included updates to the encoding's error.
+    np.testing.assert_array_equal(sums[0], sums[1])
+    included = [0, 2, 3, 4, 5]
+    assert np.max(np.abs(sums[1] - updates[included].sum(axis=0))) <= codec.sum_error_bound(5)

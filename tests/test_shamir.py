@@ -73,3 +73,22 @@ def test_bad_parameters(kwargs):
     params = dict(threshold=2, holders=[1, 2, 3]) | kwargs
     with pytest.raises(ConfigError):
         shamir.split([os.urandom(32)], **params)
+
+
+def _horner(xs, coefficients):
+    acc = np.zeros((len(xs), coefficients.shape[1]), dtype=np.int64)
+    for k in range(coefficients.shape[0] - 1, -1, -1):
+        acc = (acc * np.asarray(xs, dtype=np.int64)[:, None] + coefficients[k]) % shamir.PRIME
+    return acc
+
+
+@pytest.mark.parametrize("n,t", [(1, 1), (5, 3), (40, 40), (319, 251), (1000, 667)])
+def test_vandermonde_product_equals_horner_evaluation(n, t):
+    rng = np.random.default_rng(n * 1000 + t)  # test data: public points and coefficients
+    xs = np.unique(rng.integers(1, shamir.PRIME, n))
+    coefficients = rng.integers(0, shamir.PRIME, (t, 22), dtype=np.int64)
+    np.testing.assert_array_equal(shamir.evaluate(xs, coefficients), _horner(xs, coefficients))
+    # The largest values every float64 partial sum can meet: all powers and coefficients p - 1.
+    top = np.full((t, 3), shamir.PRIME - 1, dtype=np.int64)
+    high = np.array([shamir.PRIME - 1, shamir.PRIME - 2, 1 << 30][: max(1, min(3, n))], dtype=np.int64)
+    np.testing.assert_array_equal(shamir.evaluate(high, top), _horner(high, top))

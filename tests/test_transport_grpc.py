@@ -16,28 +16,16 @@ import numpy as np
 import pytest
 
 from federation.transport import frames
-from federation.transport.certs import Credentials, init_ca, issue
+from federation.transport.certs import Credentials
 from federation.transport.frames import Hello
 from federation.transport.grpc_client import ClientSettings, channel_options, run_client
 from federation.transport.grpc_server import AggregationServer, ServerSettings
-from federation.transport.masking_mode import MaskingClientRound
-from federation.transport.rounds import PlainUpdate
 from secagg import wire
 from secagg.keys import IdentityKey
+from secagg.plain import PlainUpdate
+from secagg.protocol.mode import MaskingClientRound
 
 DIM = 64
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
-    init_ca(root / "ca")
-    issue(root / "ca", server=True)
-    for cid in range(1, 20):
-        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")  # 1 may hold ckks keys
-    init_ca(root / "evil")
-    issue(root / "evil", client_id=1)
-    return root
 
 
 def creds(pki, cid: int, ca: str = "ca") -> Credentials:
@@ -290,7 +278,7 @@ def test_large_update_streams_in_chunks(pki):
 
 def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    from federation.transport.ckks_mode import CkksClientRound
+    from secagg.ckks.mode import CkksClientRound
 
     def flaky_holder(mode, ctx, params):
         inner = CkksClientRound(ctx, params)
@@ -340,7 +328,7 @@ def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
     """Run a ckks round; return the server's reports, the clients' and why each client refused."""
-    from federation.transport.ckks_mode import CkksClientRound
+    from secagg.ckks.mode import CkksClientRound
 
     refusals: dict[int, str] = {}
 
@@ -392,8 +380,8 @@ def test_a_client_that_trusts_no_key_holder_refuses_ckks_rounds(pki):
     assert all("trusts no key holder" in why for why in refusals.values())
 
 
-@pytest.mark.parametrize("scheme", ["ckks", "bfv"])
-def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
+@pytest.mark.parametrize(("scheme", "forward"), [("ckks", {}), ("bfv", {}), ("ckks", {"forward_bytes": 1})])
+def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme, forward):
     """One round of the same sessions, driven in process and over gRPC: the same released sum, bit for bit.
 
     The encryption randomness differs between the two runs (it is secret and never fixed);
@@ -401,6 +389,7 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
     CKKS the inputs are multiples of 2^-10, so their sum lies on the 2^-22 release grid and
     the key holder's rounding removes the decryption noise: the noise would have to exceed
     2^-23 (about 50 of its standard deviations here), a false-failure rate far below 1e-9.
+    With ``forward_bytes`` 1 the server forwards the uploads one per message (four decrypt stages).
     """
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
     import secagg
@@ -414,10 +403,43 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme):
         cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
         return await asyncio.gather(*[run_client(cs, creds(pki, c), lambda r, c=c: updates[c]) for c in cids])
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme}, expected_clients=4, threshold=3)
+    s = settings(mode="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme, **forward}, expected_clients=4,
+                 threshold=3)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     assert reports[0].ok and reports[0].outcome.included == cids
-    local = secagg.aggregate(rows, protocol="ckks", scheme=scheme, value_bound=bound, min_clients=3)
+    local = secagg.aggregate(rows, protection="ckks", scheme=scheme, value_bound=bound, min_clients=3)
     assert local.included == (0, 1, 2, 3)
     assert reports[0].outcome.total.tobytes() == np.asarray(local.total, dtype="<f8").tobytes()
     assert np.max(np.abs(local.total - rows.sum(0))) <= local.max_quantization_error
+
+
+def test_masking_in_process_and_grpc_give_bit_identical_totals(pki):
+    """One masking round driven in process and over gRPC: the same released sum, bit for bit.
+
+    Keys, masks and the rounding stream are fresh in each run (they are secret and never
+    fixed). The inputs are multiples of 2^-10 and the fixed-point scale is 2^20, so every
+    input is an exact fixed-point value: stochastic rounding has nothing to round, the masks
+    cancel exactly mod 2^32, and both runs decode the same integer sum -- deterministically,
+    so this test cannot fail by chance.
+    """
+    import secagg
+
+    cids, bound, scale = (1, 2, 3, 4), 2.0, 2.0**20
+    rng = np.random.default_rng(11)  # public test inputs, not secrets
+    rows = np.rint(rng.uniform(-bound, bound, (len(cids), DIM)) * 1024) / 1024
+    updates = dict(zip(cids, rows))
+
+    async def clients(port):
+        cs = ClientSettings(server=f"localhost:{port}")
+        return await asyncio.gather(*[run_client(cs, creds(pki, c), lambda r, c=c: updates[c]) for c in cids])
+
+    options = {"dim": DIM, "clip": bound, "clip_mode": "coordinate", "scale": scale}
+    reports, _ = asyncio.run(with_server(pki, settings(options=options, expected_clients=4, threshold=3), clients))
+    assert reports[0].ok and reports[0].outcome.included == cids
+    local = secagg.aggregate(rows, clip=bound, clip_mode="coordinate", scale=scale)
+    assert local.included == (0, 1, 2, 3)
+    assert reports[0].outcome.total.tobytes() == np.asarray(local.total, dtype="<f8").tobytes()
+    np.testing.assert_array_equal(local.total, rows.sum(0))  # exact: every value is on the grid
+    # one outcome shape on both links: bytes sent per parameter over the whole round, stages dropped at
+    assert reports[0].outcome.bytes_up_per_param == pytest.approx(local.bytes_up_per_param, rel=0.05)
+    assert reports[0].outcome.dropped == local.dropped == {}

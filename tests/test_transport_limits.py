@@ -19,7 +19,7 @@ from federation.transport.frames import Chunk, Hello
 from federation.transport.grpc_client import ClientSettings, channel_options
 from federation.transport.grpc_server import AggregationServer
 from secagg import wire
-from tests.test_transport_grpc import creds, honest, pki, settings  # noqa: F401 -- pki is a fixture
+from tests.test_transport_grpc import creds, honest, settings
 
 BIG = frames.MAX_CHUNK_BYTES  # 4 MiB of payload per chunk, the largest a chunk may carry
 

@@ -25,7 +25,7 @@ from federation.transport.frames import Hello
 from federation.transport.grpc_client import ClientSettings, channel_options
 from federation.transport.grpc_server import AggregationServer
 from secagg import wire
-from tests.test_transport_grpc import creds, honest, pki, settings  # noqa: F401 -- pki is a fixture
+from tests.test_transport_grpc import creds, honest, settings
 
 
 async def _silent(pki, port: int, cid: int, done: asyncio.Event) -> str:
@@ -150,8 +150,8 @@ def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
     import json
 
     from federation.transport.grpc_client import run_client
-    from federation.transport.grpc_server import serve_forever_with_state
-    from federation.transport.masking_mode import MaskingClientRound
+    from federation.transport.grpc_server import serve_resumable_rounds
+    from secagg.protocol.mode import MaskingClientRound
     from tests.test_transport_grpc import update
 
     lines = []
@@ -159,7 +159,7 @@ def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
     async def scenario():
         s = settings(expected_clients=4, threshold=3, rounds=1, stage_timeout=2.0)
         port_ready = asyncio.get_running_loop().create_future()
-        serving = asyncio.ensure_future(serve_forever_with_state(
+        serving = asyncio.ensure_future(serve_resumable_rounds(
             s, Credentials.load(pki / "ca" / "server"), tmp_path / "state", print_line=lines.append,
             ready=port_ready.set_result))
         port = await port_ready
@@ -172,15 +172,16 @@ def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
     assert asyncio.run(scenario())
     (line,) = lines
     assert line["ok"] and line["included"] == [1, 2, 3, 4] and line["stage_timeout"] == 2.0
+    assert line["bytes_up_per_param"] >= 4.0  # the masked input alone is 4 bytes a parameter
     assert "4" not in line["dropped"]  # its input is in the sum
     assert json.loads((tmp_path / "state" / "rounds.jsonl").read_text()) == line
 
 
 def test_failed_rounds_are_recorded_with_their_reason(pki, tmp_path):
-    from federation.transport.grpc_server import serve_forever_with_state
+    from federation.transport.grpc_server import serve_resumable_rounds
 
     s = settings(expected_clients=2, threshold=2, rounds=1, join_timeout=0.5)
-    ok = asyncio.run(serve_forever_with_state(s, Credentials.load(pki / "ca" / "server"), tmp_path / "state"))
+    ok = asyncio.run(serve_resumable_rounds(s, Credentials.load(pki / "ca" / "server"), tmp_path / "state"))
     assert not ok
     import json
 

@@ -50,14 +50,10 @@ def procs():
         p.wait(timeout=10)
 
 
-def make_deployment(root: Path, n_clients: int, *, rounds: int, expected: int, threshold: int,
+def make_deployment(make_pki, root: Path, n_clients: int, *, rounds: int, expected: int, threshold: int,
                     state: bool = False, mode: str = "masking", extra_options: str = "") -> Path:
-    from federation.transport.certs import init_ca, issue
-
-    init_ca(root / "ca")
-    issue(root / "ca", server=True)
+    make_pki(root / "ca", range(1, n_clients + 1), keyholders=(1,))
     for cid in range(1, n_clients + 1):
-        issue(root / "ca", client_id=cid, role="keyholder" if cid == 1 else "client")
         (root / f"client-{cid}.toml").write_text(
             f'[client]\ncredentials = "ca/client-{cid}"\nkeyholder = 1\n'
             f'[client.input]\nkind = "synthetic"\ndim = {DIM}\nseed = {cid}\n'
@@ -65,7 +61,7 @@ def make_deployment(root: Path, n_clients: int, *, rounds: int, expected: int, t
     (root / "server.toml").write_text(
         "[server]\n"
         'credentials = "ca/server"\n'
-        f'mode = "{mode}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
+        f'protection = "{mode}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
         "join_timeout = 60\nrejoin_timeout = 1.5\nstage_timeout = 20\n"
         + ('state_dir = "state"\n' if state else "")
         + f"[server.options]\ndim = {DIM}\nclip = 100.0\n{extra_options}"
@@ -90,10 +86,10 @@ DIE_AFTER = {"masking": 3, "ckks": 1}
 
 
 @pytest.mark.parametrize("mode", ["masking", "ckks"])
-def test_server_and_six_client_processes_one_killed_mid_round(tmp_path, procs, mode):
+def test_server_and_six_client_processes_one_killed_mid_round(tmp_path, procs, make_pki, mode):
     if mode == "ckks":
         pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    root = make_deployment(tmp_path, 6, rounds=2, expected=6, threshold=4, mode=mode)
+    root = make_deployment(make_pki, tmp_path, 6, rounds=2, expected=6, threshold=4, mode=mode)
     port = free_port()
     server = subprocess.Popen(
         secagg("serve", "--config", str(root / "server.toml"), "--port", str(port)),
@@ -133,8 +129,8 @@ def test_server_and_six_client_processes_one_killed_mid_round(tmp_path, procs, m
     assert abs(r0["norm"] - float(np.linalg.norm(expected_sum(range(1, 6), 0)))) < 1e-3
 
 
-def test_server_killed_and_restarted_resumes_from_its_state(tmp_path, procs):
-    root = make_deployment(tmp_path, 3, rounds=3, expected=3, threshold=2, state=True)
+def test_server_killed_and_restarted_resumes_from_its_state(tmp_path, procs, make_pki):
+    root = make_deployment(make_pki, tmp_path, 3, rounds=3, expected=3, threshold=2, state=True)
     port = free_port()
     serve = secagg("serve", "--config", str(root / "server.toml"), "--port", str(port))
     server = subprocess.Popen(serve, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -179,7 +175,7 @@ def _dying_client_main(config: str, server: str, die_after: int) -> None:
     from federation.transport.certs import Credentials
     from federation.transport.config import input_source, load_client_config
     from federation.transport.grpc_client import run_client
-    from federation.transport.rounds import get_mode
+    from secagg.rounds import get_mode
 
     cfg = load_client_config(config)
     cfg.settings.server = server

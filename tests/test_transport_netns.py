@@ -68,20 +68,17 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
-def test_server_and_clients_on_different_virtual_hosts(tmp_path, two_hosts):
-    from federation.transport.certs import init_ca, issue
+def test_server_and_clients_on_different_virtual_hosts(tmp_path, two_hosts, make_pki):
     from federation.transport.config import synthetic_update
 
     srv, cli, server_ip = two_hosts
-    init_ca(tmp_path / "ca")
-    issue(tmp_path / "ca", server=True, dns=("aggregator.test",), ips=(server_ip,))
+    make_pki(tmp_path / "ca", (1, 2, 3), dns=("aggregator.test",), ips=(server_ip,))
     for cid in (1, 2, 3):
-        issue(tmp_path / "ca", client_id=cid)
         (tmp_path / f"client-{cid}.toml").write_text(
             f'[client]\ncredentials = "ca/client-{cid}"\n[client.input]\nkind = "synthetic"\ndim = {DIM}\n'
         )
     (tmp_path / "server.toml").write_text(
-        f'[server]\ncredentials = "ca/server"\nhost = "{server_ip}"\nport = 50443\nmode = "masking"\n'
+        f'[server]\ncredentials = "ca/server"\nhost = "{server_ip}"\nport = 50443\nprotection = "masking"\n'
         "rounds = 1\nexpected_clients = 3\nthreshold = 2\njoin_timeout = 60\nstage_timeout = 20\n"
         f"[server.options]\ndim = {DIM}\nclip = 100.0\n"
     )

@@ -29,13 +29,8 @@ DIM = 16
 
 
 @pytest.fixture
-def ca(tmp_path):
-    d = tmp_path / "certs"
-    init_ca(d)
-    issue(d, server=True)
-    for cid in (1, 2, 3, 4):
-        issue(d, client_id=cid)
-    return d
+def ca(tmp_path, make_pki):
+    return make_pki(tmp_path / "certs", (1, 2, 3, 4))  # its own: the tests revoke and re-issue
 
 
 def _settings(ca, **kw) -> ServerSettings:

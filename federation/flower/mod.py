@@ -14,6 +14,10 @@ by this mod never releases an update in the clear. Any protocol error (a lying s
 threshold below the client's policy, too few live neighbours) raises, which Flower turns
 into an error reply; the session is then aborted for the rest of the round and reveals
 nothing more.
+
+The same mod takes part in the workflow's CKKS rounds (``mode="ckks"``; stages
+``ckks.*``, see :mod:`federation.flower.ckks_client`): the same hello, the same trained row,
+encrypted under the round's key instead of masked.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from flwr.app.message_type import MessageType
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from federation.flower.records import CREDENTIALS, DP_KEYS, HELLO, RECORD, FlowerDirectory
+from federation.flower.records import (
+    CKKS_STAGES,
+    CREDENTIALS,
+    DP_KEYS,
+    HELLO,
+    RECORD,
+    FlowerDirectory,
+)
 from federation.transport.certs import Credentials, verify_certificate
 from secagg import wire
 from secagg.errors import InputError, LocalProtocolError, MaliciousServerDetected, PrivacyError
@@ -41,16 +52,22 @@ NODE_RECORD = "secagg.node"  # the node's long-term Ed25519 identity (private by
 SESSION_RECORD = "secagg.session"  # the current round's paused session
 
 
-def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message, Context, Callable], Message]:
+def make_secagg_mod(*, policy: ClientPolicy | None = None,
+                    node_config: Callable[[Context], dict] | None = None) -> Callable[[Message, Context, Callable], Message]:
     """A client mod enforcing ``policy`` (the protocol's default policy when None).
 
     The round ids the node has signed in are kept in its Flower Context (a SuperNode may run
     each message in a fresh process), whatever store ``policy.round_ids`` names.
+    ``node_config(ctxt)``: node-config entries (``secagg-credentials``, ``secagg-keyholder``)
+    for nodes whose own config lacks them -- Flower's simulation engine gives a node only
+    ``partition-id`` and ``num-partitions``; a node's own entries win.
     """
 
     def mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
+        for key, value in (node_config(ctxt) if node_config is not None else {}).items():
+            ctxt.node_config.setdefault(key, value)
         if RECORD not in msg.content.config_records:
             raise LocalProtocolError(
                 "this ClientApp sends its updates only through secure aggregation, but the server "
@@ -60,6 +77,10 @@ def make_secagg_mod(*, policy: ClientPolicy | None = None) -> Callable[[Message,
         stage, payload = _field(record, "stage", str), _field(record, "payload", bytes)
         if stage == HELLO:
             return _hello(msg, ctxt)
+        if stage in CKKS_STAGES:
+            from federation.flower.ckks_client import ckks_step  # TenSEAL only for ckks rounds
+
+            return _reply(msg, stage, ckks_step(msg, ctxt, call_next, record, stage, policy or ClientPolicy()))
         node_policy = dataclasses.replace(policy or ClientPolicy(), round_ids=ContextRoundIds(ctxt))
         if stage == Stage.ADVERTISE.value:
             session = _start_session(msg, ctxt, record, node_policy)

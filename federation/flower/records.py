@@ -13,6 +13,11 @@ stops other clients but not a server that substitutes keys from the start. With 
 (``secagg-credentials``); it sends its certificate at ``hello``, the directory carries every
 party's certificate, and a node checks each one against the CA before it uses a key. A node
 with credentials refuses a directory without certificates. See docs/flower.md.
+
+CKKS (``SecAggWorkflow(mode="ckks")``) runs the stages :data:`CKKS_STAGES` after ``hello``;
+their first messages carry ``directory``: a :class:`FlowerCkksDirectory`. It needs the CA:
+the clients take the key holder's role from its certificate, and each node names the key
+holder it trusts in its node config (:data:`KEYHOLDER`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ RECORD = "secagg"
 CREDENTIALS = "secagg-credentials"  # node config key: the node's credential directory (secagg certs issue)
 HELLO = "hello"  # the stage before the protocol: nodes send their identity keys
 STAGES = (HELLO, "advertise", "share", "masked_input", "consistency", "unmask")
+KEYHOLDER = "secagg-keyholder"  # node config key (ckks): the client id of the key holder this node trusts
+# ckks: the key holder makes the round's keys; every node trains, encrypts and uploads; the key
+# holder checks the forwarded uploads (one message per batch) and releases the sum
+CKKS_KEYS, CKKS_UPLOAD, CKKS_DECRYPT = "ckks.keys", "ckks.upload", "ckks.decrypt"
+CKKS_STAGES = (CKKS_KEYS, CKKS_UPLOAD, CKKS_DECRYPT)
 
 # Metric keys a ClientApp sets (with dp_metrics) to tell the mod what its DP-SGD did.
 DP_KEYS = ("secagg.dp.noise_multiplier", "secagg.dp.sample_rate", "secagg.dp.steps", "secagg.dp.max_grad_norm")
@@ -38,7 +48,7 @@ class FlowerDirectory(wire.Message):
     """Workflow -> every node at ``advertise``: who is who in this round.
 
     ``nodes`` maps protocol id -> Flower node id; ``identities`` maps protocol id -> Ed25519
-    public key (0 is the server). ``max_weight`` is the public normaliser of sample counts
+    public key (the server's under ``SERVER_ID``). ``max_weight`` is the public normaliser of sample counts
     (weight = num_examples / max_weight). ``dp`` is the per-round DP-SGD spend the server
     records in its ledger: [noise_multiplier, sample_rate, steps, max_grad_norm], or empty.
     """
@@ -51,6 +61,24 @@ class FlowerDirectory(wire.Message):
     certificates: dict[int, bytes]  # protocol id -> CA-signed PEM (0: the server), or empty
     max_weight: float
     dp: tuple[float, ...]
+
+
+@wire.message
+class FlowerCkksDirectory(wire.Message):
+    """Workflow -> nodes at the first ckks stage they take part in: the round's parties.
+
+    ``ckks`` is the encoded :class:`~secagg.ckks.messages.CkksDirectory` (parameters, key
+    holder, CA-signed certificates), which every node checks as over gRPC; ``nodes`` maps
+    client id (from the certificates) -> Flower node id; ``max_weight`` and ``dp`` as in
+    :class:`FlowerDirectory`.
+    """
+
+    TYPE = "flower.ckks_directory"
+    round: int
+    nodes: dict[int, int]
+    max_weight: float
+    dp: tuple[float, ...]
+    ckks: bytes
 
 
 @dataclass(frozen=True)

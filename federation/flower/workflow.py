@@ -20,6 +20,10 @@ the same place in a legacy Flower app (``DefaultWorkflow(fit_workflow=...)`` wit
 
 A node that errors or does not answer within ``timeout`` is dropped at that stage; the
 protocol recovers its masks as long as ``threshold`` neighbours remain.
+
+``mode="ckks"`` replaces the masking stages by a CKKS round (:mod:`federation.flower.ckks_server`):
+the same hello, the same weighted row, the same strategy step and ledger; a certified key
+holder among the nodes decrypts, the server holds no key.
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ class SecAggWorkflow:
     ``credentials``: the server's credential directory (``secagg certs issue --server``);
     then only nodes with a certificate of the same CA take part, and every node checks its
     peers' certificates (see :mod:`federation.flower.records`).
+
+    ``mode``: "masking" (default) or "ckks" (needs ``credentials``). CKKS options:
+    ``scheme`` ("ckks" or "bfv"), ``keyholder`` (the key holder's client id; default: the
+    one enrolled node whose certificate carries the key-holder role -- nodes refuse any
+    other than the one their node config names), ``forward_bytes`` (bound on the uploads
+    forwarded to the key holder in one message). ``clipping_range`` is the per-coordinate
+    bound every node clips to; ``reconstruction_threshold`` gives the fewest nodes the key
+    holder decrypts a sum of (at least the nodes' default ``min_participants``, 3; a node
+    refuses a round below its own policy's).
     """
 
     def __init__(
@@ -98,6 +111,10 @@ class SecAggWorkflow:
         timeout: float | None = None,
         privacy: FlowerPrivacy | None = None,
         credentials: str | os.PathLike | None = None,
+        mode: str = "masking",
+        scheme: str = "ckks",
+        keyholder: int | None = None,
+        forward_bytes: int = 64 << 20,
     ) -> None:
         if isinstance(num_shares, bool) or not isinstance(num_shares, (int, float)) or num_shares <= 0:
             raise ConfigError("num_shares must be a positive count or fraction")
@@ -126,6 +143,13 @@ class SecAggWorkflow:
             self._credentials = Credentials.load(credentials)
             if self._credentials.check_binding().role != "server":
                 raise ConfigError(f"{credentials} holds a client certificate; issue one with `secagg certs issue --server`")
+        if mode not in ("masking", "ckks"):
+            raise ConfigError(f"mode must be 'masking' or 'ckks', got {mode!r}")
+        self.mode, self.scheme, self.keyholder, self.forward_bytes = mode, scheme, keyholder, forward_bytes
+        if mode == "ckks":
+            from federation.flower import ckks_server  # TenSEAL only for the ckks option
+
+            ckks_server.check_options(self)
 
     # -- Flower entry point ---------------------------------------------------------------
 
@@ -169,6 +193,10 @@ class SecAggWorkflow:
 
     def _secure_mean(self, grid, rnd: int, arrays: list[np.ndarray], fitins: dict[int, RecordDict],
                      report: RoundReport) -> list[np.ndarray]:
+        if self.mode == "ckks":
+            from federation.flower import ckks_server
+
+            return ckks_server.ckks_mean(self, grid, rnd, arrays, fitins, report)
         started = time.perf_counter()
         hellos = self._collect(grid, rnd, {nid: (HELLO, b"") for nid in fitins}, report)
         nodes, identities, certificates = self._enrol(hellos, report)
@@ -332,5 +360,5 @@ class SecAggWorkflow:
             self._ledger = Ledger(p.ledger, budget_epsilon=p.budget_epsilon, delta=p.delta,
                                   accountant=p.accountant, track=(p.accountant,))
         entry = self._ledger.reserve(Spend(p.event(), round=rnd, participants=participants,
-                                           note="flower: dpsgd, masking"))
+                                           note=f"flower: dpsgd, {self.mode}"))
         return self._ledger, entry

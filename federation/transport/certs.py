@@ -67,7 +67,7 @@ SERVER_URI = re.compile(r"^secagg://server/ed25519/(?P<key>[0-9a-f]{64})$")
 KEYHOLDER_ROLE_URI = "secagg://role/keyholder"
 CLIENT_ROLES = ("client", "keyholder")
 DEFAULT_DAYS = 365
-MAX_CLIENT_ID = 1 << 20  # the masking protocol numbers clients 1..2^20-1; 0 is the server
+MAX_CLIENT_ID = 1 << 20  # the masking protocol numbers clients 1..2^20-1
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,10 @@ class Credentials:
                 "re-issue the certificate or use the identity key it was issued for"
             )
         return peer
+
+    def verify_peer(self, cert_pem: bytes) -> PeerIdentity:
+        """A certificate a server relays, checked against this party's CA (the rounds' certificate callback)."""
+        return verify_certificate(cert_pem, self.ca_pem)
 
 
 # --------------------------------------------------------------------------- key files
@@ -220,7 +224,7 @@ def issue(
     if server == (client_id is not None):
         raise ConfigError("issue either a client certificate (CLIENT_ID) or a server certificate (--server)")
     if client_id is not None and not (1 <= client_id < MAX_CLIENT_ID):
-        raise ConfigError(f"client id must be an integer from 1 to {MAX_CLIENT_ID - 1} (0 is the server), got {client_id}")
+        raise ConfigError(f"client id must be an integer from 1 to {MAX_CLIENT_ID - 1} got {client_id}")
     _check_role(role, server)
     d_ca = Path(ca_dir)
     ca_cert, ca_key = _load_ca(d_ca)

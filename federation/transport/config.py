@@ -7,18 +7,31 @@ Relative paths in a config file are resolved against the file's directory, so a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 from federation.transport.grpc_client import ClientSettings
 from federation.transport.grpc_server import ServerSettings
 from secagg.errors import ConfigError
 
-SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)}
+# TOML key -> settings field: the file says `protection` (as the experiment config and
+# `secagg run --protection` do); the settings, like the core's modes, say `mode`.
+SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)} - {"mode"} | {"protection"}
+
+
+def _renamed(table: dict, old: str, new: str, where: str) -> None:
+    """Move ``table[old]`` to ``table[new]``: the old spelling still loads, with a warning."""
+    if old not in table:
+        return
+    if new in table:
+        raise ConfigError(f"{where}: both `{new}` and its old name `{old}` are set; keep `{new}`")
+    warnings.warn(f"{where}: `{old}` is now called `{new}`; rename it (`{old}` will stop loading in a later "
+                  "release)", FutureWarning, stacklevel=3)
+    table[new] = table.pop(old)
 
 
 def _load(path: str | os.PathLike) -> tuple[dict, Path]:
@@ -50,6 +63,7 @@ class ServerConfig:
 def load_server_config(path: str | os.PathLike) -> ServerConfig:
     data, base = _load(path)
     table = dict(data.get("server", {}))
+    _renamed(table, "mode", "protection", f"{path} [server]")
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
@@ -59,6 +73,8 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
+    if "protection" in table:
+        table["mode"] = table.pop("protection")
     settings = ServerSettings(**table, crl=str(crl))
     settings.options = dict(settings.options)
     settings.check()
@@ -77,6 +93,7 @@ class ClientConfig:
 def load_client_config(path: str | os.PathLike) -> ClientConfig:
     data, base = _load(path)
     table = dict(data.get("client", {}))
+    _renamed(table, "modes", "protections", f"{path} [client]")
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [client] needs `credentials`, the directory written by `secagg certs issue ID`")
@@ -87,12 +104,12 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         if "experiment" not in training:
             raise ConfigError(f"{path}: [client.training] needs `experiment`, the experiment TOML the server trains")
         training["experiment"] = _resolve(base, training["experiment"])
-    known = {f.name for f in dataclasses.fields(ClientSettings)}
+    known = {f.name for f in dataclasses.fields(ClientSettings)} - {"modes"} | {"protections"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
-    if "modes" in table:
-        table["modes"] = tuple(str(m) for m in table["modes"])
+    if "protections" in table:
+        table["modes"] = tuple(str(m) for m in table.pop("protections"))
     # Round ids this client signed in survive restarts: by default next to the credentials.
     table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):
@@ -139,41 +156,3 @@ def input_source(cfg: dict, base: Path, client_id: int):
 def synthetic_update(dim: int, seed: int, round_: int, scale: float = 1.0) -> np.ndarray:
     """A reproducible test vector (not secret; for trials, tests and benchmarks only)."""
     return np.random.default_rng([seed, round_]).normal(0.0, scale, dim).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- server progress
-
-
-def read_progress(state_dir: Path | None) -> int:
-    """Number of the last round the server completed (-1 if none)."""
-    if state_dir is None or not (state_dir / "progress.json").is_file():
-        return -1
-    try:
-        return int(json.loads((state_dir / "progress.json").read_text())["completed"])
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{state_dir / 'progress.json'} is corrupt; inspect it or start a fresh state_dir") from None
-
-
-def record_round(state_dir: Path, number: int, total: np.ndarray, summary: dict) -> None:
-    """Persist a completed round atomically: aggregate, summary, then the progress marker."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".round-{number}.npy"
-    with tmp.open("wb") as f:
-        np.save(f, total, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / f"round-{number}.npy")
-    with (state_dir / "rounds.jsonl").open("a") as f:
-        f.write(json.dumps(summary) + "\n")
-    tmp = state_dir / ".progress.json"
-    tmp.write_text(json.dumps({"completed": number}))
-    os.replace(tmp, state_dir / "progress.json")
-
-
-def record_failed_round(state_dir: Path, summary: dict) -> None:
-    """Log a failed round in rounds.jsonl with its reason (no aggregate, and the progress marker does not move)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / "rounds.jsonl").open("a") as f:
-        f.write(json.dumps(summary) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

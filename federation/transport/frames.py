@@ -14,8 +14,9 @@ at least ``MIN_CHUNK_BYTES`` and none more than ``MAX_CHUNK_BYTES``.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from secagg import wire
@@ -25,6 +26,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per gRPC message
 MIN_CHUNK_BYTES = 16 << 10  # senders may choose any chunk size in [MIN, MAX]
 MAX_CHUNK_BYTES = 4 << 20
 FRAME_OVERHEAD = 1 << 12  # msgpack framing around a chunk
+# Memory one connection's frames in flight may take, whatever the payload size: the frame
+# gRPC is receiving, its decoded Chunk, the one being written and gRPC's own buffers.
+CONNECTION_BYTES = 4 * (MAX_CHUNK_BYTES + FRAME_OVERHEAD)
 SERVICE = "secagg.v1.Aggregation"
 METHOD = f"/{SERVICE}/Session"
 
@@ -99,16 +103,20 @@ class Bye(wire.Message):
     final: bool
 
 
-def chunk_payload(payload: bytes, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
-    """Split ``payload`` into encoded :class:`Chunk` frames."""
+def chunk_payload(payload: bytes | memoryview, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Split ``payload`` into encoded :class:`Chunk` frames, each encoded when it is taken.
+
+    A generator, so a sender holds the payload and one frame, not a second copy of the
+    payload as frames (a 440 MB update queued to five clients would be 2.2 GB of frames).
+    """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(f"chunk_bytes must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {chunk_bytes}")
     count = max(1, -(-len(payload) // chunk_bytes))
-    view = memoryview(payload)
-    return [
+    view = memoryview(payload).cast("B")
+    return (
         wire.encode(Chunk(seq=seq, index=i, count=count, data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes])))
         for i in range(count)
-    ]
+    )
 
 
 @dataclass
@@ -123,12 +131,18 @@ class Reassembler:
     before any byte of it is kept: it returns the byte limit for this payload, or None to
     read the payload's chunks without keeping them (an unsolicited message). So a receiver
     never buffers more than it agreed to hold at the moment the payload began.
+
+    Chunks are appended to one growing buffer (no list of parts joined at the end, which
+    held a payload twice). With ``views`` a complete payload is returned as a read-only
+    view of that buffer rather than copied into ``bytes``: a receiver that parses it in
+    place (the server: :mod:`secagg.wire` borrows a masked vector) holds it once.
     """
 
     max_message_bytes: int
     max_chunk_bytes: int = MAX_CHUNK_BYTES
+    views: bool = False
     _seq: int = -1
-    _parts: list[bytes] = field(default_factory=list)
+    _parts: bytearray = field(default_factory=bytearray)
     _count: int = 0
     _index: int = -1  # index of the last chunk read of the current payload (-1: none in progress)
     _size: int = 0
@@ -137,11 +151,16 @@ class Reassembler:
     _scope: str = ""  # how the limit was set, for the error message
 
     @property
+    def in_progress(self) -> bool:
+        """Whether a payload has begun and its last chunk has not arrived."""
+        return self._index >= 0
+
+    @property
     def buffered(self) -> int:
         """Bytes currently held for an incomplete payload."""
         return self._size if self._keep else 0
 
-    def feed(self, chunk: Chunk, admit: Callable[[Chunk], int | None] | None = None) -> bytes | None:
+    def feed(self, chunk: Chunk, admit: Callable[[Chunk], int | None] | None = None) -> bytes | memoryview | None:
         """Add one chunk; return the complete payload when its last chunk arrived."""
         if self._index < 0:
             if chunk.seq <= self._seq:
@@ -168,19 +187,49 @@ class Reassembler:
         if self._keep:
             if self._size + len(chunk.data) > self._limit:
                 raise WireError(f"payload exceeds the {self._limit}-byte limit{self._scope}")
-            self._parts.append(chunk.data)
+            self._parts += chunk.data
         self._size += len(chunk.data)
         if not last:
             return None
         self._index = -1
-        parts, self._parts, self._size = self._parts, [], 0
-        return b"".join(parts) if self._keep else None
+        parts, self._parts, self._size = self._parts, bytearray(), 0
+        if not self._keep:
+            return None
+        return memoryview(parts).toreadonly() if self.views else bytes(parts)
 
     def release(self) -> int:
         """Drop an incomplete payload (the stream ended); return the bytes it held."""
         freed = self.buffered
-        self._parts, self._size, self._index = [], 0, -1
+        self._parts, self._size, self._index = bytearray(), 0, -1
         return freed
+
+
+@dataclass
+class ByteBudget:
+    """Bytes that the incomplete payloads of all connections may hold together.
+
+    A reader takes its payload's limit at the first chunk (:meth:`take` waits, without
+    reading further, until that much is free; gRPC's flow control then holds the sender)
+    and gives it back once the payload is handled. A payload larger than the whole budget
+    waits until nothing else is held and then goes alone, so no payload waits forever.
+    """
+
+    total: int
+    used: int = 0
+    _freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def take(self, n: int) -> int:
+        """Reserve ``n`` bytes (at most the total); return what was reserved, for :meth:`give`."""
+        n = min(n, self.total)
+        while self.used + n > self.total:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
 
 
 @dataclass

@@ -32,10 +32,11 @@ from federation.transport.frames import (
     RoundEnd,
     RoundStart,
 )
-from federation.transport.masking_mode import policy_from_settings
-from federation.transport.rounds import ClientContext, get_mode
 from secagg import __version__, wire
 from secagg.errors import SecAggError
+from secagg.protocol.plan import ClientPolicy
+from secagg.protocol.replay import FileRoundIds
+from secagg.rounds import ClientContext, get_mode
 
 log = logging.getLogger("secagg.client")
 
@@ -60,6 +61,12 @@ class ClientSettings:
     # the CA's key-holder role; a round naming any other key holder is refused. Unset: this
     # client refuses every ckks round (the server never chooses the key holder for it).
     keyholder: int | None = None
+
+
+def policy_from_settings(settings: ClientSettings) -> ClientPolicy:
+    """This client's masking policy from its settings (client.toml), round ids kept in a file if named."""
+    store = {} if settings.round_ids is None else {"round_ids": FileRoundIds(settings.round_ids)}
+    return ClientPolicy(min_participants=int(settings.min_participants), collusion=float(settings.collusion), **store)
 
 
 @dataclass
@@ -175,7 +182,7 @@ async def run_client(
                                 update = await asyncio.to_thread(input_for_round, current)
                             ctx = ClientContext(
                                 round=current, client_id=cid, identity=credentials.identity,
-                                update=update, ca_pem=credentials.ca_pem, policy=policy,
+                                update=update, check_certificate=credentials.verify_peer, policy=policy,
                                 keyholder=settings.keyholder,
                             )
                             if make_round is not None:

@@ -15,29 +15,37 @@ handler with bytes in and out, so no protoc step). Every gRPC message on it is o
    by that key and naming that id; every protocol payload must be sealed the same way.
    Anything else is an identity mismatch and the stream is closed.
 3. Rounds: the coordinator waits for clients, builds the round's :class:`ServerRound`
-   (a sans-IO protocol session behind :mod:`federation.transport.rounds`), sends each
-   participant ``RoundStart`` and its payload, and closes each stage when every awaited
-   client answered or ``stage_timeout`` passed. A client that did not answer in time,
-   disconnected, or sent something invalid is a dropout of that round; the reason is
-   logged (logger ``secagg.server``). The round completes when the protocol can still
-   finish (at least ``threshold`` survivors), else it is reported as failed.
+   (a sans-IO protocol session, :mod:`secagg.rounds`), sends each participant
+   ``RoundStart`` and the round's parameters, and runs the round with the one driver,
+   :func:`secagg.rounds.drive`, in a worker thread. This server is only its link
+   (:class:`GrpcLink`): it moves each stage's bytes, hands replies to the driver as they
+   arrive and ends a stage when every awaited client answered or ``stage_timeout``
+   passed. A client that did not answer in time, disconnected, or sent something the
+   protocol refused is a dropout of that round; the reason is logged (logger
+   ``secagg.server``). The round completes when the protocol can still finish (at least
+   ``threshold`` survivors), else it is reported as failed.
 4. Abuse: frames are capped by ``grpc.max_receive_message_length``; payloads by
    ``max_message_bytes`` (chunks reassembled in order); each stream has a token-bucket
    frame rate limit and a cap on messages outside the current stage; one stream per
    client id; at most ``max_connections`` streams. A violating client is dropped and its
    stream closed; the server and the round go on.
 
-The coordinator never blocks the event loop on I/O; protocol work (``receive`` /
-``close_stage``) runs inline because it is CPU work on bytes already in memory.
+The event loop owns every connection and never runs protocol work; the driver thread
+owns the round's session and never touches a connection. They meet in :class:`GrpcLink`: a
+thread-safe queue of replies one way, ``call_soon_threadsafe`` sends and drops the other,
+and the :class:`~secagg.rounds.StageView` the driver keeps current (who the stage awaits,
+its message size limit), which the loop reads to refuse unsolicited messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import numpy as np
@@ -56,10 +64,11 @@ from federation.transport.frames import (
     TokenBucket,
 )
 from federation.transport.revocation import RevocationList
-from federation.transport.rounds import RoundContext, RoundOutcome, get_mode
+from federation.transport.state import read_progress, record_failed_round, record_round
 from secagg import wire
 from secagg.errors import ConfigError, InvalidSignature, SecAggError, WireError
-from secagg.keys import verify_signature
+from secagg.protocol.mode import payload_limit
+from secagg.rounds import Reply, RoundContext, RoundOutcome, StageView, drive, get_mode
 
 log = logging.getLogger("secagg.server")
 CLOSE_GRACE = 2.0  # seconds a closed stream gets to flush its last frames before it is cancelled
@@ -85,6 +94,8 @@ class ServerSettings:
     keepalive_timeout: float = 10.0  # ...and close it when the ping is not answered within this
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
+    # incomplete payloads of all clients together; a client whose payload does not fit waits (unread)
+    max_inflight_bytes: int = 1 << 30
     frames_per_second: float = 2000.0
     frame_burst: float = 4000.0
     max_unexpected_messages: int = 8  # per client per round, outside what the stage awaits
@@ -104,6 +115,8 @@ class ServerSettings:
                               "and keepalive_timeout must be positive seconds")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
+        if self.max_inflight_bytes < 1:
+            raise ConfigError("max_inflight_bytes must be a positive number of bytes (e.g. 1073741824 for 1 GiB)")
         if not frames.MIN_CHUNK_BYTES <= self.chunk_bytes <= frames.MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"chunk_bytes must be between {frames.MIN_CHUNK_BYTES} and {frames.MAX_CHUNK_BYTES}"
@@ -119,10 +132,10 @@ class _Conn:
         self.cid, self.key, self.cert_pem, self.peer = cid, key, cert_pem, peer
         cert = x509.load_pem_x509_certificate(cert_pem)
         self.serial, self.issued = cert.serial_number, cert.not_valid_before_utc
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.out: asyncio.Queue[bytes | Iterator[bytes] | None] = asyncio.Queue()  # a payload: its frames, lazily
         self.seq = 0
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
-        self.reassembler = Reassembler(settings.max_message_bytes)
+        self.reassembler = Reassembler(settings.max_message_bytes, views=True)  # payloads are parsed in place
         self.unexpected = 0
         self.closed = False
         self.chunk_bytes = settings.chunk_bytes
@@ -132,10 +145,12 @@ class _Conn:
         if not self.closed:
             self.out.put_nowait(data)
 
-    def send_payload(self, payload: bytes) -> None:
+    def send_payload(self, payload: bytes | memoryview) -> None:
+        """Queue ``payload``'s frames; each is encoded when written (a payload sent to many
+        clients is held once, not once per queue)."""
         self.seq += 1
-        for f in frames.chunk_payload(payload, self.seq, self.chunk_bytes):
-            self.send_frame(f)
+        if not self.closed:
+            self.out.put_nowait(frames.chunk_payload(payload, self.seq, self.chunk_bytes))
 
     def close(self) -> None:
         """End the stream once the queued frames are written; cancel it if they are not within
@@ -150,13 +165,96 @@ class _Conn:
 @dataclass
 class _RoundState:
     number: int
-    driver: object
     active: set[int]
+    link: GrpcLink | None = None
     dropped: dict[int, str] = field(default_factory=dict)
-    progress: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def pending(self) -> set[int]:
-        return set(self.driver.awaiting()) & self.active  # type: ignore[attr-defined]
+
+class GrpcLink:
+    """The :class:`secagg.rounds.Link` of one gRPC round.
+
+    The driver (:func:`secagg.rounds.drive`) calls ``deliver`` / ``replies`` / ``drop`` from
+    its worker thread; everything that touches a connection is handed to the event loop
+    with ``call_soon_threadsafe``. Streams on the loop hand replies over with :meth:`offer`.
+    """
+
+    def __init__(self, server: AggregationServer, state: _RoundState, loop: asyncio.AbstractEventLoop,
+                 stage_timeout: float) -> None:
+        self._server, self._state, self._loop, self._timeout = server, state, loop, stage_timeout
+        # (stage index, reply, release): ``release`` gives back the in-flight budget the payload holds
+        self._queue: queue.Queue[tuple[int, Reply, Callable[[], None] | None]] = queue.Queue()
+        # loop side: the stage being carried and who already answered it
+        self.stage: StageView | None = None
+        self.answered: set[int] = set()
+
+    # -- driver thread
+
+    def deliver(self, stage: StageView, outgoing: Mapping[int, bytes]) -> None:
+        self._loop.call_soon_threadsafe(self._open, stage, dict(outgoing))
+
+    def replies(self, stage: StageView) -> Iterator[Reply]:
+        deadline = time.monotonic() + self._timeout
+        while stage.awaiting:
+            left = deadline - time.monotonic()
+            try:
+                index, reply, release = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if reply.payload is None or index == stage.index:  # a late reply of an earlier stage is dropped
+                    yield reply
+            finally:
+                del reply  # the driver is done with the payload: free it before its budget is given back
+                if release is not None:
+                    self._loop.call_soon_threadsafe(release)
+        for cid in sorted(stage.awaiting):
+            reason = (f"no reply in stage {stage.name!r} within {self._timeout:g}s "
+                      "(disconnected; it must reconnect to take part again)")
+            self.drop(cid, reason)
+            yield Reply(cid, None, reason)
+
+    def drop(self, client: int, reason: str) -> None:
+        self._loop.call_soon_threadsafe(partial(self._server._drop, self._state, client, reason, kick=True))
+
+    # -- event loop
+
+    def _open(self, stage: StageView, outgoing: dict[int, bytes]) -> None:
+        self.stage, self.answered = stage, set()
+        self._server._send(self._state, outgoing)
+        log.info("round %d: stage %r, %d clients left", self._state.number, stage.name, len(self._state.active))
+
+    def expects(self, cid: int) -> bool:
+        """Whether the stage being carried still waits for a message from ``cid``."""
+        stage = self.stage
+        return (stage is not None and cid in self._state.active and cid in stage.awaiting
+                and cid not in self.answered)
+
+    def offer(self, cid: int, payload: bytes | memoryview, release: Callable[[], None]) -> bool:
+        """Hand the driver ``cid``'s reply to the current stage (the first one; later ones are ignored).
+
+        True: the link holds the payload and calls ``release`` (on the loop) once the driver
+        is done with it; False: the caller keeps both.
+        """
+        stage = self.stage
+        if stage is None or not self.expects(cid):
+            return False
+        self.answered.add(cid)
+        self._queue.put((stage.index, Reply(cid, payload), release))
+        return True
+
+    def lost(self, cid: int, reason: str) -> None:
+        """The transport dropped ``cid`` (disconnected, kicked, replaced): tell the driver."""
+        self._queue.put((-1, Reply(cid, None, reason), None))
+
+    def close(self) -> None:
+        """The round is over: give back the budget of replies the driver never took."""
+        while True:
+            try:
+                _, _, release = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if release is not None:
+                release()
 
 
 @dataclass
@@ -195,6 +293,7 @@ class AggregationServer:
         self.port: int | None = None
         self.reports: list[RoundReport] = []
         self.buffered_bytes = 0  # payload bytes held for incomplete chunked messages, all clients
+        self._inflight = frames.ByteBudget(settings.max_inflight_bytes)
         self.peak_buffered_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -208,6 +307,10 @@ class AggregationServer:
                 ("grpc.max_receive_message_length", frame_limit),
                 ("grpc.max_send_message_length", frame_limit),
                 ("grpc.max_concurrent_streams", 4),
+                # no flow-control window growth by bandwidth probing: gRPC would otherwise buffer
+                # megabytes of a stream the server is not reading (its payload waits for the
+                # in-flight budget); measured at 4 clients, d = 2^22: 94 -> 58 MB over baseline
+                ("grpc.http2.bdp_probe", 0),
                 ("grpc.keepalive_time_ms", int(s.keepalive_seconds * 1000)),
                 ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
                 ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),  # else 60 s applies
@@ -313,7 +416,7 @@ class AggregationServer:
             identity_keys={cid: self._conns[cid].key for cid in participants},
             threshold=s.threshold, options=s.options, server_identity=self.credentials.identity,
             certificates={cid: self._conns[cid].cert_pem for cid in participants},
-            server_certificate=self.credentials.cert_pem,
+            server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
             driver, params = mode.server(ctx)
@@ -321,7 +424,8 @@ class AggregationServer:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("round %d not started: %s", number, reason)
             return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
-        state = _RoundState(number, driver, set(participants))
+        state = _RoundState(number, set(participants))
+        state.link = GrpcLink(self, state, asyncio.get_running_loop(), s.stage_timeout)
         self._round = state
         log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
         start_frame = wire.encode(RoundStart(round=number, mode=s.mode, broadcast=broadcast is not None))
@@ -330,20 +434,9 @@ class AggregationServer:
             self._conns[cid].send_payload(params)
             if broadcast is not None:
                 self._conns[cid].send_payload(broadcast)
-        ok, reason = True, ""
+        ok, reason, outcome = True, "", None
         try:
-            out = driver.start()
-            while True:
-                self._send(state, out)
-                if driver.done:
-                    break
-                stage = driver.stage()
-                await self._wait_stage(state)
-                for cid in sorted(state.pending()):
-                    self._drop(state, cid, f"no reply in stage {stage!r} within {s.stage_timeout:g}s "
-                               "(disconnected; it must reconnect to take part again)", kick=True)
-                out = driver.close_stage()
-                log.info("round %d: stage %r closed, %d clients left", number, stage, len(state.active))
+            outcome = await asyncio.to_thread(drive, driver, state.link)
         except SecAggError as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}"
             log.error("round %d failed: %s", number, reason)
@@ -352,7 +445,7 @@ class AggregationServer:
             log.exception("round %d failed", number)
         finally:
             self._round = None
-        outcome = driver.outcome() if ok else None
+            state.link.close()
         shared = outcome.total if ok else None
         if ok and release is not None:
             try:
@@ -360,7 +453,8 @@ class AggregationServer:
             except Exception as exc:  # e.g. the ledger refuses: nothing leaves, the server goes on
                 ok, reason, outcome = False, f"release refused: {type(exc).__name__}: {exc}", None
                 log.error("round %d: %s", number, reason)
-        total = np.asarray(shared).astype("<f8").tobytes() if (ok and s.share_result) else b""
+        # float64 bytes of the aggregate as a view (no copy when it is float64 already)
+        total = memoryview(np.ascontiguousarray(shared, dtype="<f8")).cast("B") if (ok and s.share_result) else b""
         included = outcome.included if ok else ()
         end = wire.encode(RoundEnd(round=number, ok=ok, reason=reason, has_total=bool(total), included=tuple(included)))
         for cid in participants:
@@ -380,18 +474,6 @@ class AggregationServer:
         dropped = {c: r for c, r in state.dropped.items() if c not in included}
         return RoundReport(number, ok, reason, outcome, participants, dropped, seconds)
 
-    async def _wait_stage(self, state: _RoundState) -> None:
-        deadline = time.monotonic() + self.settings.stage_timeout
-        while state.pending():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            state.progress.clear()
-            try:
-                await asyncio.wait_for(state.progress.wait(), left)
-            except asyncio.TimeoutError:
-                return
-
     def _send(self, state: _RoundState, out: dict[int, bytes]) -> None:
         for cid, payload in out.items():
             if cid in state.active and cid in self._conns:
@@ -405,7 +487,8 @@ class AggregationServer:
             log.warning("round %d: dropped client %d (%s): %s", state.number, cid, conn.peer if conn else "gone", reason)
             if conn is not None:
                 conn.send_frame(wire.encode(Dropped(round=state.number, reason=reason)))
-            state.progress.set()
+            if state.link is not None:
+                state.link.lost(cid, reason)
         elif kick:
             log.warning("client %d (%s) disconnected by the server: %s", cid, conn.peer if conn else "gone", reason)
         if kick and conn is not None:
@@ -419,21 +502,23 @@ class AggregationServer:
         unsolicited message never costs the server memory.
         """
         state = self._round
-        if state is None or conn.cid not in state.active or conn.cid not in state.driver.awaiting():  # type: ignore[attr-defined]
+        link = state.link if state is not None else None
+        if link is None or not link.expects(conn.cid):
             conn.unexpected += 1
             if conn.unexpected > self.settings.max_unexpected_messages:
                 raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
-            where = "no round is running" if state is None else f"stage {state.driver.stage()!r} does not await it"  # type: ignore[attr-defined]
+            stage = link.stage.name if link is not None and link.stage is not None else None
+            where = "no round is running" if stage is None else f"stage {stage!r} does not await it"
             log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
                      first.count, where)
             return None
-        return self._stage_limit(state)
+        return self._stage_limit(link)
 
-    def _stage_limit(self, state: _RoundState) -> int:
+    def _stage_limit(self, link: GrpcLink) -> int:
         """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
-        bound = getattr(state.driver, "max_payload_bytes", None)
+        bound = link.stage.max_payload_bytes if link.stage is not None else None
         limit = self.settings.max_message_bytes
-        return min(limit, int(bound())) if callable(bound) else limit
+        return limit if bound is None else min(limit, int(bound))
 
     def _account(self, delta: int) -> None:
         self.buffered_bytes += delta
@@ -446,24 +531,21 @@ class AggregationServer:
         else:
             conn.close()
 
-    def _deliver(self, conn: _Conn, payload: bytes) -> None:
+    def _deliver(self, conn: _Conn, payload: bytes | memoryview, reserved: int) -> bool:
+        """Hand a complete payload to the round's link. True: the link took it with the
+        ``reserved`` in-flight budget it holds (given back once the driver is done with it)."""
         state = self._round
-        if state is None or conn.cid not in state.active or conn.cid not in state.pending():
+        link = state.link if state is not None else None
+        if link is None or not link.expects(conn.cid):
             conn.unexpected += 1
             if conn.unexpected > self.settings.max_unexpected_messages:
                 raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
             log.info("client %d: ignored a message outside its stage", conn.cid)
-            return
+            return False
         if self._mode.sealed_by_sender:
             self._check_seal(conn, payload)
-        try:
-            state.driver.receive(conn.cid, payload)  # type: ignore[attr-defined]
-        except SecAggError as exc:
-            raise _Kick(f"{type(exc).__name__}: {exc}") from None
-        except Exception as exc:  # a protocol bug must not take the server down
-            log.exception("round %d: protocol error on client %d's message", state.number, conn.cid)
-            raise _Kick(f"internal error handling its message: {type(exc).__name__}") from None
-        state.progress.set()
+        # the driver thread checks it against the protocol
+        return link.offer(conn.cid, payload, partial(self._inflight.give, reserved))
 
     @staticmethod
     def _check_seal(conn: _Conn, payload: bytes) -> None:
@@ -475,7 +557,7 @@ class AggregationServer:
         if sender != conn.cid:
             raise _Kick(f"identity mismatch: payload sealed as client {sender} on client {conn.cid}'s certificate")
         try:
-            verify_signature(conn.key, signature, wire._signed_bytes(sender, body))
+            wire.verify_envelope(sender, body, signature, conn.key)
         except InvalidSignature:
             raise _Kick("identity mismatch: payload not signed by the key bound in its certificate") from None
 
@@ -558,7 +640,8 @@ class AggregationServer:
                 item = await conn.out.get()
                 if item is None:
                     break
-                await context.write(item)
+                for frame in [item] if isinstance(item, bytes) else item:
+                    await context.write(frame)
         except Exception as exc:  # noqa: BLE001 -- any failed write means the client is gone
             log.debug("client %d: write failed: %s", cid, type(exc).__name__)
         finally:
@@ -574,6 +657,7 @@ class AggregationServer:
             "disconnected (the client closed its stream, the connection was lost to keepalive or the network, "
             f"or gRPC refused a message over the {frame_limit}-byte frame limit: RESOURCE_EXHAUSTED at the client)"
         )
+        reserved = 0  # bytes of the in-flight budget the current payload holds
         try:
             while True:
                 data = await context.read()
@@ -585,15 +669,25 @@ class AggregationServer:
                     frame = wire.decode(data, max_bytes=frame_limit, expect=Chunk)
                 except WireError as exc:
                     raise _Kick(f"malformed frame: {exc}") from None
+                limit = None
+                if not conn.reassembler.in_progress:  # a payload begins: admit it, then wait for budget
+                    limit = self._admit(conn, frame)
+                    if limit is not None:
+                        reserved = await self._inflight.take(limit)
                 held = conn.reassembler.buffered
                 try:
-                    payload = conn.reassembler.feed(frame, admit=lambda first: self._admit(conn, first))
+                    payload = conn.reassembler.feed(frame, admit=lambda first: limit)
                 except WireError as exc:
                     raise _Kick(f"refused message: {exc}") from None
                 finally:
                     self._account(conn.reassembler.buffered - held)
                 if payload is not None:
-                    self._deliver(conn, payload)
+                    if self._deliver(conn, payload, reserved):
+                        reserved = 0  # the link gives it back once the driver is done with the payload
+                    payload = None  # freed before its budget is given back
+                if not conn.reassembler.in_progress and reserved:
+                    self._inflight.give(reserved)
+                    reserved = 0
         except _Kick as exc:
             reason = str(exc)
             self._drop_conn(conn, reason)
@@ -604,6 +698,7 @@ class AggregationServer:
             reason = f"disconnected (stream error: {type(exc).__name__})"
         finally:
             self._account(-conn.reassembler.release())
+            self._inflight.give(reserved)
         self._drop_conn(conn, reason)
 
 
@@ -617,6 +712,22 @@ def connection_cap(wanted: int, reserve: int = 64) -> int:
     cap = max(1, soft - reserve)
     log.warning("max_connections %d lowered to %d: the open-file limit (ulimit -n) is %d", wanted, cap, soft)
     return cap
+
+
+def server_memory_bound(clients: int, dim: int, bits: int = 32, inflight: int | None = None) -> int:
+    """Worst-case bytes a masking round adds to a gRPC server's resident memory (docs/deployment.md).
+
+    ``8 dim``: the float64 aggregate, whose upper half holds the running uint32 sum (the
+    lower half is touched only when the sum is decoded); the masked inputs arriving at
+    once (``payload_limit`` each: uploads are parsed in place, never copied), at most the
+    server's ``max_inflight_bytes`` (``inflight``; None: no budget) or one payload if it
+    is larger; and ``CONNECTION_BYTES`` of frames in flight per connection. Not counted:
+    the process's idle baseline (interpreter, libraries, gRPC), which a deployment
+    measures once.
+    """
+    upload = payload_limit(clients, dim, bits, masked=True)
+    arriving = clients * upload if inflight is None else min(clients * upload, max(inflight, upload))
+    return 8 * dim + arriving + clients * frames.CONNECTION_BYTES
 
 
 def total_from_bytes(data: bytes) -> np.ndarray:
@@ -634,12 +745,13 @@ def report_summary(report: RoundReport, stage_timeout: float | None = None) -> d
     if report.ok and report.outcome is not None:
         line["included"] = list(report.outcome.included)
         line["norm"] = float(np.linalg.norm(report.outcome.total))
+        line["bytes_up_per_param"] = round(report.outcome.bytes_up_per_param, 4)
     else:
         line["reason"] = report.reason
     return line
 
 
-async def serve_forever_with_state(
+async def serve_resumable_rounds(
     settings: ServerSettings,
     credentials: Credentials,
     state_dir,
@@ -653,8 +765,6 @@ async def serve_forever_with_state(
     next one starts, so a server killed at any point restarts at the first round it had
     not finished; a round cut short by the crash is run again from scratch with fresh keys.
     """
-    from federation.transport.config import read_progress, record_failed_round, record_round
-
     done = read_progress(state_dir)
     total_rounds = settings.first_round + settings.rounds
     if done >= settings.first_round:

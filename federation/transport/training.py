@@ -131,22 +131,27 @@ class GrpcFederation(Federation):
                                                       release=release))
         self._first = False
         aborted = None if report.ok else report.reason
+        outcome = report.outcome if report.ok else None
         included: list[int] = []
-        if report.ok and report.outcome is not None and released:
-            included = list(report.outcome.included)
+        if outcome is not None and released:
+            included = list(outcome.included)
             result = AggregateResult(total=released[0], included=tuple(included),
-                                     bytes_up_per_param=0.0, protocol=self.settings.mode)
+                                     bytes_up_per_param=outcome.bytes_up_per_param, protocol=self.settings.mode,
+                                     max_quantization_error=outcome.max_quantization_error)
             if not self.apply_aggregate(result, noised=True):
                 aborted = "no client's update counted"
         accuracy = loss = None
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
+        per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
         row = RoundResult(
-            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=0.0,
-            bytes_up_total=0, sampled=list(report.participants), included=included,
-            dropped={"dropped": sorted(report.dropped)} if report.dropped else {},
-            train_loss=None, max_quantization_error=0.0, seconds=time.perf_counter() - start,
-            aborted=aborted,
+            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
+            bytes_up_total=round(per_param * int(self.settings.options["dim"]) * len(included)),
+            sampled=list(report.participants), included=included,
+            # stage -> clients that stopped answering there, as the in-process engine records it
+            dropped={s: list(ids) for s, ids in outcome.dropped.items()} if outcome is not None else {},
+            train_loss=None, seconds=time.perf_counter() - start, aborted=aborted,
+            max_quantization_error=outcome.max_quantization_error if outcome is not None else 0.0,
         )
         self.close_reservation(ledger, entry, row)
         return row

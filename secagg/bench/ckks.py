@@ -1,6 +1,6 @@
 """CKKS / BFV benchmark: one real round in process, beside a plain float32 sum of the same updates.
 
-Runs the same sessions as ``secagg.aggregate(protocol="ckks")`` and the gRPC mode
+Runs the same sessions as ``secagg.aggregate(protection="ckks")`` and the gRPC mode
 (:mod:`secagg.ckks.session`, driven by :func:`secagg.ckks.simulate.run_round`) and times
 each phase through the sessions' timing callback:
 
@@ -32,7 +32,8 @@ from secagg.bench.timing import warm_median
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import HeClient, RoundConfig, SplitClient, new_round_id, ts
-from secagg.ckks.simulate import PhaseTimes, round_sessions, run_round
+from secagg.ckks.simulate import round_sessions, run_round
+from secagg.rounds import PhaseTimes
 from secagg.wire import decode
 
 BASELINE_RUNS = 7

@@ -1,8 +1,10 @@
 """Masking benchmark: one real round in process, beside baselines measured in the same run.
 
-Baselines are warm medians of several runs: a plain float32 sum of the same updates, and
-the AES-256-CTR keystream rate, which gives each party's "keystream limit" (the time to
-generate the keystream its masks need; no masking can be faster). The server's time
+Baselines are warm medians of several runs: a plain float32 sum of the same updates, the
+AES-256-CTR keystream rate, which gives each party's "keystream limit" (the time to
+generate the keystream its masks need; no masking can be faster), and the time of one
+pairwise seed agreement (X25519 + HKDF), which with the keystream limit gives each party's
+"floor": at small d the agreements, not the keystream, dominate it. The server's time
 includes checking the signature on, decoding and adding every upload.
 """
 
@@ -14,7 +16,7 @@ import time
 import numpy as np
 
 from secagg.bench.limits import check_bench_size
-from secagg.bench.timing import keystream_rate, warm_median
+from secagg.bench.timing import agreement_seconds, keystream_rate, warm_median
 from secagg.encoding import FixedPointCodec
 from secagg.prg import MaskAccumulator
 from secagg.protocol.common import Stage
@@ -23,25 +25,28 @@ from secagg.protocol.simulate import InMemoryRound
 
 def run_masking_bench(
     *, clients: int, dim: int, dropout: float = 0.1, graph: str = "complete", bits: int = 32,
-    degree: int | None = None, stage: str = "masked_input",
+    degree: int | None = None, stage: str = "masked_input", workers: int = 1,
 ) -> dict:
     """Return the benchmark figures as a flat dict (see ``secagg bench masking --help``).
 
     A fraction ``dropout`` of the clients (every k-th) drop at ``stage``; by default they never
-    deliver their masked vector, the case that forces the server to reconstruct keys.
+    deliver their masked vector, the case that forces the server to reconstruct keys. ``workers``:
+    threads each party may use to expand masks (bit-identical results; see secagg.prg.MaskAccumulator).
     """
     clients, dim = check_bench_size(clients=clients, dim=dim, dropout=dropout)
     updates = _updates(clients, dim)
     plain = updates.sum(axis=0, dtype=np.float32)
     plain_sum_s = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
     rate = keystream_rate()
+    per_agreement = agreement_seconds()
 
     n_drop = int(round(dropout * clients))
     dropped = [r + 1 for r in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []
     # As aggregate_masking(clip=None): the fixed-point range is the batch's largest |coordinate|.
     codec = FixedPointCodec.for_clients(clip=float(np.max(np.abs(updates))) or 1.0, max_clients=clients,
                                         bits=bits, clip_mode="coordinate")
-    session = InMemoryRound(updates, codec, graph=graph, degree=degree, dropout_hint=min(dropout, 0.5))
+    session = InMemoryRound(updates, codec, graph=graph, degree=degree, dropout_hint=min(dropout, 0.5),
+                            workers=workers)
     started = time.perf_counter()
     session.run({stage: dropped})
     wall_s = time.perf_counter() - started
@@ -64,6 +69,11 @@ def run_masking_bench(
     sharers = survivors | lost
     server_keystream = (len(survivors) + sum(len(server.graph.neighbours(o) & survivors) for o in lost)) * dim * 4
     client_keystream = float(np.mean([len(server.graph.neighbours(c) & sharers) + 2 for c in survivors])) * dim * 4
+    # Agreements: the server one per pairwise mask it rebuilds, a client one per neighbour that shared.
+    server_agreements = sum(len(server.graph.neighbours(o) & survivors) for o in lost)
+    client_agreements = float(np.mean([len((server.graph.neighbours(c) & sharers) - {c}) for c in survivors]))
+    server_floor = server_keystream / rate + server_agreements * per_agreement
+    client_floor = client_keystream / rate + client_agreements * per_agreement
     width = (bits + 7) // 8
     uploads = [session.clients[c].upload_bytes for c in server.included]
     return {
@@ -74,6 +84,7 @@ def run_masking_bench(
         "degree": session.config.degree,
         "threshold": session.config.threshold,
         "bits": bits,
+        "workers": workers,
         "included": len(included),
         "server_unmask_s": server_unmask_s,
         "server_reconstruct_s": timings.get("server.reconstruct", 0.0),
@@ -92,6 +103,11 @@ def run_masking_bench(
         "server_unmask_over_keystream_limit": server_unmask_s / (server_keystream / rate),
         "client_mask_keystream_limit_s": client_keystream / rate,
         "client_mask_over_keystream_limit": client_mask_s / (client_keystream / rate),
+        "agreement_s": per_agreement,
+        "server_unmask_floor_s": server_floor,
+        "server_unmask_over_floor": server_unmask_s / server_floor,
+        "client_mask_floor_s": client_floor,
+        "client_mask_over_floor": client_mask_s / client_floor,
         "prg_bytes_per_s": _prg_throughput(dim),
         "bytes_up_per_param": float(np.mean(uploads)) / dim,
         "masked_bytes_per_param": float(width),

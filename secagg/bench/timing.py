@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from secagg.keys import LABEL_PAIRWISE_MASK, KeyPair, agree
+
 BASELINE_RUNS = 5
 
 
@@ -39,3 +41,20 @@ def keystream_rate(size: int = 1 << 26, runs: int = BASELINE_RUNS, chunk: int = 
             enc.update_into(zeros, out)
 
     return size // chunk * chunk / warm_median(one_pass, runs)
+
+
+def agreement_seconds(count: int = 200, runs: int = BASELINE_RUNS) -> float:
+    """Seconds per pairwise seed (X25519 exchange + HKDF-SHA256), warm median over ``count`` agreements.
+
+    Each pairwise mask needs one agreement before its keystream, so at small d the time to
+    agree the seeds, not the keystream, is a party's floor: the benchmarks report it beside
+    the keystream limit, measured in the same run.
+    """
+    mine = KeyPair.generate()
+    peers = [KeyPair.generate().public_bytes for _ in range(count)]
+
+    def agree_all() -> None:
+        for i, peer in enumerate(peers):
+            agree(mine.private, peer, label=LABEL_PAIRWISE_MASK, context=i.to_bytes(8, "big"))
+
+    return warm_median(agree_all, runs) / count

@@ -1,6 +1,6 @@
 """CKKS (and quantized BFV) homomorphic aggregation with TenSEAL; the server holds no key.
 
-Recipe: ``secagg.aggregate(updates, protocol="ckks")``. Building blocks for a deployment:
+Recipe: ``secagg.aggregate(updates, protection="ckks")``. Building blocks for a deployment:
 :class:`RoundConfig` (public round parameters), :class:`KeyHolder` (decryptor: the only
 party with a secret key), :class:`HeClient` (public key: encrypt only) and
 :class:`HeServer` (no key: authenticate and add). Split-trust BFV rounds

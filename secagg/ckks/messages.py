@@ -176,14 +176,41 @@ class CkksContexts(Message):
 
 @message
 class CkksDecryptRequest(Message):
-    """Server -> key holder: the sealed aggregate and every signed upload it claims to add."""
+    """Server -> key holder: batch ``index`` of ``count`` of the signed uploads the aggregate adds.
 
-    TYPE: ClassVar[str] = "transport.ckks.decrypt_request"
+    The uploads of a round together can exceed any one message (200 clients x d=1e5 is
+    about 660 MB), so the server forwards them in batches of bounded size, one stage each.
+    Batch 0 also carries the sealed aggregate (later batches: empty); the key holder checks
+    it first, then every batch's uploads as they come (:class:`~secagg.ckks.roles.SumCheck`),
+    acknowledges every batch but the last with a :class:`CkksBatchReceived`, and answers the
+    last with its release.
+    """
+
+    TYPE: ClassVar[str] = "ckks.decrypt_request.v2"
     FIELD_LIMITS: ClassVar[dict[str, int]] = {"aggregate": DEFAULT_MAX_BYTES, "uploads": DEFAULT_MAX_BYTES}
 
     round: int
+    index: int
+    count: int
     aggregate: bytes
     uploads: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"batch index {self.index} is outside 0..{self.count - 1}")
+        if bool(self.aggregate) != (self.index == 0):
+            raise ValueError("the first batch, and only the first, carries the aggregate")
+
+
+@message
+class CkksBatchReceived(Message):
+    """Key holder -> server (sealed): batch ``index`` was checked; ``checked`` uploads so far."""
+
+    TYPE: ClassVar[str] = "ckks.batch_received"
+
+    round: int
+    index: int
+    checked: int
 
 
 @message
@@ -233,3 +260,37 @@ class CkksShareRelease(Message):
     values: bytes  # little-endian int64 residues
     included: tuple[int, ...]  # party indices
     fingerprint: bytes
+
+
+@message
+class CkksClientSnapshot(Message):
+    """A client session's state between two messages (local storage only, never sent).
+
+    For hosts that keep no Python object between the messages of a round (a Flower
+    SuperNode). A key holder's snapshot holds the round's *secret key* (``secret_context``)
+    and its check of the aggregate so far (``check_*``: the aggregate's client list and
+    chunks, the senders checked, the running sum); keep it where the live session would
+    be. Empty fields: no key holder, or no check in progress.
+    """
+
+    TYPE: ClassVar[str] = "ckks.client_snapshot"
+    FIELD_LIMITS: ClassVar[dict[str, int]] = {
+        "round_id": 64, "secret_context": MAX_CONTEXT_BYTES, "public_context": MAX_CONTEXT_BYTES,
+        "check_chunks": MAX_CHUNK_BYTES, "check_total": MAX_CHUNK_BYTES,
+    }
+
+    round_id: bytes
+    client_id: int
+    stage: str
+    failure: str
+    keyholder_stage: str
+    secret_context: bytes
+    public_context: bytes
+    used: bool
+    batches: int
+    batches_checked: int
+    checking: bool
+    check_included: tuple[int, ...]
+    check_chunks: tuple[bytes, ...]
+    check_senders: tuple[int, ...]
+    check_total: tuple[bytes, ...]

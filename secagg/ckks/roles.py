@@ -50,7 +50,7 @@ from secagg.ckks.messages import (
     chunks_digest,
 )
 from secagg.ckks.params import BFV_CHECK_SLOTS, HeParams, bfv_quantization_scale, check_capacity
-from secagg.ckks.tenseal_format import check_vector, max_vector_bytes
+from secagg.ckks.tenseal_format import check_serialized_vector, max_vector_bytes
 from secagg.errors import (
     AlreadyFinalized,
     ConfigError,
@@ -65,10 +65,9 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
-from secagg.wire import decode, encode, open_sealed, seal
+from secagg.wire import SERVER_ID, decode, encode, open_sealed, seal
 
 KEYHOLDER_ID = -1
-SERVER_ID = -2
 FINGERPRINT_LABEL = b"secagg/v1/ckks-context|"
 DEFAULT_RELEASE_GRID_BITS = 22
 MAX_KEY_HOLDERS = 8
@@ -377,7 +376,7 @@ def _added(total: list, vectors: list, sender: int) -> list:
 def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
-    check_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
+    check_serialized_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
                  scale=p.scale if p.scheme == "ckks" else None)
     try:
         vec = ts.ckks_vector_from(ctx, data) if p.scheme == "ckks" else ts.bfv_vector_from(ctx, data)
@@ -539,11 +538,52 @@ class KeyHolder:
         """First half of :meth:`decrypt`: all checks, and the sum recomputed from the uploads.
 
         Once per round, whether it succeeds or not. The result is accepted only by this key
-        holder's :meth:`release` / :meth:`release_share`, once.
+        holder's :meth:`release` / :meth:`release_share`, once. Same as
+        :meth:`begin_verify`, one :meth:`SumCheck.add` of every upload, :meth:`SumCheck.finish`.
         """
-        included, vectors = self._verified(aggregate, server_public_key, uploads, client_keys)
-        self._pending = VerifiedSum(included, vectors)
-        return self._pending
+        check = self.begin_verify(aggregate, server_public_key, client_keys)
+        check.add(uploads)
+        return check.finish()
+
+    def begin_verify(self, aggregate: bytes, server_public_key: bytes, client_keys: Mapping[int, bytes]) -> SumCheck:
+        """Check the server's aggregate, then take the signed uploads in batches (:class:`SumCheck`).
+
+        For rounds whose uploads together exceed one message: the key holder holds the
+        aggregate and one running sum, never every upload at once. Once per round, as
+        :meth:`verify`.
+        """
+        if self._used:
+            raise AlreadyFinalized("the key holder already answered this round's decryption request (once per round)")
+        self._used = True  # answered or refused: a server caught lying gets no second attempt
+        included, chunks = self._open_aggregate(aggregate, server_public_key)
+        return SumCheck(self, included, chunks, client_keys)
+
+    def export_state(self) -> tuple[bytes, bytes, bool]:
+        """(secret context, public context, used): to continue the round in another process.
+
+        The secret context holds the round's secret key: keep it where the live key holder
+        would be (e.g. a Flower node's own Context), never send it anywhere.
+        """
+        secret = self._ctx.serialize(save_public_key=True, save_secret_key=True,
+                                     save_galois_keys=False, save_relin_keys=False)
+        return secret, self._public_context, self._used
+
+    @classmethod
+    def restore(cls, round: RoundConfig, identity: IdentityKey, secret_context: bytes, public_context: bytes,
+                used: bool) -> KeyHolder:
+        """The key holder :meth:`export_state` saved (its own state, read back from its own storage)."""
+        holder = cls.__new__(cls)
+        holder.round, holder.identity = round, identity
+        try:
+            holder._ctx = ts.context_from(secret_context)  # not _load_context: never cache a secret key
+        except Exception:  # noqa: BLE001 -- TenSEAL raises several unrelated types for bad input
+            raise ConfigError("the saved key-holder state could not be loaded") from None
+        if not holder._ctx.has_secret_key() or _encryption_parameters(holder._ctx) != _expected_params(round.params):
+            raise ConfigError("the saved key-holder state does not hold a secret key for this round's parameters")
+        holder._public_context = public_context
+        holder.fingerprint = fingerprint(public_context)
+        holder._used, holder._pending = used, None
+        return holder
 
     def release(self, verified: VerifiedSum) -> DecryptedSum:
         """Second half of :meth:`decrypt`: decrypt the verified sum, check its range, round it."""
@@ -587,12 +627,8 @@ class KeyHolder:
         except Exception:  # noqa: BLE001 -- SEAL refuses what its load-time checks let through
             raise InvalidCiphertext("the sum could not be decrypted; nothing is released") from None
 
-    def _verified(self, aggregate: bytes, server_public_key: bytes, uploads: Sequence[bytes],
-                  client_keys: Mapping[int, bytes]) -> tuple[tuple[int, ...], list]:
-        """Every check on the server's aggregate, then the sum the key holder recomputed itself."""
-        if self._used:
-            raise AlreadyFinalized("the key holder already answered this round's decryption request (once per round)")
-        self._used = True  # answered or refused: a server caught lying gets no second attempt
+    def _open_aggregate(self, aggregate: bytes, server_public_key: bytes) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+        """Every check on the server's aggregate itself: (the clients it lists, its chunks)."""
         r = self.round
         try:
             _, msg, chunks = _open_ciphertexts(aggregate, {SERVER_ID: server_public_key}.get, r,
@@ -612,28 +648,91 @@ class KeyHolder:
                 f"the aggregate covers {len(msg.included)} clients, fewer than min_clients={r.min_clients}; "
                 "decrypting it could reveal an individual update"
             )
-        total = self._recomputed_sum(uploads, client_keys, msg.included)
-        if any(not hmac.compare_digest(a.serialize(), c) for a, c in zip(total, chunks)):
+        return tuple(sorted(msg.included)), tuple(chunks)
+
+
+class SumCheck:
+    """The key holder recomputing a server's aggregate from the signed uploads, batch by batch.
+
+    Made by :meth:`KeyHolder.begin_verify` once the aggregate itself passed its checks. Each
+    :meth:`add` checks a batch of uploads (signature against the trusted ``client_keys``,
+    round, key fingerprint, shape; a sender the aggregate lists, once) and adds them to a
+    running sum; :meth:`finish` refuses unless every listed client's upload came and the
+    aggregate is byte for byte that sum. Memory: the aggregate and one running sum,
+    whatever the number of uploads. The first refusal is final.
+    """
+
+    def __init__(self, holder: KeyHolder, included: tuple[int, ...], chunks: tuple[bytes, ...],
+                 client_keys: Mapping[int, bytes], senders: Sequence[int] = (), total: list | None = None) -> None:
+        self._holder, self.included, self._chunks = holder, included, chunks
+        self._client_keys = dict(client_keys)
+        self.senders: list[int] = list(senders)
+        self._total = total
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Finished or refused: nothing more is checked."""
+        return self._closed
+
+    @property
+    def missing(self) -> int:
+        """Listed clients whose upload has not been checked yet."""
+        return len(self.included) - len(self.senders)
+
+    def add(self, uploads: Sequence[bytes]) -> int:
+        """Check and add a batch of signed uploads; returns how many have been checked in all."""
+        self._open()
+        try:
+            for upload in uploads:
+                sender, vectors = _open_upload(upload, self._client_keys, self._holder.round, self._holder._ctx,
+                                               self._holder.fingerprint, seen=self.senders)
+                if sender not in self.included:
+                    raise MaliciousServerDetected(
+                        f"the server forwarded client {sender}'s upload, which its aggregate does not list; "
+                        "nothing is decrypted"
+                    )
+                self._total = vectors if self._total is None else _added(self._total, vectors, sender)
+                self.senders.append(sender)
+        except Exception:
+            self._closed = True
+            raise
+        return len(self.senders)
+
+    def finish(self) -> VerifiedSum:
+        """The verified sum for :meth:`KeyHolder.release` / :meth:`KeyHolder.release_share`, once."""
+        self._open()
+        self._closed = True
+        if self.missing or self._total is None:
+            raise MaliciousServerDetected(
+                f"the aggregate lists clients {list(self.included)} but the signed uploads come from "
+                f"{sorted(self.senders)}; nothing is decrypted"
+            )
+        if any(not hmac.compare_digest(a.serialize(), c) for a, c in zip(self._total, self._chunks)):
             raise MaliciousServerDetected(
                 "the server's aggregate is not the sum of the signed uploads it lists; nothing is decrypted"
             )
-        return tuple(sorted(msg.included)), total
+        self._holder._pending = VerifiedSum(self.included, self._total)
+        return self._holder._pending
 
-    def _recomputed_sum(self, uploads: Sequence[bytes], client_keys: Mapping[int, bytes],
-                        included: tuple[int, ...]) -> list:
-        """Check every signed upload (as the server does) and add them; the sum to decrypt."""
-        senders: list[int] = []
-        total = None
-        for upload in uploads:
-            sender, vectors = _open_upload(upload, client_keys, self.round, self._ctx, self.fingerprint, seen=senders)
-            senders.append(sender)
-            total = vectors if total is None else _added(total, vectors, sender)
-        if total is None or sorted(senders) != sorted(included):
-            raise MaliciousServerDetected(
-                f"the aggregate lists clients {sorted(included)} but the signed uploads come from {sorted(senders)}; "
-                "nothing is decrypted"
-            )
-        return total
+    def export_state(self) -> tuple[tuple[int, ...], tuple[bytes, ...], tuple[int, ...], tuple[bytes, ...]]:
+        """(included, aggregate chunks, senders so far, running sum): to continue in another process."""
+        total = () if self._total is None else tuple(v.serialize() for v in self._total)
+        return self.included, self._chunks, tuple(self.senders), total
+
+    @classmethod
+    def restore(cls, holder: KeyHolder, client_keys: Mapping[int, bytes], included: Sequence[int],
+                chunks: Sequence[bytes], senders: Sequence[int], total: Sequence[bytes]) -> SumCheck:
+        """The check :meth:`export_state` saved, continued by the restored ``holder``."""
+        r = holder.round
+        vectors = [_load_vector(holder._ctx, c, r, size) for c, size in zip(total, r.chunk_sizes)] if total else None
+        if vectors is not None and len(vectors) != len(r.chunk_sizes):
+            raise ConfigError("the saved sum check does not have the round's shape")
+        return cls(holder, tuple(included), tuple(chunks), client_keys, senders, vectors)
+
+    def _open(self) -> None:
+        if self._closed:
+            raise AlreadyFinalized("this check of the aggregate already ended; the key holder answers once per round")
 
 
 class HeClient:

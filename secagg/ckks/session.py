@@ -6,11 +6,16 @@ Every link (in process, gRPC) drives these sessions and only moves their bytes:
     ------                               ----------                 ------
     start()        -- context request -> receive() -> contexts
     receive(kh, contexts); close_stage() -- public context ----------> receive() -> upload
-    receive(c, upload) ...; close_stage() -- sum + uploads -> receive() -> release
+    receive(c, upload) ...; close_stage() -- sum + batch 0 --> receive() -> batch received
+    receive(kh, ack); close_stage()  -- batch 1 ------------> receive() -> batch received
+    ...                              -- last batch ---------> receive() -> release
     receive(kh, release); close_stage(); outcome
 
 The key holder generates the round's keys, verifies every upload in the sum before it
-decrypts (see :class:`~secagg.ckks.roles.KeyHolder`) and releases the plaintext sum; over
+decrypts (see :class:`~secagg.ckks.roles.KeyHolder`) and releases the plaintext sum. The
+server forwards the uploads in batches of at most ``forward_bytes`` (one decrypt stage
+each), so no message grows with the number of clients and the key holder holds one
+running sum, not every upload (:class:`~secagg.ckks.roles.SumCheck`); over
 the network it is also a participant with its own update (:class:`ClientSession` runs a
 :class:`KeyHolderSession` inside). A split BFV round (``key_holders`` > 1) has one key
 holder per key: clients upload one share per key holder, each key holder releases its
@@ -32,17 +37,16 @@ core never imports the transport's PKI code).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from secagg import wire
 from secagg.ckks.messages import (
+    CkksBatchReceived,
+    CkksClientSnapshot,
     CkksContextRequest,
     CkksContexts,
     CkksDecryptRequest,
@@ -61,11 +65,13 @@ from secagg.ckks.roles import (
     KeyHolder,
     RoundConfig,
     SplitClient,
+    SumCheck,
     combine_shares,
 )
 from secagg.errors import (
     ConfigError,
     InvalidSignature,
+    LocalProtocolError,
     MaliciousServerDetected,
     NotEnoughSurvivors,
     RemoteProtocolError,
@@ -75,13 +81,10 @@ from secagg.errors import (
     WireError,
 )
 from secagg.keys import IdentityKey
+from secagg.rounds import CertificateCheck, Timer, no_timer
 
-Timer = Callable[[str], AbstractContextManager]
 MAX_CONTEXTS_BYTES = 16 << 20  # both sealed contexts (a public context is under 1 MiB)
-
-
-def _no_timer(_phase: str) -> AbstractContextManager:
-    return contextlib.nullcontext()
+FORWARD_BYTES = 64 << 20  # default bound on the uploads the server forwards to a key holder in one message
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,15 @@ class ServerSession:
 
     The server holds no key (one :class:`~secagg.ckks.roles.HeServer` per key holder). In
     a split round it combines the key holders' decrypted shares (:func:`combine_shares`
-    checks their range and check slots, as a single key holder does).
+    checks their range and check slots, as a single key holder does). ``forward_bytes``
+    bounds the uploads forwarded to a key holder in one decrypt-stage message (at least
+    one upload per message).
     """
 
     def __init__(self, config: RoundConfig, roster: Roster, identity: IdentityKey | None, *,
-                 timer: Timer | None = None) -> None:
+                 timer: Timer | None = None, forward_bytes: int = FORWARD_BYTES) -> None:
+        if forward_bytes < 1:
+            raise ConfigError(f"forward_bytes must be positive, got {forward_bytes}")
         if len(roster.participants) != config.n_clients:
             raise ConfigError(f"the roster lists {len(roster.participants)} participants, the round {config.n_clients}")
         if len(roster.keyholders) != config.key_holders:
@@ -173,13 +180,17 @@ class ServerSession:
         self.stage = ServerStage.CONTEXT
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
         self._split = config.key_holders > 1
         self._started = False
         self._contexts: dict[int, CkksContexts] = {}  # key holder id -> its contexts
         self._he: tuple[HeServer, ...] = ()  # one per key holder, in roster order
         self._releases: dict[int, CkksRelease | CkksShareRelease] = {}
         self._result: DecryptedSum | None = None
+        self._forward_bytes = forward_bytes
+        self._aggregates: list[bytes] = []  # one per key holder, sent with batch 0
+        self._batch, self._batches, self._per_batch = 0, 0, 1  # the decrypt batch in flight, of how many
+        self._received: set[int] = set()  # key holders that confirmed the batch in flight
 
     @property
     def done(self) -> bool:
@@ -208,7 +219,7 @@ class ServerSession:
         elif s is ServerStage.UPLOAD and self._he:
             waiting = set(r.participants) - {r.participants[i] for i in self._he[0].included}
         elif s is ServerStage.DECRYPT:
-            waiting = set(r.keyholders) - set(self._releases)
+            waiting = set(r.keyholders) - (set(self._releases) if self._last_batch else self._received)
         return frozenset(waiting - set(self.rejected))
 
     def max_payload_bytes(self) -> int:
@@ -218,7 +229,13 @@ class ServerSession:
             return MAX_CONTEXTS_BYTES
         if self.stage is ServerStage.UPLOAD:
             return k * self.config.max_message_bytes + (64 << 10)
+        if not self._last_batch:
+            return 64 << 10  # a batch confirmation
         return 8 * sum(self.config.chunk_sizes) + (64 << 10)  # the released sum (or share)
+
+    @property
+    def _last_batch(self) -> bool:
+        return self._batch == self._batches - 1
 
     def receive(self, client_id: int, payload: bytes) -> None:
         """Check and take one client's message; a refused one raises and changes nothing."""
@@ -226,7 +243,7 @@ class ServerSession:
         if client_id not in self.awaiting():
             raise ReplayError(f"client {client_id} sent a message stage {self.stage.value!r} did not ask for")
         handle = {ServerStage.CONTEXT: self._take_contexts, ServerStage.UPLOAD: self._take_upload,
-                  ServerStage.DECRYPT: self._take_release}[self.stage]
+                  ServerStage.DECRYPT: self._take_release if self._last_batch else self._take_batch_received}[self.stage]
         try:
             handle(client_id, payload)
         except SecAggError as exc:
@@ -238,14 +255,16 @@ class ServerSession:
         self._alive()
         if not self._started:
             raise ReplayError("start() the round first")
+        more_batches = self.stage is ServerStage.DECRYPT and not self._last_batch
         close = {ServerStage.CONTEXT: self._open_uploads, ServerStage.UPLOAD: self._request_decryption,
-                 ServerStage.DECRYPT: self._finish}[self.stage]
+                 ServerStage.DECRYPT: self._next_batch if more_batches else self._finish}[self.stage]
         try:
             out = close()
         except SecAggError as exc:
             self.stage, self.failure = ServerStage.FAILED, f"{type(exc).__name__}: {exc}"
             raise
-        self.stage = SERVER_NEXT[self.stage]
+        if not more_batches:
+            self.stage = SERVER_NEXT[self.stage]
         return out
 
     def outcome(self) -> Outcome:
@@ -286,6 +305,15 @@ class ServerSession:
             for he, c in zip(self._he, checked):
                 he.commit(c)
 
+    def _take_batch_received(self, client_id: int, payload: bytes) -> None:
+        ack = self._from_keyholder(client_id, payload, CkksBatchReceived)
+        expected = min((self._batch + 1) * self._per_batch, len(self._he[0].uploads))
+        if ack.index != self._batch or ack.checked != expected:
+            raise RemoteProtocolError(
+                f"the key holder confirmed batch {ack.index} ({ack.checked} uploads), not batch {self._batch} "
+                f"({expected} uploads)", client_id)
+        self._received.add(client_id)
+
     def _take_release(self, client_id: int, payload: bytes) -> None:
         he = self._he[self.roster.keyholders.index(client_id)]
         release = self._from_keyholder(client_id, payload, CkksShareRelease if self._split else CkksRelease)
@@ -314,9 +342,29 @@ class ServerSession:
 
     def _request_decryption(self) -> dict[int, bytes]:
         with self._timer("server.aggregate"):
-            aggregates = [he.aggregate() for he in self._he]  # NotEnoughSurvivors below min_clients
-        return {h: wire.encode(CkksDecryptRequest(self.roster.round, a, he.uploads))
-                for h, a, he in zip(self.roster.keyholders, aggregates, self._he)}
+            self._aggregates = [he.aggregate() for he in self._he]  # NotEnoughSurvivors below min_clients
+        largest = max(len(u) for he in self._he for u in he.uploads)
+        self._per_batch = max(1, self._forward_bytes // largest)
+        self._batches = -(-len(self._he[0].uploads) // self._per_batch)
+        self._batch = 0
+        return self._batch_messages()
+
+    def _next_batch(self) -> dict[int, bytes]:
+        missing = set(self.roster.keyholders) - self._received
+        if missing:
+            raise NotEnoughSurvivors(f"key holder(s) {sorted(missing)} did not confirm batch {self._batch} of the "
+                                     "uploads; nothing can be decrypted")
+        self._batch += 1
+        self._received = set()
+        return self._batch_messages()
+
+    def _batch_messages(self) -> dict[int, bytes]:
+        """Batch ``self._batch`` of the uploads for every key holder (batch 0 with the aggregate)."""
+        i, k = self._batch, self._per_batch
+        return {h: wire.encode(CkksDecryptRequest(self.roster.round, i, self._batches,
+                                                  self._aggregates[j] if i == 0 else b"",
+                                                  he.uploads[i * k : (i + 1) * k]))
+                for j, (h, he) in enumerate(zip(self.roster.keyholders, self._he))}
 
     def _finish(self) -> dict[int, bytes]:
         r, cfg = self.roster, self.config
@@ -369,8 +417,12 @@ class _Sticky:
         except Exception as exc:
             self.stage, self.failure = type(self.stage)("failed"), f"{type(exc).__name__}: {exc}"
             raise
-        self.stage = nxt[self.stage]
+        self.stage = self._next(nxt)
         return reply
+
+    def _next(self, nxt: Mapping) -> enum.Enum:
+        """The stage after a handled message (a stage that takes several messages stays)."""
+        return nxt[self.stage]
 
 
 class KeyHolderSession(_Sticky):
@@ -388,7 +440,15 @@ class KeyHolderSession(_Sticky):
         self.config, self.roster, self.id, self.identity = config, roster, keyholder, identity
         self.stage = KeyHolderStage.REQUEST
         self.holder: KeyHolder | None = None
-        self._timer = timer or _no_timer
+        self.check: SumCheck | None = None  # the aggregate being checked, batch by batch
+        self.batches = 0  # how many batches the server announced (0: none received yet)
+        self.batches_checked = 0
+        self._timer = timer or no_timer
+
+    def _next(self, nxt: Mapping) -> enum.Enum:
+        if self.stage is KeyHolderStage.DECRYPT and self.check is not None:
+            return self.stage  # more batches of uploads to come
+        return nxt[self.stage]
 
     @property
     def done(self) -> bool:
@@ -409,14 +469,24 @@ class KeyHolderSession(_Sticky):
         return wire.seal(reply, self.id, self.identity)
 
     def _decrypt(self, payload: bytes) -> bytes:
+        """One batch of uploads: check and add them; after the last, release the verified sum."""
         r = self.roster
-        limit = len(r.participants) * self.config.max_message_bytes + (1 << 20)
-        request = wire.decode(payload, max_bytes=max(limit, wire.DEFAULT_MAX_BYTES), expect=CkksDecryptRequest)
+        request = wire.decode(payload, expect=CkksDecryptRequest)
         if request.round != r.round:
             raise ReplayError(f"decrypt request of round {request.round} in round {r.round}")
-        # verifies every upload against the trusted keys and recomputes the sum before decrypting
+        expected = self.batches_checked
+        if request.index != expected or (self.batches and request.count != self.batches):
+            raise ReplayError(f"the server sent upload batch {request.index} of {request.count}; expected batch "
+                              f"{expected} of {self.batches or request.count}")
         with self._timer("keyholder.verify"):
-            verified = self.holder.verify(request.aggregate, r.server_key, request.uploads, r.party_keys)
+            if self.check is None:  # checks the aggregate itself; once per round, answered or refused
+                self.batches = request.count
+                self.check = self.holder.begin_verify(request.aggregate, r.server_key, r.party_keys)
+            checked = self.check.add(request.uploads)  # each upload against the trusted keys, into a running sum
+            self.batches_checked += 1
+            if request.index < request.count - 1:
+                return wire.seal(CkksBatchReceived(r.round, request.index, checked), self.id, self.identity)
+            verified, self.check = self.check.finish(), None
         with self._timer("keyholder.release"):
             if self.config.key_holders > 1:
                 share = self.holder.release_share(verified)
@@ -452,11 +522,14 @@ class ClientSession(_Sticky):
     """One participant: encrypt and upload its update under the key holders' public keys.
 
     When this client is one of the round's key holders it also answers the context request
-    and the decrypt request through a :class:`KeyHolderSession`.
+    and the decrypt request through a :class:`KeyHolderSession`. ``update`` may be left
+    None and given later with :meth:`set_update`, before the public context arrives (a
+    Flower node trains only when the upload is asked for). :meth:`snapshot` and
+    :meth:`restore` carry the session from one process to the next.
     """
 
     def __init__(self, config: RoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
-                 update: np.ndarray, *, weight: float | None = None, precompute: bool = True,
+                 update: np.ndarray | None, *, weight: float | None = None, precompute: bool = True,
                  timer: Timer | None = None) -> None:
         if client_id not in roster.participants:
             raise ConfigError("this client is not a participant of the round")
@@ -465,11 +538,57 @@ class ClientSession(_Sticky):
         self.is_holder = client_id in roster.keyholders
         self.keyholder = KeyHolderSession(config, roster, client_id, identity, timer=timer) if self.is_holder else None
         self.stage = ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT
-        self._timer = timer or _no_timer
+        self._timer = timer or no_timer
 
     @property
     def done(self) -> bool:
         return self.stage is ClientStage.DONE
+
+    def set_update(self, update: np.ndarray) -> None:
+        """This client's update, clipped to the round's per-coordinate bound ``value_bound``."""
+        x = np.asarray(update, dtype=np.float64).ravel()
+        if x.size != self.config.dim:
+            raise ConfigError(f"this client's update has {x.size} values, the round expects {self.config.dim}")
+        self.update = np.clip(x, -self.config.value_bound, self.config.value_bound)
+
+    def snapshot(self) -> bytes:
+        """This session's state as bytes (:class:`~secagg.ckks.messages.CkksClientSnapshot`).
+
+        A key holder's snapshot holds the round's secret key: keep it on this client's
+        machine, as the live session would be. The update is not kept (:meth:`set_update`).
+        """
+        kh = self.keyholder
+        secret, public, used = kh.holder.export_state() if kh is not None and kh.holder is not None else (b"", b"", False)
+        checking = kh is not None and kh.check is not None and not kh.check.closed
+        check = kh.check.export_state() if checking else ((), (), (), ())
+        return wire.encode(CkksClientSnapshot(
+            self.config.round_id, self.client_id, self.stage.value, self.failure or "",
+            kh.stage.value if kh is not None else "", secret, public, used,
+            kh.batches if kh is not None else 0, kh.batches_checked if kh is not None else 0, checking, *check,
+        ))
+
+    def restore(self, data: bytes) -> None:
+        """Continue from :meth:`snapshot` bytes. This session must be new, built for the same
+        round (same directory, checked again by its builder) and the same client."""
+        snap = wire.decode(data, expect=CkksClientSnapshot)
+        fresh = self.stage is (ClientStage.REQUEST if self.is_holder else ClientStage.CONTEXT)
+        if not fresh or snap.round_id != self.config.round_id or snap.client_id != self.client_id:
+            raise LocalProtocolError("the snapshot belongs to another round or client, or this session already ran")
+        try:
+            self.stage = ClientStage(snap.stage)
+            kh = self.keyholder
+            if kh is not None:
+                kh.stage = KeyHolderStage(snap.keyholder_stage)
+                kh.batches, kh.batches_checked = snap.batches, snap.batches_checked
+                if snap.secret_context:
+                    kh.holder = KeyHolder.restore(self.config, self.identity, snap.secret_context,
+                                                  snap.public_context, snap.used)
+                if snap.checking:
+                    kh.check = SumCheck.restore(kh.holder, self.roster.party_keys, snap.check_included,
+                                                snap.check_chunks, snap.check_senders, snap.check_total)
+        except (ValueError, AttributeError):
+            raise WireError("the session snapshot does not fit this client's round") from None
+        self.failure = snap.failure or None
 
     def receive(self, payload: bytes) -> bytes:
         handlers = {ClientStage.CONTEXT: self._upload}
@@ -477,7 +596,14 @@ class ClientSession(_Sticky):
             handlers[ClientStage.REQUEST] = handlers[ClientStage.DECRYPT] = self.keyholder.receive
         return self._step(handlers, CLIENT_NEXT[self.is_holder], payload)
 
+    def _next(self, nxt: Mapping) -> enum.Enum:
+        if self.stage is ClientStage.DECRYPT and not self.keyholder.done:
+            return self.stage  # the key holder waits for more batches of uploads
+        return nxt[self.stage]
+
     def _upload(self, payload: bytes) -> bytes:
+        if self.update is None:
+            raise LocalProtocolError("this client has no update to upload: call set_update() before the upload stage")
         r, party = self.roster, self.roster.participants.index(self.client_id)
         split = self.config.key_holders > 1
         with self._timer("client.setup"):
@@ -502,31 +628,28 @@ class ClientSession(_Sticky):
 # --------------------------------------------------------------------------- from a relayed directory
 
 
-class CertifiedPeer(Protocol):
-    """What a checked certificate says about its holder."""
-
-    role: str  # "server" or "client"
-    client_id: int | None
-    identity_public_key: bytes
-    keyholder: bool  # the CA granted the key-holder role
-
-
-CertificateCheck = Callable[[bytes], CertifiedPeer]
-
-
 def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,
-                          update: np.ndarray, trusted_keyholder: int | None,
-                          check_certificate: CertificateCheck) -> ClientSession:
+                          update: np.ndarray | None, trusted_keyholder: int | None,
+                          check_certificate: CertificateCheck, min_participants: int = 2) -> ClientSession:
     """A client's session for a round a server announced; refuses a round it must not join.
 
     ``trusted_keyholder`` is the key holder named in the client's own configuration; a
     directory naming any other refuses the round (the server cannot promote a client).
     ``check_certificate(pem)`` verifies a relayed certificate against the client's CA and
-    raises on a bad one. Clips the update to the round's per-coordinate bound.
+    raises on a bad one. Clips the update to the round's per-coordinate bound; without one
+    (None), pass it later with :meth:`ClientSession.set_update`. ``min_participants`` (the
+    client's policy): the round must let the key holder decrypt only sums of at least that
+    many clients -- the key holder, checking its own directory, so never decrypts a smaller
+    sum, whatever the server told other clients.
     """
     d = directory
     if d.round != round:
         raise ReplayError(f"directory of round {d.round} sent in round {round}")
+    if d.min_clients < min_participants or len(d.participants) < min_participants:
+        raise MaliciousServerDetected(
+            f"the round lets the key holder decrypt a sum of {d.min_clients} of {len(d.participants)} clients; this "
+            f"client takes part only in sums of at least {min_participants} (its policy's min_participants). "
+            "Refusing the round")
     if client_id not in d.participants:
         raise ConfigError("this client is not a participant of the round")
     holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
@@ -543,13 +666,12 @@ def client_from_directory(directory: CkksDirectory, *, round: int, client_id: in
         client_keys[cid] = peer.identity_public_key
     if client_keys[client_id] != identity.public_bytes:
         raise InvalidSignature("the directory does not hold this client's own certificate")
-    config = config_of(d)
-    x = np.clip(np.asarray(update, dtype=np.float64).ravel(), -d.value_bound, d.value_bound)
-    if x.size != d.dim:
-        raise ConfigError(f"this client's update has {x.size} values, the round expects {d.dim}")
     roster = Roster(d.round, tuple(d.participants), (d.keyholder,), client_keys, (holder_key,),
                     server.identity_public_key)
-    return ClientSession(config, roster, client_id, identity, x)
+    session = ClientSession(config_of(d), roster, client_id, identity, None)
+    if update is not None:
+        session.set_update(update)
+    return session
 
 
 def _trusted_keyholder_key(d: CkksDirectory, client_id: int, identity: IdentityKey, trusted: int | None,

@@ -1,35 +1,35 @@
 """``aggregate_ckks``: run one real CKKS (or BFV) round in process.
 
 The in-process link: the same sessions the gRPC mode drives (:mod:`secagg.ckks.session`),
-moved by one loop, :func:`run_round`. Real keys, real ciphertexts, real signatures: the key
-holder(s), one client session per row and a key-less server exchange the same sealed bytes
-a deployment would send. The only shortcut is that simulated clients share one loaded copy
+moved by the one round loop, :func:`secagg.rounds.drive`. Real keys, real ciphertexts, real
+signatures: the key holder(s), one client session per row and a key-less server exchange
+the same sealed bytes a deployment would send. The only shortcut is that simulated clients share one loaded copy
 of the (identical) public context.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
+from secagg.ckks.mode import CkksServerRound
 from secagg.ckks.params import HeParams
 from secagg.ckks.roles import RoundConfig, new_round_id
 from secagg.ckks.session import (
+    FORWARD_BYTES,
     ClientSession,
     KeyHolderSession,
     Outcome,
     Roster,
     ServerSession,
-    Timer,
 )
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
 from secagg.result import AggregateResult
+from secagg.rounds import InMemoryLink, PhaseTimes, Timer, drive
 
 # A client listed under any of these stages never uploads and is left out of the sum.
 PRE_UPLOAD_STAGES = ("advertise", "share", "masked_input", "upload")
@@ -72,6 +72,41 @@ def aggregate_ckks(
     client is built with their public keys and accepts only contexts they signed.
     ``timings`` for ``client.*`` are per client means.
     """
+    plan = plan_ckks(updates, dropouts=dropouts, clip=clip, weights=weights, scheme=scheme, params=params,
+                     value_bound=value_bound, min_clients=min_clients, release_grid_bits=release_grid_bits,
+                     key_holders=key_holders, unsupported=unsupported)
+    if keyholders is not None and len(keyholders) != key_holders:
+        raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
+    times = PhaseTimes()
+    server, parties = round_sessions(plan.round, plan.x, skip=plan.skip, fractions=plan.fractions,
+                                     precompute=precompute, keyholders=keyholders, timer=times)
+    return ckks_result(plan, server, run_round(server, parties), times)
+
+
+@dataclass(frozen=True)
+class CkksPlan:
+    """One ckks round planned from a caller's updates and options, before any party exists.
+
+    ``x`` are the (clipped) updates, row i is party i; ``skip`` the rows that never upload;
+    ``fractions`` the weight fractions (None: unweighted). Every link (in process, Ray)
+    builds its parties from this and hands the outcome to :func:`ckks_result`.
+    """
+
+    round: RoundConfig
+    x: np.ndarray
+    dropped: dict[str, tuple[int, ...]]
+    skip: frozenset[int]
+    fractions: np.ndarray | None
+    weights: Sequence[float] | None
+
+
+def plan_ckks(
+    updates: np.ndarray, *, dropouts: Mapping[str, Sequence[int]] | None = None, clip: float | None = None,
+    weights: Sequence[float] | None = None, scheme: str = "ckks", params: HeParams | None = None,
+    value_bound: float | None = None, min_clients: int = 2, release_grid_bits: int | None = None,
+    key_holders: int = 1, unsupported: Mapping[str, object] | None = None,
+) -> CkksPlan:
+    """Check the inputs and plan the round (see :func:`aggregate_ckks` for the arguments)."""
     if unsupported:
         raise ConfigError(
             f"the ckks protocol does not take {sorted(unsupported)}; distributed DP noise and fixed-point "
@@ -100,17 +135,17 @@ def aggregate_ckks(
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
     round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
                         key_holders=key_holders, **grid)
+    return CkksPlan(round, x, dropped, frozenset(skip), fractions, weights)
 
-    if keyholders is not None and len(keyholders) != key_holders:
-        raise ConfigError(f"keyholders lists {len(keyholders)} identities, the round has {key_holders} key holders")
-    times = PhaseTimes()
-    server, parties = round_sessions(round, x, skip=skip, fractions=fractions, precompute=precompute,
-                                     keyholders=keyholders, timer=times)
-    out = run_round(server, parties)
+
+def ckks_result(plan: CkksPlan, server: ServerSession, out: Outcome, times: PhaseTimes) -> AggregateResult:
+    """The :class:`AggregateResult` of a finished round; ``times`` holds every party's phases."""
+    round, params = plan.round, plan.round.params
+    n, d = plan.x.shape
     total, error, weight_sum = out.total, out.error_bound, out.weight_sum
     # bytes one client uploads: its part for every key holder
     upload_bytes = sum(float(np.mean([len(u) for u in he.uploads])) for he in server.he_servers)
-    senders = max(n - len(skip), 1)
+    senders = max(n - len(plan.skip), 1)
     timings = {
         "keyholder.keygen": times["keyholder.keygen"],
         "server.setup": times["server.setup"],
@@ -121,8 +156,8 @@ def aggregate_ckks(
         "keyholder.decrypt": times["keyholder.verify"] + times["keyholder.release"] + times["server.combine"],
     }
     extra: dict[str, float] = {}
-    if fractions is not None:
-        w_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
+    if plan.fractions is not None:
+        w_total = float(np.sum(np.asarray(plan.weights, dtype=np.float64)))
         total, error = total * w_total, error * w_total
         # the included clients' weight sum, as decrypted from the weight slots
         extra["weight_sum"] = float(weight_sum) * w_total
@@ -133,7 +168,7 @@ def aggregate_ckks(
         timings=timings,
         protocol="ckks",
         max_quantization_error=float(error),
-        dropped=dropped,
+        dropped=plan.dropped,
         parameters={
             "scheme": params.scheme,
             "poly_modulus_degree": params.poly_modulus_degree,
@@ -150,47 +185,25 @@ def aggregate_ckks(
     )
 
 
-class PhaseTimes:
-    """A session timer (see :mod:`secagg.ckks.session`): total seconds per phase."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - started
-
-    def __getitem__(self, phase: str) -> float:
-        return self.seconds.get(phase, 0.0)
-
-
 def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | ClientSession]) -> Outcome:
-    """Drive one round in process: deliver each stage's messages, hand back the replies.
+    """Drive one round in process (:func:`secagg.rounds.drive` over an in-memory link).
 
     A party missing from ``parties`` never answers (it dropped before the stage).
     """
-    out = server.start()
-    while not server.done:
-        for pid, payload in out.items():
-            if pid in parties:
-                server.receive(pid, parties[pid].receive(payload))
-        out = server.close_stage()
+    drive(CkksServerRound(server), InMemoryLink(parties))
     return server.outcome()
 
 
 def round_sessions(
     round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
     fractions: np.ndarray | None = None, precompute: bool = True, keyholders: Sequence[IdentityKey] | None = None,
-    timer: Timer | None = None,
+    timer: Timer | None = None, forward_bytes: int = FORWARD_BYTES,
 ) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:
     """The server and parties of an in-process round. Rows are clients 0..n-1; the key
     holders are separate parties n, n+1, ... (they contribute no update here) with the
     identities ``keyholders`` (default: fresh ones), which every client's roster pins.
-    Clients in ``skip`` are left out (they never answer)."""
+    Clients in ``skip`` are left out (they never answer). ``forward_bytes``: see
+    :class:`~secagg.ckks.session.ServerSession`."""
     n, k = updates.shape[0], round.key_holders
     identities = [IdentityKey.generate() for _ in range(n)]
     holders = list(keyholders) if keyholders is not None else [IdentityKey.generate() for _ in range(k)]
@@ -205,7 +218,7 @@ def round_sessions(
             weight = None if fractions is None else float(fractions[i])
             parties[i] = ClientSession(round, roster, i, identities[i], updates[i], weight=weight,
                                        precompute=precompute, timer=timer)
-    return ServerSession(round, roster, server_identity, timer=timer), parties
+    return ServerSession(round, roster, server_identity, timer=timer, forward_bytes=forward_bytes), parties
 
 
 def _dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> tuple[dict[str, tuple[int, ...]], set[int]]:

@@ -50,7 +50,7 @@ def max_vector_bytes(raw_bytes: int) -> int:
     return max_blob_bytes(raw_bytes) + 32
 
 
-def check_vector(data: bytes, *, expected_size: int, raw_bytes: int, scale: float | None) -> None:
+def check_serialized_vector(data: bytes, *, expected_size: int, raw_bytes: int, scale: float | None) -> None:
     """Raise InvalidCiphertext unless ``data`` is one TenSEAL vector of exactly this shape.
 
     ``expected_size`` is the number of values this chunk must hold (derived from the

@@ -32,8 +32,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output folder after a crash (no budget is re-spent)")
     parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
-                        help="where clients train and run the masking protocol: this process (default) "
-                             "or Ray workers (needs the ray extra)")
+                        help="where clients train and run the protection protocol (masking or ckks): this "
+                             "process (default) or Ray workers (needs the ray extra)")
     parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                         help="with --backend ray: join this Ray cluster (GCS address or 'auto') instead of "
                              "starting a new local Ray; see docs/deployment.md for token authentication")
@@ -41,76 +41,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="with --backend ray and no --ray-address: CPUs of the new local Ray")
 
 
-def apply_overrides(config, args: argparse.Namespace) -> None:
-    from secagg.errors import ConfigError
-
-    for _, option, _, _ in OVERRIDES:
-        value = getattr(args, f"opt_{option}")
-        if value is not None:
-            config.set(option, value)
-    for item in args.set_options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        config.set(key.strip(), value.strip())
-    if config.data_dir is None:
-        from federation.data import default_data_dir
-
-        found = default_data_dir()
-        config.data_dir = str(found) if found else None
-
-
-def execute(config, args: argparse.Namespace, *, noun: str = "client") -> int:
-    """Build the federation (every check happens here, before training), run it, report."""
-    import torch
-
-    from federation.engine import Federation
-
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    if config.dataset in ("shops", "movielens"):
-        return _run_shops(config, args, noun)
-    if args.backend == "ray":
-        import ray
-
-        from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
-
-        started = start_ray(getattr(args, "ray_address", None), getattr(args, "num_cpus", None))
-        try:
-            aggregator = None
-            if config.protection.startswith("masking") and config.dp != "user-distributed":
-                aggregator = RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
-                                           seed=config.seed if config.deterministic else None)
-            return _run(Federation(config, executor=RayExecutor(), aggregator=aggregator), args, noun)
-        finally:
-            if started:
-                ray.shutdown()
-    return _run(Federation(config), args, noun)
-
-
-def _run_shops(config, args: argparse.Namespace, noun: str) -> int:
-    """The recommender: each shop keeps its customers' embeddings in its own process, so it runs
-    in process only; the summary adds the central / shop-alone / popularity comparison."""
-    from secagg.errors import ConfigError
-
-    if args.backend != "inprocess":
-        raise ConfigError("the shops scenario keeps every shop's customer embeddings in its own state; "
-                          "run it with --backend inprocess")
-    from federation.recsys.federation import ShopsFederation
-    from federation.recsys.report import print_comparison
-
-    fed = ShopsFederation(config)
-    code = _run(fed, args, noun)
-    print_comparison(fed, as_json=args.json)
-    return code
-
-
-def _run(fed, args: argparse.Namespace, noun: str) -> int:
-    from federation.console import print_summary, progress
-
-    with progress(fed, as_json=args.json, noun=noun) as on_round:
-        summary = fed.run(resume=args.resume, on_round=on_round)
-    print_summary(fed, summary, as_json=args.json, noun=noun)
-    return 0
+def run_options(args: argparse.Namespace) -> dict:
+    """What every run command hands federation.launch: the overrides and the backend flags."""
+    return {
+        "options": {option: getattr(args, f"opt_{option}") for _, option, _, _ in OVERRIDES},
+        "sets": args.set_options, "backend": args.backend, "ray_address": args.ray_address,
+        "num_cpus": args.num_cpus, "resume": args.resume, "as_json": args.json,
+    }
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -125,8 +62,6 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from federation.config import ExperimentConfig
+    from federation.launch import run_experiment
 
-    config = ExperimentConfig.from_toml(args.config)
-    apply_overrides(config, args)
-    return execute(config, args)
+    return run_experiment(args.config, **run_options(args))

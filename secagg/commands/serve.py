@@ -28,7 +28,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--host", default=None, help="override [server] host")
     parser.add_argument("--port", type=int, default=None, help="override [server] port")
     parser.add_argument("--rounds", type=int, default=None, help="override [server] rounds")
-    parser.add_argument("--backend", choices=("grpc", "ray"), default="grpc")
+    parser.add_argument("--backend", choices=("grpc", "ray"), default="grpc",
+                        help="grpc: real clients over mutual TLS (default); ray: simulated clients")
     parser.add_argument("--clients", type=int, default=None, help="ray backend: number of simulated clients")
     parser.add_argument(
         "--ray-address", default=None,
@@ -41,79 +42,14 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.set_defaults(func=_serve)
 
 
-def _train(cfg, creds) -> int:
-    """[server] training = "experiment.toml": train a model; resumes from its checkpoint and ledger."""
-    from federation.config import ExperimentConfig
-    from federation.transport.training import GrpcFederation
-
-    config = ExperimentConfig.from_toml(cfg.training)
-    fed = GrpcFederation(config, cfg.settings, creds)
-    try:
-        summary = fed.run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
-    finally:
-        fed.close()
-    return 0 if summary.rounds and all(r.aborted is None for r in summary.rounds) else 1
-
-
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from federation.transport.config import load_server_config
+    from federation.transport.serve import serve
 
-    cfg = load_server_config(args.config)
-    s = cfg.settings
-    if args.host is not None:
-        s.host = args.host
-    if args.port is not None:
-        s.port = args.port
-    if args.rounds is not None:
-        s.rounds = args.rounds
-    if args.backend == "ray" and cfg.training is not None:
-        return _train_on_ray(cfg, args)
-    if args.backend == "ray":
-        from federation.transport.ray_backend import run_ray_rounds
-
-        n = args.clients or s.expected_clients
-        for report in run_ray_rounds(
-            n_clients=n, mode=s.mode, options=s.options, rounds=s.rounds, threshold=s.threshold,
-            address=args.ray_address, num_cpus=args.num_cpus, seed=args.seed,
-        ):
-            print(json.dumps(report), flush=True)
-        return 0
-    import asyncio
-
-    from federation.transport.certs import Credentials
-    from federation.transport.grpc_server import serve_forever_with_state
-
-    creds = Credentials.load(cfg.credentials)
-    creds.check_binding()
-    if cfg.training is not None:
-        return _train(cfg, creds)
-    ok = asyncio.run(serve_forever_with_state(s, creds, cfg.state_dir, print_line=lambda d: print(json.dumps(d), flush=True)))
-    return 0 if ok else 1
-
-
-def _train_on_ray(cfg, args) -> int:
-    """--backend ray with [server] training: the engine, clients trained and aggregated on Ray."""
-    import ray
-
-    from federation.config import ExperimentConfig
-    from federation.engine import Federation
-    from federation.transport.ray_backend import RayAggregator, RayExecutor, start_ray
-
-    config = ExperimentConfig.from_toml(cfg.training)
-    started = start_ray(args.ray_address, args.num_cpus)
-    try:
-        fed = Federation(
-            config, executor=RayExecutor(),
-            aggregator=RayAggregator(config.protection, threshold=config.threshold, bits=config.bits,
-                                     seed=config.seed if config.deterministic else None),
-        )
-        summary = fed.run(resume=True, on_round=lambda r: print(json.dumps(r.to_json()), flush=True))
-    finally:
-        if started:
-            ray.shutdown()
-    return 0 if summary.rounds and all(r.aborted is None for r in summary.rounds) else 1
+    return serve(args.config, backend=args.backend, host=args.host, port=args.port, rounds=args.rounds,
+                 clients=args.clients, ray_address=args.ray_address, num_cpus=args.num_cpus, seed=args.seed,
+                 on_line=lambda line: print(json.dumps(line), flush=True))

@@ -58,10 +58,11 @@ from secagg.keys import (
     pair_context,
     verify_signature,
 )
-from secagg.prg import MaskAccumulator
+from secagg.prg import MaskAccumulator, check_workers
 from secagg.protocol.common import (
     SECRET_BYTES,
     SERVER_ID,
+    bytes_per_element,
     codec_of,
     graph_of,
     pack_residues,
@@ -70,7 +71,6 @@ from secagg.protocol.common import (
     round_digest,
     seed_commitment,
 )
-from secagg.protocol.plan import ClientPolicy, check_round
 from secagg.protocol.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -85,6 +85,12 @@ from secagg.protocol.messages import (
     UnmaskResponse,
     consistency_payload,
 )
+from secagg.protocol.plan import ClientPolicy, check_round
+
+
+# The share plaintext is two raw shares (it was a msgpack ShareBundle): the label names that
+# format, so a ciphertext of the other one fails authentication instead of being misread.
+SHARE_AD_LABEL = b"secagg/v2/share-bundle|"
 
 
 class ClientState(enum.Enum):
@@ -148,15 +154,19 @@ class ClientSession:
         rounding_seed: bytes | None = None,
         integer_noise: Callable[[int, float], np.ndarray] | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
+        workers: int = 1,
     ) -> None:
-        """``identities`` maps party id -> Ed25519 public key (the server is id 0).
+        """``identities`` maps party id -> Ed25519 public key (the server's is ``SERVER_ID``).
+
+        ``workers``: threads that expand this client's masks (1: serial, the default); the
+        masked vector is bit-identical whatever the count (see :class:`secagg.prg.MaskAccumulator`).
 
         ``integer_noise(dim, scale)`` returns this client's share of distributed DP noise
         in integer (quantized) units; it is added after rounding and before masking, so it
         survives quantization and the server only sees the noisy sum.
         """
-        if client_id == SERVER_ID:
-            raise LocalProtocolError("client ids start at 1; 0 is the server")
+        if client_id < 1:  # a Shamir share is the polynomial at the client id: never at 0
+            raise LocalProtocolError(f"client ids start at 1, got {client_id}")
         self.client_id = client_id
         self._identity = identity
         self._identities = dict(identities)
@@ -165,6 +175,7 @@ class ClientSession:
         self._rounding_seed = rounding_seed
         self._integer_noise = integer_noise
         self._randbytes = randbytes
+        self._workers = check_workers(workers)
         self.state = ClientState.WAIT_CONFIG
         self.abort_reason: str | None = None
         # Per-round secrets; dropped as soon as they are no longer needed.
@@ -192,6 +203,17 @@ class ClientSession:
 
     def receive(self, data: bytes) -> bytes:
         """Consume one sealed server message; return the sealed reply."""
+        reply = self.receive_view(data)
+        return reply if isinstance(reply, bytes) else bytes(reply)
+
+    def receive_view(self, data: bytes | memoryview) -> bytes | memoryview:
+        """:meth:`receive` without copying the masked input out of the buffer it was sealed in.
+
+        The masked-input reply is a read-only view of one buffer holding the whole sealed
+        message (the masked vector is encoded and masked where it lies), so a link that
+        can send a bytes-like object -- the in-process round, the gRPC client -- holds one
+        update-sized buffer per client, not four.
+        """
         if self.state is ClientState.ABORTED:
             raise SessionAborted(f"session aborted earlier ({self.abort_reason}); start a new one")
         try:
@@ -212,7 +234,8 @@ class ClientSession:
         except Exception as exc:  # a bug must not leave a half-updated session usable
             self._abort(exc)
             raise
-        sealed = wire.seal(reply, self.client_id, self._identity)
+        # The masked input arrives sealed already (built in place, see _on_shares).
+        sealed = reply if isinstance(reply, memoryview) else wire.seal(reply, self.client_id, self._identity)
         self.upload_bytes += len(sealed)
         return sealed
 
@@ -338,17 +361,17 @@ class ClientSession:
         shares = shamir.split(
             [self._mask_keys.private_bytes(), self._self_seed], threshold=config.threshold, holders=holders
         )
+        # One holder's plaintext: its mask-key share then its self-seed share, raw (see _open_share).
+        size = 2 * shamir.share_bytes(SECRET_BYTES)
+        raw = shamir.encode_share(shares)
         ciphertexts = {}
         for index, holder in enumerate(holders):
-            bundle = ShareBundle(
-                config.round_id, self.client_id, holder,
-                shamir.encode_share(shares[index, 0]), shamir.encode_share(shares[index, 1]),
-            )
+            plaintext = raw[index * size:(index + 1) * size]
             if holder == self.client_id:
-                self._held[self.client_id] = bundle
+                self._held[self.client_id] = ShareBundle(
+                    config.round_id, self.client_id, holder, plaintext[:size // 2], plaintext[size // 2:])
                 continue
-            key = self._share_key(holder)
-            ciphertexts[holder] = encrypt(key, wire.encode(bundle), self._share_ad(self.client_id, holder))
+            ciphertexts[holder] = encrypt(self._share_key(holder), plaintext, self._share_ad(self.client_id, holder))
         commitment = seed_commitment(config.round_id, self.client_id, self._self_seed)
         return EncryptedShares(config.round_id, self.client_id, ciphertexts, commitment)
 
@@ -374,7 +397,13 @@ class ClientSession:
         self._sharers = sharers
         if self._update is None:
             raise LocalProtocolError("no update to send: call set_update() before the masked-input stage")
-        return MaskedInput(config.round_id, self.client_id, pack_residues(self._masked_update(), config.bits))
+        width = bytes_per_element(config.bits)
+        sealed = wire.SealedBuffer(MaskedInput(config.round_id, self.client_id, b""), self.client_id, config.dim * width)
+        if width == 4:  # residues are masked where they will be sent
+            self._masked_update(out=sealed.tail.view("<u4"))
+        else:
+            sealed.tail[:] = np.frombuffer(pack_residues(self._masked_update(), config.bits), dtype=np.uint8)
+        return sealed.seal(self._identity)
 
     def _on_consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
         config = self._require_config()
@@ -452,31 +481,41 @@ class ClientSession:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _masked_update(self) -> np.ndarray:
+    def _masked_update(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The masked residues, in ``out`` (uint32, the round's dimension) when given."""
         config = self._config
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
-        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
-        acc = MaskAccumulator(config.dim, initial=encoded, copy=False)  # masks are added in place
-        acc.add(self._self_seed, 1)
-        for peer in sorted(self._sharers - {self.client_id}):
-            seed = pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1])
-            acc.add(seed, pairwise_sign(self.client_id, peer))
+        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise, out=out)
+        masks = [(self._self_seed, 1)] + [
+            (pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1]),
+             pairwise_sign(self.client_id, peer))
+            for peer in sorted(self._sharers - {self.client_id})
+        ]
+        acc = MaskAccumulator(config.dim, initial=encoded, copy=False, workers=self._workers)  # added in place
+        acc.add_many(masks)
         return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
 
     def _open_share(self, sender: int, blob: bytes) -> ShareBundle | None:
-        """The sender's share bundle for this client, or None if it does not decrypt or decode."""
-        config = self._config
+        """The sender's share bundle for this client, or None if it does not decrypt or is malformed.
+
+        The plaintext is the two shares, raw; the round, the sender and the recipient are
+        the AES-GCM associated data (:meth:`_share_ad`), so a ciphertext made for another
+        round or pair fails authentication here, as a copy of them inside the plaintext
+        would have been refused (that copy, msgpack-framed, cost more than the rest of the
+        share stage at N = 1,000).
+        """
+        size = shamir.share_bytes(SECRET_BYTES)
         try:
             plaintext = decrypt(self._share_key(sender), blob, self._share_ad(sender, self.client_id))
-            bundle = wire.decode(plaintext, expect=ShareBundle)
-            for share in (bundle.mask_key_share, bundle.self_seed_share):
-                shamir.decode_share(share, secret_bytes=SECRET_BYTES)
-        except (InvalidShare, WireError):
+            if len(plaintext) != 2 * size:
+                return None
+            mask_key_share, self_seed_share = plaintext[:size], plaintext[size:]
+            for share in (mask_key_share, self_seed_share):
+                shamir.check_share(share, secret_bytes=SECRET_BYTES)
+        except InvalidShare:
             return None
-        if (bundle.round_id, bundle.sender, bundle.recipient) != (config.round_id, sender, self.client_id):
-            return None
-        return bundle
+        return ShareBundle(self._config.round_id, sender, self.client_id, mask_key_share, self_seed_share)
 
     def _share_key(self, peer: int) -> bytes:
         """The key for shares exchanged with ``peer``, agreed once (used to encrypt, then to decrypt)."""
@@ -489,7 +528,8 @@ class ClientSession:
         return key
 
     def _share_ad(self, sender: int, recipient: int) -> bytes:
-        return self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
+        """Associated data of a share ciphertext: its format (two raw shares), round, sender, recipient."""
+        return SHARE_AD_LABEL + self._config.round_id + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
 
     def _require_config(self) -> RoundConfig:
         if self._config is None:

@@ -14,8 +14,8 @@ from secagg.errors import WireError
 from secagg.graph import Graph, complete_graph, sparse_graph
 from secagg.keys import LABEL_PAIRWISE_MASK, agree, pair_context
 from secagg.protocol.messages import AdvertiseKeys, RoundConfig
+from secagg.wire import SERVER_ID  # noqa: F401 -- re-exported for the masking modules
 
-SERVER_ID = 0
 SECRET_BYTES = 32
 
 

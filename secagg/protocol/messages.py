@@ -92,7 +92,10 @@ class KeyDirectory(Message):
 
 @message
 class ShareBundle(Message):
-    """Plaintext inside one AES-GCM share ciphertext (sender -> one recipient)."""
+    """The shares of one sender's secrets that one recipient holds (kept in client snapshots).
+
+    Between the two they travel as their two shares, raw, inside AES-GCM with the round,
+    sender and recipient as associated data (see ``ClientSession._open_share``)."""
 
     TYPE = "masking.share_bundle"
     FIELD_LIMITS = {"mask_key_share": 64, "self_seed_share": 64}
@@ -142,6 +145,9 @@ class MaskedInput(Message):
     # A whole update up to MAX_DIM 4-byte residues (a BERT-base update is 440 MB); the
     # server bounds each message by its own round's dimension before parsing it.
     FIELD_LIMITS = {"vector": 4 * MAX_DIM}
+    # Decoded as a read-only view of the received message (no copy of a 440 MB vector),
+    # and written in place by the client (wire.SealedBuffer); so it stays the last field.
+    BORROWED_FIELDS = frozenset({"vector"})
     round_id: bytes
     client: int
     vector: bytes

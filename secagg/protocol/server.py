@@ -32,6 +32,7 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from secagg import shamir, wire
+from secagg.encoding import sum_in_result_buffer
 from secagg.errors import (
     InvalidPublicKey,
     InvalidShare,
@@ -45,7 +46,7 @@ from secagg.errors import (
 )
 from secagg.graph import Graph
 from secagg.keys import IdentityKey, KeyPair, check_public_key, verify_signature
-from secagg.prg import MaskAccumulator
+from secagg.prg import MaskAccumulator, check_workers
 from secagg.protocol.common import (
     SECRET_BYTES,
     SERVER_ID,
@@ -98,9 +99,13 @@ NEXT_STAGE: dict[Stage, Stage | None] = {
 class ServerSession:
     """The server's part in one round."""
 
-    def __init__(self, config: RoundConfig, identity: IdentityKey, identities: Mapping[int, bytes]) -> None:
+    def __init__(self, config: RoundConfig, identity: IdentityKey, identities: Mapping[int, bytes], *,
+                 workers: int = 1) -> None:
+        """``workers``: threads that regenerate the masks at unmasking (1: serial, the default);
+        the sum is bit-identical whatever the count (see :class:`secagg.prg.MaskAccumulator`)."""
         self.config = config
         self._identity = identity
+        self._workers = check_workers(workers)
         self._identities = dict(identities)
         missing = [c for c in config.clients if c not in self._identities]
         if missing:
@@ -125,7 +130,8 @@ class ServerSession:
         self._adverts: dict[int, bytes] = {}
         self._keys: dict[int, AdvertiseKeys] = {}
         self._shares: dict[int, EncryptedShares] = {}
-        self._sum = np.zeros(config.dim, dtype=np.uint32)
+        # The running sum lives in the upper half of the float64 result it decodes into.
+        self._result, self._sum = sum_in_result_buffer(config.dim)
         self._masked_from: set[int] = set()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
@@ -353,18 +359,17 @@ class ServerSession:
         self.timings["server.reconstruct"] = time.perf_counter() - started
         started = time.perf_counter()
         # Every secret is recovered and checked by now: masks come off the sum in place.
-        acc = MaskAccumulator(self.config.dim, initial=self._sum, copy=False)
-        for owner, seed in seeds.items():
-            acc.add(seed, -1)
+        masks = [(seed, -1) for seed in seeds.values()]
         for owner, secret in mask_keys.items():
             keys = KeyPair.from_private_bytes(secret)
             for peer in sorted(self._graph.neighbours(owner) & self._u3):
                 seed = pairwise_seed(self.config.round_id, keys.private, owner, peer, self._keys[peer].mask_public_key)
-                # peer added sign(peer, owner) * PRG(seed); remove it.
-                acc.add(seed, -pairwise_sign(peer, owner))
+                masks.append((seed, -pairwise_sign(peer, owner)))  # peer added sign(peer, owner) * PRG(seed)
+        acc = MaskAccumulator(self.config.dim, initial=self._sum, copy=False, workers=self._workers)
+        acc.add_many(masks)
         residues = np.bitwise_and(acc.value, np.uint32(self._codec.modulus - 1), out=acc.value)
         self.timings["server.remove_masks"] = time.perf_counter() - started
-        self.result = self._codec.decode_sum(residues)
+        self.result = self._codec.decode_sum(residues, out=self._result)
         self.included = tuple(sorted(self._u3))
         return {}
 

@@ -1,26 +1,30 @@
 """Run one real masking round in process: real keys, shares, masks and signed messages.
 
-The driver below is the in-memory "network": it passes sealed bytes between one
-:class:`ServerSession` and n :class:`ClientSession` objects and drops the clients the
-caller asks to drop, at the stage the caller names. What the server learns here is
-exactly what a deployed server would learn.
+The round runs through the one driver, :func:`secagg.rounds.drive`, over an
+:class:`~secagg.rounds.InMemoryLink`: sealed bytes pass between one :class:`ServerSession`
+and n :class:`ClientSession` objects, and the clients the caller asks to drop vanish at
+the stage the caller names. What the server learns here is exactly what a deployed server
+would learn.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
 from secagg.encoding import FixedPointCodec
-from secagg.errors import ConfigError, InputError, NotEnoughSurvivors
+from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey, derive
 from secagg.protocol.client import ClientSession
-from secagg.protocol.common import SERVER_ID, STAGE_NAMES, Stage
+from secagg.protocol.common import SERVER_ID, STAGE_NAMES
+from secagg.protocol.mode import MaskingServerRound
 from secagg.protocol.plan import ClientPolicy, plan_round
 from secagg.protocol.server import ServerSession
 from secagg.result import AggregateResult
+from secagg.rounds import InMemoryLink, PhaseTimes, RoundOutcome, drive
+
 
 class InMemoryRound:
     """One server and its clients joined by an in-memory link (a test and simulation harness)."""
@@ -29,8 +33,9 @@ class InMemoryRound:
                  threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
                  seed: int | None = None,
                  client_noise: Callable[[int, int, float], np.ndarray] | None = None,
-                 policy: ClientPolicy | None = None) -> None:
-        """``policy`` is every client's (the library default when None); the plan follows it."""
+                 policy: ClientPolicy | None = None, workers: int = 1) -> None:
+        """``policy`` is every client's (the library default when None); the plan follows it.
+        ``workers``: threads each party may use to expand masks (results are bit-identical)."""
         n, dim = updates.shape
         self.client_ids = tuple(range(1, n + 1))
         self.server_identity = IdentityKey.generate()
@@ -39,50 +44,40 @@ class InMemoryRound:
         self.identities.update({c: k.public_bytes for c, k in client_identities.items()})
         self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
                                  dropout=dropout_hint, degree=degree, policy=policy)
-        self.server = ServerSession(self.config, self.server_identity, self.identities)
+        self.server = ServerSession(self.config, self.server_identity, self.identities, workers=workers)
         self.clients = {
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
-                rounding_seed=None if seed is None else _rounding_seed(seed, c),
+                rounding_seed=None if seed is None else rounding_seed(seed, c),
                 integer_noise=None if client_noise is None else _bind_row(client_noise, c - 1),
-                policy=policy,
+                policy=policy, workers=workers,
             )
             for c in self.client_ids
         }
+        # Timed through the driver's public hooks (secagg.rounds.PhaseTimes): each stage's client
+        # work, as a mean per answering client and summed over them.
         self.client_seconds: dict[str, float] = {}
+        self.client_total_seconds: dict[str, float] = {}
         # The server's time to take in each stage's messages (signature check, decoding and,
         # for masked inputs, adding to the sum), summed over clients.
         self.server_receive_seconds: dict[str, float] = {}
         self.gone: set[int] = set()
 
-    def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> None:
-        """Drive every stage; ``dropouts`` maps stage -> client ids that vanish at that stage."""
-        drop = {stage: set(ids) for stage, ids in (dropouts or {}).items()}
-        outgoing = self.server.start()
-        for stage in Stage:
-            spent = receiving = 0.0
-            answered = 0
-            for client_id, message in outgoing.items():
-                if client_id in self.gone:
-                    continue
-                if client_id in drop.get(stage.value, ()):
-                    self.gone.add(client_id)
-                    continue
-                started = time.perf_counter()
-                try:
-                    reply = self.clients[client_id].receive(message)
-                except NotEnoughSurvivors:
-                    self.gone.add(client_id)  # too few live neighbours: this client stops, like a dropout
-                    continue
-                spent += time.perf_counter() - started
-                answered += 1
-                started = time.perf_counter()
-                self.server.receive(reply)
-                receiving += time.perf_counter() - started
+    def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> RoundOutcome:
+        """Drive every stage through :func:`secagg.rounds.drive`; ``dropouts`` maps stage -> client
+        ids that vanish at that stage."""
+        clients, server = PhaseTimes(), PhaseTimes()
+        # receive_view: a masked input reaches the server as a view of the buffer it was sealed in
+        parties = {c: SimpleNamespace(receive=s.receive_view) for c, s in self.clients.items()}
+        link = InMemoryLink(parties, vanish=dropouts, timer=clients)
+        outcome = drive(MaskingServerRound(self.server), link, timer=server)
+        self.gone |= link.gone
+        for stage, answered in link.answered.items():
             if answered:
-                self.client_seconds[stage.value] = spent / answered
-                self.server_receive_seconds[stage.value] = receiving
-            outgoing = self.server.close_stage()
+                self.client_total_seconds[stage] = clients[f"client.{stage}"]
+                self.client_seconds[stage] = clients[f"client.{stage}"] / answered
+                self.server_receive_seconds[stage] = server[f"server.receive.{stage}"]
+        return outcome
 
 
 def aggregate_masking(
@@ -120,7 +115,7 @@ def aggregate_masking(
             raise InputError(f"weights must be {n} finite numbers, one per client")
         matrix = matrix * w[:, None]
     if clip is None:
-        bound = float(np.max(np.abs(matrix))) or 1.0
+        bound = max(float(np.max(np.abs(row))) for row in matrix) or 1.0  # one row's |x| at a time
         codec = _codec(bound, n, bits, "coordinate", scale, noise_headroom)
     else:
         codec = _codec(clip, n, bits, clip_mode, scale, noise_headroom)
@@ -131,23 +126,22 @@ def aggregate_masking(
                             client_noise=client_noise)
     if session.config.threshold > n:
         raise ConfigError(f"threshold {session.config.threshold} exceeds the number of clients {n}")
-    session.run({stage: [r + 1 for r in rows] for stage, rows in rows_by_stage.items()})
+    outcome = session.run({stage: [r + 1 for r in rows] for stage, rows in rows_by_stage.items()})
     server = session.server
-    included = tuple(c - 1 for c in server.included)
-    uploads = [session.clients[c].upload_bytes for c in server.included]
+    included = tuple(c - 1 for c in outcome.included)
     timings = dict(server.timings)
     for stage, seconds in session.client_seconds.items():
         timings[f"client.{stage}"] = seconds
     for stage, seconds in session.server_receive_seconds.items():
         timings[f"server.receive.{stage}"] = seconds
     return AggregateResult(
-        total=server.result,
+        total=outcome.total,
         included=included,
-        bytes_up_per_param=float(np.mean(uploads)) / dim,
+        bytes_up_per_param=outcome.bytes_up_per_param,
         timings=timings,
         protocol="masking",
-        max_quantization_error=codec.sum_error_bound(len(included)),
-        dropped={stage: tuple(c - 1 for c in ids) for stage, ids in server.dropped_at.items() if ids},
+        max_quantization_error=outcome.max_quantization_error,
+        dropped={stage: tuple(c - 1 for c in ids) for stage, ids in outcome.dropped.items()},
         parameters={
             "graph": "complete" if session.config.degree >= n - 1 else "sparse",
             "degree": session.config.degree, "threshold": session.config.threshold,
@@ -205,5 +199,7 @@ def _check_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dic
     return out
 
 
-def _rounding_seed(seed: int, client: int) -> bytes:
+def rounding_seed(seed: int, client: int) -> bytes:
+    """Client ``client``'s stochastic-rounding seed from a simulation's public ``seed`` (tests and
+    benchmarks only): every link that simulates clients derives it here, so their sums agree."""
     return derive(seed.to_bytes(16, "big", signed=True), label=b"secagg/v1/test-rounding", context=client.to_bytes(8, "big"))

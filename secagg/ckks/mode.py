@@ -1,10 +1,10 @@
-"""The ckks protection mode over a transport: a thin link to :mod:`secagg.ckks.session`.
+"""The ckks protection as a round mode (:mod:`secagg.rounds`): a thin adapter to :mod:`secagg.ckks.session`.
 
-The round itself (stages, checks, who may send what) is :class:`secagg.ckks.session.ServerSession`
+The round itself (stages, checks, who may send what) is :class:`~secagg.ckks.session.ServerSession`
 and :class:`~secagg.ckks.session.ClientSession`; this module builds them from a
-:class:`RoundContext` / :class:`ClientContext` and moves their bytes. What it adds is the
-transport's PKI: the directory relays CA-signed certificates, which clients check with
-:func:`federation.transport.certs.verify_certificate` (handed to the core as a callback).
+:class:`~secagg.rounds.RoundContext` / :class:`~secagg.rounds.ClientContext`. Links relay
+CA-signed certificates in the directory; each client checks them with the
+``check_certificate`` callback its link hands in.
 
 The key holder is chosen by the clients, never by the server: each client names the key
 holder it trusts in its own configuration (``keyholder`` in ``[client]``), and that
@@ -13,29 +13,18 @@ keyholder``); a directory naming any other key holder is refused by every client
 
 Options: ``dim`` (required), ``clip`` (per-coordinate bound every client enforces,
 required), ``scheme`` ("ckks" or "bfv"), ``keyholder`` (client id; default: the one
-participant whose certificate carries the key-holder role -- clients refuse any other).
+participant whose certificate carries the key-holder role -- clients refuse any other),
+``forward_bytes`` (bound on the uploads forwarded to the key holder in one message;
+default 64 MiB, see :class:`~secagg.ckks.session.ServerSession`).
 """
 
 from __future__ import annotations
 
-from federation.transport.certs import identity_from_pem, verify_certificate
-from federation.transport.rounds import (
-    ClientContext,
-    Mode,
-    RoundContext,
-    RoundOutcome,
-    register_mode,
-)
 from secagg import wire
-from secagg.ckks import new_round_id
-from secagg.ckks.messages import (  # noqa: F401 -- the wire messages of this mode, re-exported
-    CkksContextRequest,
-    CkksContexts,
-    CkksDecryptRequest,
-    CkksDirectory,
-    CkksRelease,
-)
+from secagg.ckks.messages import CkksDirectory
+from secagg.ckks.roles import new_round_id
 from secagg.ckks.session import (
+    FORWARD_BYTES,
     ClientSession,
     Roster,
     ServerSession,
@@ -44,10 +33,11 @@ from secagg.ckks.session import (
     config_of,
 )
 from secagg.errors import ConfigError, NotEnoughSurvivors
+from secagg.rounds import ClientContext, Mode, RoundContext, RoundOutcome, register_mode
 
 
 class CkksServerRound:
-    """Link from the transport's ServerRound interface to a :class:`ServerSession`."""
+    """:class:`~secagg.rounds.ServerRound` over a ckks :class:`ServerSession`."""
 
     def __init__(self, session: ServerSession) -> None:
         self.session = session
@@ -76,21 +66,23 @@ class CkksServerRound:
 
     def outcome(self) -> RoundOutcome:
         out = self.session.outcome()
-        return RoundOutcome(total=out.total, included=out.included)
+        return RoundOutcome(total=out.total, included=out.included, max_quantization_error=float(out.error_bound))
 
 
 class CkksClientRound:
-    """Link from the transport's ClientRound interface to a :class:`ClientSession`.
+    """:class:`~secagg.rounds.ClientRound` over a ckks :class:`ClientSession`.
 
     Building it checks the directory (refusing a round this client must not join) before
     any key exists.
     """
 
     def __init__(self, ctx: ClientContext, params: bytes) -> None:
+        if ctx.check_certificate is None:
+            raise ConfigError("a ckks client needs its CA certificate to check the relayed certificates")
         self.session: ClientSession = client_from_directory(
             wire.decode(params, expect=CkksDirectory), round=ctx.round, client_id=ctx.client_id,
             identity=ctx.identity, update=ctx.update, trusted_keyholder=ctx.keyholder,
-            check_certificate=lambda pem: verify_certificate(pem, ctx.ca_pem),
+            check_certificate=ctx.check_certificate,
         )
         self.step = 0  # messages received so far
 
@@ -114,31 +106,34 @@ class CkksClientRound:
 
 def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
     o = ctx.options
-    dim = int(o.get("dim", 0))
+    dim = int(o.get("dim", 0))  # type: ignore[call-overload]
     if dim <= 0:
         raise ConfigError("the ckks mode needs a positive `dim` option")
     if "clip" not in o:
         raise ConfigError("the ckks mode needs `clip`, the per-coordinate bound every client enforces")
-    keyholder = int(o["keyholder"]) if "keyholder" in o else _certified_keyholder(ctx)
+    keyholder = int(o["keyholder"]) if "keyholder" in o else _certified_keyholder(ctx)  # type: ignore[call-overload]
     if keyholder not in ctx.participants:
         raise NotEnoughSurvivors(f"the key holder (client {keyholder}) is not connected; the round cannot run")
     directory = CkksDirectory(
         round=ctx.round, round_id=new_round_id(), dim=dim, scheme=str(o.get("scheme", "ckks")),
-        value_bound=float(o["clip"]), min_clients=max(2, int(ctx.threshold)),
+        value_bound=float(o["clip"]), min_clients=max(2, int(ctx.threshold)),  # type: ignore[arg-type]
         participants=tuple(ctx.participants), keyholder=keyholder,
         server_certificate=ctx.server_certificate,
         certificates={cid: ctx.certificates[cid] for cid in ctx.participants},
     )
     roster = Roster(ctx.round, tuple(ctx.participants), (keyholder,),
                     {c: ctx.identity_keys[c] for c in ctx.participants}, (ctx.identity_keys[keyholder],))
-    session = ServerSession(config_of(directory), roster, ctx.server_identity)
+    session = ServerSession(config_of(directory), roster, ctx.server_identity,
+                            forward_bytes=int(o.get("forward_bytes", FORWARD_BYTES)))
     return CkksServerRound(session), wire.encode(directory)
 
 
 def _certified_keyholder(ctx: RoundContext) -> int:
     """The one connected participant whose certificate carries the CA's key-holder role."""
-    holders = [cid for cid in ctx.participants
-               if cid in ctx.certificates and identity_from_pem(ctx.certificates[cid]).keyholder]
+    read = ctx.read_certificate
+    if read is None:
+        raise ConfigError("name the key holder (option `keyholder`): this link hands in no certificates to read")
+    holders = [cid for cid in ctx.participants if cid in ctx.certificates and read(ctx.certificates[cid]).keyholder]
     if len(holders) != 1:
         raise NotEnoughSurvivors(
             f"{len(holders)} connected clients hold a key-holder certificate; a ckks round needs exactly one "
