@@ -630,18 +630,26 @@ class ClientSession(_Sticky):
 
 def client_from_directory(directory: CkksDirectory, *, round: int, client_id: int, identity: IdentityKey,
                           update: np.ndarray | None, trusted_keyholder: int | None,
-                          check_certificate: CertificateCheck) -> ClientSession:
+                          check_certificate: CertificateCheck, min_participants: int = 2) -> ClientSession:
     """A client's session for a round a server announced; refuses a round it must not join.
 
     ``trusted_keyholder`` is the key holder named in the client's own configuration; a
     directory naming any other refuses the round (the server cannot promote a client).
     ``check_certificate(pem)`` verifies a relayed certificate against the client's CA and
     raises on a bad one. Clips the update to the round's per-coordinate bound; without one
-    (None), pass it later with :meth:`ClientSession.set_update`.
+    (None), pass it later with :meth:`ClientSession.set_update`. ``min_participants`` (the
+    client's policy): the round must let the key holder decrypt only sums of at least that
+    many clients -- the key holder, checking its own directory, so never decrypts a smaller
+    sum, whatever the server told other clients.
     """
     d = directory
     if d.round != round:
         raise ReplayError(f"directory of round {d.round} sent in round {round}")
+    if d.min_clients < min_participants or len(d.participants) < min_participants:
+        raise MaliciousServerDetected(
+            f"the round lets the key holder decrypt a sum of {d.min_clients} of {len(d.participants)} clients; this "
+            f"client takes part only in sums of at least {min_participants} (its policy's min_participants). "
+            "Refusing the round")
     if client_id not in d.participants:
         raise ConfigError("this client is not a participant of the round")
     holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
