@@ -83,6 +83,8 @@ class CkksClientRound:
             wire.decode(params, expect=CkksDirectory), round=ctx.round, client_id=ctx.client_id,
             identity=ctx.identity, update=ctx.update, trusted_keyholder=ctx.keyholder,
             check_certificate=ctx.check_certificate,
+            # the client's own floor on the sums its update joins (its masking policy's)
+            min_participants=int(getattr(ctx.policy, "min_participants", 2)),
         )
         self.step = 0  # messages received so far
 
