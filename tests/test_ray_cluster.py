@@ -66,7 +66,7 @@ def test_token_auth_is_enabled_for_an_explicit_address_when_a_token_exists(tmp_p
 def _server_toml(tmp_path: Path) -> Path:
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "masking"\nrounds = 1\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "masking"\nrounds = 1\n'
         'expected_clients = 6\nthreshold = 4\n[server.options]\ndim = 20\nclip = 100.0\n'
     )
     return cfg

@@ -316,14 +316,14 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
     np.testing.assert_allclose(r1.outcome.total, expected, atol=1e-4)
 
 
-def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
+def test_clients_refuse_a_server_that_switches_to_no_protection(pki):
     async def clients(port):
         return await asyncio.gather(*honest(pki, port, (1, 2)))
 
-    s = settings(mode="plain", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
+    s = settings(mode="none", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
-    assert all(res.failed[0] == "refused mode 'plain'" for res in results)
+    assert all(res.failed[0] == "refused mode 'none'" for res in results)
 
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
@@ -407,7 +407,7 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme, forward
                  threshold=3)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     assert reports[0].ok and reports[0].outcome.included == cids
-    local = secagg.aggregate(rows, protocol="ckks", scheme=scheme, value_bound=bound, min_clients=3)
+    local = secagg.aggregate(rows, protection="ckks", scheme=scheme, value_bound=bound, min_clients=3)
     assert local.included == (0, 1, 2, 3)
     assert reports[0].outcome.total.tobytes() == np.asarray(local.total, dtype="<f8").tobytes()
     assert np.max(np.abs(local.total - rows.sum(0))) <= local.max_quantization_error

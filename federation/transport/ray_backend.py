@@ -109,7 +109,7 @@ class _Pool:
         return len(self.sessions)
 
     def begin_ckks(self, config, roster, updates: Mapping[int, bytes], fractions: Mapping[int, float]) -> int:
-        """New ckks round (:class:`~secagg.ckks.roles.RoundConfig`, :class:`~secagg.ckks.session.Roster`):
+        """New ckks round (:class:`~secagg.ckks.roles.HeRoundConfig`, :class:`~secagg.ckks.session.Roster`):
         a key-holder session for each hosted key holder, a client session for each hosted
         participant in ``updates`` (float64 bytes; the others never upload)."""
         from secagg.ckks.session import ClientSession, KeyHolderSession
@@ -329,7 +329,7 @@ def run_ray_ckks_round(
 ):
     """One ckks (or BFV) round with the clients and the key holder(s) on Ray actors.
 
-    Same arguments and result as :func:`secagg.aggregate(updates, protocol="ckks", ...)
+    Same arguments and result as :func:`secagg.aggregate(updates, protection="ckks", ...)
     <secagg.aggregate>` (``options``: ``clip``, ``dropouts``, ``weights``, ``scheme``,
     ``value_bound``, ``min_clients``, ``key_holders``, ...): row ``i`` is party ``i``, the
     key holders are parties ``n``, ``n+1``, ... (as in process), each on the actor that
