@@ -103,7 +103,7 @@ def main() -> None:
     if args.compare_in_process:
         load = os.getloadavg()[0]
         t, cpu = time.perf_counter(), time.process_time()
-        ref = secagg.aggregate(updates, protocol="masking", graph="sparse", clip=100.0, seed=args.seed,
+        ref = secagg.aggregate(updates, protection="masking", graph="sparse", clip=100.0, seed=args.seed,
                                dropouts={"masked_input": dropped_rows})
         report["in_process_round_seconds"] = round(time.perf_counter() - t, 2)
         report["in_process_cpu_seconds"] = round(time.process_time() - cpu, 2)

@@ -2,6 +2,7 @@
 
     nice -n 19 .venv/bin/python benchmarks/bench_recsys.py                 # synthetic shops
     nice -n 19 .venv/bin/python benchmarks/bench_recsys.py --data-dir DIR  # your MovieLens copy
+    .venv/bin/python benchmarks/bench_recsys.py --preset many-customers     # 16 shops, 22,124 customers
     .venv/bin/python benchmarks/bench_recsys.py --markdown                 # the tables for the docs
 
 On the scenario's data and hyper-parameters (``federation.scenarios``, seed 0), in one run:
@@ -13,6 +14,9 @@ On the scenario's data and hyper-parameters (``federation.scenarios``, seed 0), 
   (measured by the protocol, key exchange included), CKKS (one round), and what a sparse upload of
   only the rows a shop changed would take (rows x (dim + 1) x 4 bytes + a 4-byte row index),
   counted from the vectors the shops actually handed to the protocol.
+
+``--preset many-customers`` runs the same parts on the generator's larger preset
+(``federation.recsys.synthetic.PRESETS``) with the options in :data:`PRESET_OPTIONS`.
 
 Every finished part is written to ``--out`` at once (JSON).
 """
@@ -36,9 +40,18 @@ import numpy as np
 from federation.aggregators import make_aggregator
 from federation.recsys.baselines import compute_baselines
 from federation.recsys.federation import L2, ShopsFederation
+from federation.recsys.synthetic import PRESETS, generate_shops
 from federation.scenarios import scenario_config
 
 OUT = ROOT / "benchmarks" / "results" / "recsys.json"
+# the shops scenario's options changed for the larger preset (16 shops, a 300 x 8 item table, 4 local
+# epochs a round, 10 rounds; customer-level DP-SGD at sigma 2)
+PRESET_OPTIONS = {
+    "default": {},
+    "many-customers": {"num_clients": 16, "clients_per_round": 16, "threshold": 12, "hidden": 8, "batch_size": 100,
+                       "lr": 4.0, "server_lr": 2.0, "local_epochs": 4, "rounds": 10, "noise_multiplier": 2.0,
+                       "max_grad_norm": 0.3, "eval_every": 10},
+}
 
 
 class Counting:
@@ -58,10 +71,27 @@ class Counting:
         return self.inner.aggregate(vectors, **kwargs)
 
 
-def run_variant(name: str, *, data_dir: str | None, work: Path, **options) -> dict:
-    cfg = scenario_config("shops", dp=options.pop("dp_on", True))
+def shops_config(*, dp: bool, data_dir: str | None, preset: str):
+    cfg = scenario_config("shops", dp=dp)
     if data_dir:
         cfg.dataset, cfg.data_dir = "movielens", data_dir
+    for key, value in PRESET_OPTIONS[preset].items():
+        if key != "noise_multiplier" or dp:
+            cfg.set(key, value)
+    return cfg
+
+
+def load_data(cfg, preset: str):
+    """The scenario's data: the preset's synthetic shops, or what the config names."""
+    if preset != "default":
+        return generate_shops(PRESETS[preset], seed=cfg.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ShopsFederation(cfg, aggregator=make_aggregator("none")).data
+
+
+def run_variant(name: str, *, data_dir: str | None, preset: str, work: Path, **options) -> dict:
+    cfg = shops_config(dp=options.pop("dp_on", True), data_dir=data_dir, preset=preset)
     for key, value in options.items():
         cfg.set(key, value)
     if not cfg.protection.startswith("masking"):
@@ -70,10 +100,10 @@ def run_variant(name: str, *, data_dir: str | None, work: Path, **options) -> di
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = ShopsFederation(cfg, aggregator=make_aggregator("none"))  # loads the data once
+        data = load_data(cfg, preset)
         counter = Counting(make_aggregator(cfg.protection, threshold=cfg.threshold, bits=cfg.bits),
-                           probe.data.num_items, cfg.hidden)
-        fed = ShopsFederation(cfg, data=probe.data, aggregator=counter)
+                           data.num_items, cfg.hidden)
+        fed = ShopsFederation(cfg, data=data, aggregator=counter)
         summary = fed.run()
     rounds = summary.rounds
     shops_uploading = sum(len(r.included) for r in rounds)
@@ -98,6 +128,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with MovieLens ratings.csv or u.data")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--preset", choices=sorted(PRESET_OPTIONS), default="default",
+                        help="the synthetic data's preset (federation.recsys.synthetic.PRESETS)")
     parser.add_argument("--parts", default="baselines,plain,masking,masking+dp,ckks,masking+shop-dp")
     parser.add_argument("--markdown", action="store_true", help="print the tables from --out and stop")
     args = parser.parse_args()
@@ -119,21 +151,17 @@ def main() -> int:
     for part in args.parts.split(","):
         print(f"running {part} ...", flush=True)
         if part == "baselines":
-            cfg = scenario_config("shops")
-            probe = None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if args.data_dir:
-                    cfg.dataset, cfg.data_dir = "movielens", args.data_dir
-                probe = ShopsFederation(cfg, aggregator=make_aggregator("none"))
+            cfg = shops_config(dp=True, data_dir=args.data_dir, preset=args.preset)
+            data = load_data(cfg, args.preset)
             start = time.perf_counter()
-            base = compute_baselines(probe.data, dim=cfg.hidden, epochs=cfg.rounds * cfg.local_epochs,
-                                     batch_size=cfg.batch_size, lr=cfg.lr, l2=L2, seed=cfg.seed)
-            result["parts"]["baselines"] = {**base.as_dict(), "data": probe.data.name,
-                                            "describe": probe.data.describe(),
+            base = compute_baselines(data, dim=cfg.hidden, epochs=cfg.rounds * cfg.local_epochs,
+                                     batch_size=cfg.batch_size, l2=L2, seed=cfg.seed)
+            result["parts"]["baselines"] = {**base.as_dict(), "data": data.name, "preset": args.preset,
+                                            "describe": data.describe(),
                                             "seconds": time.perf_counter() - start}
         else:
-            result["parts"][part] = run_variant(part, data_dir=args.data_dir, work=work, **variants[part])
+            result["parts"][part] = run_variant(part, data_dir=args.data_dir, preset=args.preset, work=work,
+                                                **variants[part])
         args.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["parts"][part])[:400], flush=True)
     return 0

@@ -29,39 +29,6 @@ from secagg.protocol.common import Stage
 from secagg.protocol.simulate import InMemoryRound
 
 
-class TimedRound(InMemoryRound):
-    """The in-process round, also timing the server's ``receive`` (signature check, decode, sum)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.receive_seconds: dict[str, float] = {}
-        self.client_totals: dict[str, float] = {}
-        server_receive = self.server.receive
-
-        def timed_receive(data: bytes) -> int:
-            stage = self.server.stage.value
-            started = time.perf_counter()
-            try:
-                return server_receive(data)
-            finally:
-                self.receive_seconds[stage] = self.receive_seconds.get(stage, 0.0) + time.perf_counter() - started
-
-        self.server.receive = timed_receive
-        for session in self.clients.values():
-            client_receive = session.receive_view  # what the in-memory link calls
-
-            def timed_client(data, _receive=client_receive, _session=session):
-                stage = {"wait_config": "advertise", "wait_directory": "share", "wait_shares": "masked_input",
-                         "wait_consistency": "consistency", "wait_unmask": "unmask"}[_session.state.value]
-                started = time.perf_counter()
-                try:
-                    return _receive(data)
-                finally:
-                    self.client_totals[stage] = self.client_totals.get(stage, 0.0) + time.perf_counter() - started
-
-            session.receive_view = timed_client
-
-
 def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, workers: int = 1) -> dict:
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
     rate = keystream_rate()
@@ -71,7 +38,7 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
     n_drop = int(round(dropout * clients))
     dropped = [c + 1 for c in np.linspace(0, clients - 1, n_drop, dtype=int).tolist()] if n_drop else []
     started = time.perf_counter()
-    session = TimedRound(updates, codec, graph=graph, dropout_hint=dropout, workers=workers)
+    session = InMemoryRound(updates, codec, graph=graph, dropout_hint=dropout, workers=workers)
     setup_s = time.perf_counter() - started
     profiler = cProfile.Profile() if profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -95,11 +62,11 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
         "round_wall_s": round_s, "round_cpu_s (what a loaded machine distorts least)": round_cpu_s,
         "setup_s (identity keys, not part of a round)": setup_s,
         "server_stage_s": {k: v for k, v in server.timings.items()},
-        "server_receive_s": session.receive_seconds,
+        "server_receive_s": session.server_receive_seconds,
         "server_total_s": sum(v for k, v in server.timings.items() if k.count(".") == 1
-                              and k.split(".")[1] in {s.value for s in Stage}) + sum(session.receive_seconds.values()),
-        "clients_total_s": session.client_totals,
-        "clients_all_stages_s": sum(session.client_totals.values()),
+                              and k.split(".")[1] in {s.value for s in Stage}) + sum(session.server_receive_seconds.values()),
+        "clients_total_s": session.client_total_seconds,
+        "clients_all_stages_s": sum(session.client_total_seconds.values()),
         "aes256_ctr_bytes_per_s": rate,
         "server_unmask_keystream_bytes": server_keystream,
         "server_unmask_keystream_limit_s": server_keystream / rate,

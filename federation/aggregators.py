@@ -87,9 +87,9 @@ class SecureAggregator:
 
         drops = {s: list(v) for s, v in dropouts.items() if v}
         if self.name == "ckks":
-            return secagg.aggregate(vectors, protocol="ckks", dropouts=drops, clip=clip, **protocol_options)
+            return secagg.aggregate(vectors, protection="ckks", dropouts=drops, clip=clip, **protocol_options)
         return secagg.aggregate(
-            vectors, protocol="masking", graph="sparse" if self.name == "masking-sparse" else "complete",
+            vectors, protection="masking", graph="sparse" if self.name == "masking-sparse" else "complete",
             threshold=self.threshold, dropouts=drops, clip=clip, clip_mode="l2", bits=self.bits,
             seed=self.seed, **protocol_options,
         )

@@ -1,4 +1,4 @@
-"""`secagg.aggregate`: one entry point for every protection mode.
+"""`secagg.aggregate`: one entry point for every protection (masking or CKKS).
 
 It runs the real protocol in process (real keys, real shares, real masks or real CKKS
 ciphertexts), so what it returns is what a deployed server would learn.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,8 +17,8 @@ import numpy as np
 from secagg.errors import ConfigError, InputError
 from secagg.result import AggregateResult
 
-PROTOCOLS = ("masking", "ckks")
-#: masking options and their defaults: with protocol="ckks" a value other than the default
+PROTECTIONS = ("masking", "ckks")
+#: masking options and their defaults: with protection="ckks" a value other than the default
 #: would be silently ignored, so it is an error instead
 _MASKING_ONLY = {"graph": "complete", "threshold": None, "clip_mode": "l2", "bits": 32, "scale": None,
                  "seed": None}
@@ -26,7 +27,7 @@ _MASKING_ONLY = {"graph": "complete", "threshold": None, "clip_mode": "l2", "bit
 def aggregate(
     updates: np.ndarray,
     *,
-    protocol: str = "masking",
+    protection: str = "masking",
     graph: str = "complete",
     threshold: int | None = None,
     dropouts: Mapping[str, Sequence[int]] | None = None,
@@ -36,6 +37,7 @@ def aggregate(
     scale: float | None = None,
     seed: int | None = None,
     weights: Sequence[float] | None = None,
+    protocol: str | None = None,
     **protocol_options,
 ) -> AggregateResult:
     """Securely sum the rows of ``updates`` (an (n, d) float array) over the surviving clients.
@@ -44,17 +46,23 @@ def aggregate(
     masking the stages are "advertise", "share", "masked_input", "consistency", "unmask";
     for ckks a client that drops before uploading is simply left out of the sum.
     ``seed`` makes the decoded result reproducible by fixing the (non-secret) stochastic
-    rounding; keys, masks and shares always come from the OS CSPRNG.
+    rounding; keys, masks and shares always come from the OS CSPRNG. ``protection`` is
+    "masking" (pairwise masks) or "ckks" (homomorphic encryption); ``protocol=`` is its old name.
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol is not None:
+        warnings.warn(f"aggregate(protocol={protocol!r}) is now aggregate(protection={protocol!r}) (the name "
+                      "the experiment config and `secagg run --protection` use); `protocol=` will be removed",
+                      FutureWarning, stacklevel=2)
+        protection = protocol
+    if protection not in PROTECTIONS:
+        raise ConfigError(f"unknown protection {protection!r}; choose one of {', '.join(PROTECTIONS)}")
     n = _check_matrix(updates)
     _check_dropouts(dropouts)
     _check_weights(weights, n)
-    if protocol == "masking":
+    if protection == "masking":
         from secagg.protocol.simulate import aggregate_masking
 
-        _check_options(aggregate_masking, protocol, protocol_options)
+        _check_options(aggregate_masking, protection, protocol_options)
         _check_threshold(threshold, n)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ConfigError(f"seed must be an integer (it fixes the stochastic rounding), got {seed!r}")
@@ -67,10 +75,10 @@ def aggregate(
     wrong = [k for k, default in _MASKING_ONLY.items() if given[k] != default]
     if wrong:
         raise ConfigError(f"{', '.join(wrong)} {'is a masking option' if len(wrong) == 1 else 'are masking options'}"
-                          " that protocol='ckks' does not use; remove it or use protocol='masking'")
+                          " that protection='ckks' does not use; remove it or use protection='masking'")
     from secagg.ckks import aggregate_ckks
 
-    _check_options(aggregate_ckks, protocol, protocol_options)
+    _check_options(aggregate_ckks, protection, protocol_options)
     return aggregate_ckks(updates, dropouts=dropouts, clip=clip, weights=weights, **protocol_options)
 
 
@@ -131,14 +139,14 @@ def _check_weights(weights: object, n: int) -> None:
         raise InputError("weights are all zero: the weighted sum would be empty; give each client its sample count")
 
 
-def _check_options(function, protocol: str, options: Mapping[str, object]) -> None:
+def _check_options(function, protection: str, options: Mapping[str, object]) -> None:
     """Unknown keyword arguments are errors that name the closest known one."""
     accepted = {name for name, p in inspect.signature(function).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    known = accepted | set(inspect.signature(aggregate).parameters) - {"protocol_options", "updates"}
+    known = accepted | set(inspect.signature(aggregate).parameters) - {"protocol_options", "updates", "protocol"}
     for name in options:
         if name in accepted:
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(sorted(known))}"
-        raise ConfigError(f"aggregate(protocol={protocol!r}) got an unknown option {name!r}{hint}")
+        raise ConfigError(f"aggregate(protection={protection!r}) got an unknown option {name!r}{hint}")

@@ -28,16 +28,16 @@ AGGREGATE_ROWS = [
     ("threshold 1", U, dict(threshold=1), ConfigError, "threshold=1 must be between 2"),
     ("complex updates", U + 1j, {}, InputError, "updates are complex"),
     ("ragged lists (masking)", [[1.0, 2.0], [3.0]], {}, InputError, "ragged"),
-    ("ragged lists (ckks)", [[1.0, 2.0], [3.0]], dict(protocol="ckks"), InputError, "ragged"),
-    ("threshold with ckks", U, dict(protocol="ckks", threshold=3), ConfigError, "threshold is a masking option"),
-    ("graph with ckks", U, dict(protocol="ckks", graph="sparse"), ConfigError, "graph is a masking option"),
+    ("ragged lists (ckks)", [[1.0, 2.0], [3.0]], dict(protection="ckks"), InputError, "ragged"),
+    ("threshold with ckks", U, dict(protection="ckks", threshold=3), ConfigError, "threshold is a masking option"),
+    ("graph with ckks", U, dict(protection="ckks", graph="sparse"), ConfigError, "graph is a masking option"),
     ("misspelled keyword", U, dict(treshold=3), ConfigError, "unknown option 'treshold'; did you mean 'threshold'?"),
-    ("misspelled keyword (ckks)", U, dict(protocol="ckks", key_holder=2), ConfigError, "did you mean 'key_holders'?"),
+    ("misspelled keyword (ckks)", U, dict(protection="ckks", key_holder=2), ConfigError, "did you mean 'key_holders'?"),
     ("dropouts as a list", U, dict(dropouts=[1, 2]), ConfigError, "dropouts must map a stage name"),
     ("seed as text", U, dict(seed="abc"), ConfigError, "seed must be an integer"),
     ("negative weights", U, dict(weights=[1, -1, 1, 1, 1]), InputError, "weights must be finite and >= 0"),
     ("all-zero weights", U, dict(weights=[0] * 5), InputError, "weights are all zero"),
-    ("unknown protocol", U, dict(protocol="paillier"), ConfigError, "unknown protocol 'paillier'"),
+    ("unknown protection", U, dict(protection="paillier"), ConfigError, "unknown protection 'paillier'"),
 ]
 
 

@@ -20,9 +20,9 @@ import secagg
 from secagg.ckks import (
     HeClient,
     HeParams,
+    HeRoundConfig,
     HeServer,
     KeyHolder,
-    RoundConfig,
     SplitClient,
     aggregate_ckks,
     combine_shares,
@@ -53,7 +53,7 @@ class Round:
     """A key holder, a key-less server and n clients wired together in memory."""
 
     def __init__(self, n: int, dim: int, params: HeParams = CKKS, **kw) -> None:
-        self.config = RoundConfig(new_round_id(), dim, n, params, **kw)
+        self.config = HeRoundConfig(new_round_id(), dim, n, params, **kw)
         self.holder = KeyHolder(self.config)
         self.ids = [IdentityKey.generate() for _ in range(n)]
         self.client_ctx = self.holder.context_for_clients()
@@ -84,7 +84,7 @@ class Round:
 def test_ckks_sum_matches_float_sum(n, dim, data):
     magnitude = data.draw(st.sampled_from([1e-3, 1.0, 37.5]))
     x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False))) * magnitude
-    result = secagg.aggregate(x, protocol="ckks")
+    result = secagg.aggregate(x, protection="ckks")
     exact = x.sum(axis=0)
     err = np.max(np.abs(result.total - exact))
     assert result.total.shape == (dim,)
@@ -98,7 +98,7 @@ def test_ckks_sum_matches_float_sum(n, dim, data):
 @given(n=st.integers(2, 4), dim=st.sampled_from([1, 4096, 4097]), data=st.data())
 def test_bfv_sum_matches_float_sum(n, dim, data):
     x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False)))
-    result = secagg.aggregate(x, protocol="ckks", scheme="bfv")
+    result = secagg.aggregate(x, protection="ckks", scheme="bfv")
     assert np.max(np.abs(result.total - x.sum(axis=0))) <= result.max_quantization_error < 1e-8
 
 
@@ -224,11 +224,11 @@ def test_aggregate_under_another_key_is_refused():
 
 def test_mismatched_parameters_are_refused():
     r = Round(2, 10)
-    other = RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(scale_bits=30))
+    other = HeRoundConfig(r.config.round_id, 10, 2, HeParams.ckks(scale_bits=30))
     with pytest.raises(ConfigError, match="mismatched parameters"):
         HeClient(0, other, r.client_ctx, r.holder.public_key)
     with pytest.raises(ConfigError):
-        HeServer(RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(16384, (60, 40))), r.server_ctx,
+        HeServer(HeRoundConfig(r.config.round_id, 10, 2, HeParams.ckks(16384, (60, 40))), r.server_ctx,
                  r.holder.public_key, {})
 
 
@@ -236,7 +236,7 @@ def test_context_signed_by_someone_else_or_for_another_round_is_refused():
     r = Round(2, 10)
     with pytest.raises(ConfigError):
         HeClient(0, r.config, r.client_ctx, IdentityKey.generate().public_bytes)
-    later = RoundConfig(new_round_id(), 10, 2)
+    later = HeRoundConfig(new_round_id(), 10, 2)
     with pytest.raises(ReplayError):
         HeClient(0, later, r.client_ctx, r.holder.public_key)
 
@@ -259,9 +259,9 @@ def test_insecure_or_unusable_parameters_rejected(kwargs):
 
 def test_overflowing_round_rejected():
     with pytest.raises(OverflowRisk):
-        RoundConfig(new_round_id(), 10, 100, CKKS, value_bound=1e4)
+        HeRoundConfig(new_round_id(), 10, 100, CKKS, value_bound=1e4)
     with pytest.raises(OverflowRisk):
-        RoundConfig(new_round_id(), 10, 10_000, BFV)
+        HeRoundConfig(new_round_id(), 10, 10_000, BFV)
 
 
 def test_update_beyond_value_bound_rejected():
@@ -402,15 +402,15 @@ def test_replays_and_double_uploads_are_refused():
 def test_dropouts_leave_the_sum():
     x = np.random.default_rng(3).uniform(-1, 1, (6, 50))
     result = secagg.aggregate(
-        x, protocol="ckks", dropouts={"advertise": [0], "upload": [2, 4], "unmask": [5]}
+        x, protection="ckks", dropouts={"advertise": [0], "upload": [2, 4], "unmask": [5]}
     )
     assert result.included == (1, 3, 5)  # a post-upload dropout still counted
     assert np.max(np.abs(result.total - x[[1, 3, 5]].sum(0))) <= result.max_quantization_error
     assert result.dropped == {"advertise": (0,), "upload": (2, 4), "unmask": (5,)}
     with pytest.raises(NotEnoughSurvivors):
-        secagg.aggregate(x, protocol="ckks", dropouts={"upload": [0, 1, 2, 3, 4]})
+        secagg.aggregate(x, protection="ckks", dropouts={"upload": [0, 1, 2, 3, 4]})
     with pytest.raises(ConfigError):
-        secagg.aggregate(x, protocol="ckks", dropouts={"lunch": [1]})
+        secagg.aggregate(x, protection="ckks", dropouts={"lunch": [1]})
 
 
 @pytest.mark.parametrize("scheme", ["ckks", "bfv"])
@@ -418,7 +418,7 @@ def test_weighted_fedavg_scale_travels_encrypted(scheme):
     rng = np.random.default_rng(4)
     x = rng.uniform(-1, 1, (5, 4096))  # the weight slot spills into a second ciphertext
     w = np.array([10, 2000, 35, 700, 1])
-    result = secagg.aggregate(x, protocol="ckks", weights=w, dropouts={"upload": [1]}, scheme=scheme)
+    result = secagg.aggregate(x, protection="ckks", weights=w, dropouts={"upload": [1]}, scheme=scheme)
     inc = list(result.included)
     assert inc == [0, 2, 3, 4]
     exact = (w[inc, None] * x[inc]).sum(0)
@@ -519,7 +519,7 @@ def test_key_holder_catches_a_doubled_upload():
 
 def test_out_of_range_ciphertext_is_caught_at_decryption():
     r = Round(2, 10, value_bound=1.0)
-    cheat = RoundConfig(r.config.round_id, 10, 2, CKKS, value_bound=1e3)  # skips its own range check
+    cheat = HeRoundConfig(r.config.round_id, 10, 2, CKKS, value_bound=1e3)  # skips its own range check
     bad = HeClient(1, cheat, r.client_ctx, r.holder.public_key, r.ids[1]).encrypt(np.full(10, 500.0))
     r.server.receive(r.upload(0, np.zeros(10)))
     r.server.receive(bad)  # the server cannot see values
@@ -586,7 +586,7 @@ class SplitRound:
     """k key holders, one key-less server state per key holder, split clients."""
 
     def __init__(self, n: int, dim: int, k: int = 2, **kw) -> None:
-        self.config = RoundConfig(new_round_id(), dim, n, BFV, key_holders=k, **kw)
+        self.config = HeRoundConfig(new_round_id(), dim, n, BFV, key_holders=k, **kw)
         self.holders = [KeyHolder(self.config) for _ in range(k)]
         self.ids = [IdentityKey.generate() for _ in range(n)]
         self.keys = {i: ident.public_bytes for i, ident in enumerate(self.ids)}
@@ -651,7 +651,7 @@ def test_split_round_refuses_different_client_sets():
 
 def test_split_rounds_need_bfv_and_the_share_uploads_do_not_mix():
     with pytest.raises(ConfigError, match="bfv"):
-        RoundConfig(new_round_id(), 10, 2, CKKS, key_holders=2)
+        HeRoundConfig(new_round_id(), 10, 2, CKKS, key_holders=2)
     r = SplitRound(2, 10)
     first, second = r.upload(0, np.ones(10))
     with pytest.raises(InvalidCiphertext, match="another key"):
@@ -661,7 +661,7 @@ def test_split_rounds_need_bfv_and_the_share_uploads_do_not_mix():
 
 def test_split_round_through_the_api():
     x = np.random.default_rng(10).uniform(-1, 1, (4, 300))
-    result = secagg.aggregate(x, protocol="ckks", scheme="bfv", key_holders=2, dropouts={"upload": [1]})
+    result = secagg.aggregate(x, protection="ckks", scheme="bfv", key_holders=2, dropouts={"upload": [1]})
     assert result.included == (0, 2, 3)
     assert np.max(np.abs(result.total - x[[0, 2, 3]].sum(0))) <= result.max_quantization_error
     assert result.parameters["key_holders"] == 2
@@ -693,7 +693,7 @@ def test_precomputed_encryptions_of_zero_are_used_once():
 def test_weighted_sum_property(n, dim, scheme, data):
     x = data.draw(arrays(np.float64, (n, dim), elements=st.floats(-1, 1, allow_subnormal=False)))
     w = np.array(data.draw(st.lists(st.integers(1, 10_000), min_size=n, max_size=n)), dtype=np.float64)
-    result = secagg.aggregate(x, protocol="ckks", weights=w, scheme=scheme)
+    result = secagg.aggregate(x, protection="ckks", weights=w, scheme=scheme)
     exact = (w[:, None] * x).sum(0)
     assert np.max(np.abs(result.total - exact)) <= result.max_quantization_error
     assert np.max(np.abs(result.total / w.sum() - exact / w.sum())) < 1e-6  # the FedAvg mean
@@ -715,9 +715,9 @@ def test_context_with_evaluation_keys_is_refused():
 @pytest.mark.parametrize("kw", [{}, {"scheme": "bfv", "key_holders": 2}])
 def test_key_holder_verification_cannot_be_switched_off(kw):
     x = np.random.default_rng(11).uniform(-1, 1, (3, 200))
-    result = secagg.aggregate(x, protocol="ckks", **kw)
+    result = secagg.aggregate(x, protection="ckks", **kw)
     assert np.max(np.abs(result.total - x.sum(0))) <= result.max_quantization_error
     assert "audit" not in result.parameters
     for switch in ({"audit": False}, {"verify": False}):
         with pytest.raises(ConfigError, match="unknown option|does not take"):
-            secagg.aggregate(x, protocol="ckks", **switch, **kw)
+            secagg.aggregate(x, protection="ckks", **switch, **kw)

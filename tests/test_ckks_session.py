@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
 
 from secagg import wire
-from secagg.ckks import HeParams, RoundConfig, new_round_id
+from secagg.ckks import HeParams, HeRoundConfig, new_round_id
 from secagg.ckks.messages import CkksBatchReceived, CkksDecryptRequest, CkksSplitUpload
 from secagg.ckks.session import ClientStage, ServerStage
 from secagg.ckks.simulate import round_sessions, run_round
@@ -26,7 +26,7 @@ DIM = 10
 
 def sessions(n: int = 3, forward_bytes: int | None = None, **kw):
     x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
-    config = RoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
+    config = HeRoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
     server, parties = round_sessions(config, x, **({} if forward_bytes is None else {"forward_bytes": forward_bytes}))
     return x, config, server, parties
 
@@ -184,7 +184,7 @@ def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_th
 
     n = 4
     x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
-    config = RoundConfig(new_round_id(), DIM, n, HeParams.ckks())
+    config = HeRoundConfig(new_round_id(), DIM, n, HeParams.ckks())
     ids = [IdentityKey.generate() for _ in range(n)]
     server_id = IdentityKey.generate()
     roster = Roster(0, tuple(range(n)), (0,), {i: k.public_bytes for i, k in enumerate(ids)}, (ids[0].public_bytes,),

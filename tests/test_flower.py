@@ -397,3 +397,19 @@ def test_flower_simulation_with_the_ckks_option_equals_plain_fedavg(ckks_deploym
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         assert ledger.verify(recompute=True).releases == rounds
         assert [r.released_participants for r in ledger.rows()] == [nodes, nodes - 1]
+
+
+def test_a_node_refuses_a_ckks_round_below_its_policys_minimum_sum(ckks_deployment):
+    """Nodes that add their updates only to sums of at least 5: a 4-node round is refused by all."""
+    from federation.flower.mod import make_secagg_mod
+    from secagg.protocol import ClientPolicy
+
+    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"])
+    params, grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
+                                  mod=make_secagg_mod(policy=ClientPolicy(min_participants=5)),
+                                  node_config=_ckks_node_config(ckks_deployment))
+    report = workflow.reports[0]
+    assert report.aborted is not None and "did not send the round's keys" in report.aborted
+    assert report.dropped[grid.node_ids[0]].startswith("ckks.keys: MaliciousServerDetected")
+    assert "min_participants" in report.dropped[grid.node_ids[0]]
+    np.testing.assert_array_equal(params[0], initial_parameters("lsq")[0])

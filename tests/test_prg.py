@@ -66,7 +66,8 @@ def test_threaded_masks_are_bit_identical_to_the_serial_path(workers, monkeypatc
 
     # Small slices (4 KiB per worker) so the threads really split a vector with ragged ends.
     monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 1024)
-    monkeypatch.setattr(prg, "CHUNK_ELEMENTS", 1000)  # several chunks per slice, not block aligned
+    monkeypatch.setattr(prg, "MASK_CHUNK_ELEMENTS", 1000)  # several chunks per slice, not block aligned
+    monkeypatch.setattr(prg, "SEEDS_PER_PASS", 2)  # and several passes of seeds
     dim = 8 * 1024 + 13
     base = np.arange(dim, dtype=np.uint32) * np.uint32(2654435761)
     masks = [(os.urandom(32), sign) for sign in (1, -1, 1, 1, -1)]

@@ -21,7 +21,6 @@ from secagg.errors import (
 from secagg.keys import IdentityKey
 from secagg.protocol.client import TRANSITIONS, ClientState
 from secagg.protocol.common import SERVER_ID, Stage
-from secagg.protocol.plan import plan_masking
 from secagg.protocol.messages import (
     ConsistencyRequest,
     KeyDirectory,
@@ -31,6 +30,7 @@ from secagg.protocol.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from secagg.protocol.plan import plan_masking
 from tests.protocol_harness import make_round, run_until, server_seal, step
 
 STAGES = [s.value for s in Stage]
@@ -145,8 +145,15 @@ def test_bad_dropout_specs_raise_config_errors():
         secagg.aggregate(updates, dropouts={"later": [1]})
     with pytest.raises(ConfigError, match="0..3"):
         secagg.aggregate(updates, dropouts={"share": [9]})
-    with pytest.raises(ConfigError, match="unknown protocol"):
-        secagg.aggregate(updates, protocol="rot13")
+    with pytest.raises(ConfigError, match="unknown protection"):
+        secagg.aggregate(updates, protection="rot13")
+
+
+def test_the_old_keyword_protocol_still_works_with_a_warning():
+    x = np.arange(12.0).reshape(4, 3)
+    with pytest.warns(FutureWarning, match=r"aggregate\(protection='masking'\)"):
+        old = secagg.aggregate(x, protocol="masking", seed=1)
+    np.testing.assert_array_equal(old.total, secagg.aggregate(x, protection="masking", seed=1).total)
 
 
 # -- a lying server ---------------------------------------------------------------------------

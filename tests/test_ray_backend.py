@@ -30,7 +30,7 @@ def test_ray_actors_match_in_process_engine_on_same_seed(local_ray, graph):
     rng = np.random.default_rng(11)
     updates = rng.normal(0, 1, (16, 40))
     drop_rows = {"advertise": [6], "masked_input": [2], "unmask": [9]}  # 0-based rows
-    ref = secagg.aggregate(updates, protocol="masking", graph=graph, clip=50.0, seed=5, dropouts=drop_rows,
+    ref = secagg.aggregate(updates, protection="masking", graph=graph, clip=50.0, seed=5, dropouts=drop_rows,
                            **({"degree": 12} if graph == "sparse" else {}))
     options = {"clip": 50.0, "graph": graph, **({"degree": 12} if graph == "sparse" else {})}  # t = 10: 3 may drop
     res = run_ray_round(
@@ -50,7 +50,7 @@ def test_ray_sparse_round_matches_in_process_with_chunked_batches(local_ray):
 
     rng = np.random.default_rng(12)
     updates = rng.normal(0, 1, (24, 30))
-    ref = secagg.aggregate(updates, protocol="masking", graph="sparse", clip=50.0, seed=8,
+    ref = secagg.aggregate(updates, protection="masking", graph="sparse", clip=50.0, seed=8,
                            dropouts={"masked_input": [4, 17]})
     pools = make_pools(tuple(range(1, 25)), num_actors=3, seed=8)
     res = run_ray_round(updates, options={"clip": 50.0, "graph": "sparse", "dropout": 2 / 24}, seed=8,
@@ -70,14 +70,14 @@ def test_ray_ckks_round_matches_in_process(local_ray, scheme):
     not, and must not be, seedable), so two runs agree only within the error bound: each
     released value is within ``error_bound`` of the exact sum, and scaling the bound's z
     from its 1e-6 failure rate (over all slots) to 1e-9 over both runs gives the tolerance
-    below (false-failure rate < 1e-9, tail model in secagg.ckks.roles.RoundConfig.error_bound).
+    below (false-failure rate < 1e-9, tail model in secagg.ckks.roles.HeRoundConfig.error_bound).
     """
     import math
 
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1, (6, 50))
     drops = {"upload": [2]}
-    ref = secagg.aggregate(x, protocol="ckks", scheme=scheme, clip=10.0, dropouts=drops)
+    ref = secagg.aggregate(x, protection="ckks", scheme=scheme, clip=10.0, dropouts=drops)
     res = run_ray_ckks_round(x, scheme=scheme, clip=10.0, dropouts=drops, num_actors=2)
     assert res.included == ref.included == (0, 1, 3, 4, 5)
     assert res.protocol == "ckks" and res.parameters == ref.parameters
@@ -101,7 +101,7 @@ def test_serve_backend_ray_command(local_ray, tmp_path, capsys):
 
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "masking"\nrounds = 2\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "masking"\nrounds = 2\n'
         'expected_clients = 6\nthreshold = 4\n[server.options]\ndim = 20\nclip = 100.0\n'
     )
     assert main(["serve", "--config", str(cfg), "--backend", "ray", "--clients", "8", "--seed", "3"]) == 0
@@ -120,7 +120,7 @@ def test_serve_backend_ray_runs_ckks(local_ray, tmp_path, capsys):
 
     cfg = tmp_path / "server.toml"
     cfg.write_text(
-        '[server]\ncredentials = "unused-with-ray"\nmode = "ckks"\nrounds = 1\n'
+        '[server]\ncredentials = "unused-with-ray"\nprotection = "ckks"\nrounds = 1\n'
         'expected_clients = 5\nthreshold = 3\n[server.options]\ndim = 20\nclip = 5.0\n'
     )
     assert main(["serve", "--config", str(cfg), "--backend", "ray"]) == 0

@@ -69,3 +69,27 @@ def test_noise_is_drawn_from_the_os_unless_a_generator_is_given():
         train_customers(factors, bias, users, customers, data, steps, rng=np.random.default_rng(1))
         results.append(factors)
     assert not np.array_equal(*results)  # same seed for the batches, fresh noise each time
+
+
+def test_a_baseline_checkpoint_is_the_same_run_as_training_that_many_epochs():
+    """train_mf ranks along one trajectory; the point after k epochs must be the model trained for
+    k epochs in one go (same batches, same steps), so "best epochs" is a real training run."""
+    from federation.recsys.baselines import epoch_grid, train_mf, tune_mf
+    from federation.recsys.federation import L2
+    from federation.recsys.metrics import mf_scorer, rank_customers
+    from federation.recsys.model import INIT_STD, init_users
+
+    data = generate_shops(SMALL, seed=4)
+    customers = data.customers_of(2)
+    along = train_mf(data, customers, dim=4, checkpoints=(1, 3), batch_size=8, lr=2.0, l2=L2, seed=7)
+    rng = np.random.default_rng(np.random.SeedSequence([7, 0xBA5E]))
+    factors, bias = rng.normal(0.0, INIT_STD, (data.num_items, 4)), np.zeros(data.num_items)
+    users = init_users(len(customers), 4, 7)
+    train_customers(factors, bias, users, customers, data, LocalSteps(epochs=3, batch_size=8, lr=2.0, user_lr=2.0,
+                                                                      l2=L2), rng=rng)
+    assert along[3] == rank_customers(mf_scorer(users, factors, bias), customers, data)
+    assert epoch_grid(10) == (1, 2, 4, 8, 10, 16, 20) and epoch_grid(1) == (1, 2)
+    best = tune_mf(data, customers, dim=4, epochs=2, batch_size=8, l2=L2, seed=7, lrs=(1.0, 2.0))
+    every = [r for lr in (1.0, 2.0) for r in train_mf(data, customers, dim=4, checkpoints=epoch_grid(2), batch_size=8,
+                                                       lr=lr, l2=L2, seed=7).values()]
+    assert best.ranking.hits == max(r.hits for r in every) and best.lr in (1.0, 2.0) and best.epochs in (1, 2, 4)

@@ -172,6 +172,7 @@ def test_round_log_never_lists_an_included_client_as_dropped(pki, tmp_path):
     assert asyncio.run(scenario())
     (line,) = lines
     assert line["ok"] and line["included"] == [1, 2, 3, 4] and line["stage_timeout"] == 2.0
+    assert line["bytes_up_per_param"] >= 4.0  # the masked input alone is 4 bytes a parameter
     assert "4" not in line["dropped"]  # its input is in the sum
     assert json.loads((tmp_path / "state" / "rounds.jsonl").read_text()) == line
 

@@ -61,7 +61,7 @@ def make_deployment(make_pki, root: Path, n_clients: int, *, rounds: int, expect
     (root / "server.toml").write_text(
         "[server]\n"
         'credentials = "ca/server"\n'
-        f'mode = "{mode}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
+        f'protection = "{mode}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
         "join_timeout = 60\nrejoin_timeout = 1.5\nstage_timeout = 20\n"
         + ('state_dir = "state"\n' if state else "")
         + f"[server.options]\ndim = {DIM}\nclip = 100.0\n{extra_options}"

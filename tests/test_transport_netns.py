@@ -78,7 +78,7 @@ def test_server_and_clients_on_different_virtual_hosts(tmp_path, two_hosts, make
             f'[client]\ncredentials = "ca/client-{cid}"\n[client.input]\nkind = "synthetic"\ndim = {DIM}\n'
         )
     (tmp_path / "server.toml").write_text(
-        f'[server]\ncredentials = "ca/server"\nhost = "{server_ip}"\nport = 50443\nmode = "masking"\n'
+        f'[server]\ncredentials = "ca/server"\nhost = "{server_ip}"\nport = 50443\nprotection = "masking"\n'
         "rounds = 1\nexpected_clients = 3\nthreshold = 2\njoin_timeout = 60\nstage_timeout = 20\n"
         f"[server.options]\ndim = {DIM}\nclip = 100.0\n"
     )

@@ -57,6 +57,9 @@ def test_training_over_grpc_survives_a_server_crash(tmp_path, make_pki):
         procs += clients
         first = json.loads(server.stdout.readline())
         assert first["round"] == 1 and first["aborted"] is None and first["included"] == [1, 2, 3]
+        # the gRPC round reports what the in-process engine does: upload size (the masked input
+        # alone is bits / 8 bytes a parameter) and who dropped at which stage
+        assert first["bytes_up_per_param"] >= 4.0 and first["dropped"] == {}
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
         time.sleep(0.5)

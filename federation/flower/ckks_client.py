@@ -33,11 +33,16 @@ from secagg import wire
 from secagg.ckks.messages import CkksDirectory
 from secagg.ckks.session import ClientSession, client_from_directory
 from secagg.errors import LocalProtocolError, MaliciousServerDetected
+from secagg.protocol import ClientPolicy
 
 
 def ckks_step(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message], record: ConfigRecord,
-              stage: str) -> bytes:
-    """This node's answer to one ckks stage message (raises on anything it must refuse)."""
+              stage: str, policy: ClientPolicy) -> bytes:
+    """This node's answer to one ckks stage message (raises on anything it must refuse).
+
+    ``policy.min_participants``: the node joins only rounds whose key holder decrypts sums of
+    at least that many nodes.
+    """
     credentials = _credentials(ctxt)
     if credentials is None:
         raise LocalProtocolError(
@@ -46,12 +51,12 @@ def ckks_step(msg: Message, ctxt: Context, call_next: Callable[[Message, Context
         )
     rnd = _field(record, "round", int)
     if stage == CKKS_DECRYPT:
-        session = _resume(ctxt, credentials, rnd, None)
+        session = _resume(ctxt, credentials, rnd, None, policy)
     elif stage in (CKKS_KEYS, CKKS_UPLOAD):
         announced = _field(record, "directory", bytes)
-        session = _resume(ctxt, credentials, rnd, announced) if stage == CKKS_UPLOAD else None
+        session = _resume(ctxt, credentials, rnd, announced, policy) if stage == CKKS_UPLOAD else None
         if session is None:
-            session = _start(msg, ctxt, credentials, rnd, announced)
+            session = _start(msg, ctxt, credentials, rnd, announced, policy)
             if (stage == CKKS_KEYS) != session.is_holder:
                 raise LocalProtocolError(f"stage {stage!r} was sent to a node that is "
                                          f"{'' if session.is_holder else 'not '}the round's key holder")
@@ -65,7 +70,8 @@ def ckks_step(msg: Message, ctxt: Context, call_next: Callable[[Message, Context
         ctxt.state.config_records[SESSION_RECORD]["snapshot"] = session.snapshot()
 
 
-def _session(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes) -> tuple[ClientSession, FlowerCkksDirectory]:
+def _session(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes,
+             policy: ClientPolicy) -> tuple[ClientSession, FlowerCkksDirectory]:
     """A new session for the round ``announced`` names, from the certificates it relays."""
     flower = wire.decode(announced, expect=FlowerCkksDirectory)
     directory = wire.decode(flower.ckks, expect=CkksDirectory)
@@ -74,12 +80,14 @@ def _session(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes
         directory, round=rnd, client_id=credentials.check_binding().client_id, identity=credentials.identity,
         update=None, trusted_keyholder=None if trusted is None else int(trusted),
         check_certificate=lambda pem: verify_certificate(pem, credentials.ca_pem),
+        min_participants=policy.min_participants,
     )
     return session, flower
 
 
-def _start(msg: Message, ctxt: Context, credentials: Credentials, rnd: int, announced: bytes) -> ClientSession:
-    session, flower = _session(ctxt, credentials, rnd, announced)
+def _start(msg: Message, ctxt: Context, credentials: Credentials, rnd: int, announced: bytes,
+           policy: ClientPolicy) -> ClientSession:
+    session, flower = _session(ctxt, credentials, rnd, announced, policy)
     if flower.round != rnd or flower.nodes.get(session.client_id) != msg.metadata.dst_node_id:
         raise MaliciousServerDetected("the round's directory does not list this node under its certified id", 0)
     if not (math.isfinite(flower.max_weight) and flower.max_weight > 0):
@@ -91,7 +99,8 @@ def _start(msg: Message, ctxt: Context, credentials: Credentials, rnd: int, anno
     return session
 
 
-def _resume(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes | None) -> ClientSession | None:
+def _resume(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes | None,
+            policy: ClientPolicy) -> ClientSession | None:
     """The node's saved session of this round (for ``announced``'s round id when given).
 
     None at the upload stage when the node has none for that round (it is not the key
@@ -104,7 +113,7 @@ def _resume(ctxt: Context, credentials: Credentials, rnd: int, announced: bytes 
         raise LocalProtocolError("no ckks round in progress on this node (the earlier stages were missed)")
     if announced is not None and _round_id(saved["ckks"]) != _round_id(announced):
         return None
-    session, _ = _session(ctxt, credentials, rnd, _field(saved, "ckks", bytes))
+    session, _ = _session(ctxt, credentials, rnd, _field(saved, "ckks", bytes), policy)
     session.restore(_field(saved, "snapshot", bytes))
     return session
 

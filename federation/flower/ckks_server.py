@@ -32,6 +32,7 @@ from secagg.ckks import new_round_id
 from secagg.ckks.messages import CkksDirectory
 from secagg.ckks.session import Roster, ServerSession, ServerStage, config_of
 from secagg.errors import ConfigError, NotEnoughSurvivors, SecAggError
+from secagg.protocol import ClientPolicy
 
 STAGE_NAMES = {ServerStage.CONTEXT: CKKS_KEYS, ServerStage.UPLOAD: CKKS_UPLOAD, ServerStage.DECRYPT: CKKS_DECRYPT}
 
@@ -47,7 +48,8 @@ def ckks_mean(workflow, grid, rnd: int, arrays: list[np.ndarray], fitins: dict, 
     _, threshold = workflow._graph(len(participants))
     directory = CkksDirectory(
         round=rnd, round_id=new_round_id(), dim=sum(int(a.size) for a in arrays) + 1, scheme=workflow.scheme,
-        value_bound=workflow.clipping_range, min_clients=max(2, threshold), participants=participants,
+        value_bound=workflow.clipping_range, min_clients=max(ClientPolicy().min_participants, threshold),
+        participants=participants,
         keyholder=keyholder, server_certificate=workflow._credentials.cert_pem,
         certificates={c: certificates[c] for c in participants},
     )

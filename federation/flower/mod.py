@@ -80,7 +80,7 @@ def make_secagg_mod(*, policy: ClientPolicy | None = None,
         if stage in CKKS_STAGES:
             from federation.flower.ckks_client import ckks_step  # TenSEAL only for ckks rounds
 
-            return _reply(msg, stage, ckks_step(msg, ctxt, call_next, record, stage))
+            return _reply(msg, stage, ckks_step(msg, ctxt, call_next, record, stage, policy or ClientPolicy()))
         node_policy = dataclasses.replace(policy or ClientPolicy(), round_ids=ContextRoundIds(ctxt))
         if stage == Stage.ADVERTISE.value:
             session = _start_session(msg, ctxt, record, node_policy)

@@ -95,7 +95,8 @@ class SecAggWorkflow:
     other than the one their node config names), ``forward_bytes`` (bound on the uploads
     forwarded to the key holder in one message). ``clipping_range`` is the per-coordinate
     bound every node clips to; ``reconstruction_threshold`` gives the fewest nodes the key
-    holder decrypts a sum of (at least 2).
+    holder decrypts a sum of (at least the nodes' default ``min_participants``, 3; a node
+    refuses a round below its own policy's).
     """
 
     def __init__(

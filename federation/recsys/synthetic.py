@@ -18,6 +18,12 @@ redistributed, so the shops scenario runs by default on data drawn from this mod
    shop's catalogue, drawn without replacement with probabilities proportional to
    ``exp(taste_strength * u . v_i + log-popularity_i)`` (Gumbel top-k sampling).
 
+Presets (:data:`PRESETS`): ``default`` is :class:`SyntheticShops` as it stands (8 shops of about
+430 customers, 1,000 items; the demo's data); ``many-customers`` is 16 shops of about 1,400
+customers (22,124 in all, 874-2,027 a shop), 300 items and 5 purchases a customer on average --
+the size at which customer-level DP noise on the item table becomes small against the signal
+(docs/recommendation.md has the figures).
+
 Every draw comes from ``numpy.random.default_rng(seed)``: the same seed gives the same data,
 byte for byte. This is public, simulated data; nothing secret is drawn here.
 """
@@ -101,3 +107,10 @@ def generate_shops(spec: SyntheticShops | None = None, *, seed: int = 0) -> Inte
         items=np.concatenate(items), shop_of=np.asarray(shop_of), catalogues=catalogues,
         seed=seed, synthetic=True,
     )
+
+
+PRESETS = {
+    "default": SyntheticShops(),
+    "many-customers": SyntheticShops(num_shops=16, customers_per_shop=1200, min_customers=600, num_items=300,
+                                     mean_interactions=5.0),
+}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,20 @@ from federation.transport.grpc_client import ClientSettings
 from federation.transport.grpc_server import ServerSettings
 from secagg.errors import ConfigError
 
-SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)}
+# TOML key -> settings field: the file says `protection` (as the experiment config and
+# `secagg run --protection` do); the settings, like the core's modes, say `mode`.
+SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)} - {"mode"} | {"protection"}
+
+
+def _renamed(table: dict, old: str, new: str, where: str) -> None:
+    """Move ``table[old]`` to ``table[new]``: the old spelling still loads, with a warning."""
+    if old not in table:
+        return
+    if new in table:
+        raise ConfigError(f"{where}: both `{new}` and its old name `{old}` are set; keep `{new}`")
+    warnings.warn(f"{where}: `{old}` is now called `{new}`; rename it (`{old}` will stop loading in a later "
+                  "release)", FutureWarning, stacklevel=3)
+    table[new] = table.pop(old)
 
 
 def _load(path: str | os.PathLike) -> tuple[dict, Path]:
@@ -46,9 +60,22 @@ class ServerConfig:
     training: Path | None = None  # experiment TOML: train a model instead of summing given vectors
 
 
+def _mode_name(name: object, path: str | os.PathLike) -> str:
+    """A protection's name as written in a TOML file; the old name "plain" of "none" still
+    loads, with a warning (protection = "none" and dp = "none" in the experiment say "none")."""
+    if name == "plain":
+        warnings.warn(f'{path}: "plain" is now called "none" (no protection); write "none", as '
+                      '"plain" will stop loading in a later release', FutureWarning, stacklevel=3)
+        return "none"
+    return str(name)
+
+
 def load_server_config(path: str | os.PathLike) -> ServerConfig:
     data, base = _load(path)
     table = dict(data.get("server", {}))
+    _renamed(table, "mode", "protection", f"{path} [server]")
+    if "protection" in table:
+        table["protection"] = _mode_name(table["protection"], path)
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
@@ -58,6 +85,8 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
+    if "protection" in table:
+        table["mode"] = table.pop("protection")
     settings = ServerSettings(**table, crl=str(crl))
     settings.options = dict(settings.options)
     settings.check()
@@ -76,6 +105,7 @@ class ClientConfig:
 def load_client_config(path: str | os.PathLike) -> ClientConfig:
     data, base = _load(path)
     table = dict(data.get("client", {}))
+    _renamed(table, "modes", "protections", f"{path} [client]")
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [client] needs `credentials`, the directory written by `secagg certs issue ID`")
@@ -86,12 +116,12 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         if "experiment" not in training:
             raise ConfigError(f"{path}: [client.training] needs `experiment`, the experiment TOML the server trains")
         training["experiment"] = _resolve(base, training["experiment"])
-    known = {f.name for f in dataclasses.fields(ClientSettings)}
+    known = {f.name for f in dataclasses.fields(ClientSettings)} - {"modes"} | {"protections"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
-    if "modes" in table:
-        table["modes"] = tuple(str(m) for m in table["modes"])
+    if "protections" in table:
+        table["modes"] = tuple(_mode_name(m, path) for m in table.pop("protections"))
     # Round ids this client signed in survive restarts: by default next to the credentials.
     table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):

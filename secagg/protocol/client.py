@@ -71,7 +71,6 @@ from secagg.protocol.common import (
     round_digest,
     seed_commitment,
 )
-from secagg.protocol.plan import ClientPolicy, check_round
 from secagg.protocol.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -86,6 +85,7 @@ from secagg.protocol.messages import (
     UnmaskResponse,
     consistency_payload,
 )
+from secagg.protocol.plan import ClientPolicy, check_round
 
 
 # The share plaintext is two raw shares (it was a msgpack ShareBundle): the label names that

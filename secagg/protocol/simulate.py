@@ -54,7 +54,10 @@ class InMemoryRound:
             )
             for c in self.client_ids
         }
+        # Timed through the driver's public hooks (secagg.rounds.PhaseTimes): each stage's client
+        # work, as a mean per answering client and summed over them.
         self.client_seconds: dict[str, float] = {}
+        self.client_total_seconds: dict[str, float] = {}
         # The server's time to take in each stage's messages (signature check, decoding and,
         # for masked inputs, adding to the sum), summed over clients.
         self.server_receive_seconds: dict[str, float] = {}
@@ -71,6 +74,7 @@ class InMemoryRound:
         self.gone |= link.gone
         for stage, answered in link.answered.items():
             if answered:
+                self.client_total_seconds[stage] = clients[f"client.{stage}"]
                 self.client_seconds[stage] = clients[f"client.{stage}"] / answered
                 self.server_receive_seconds[stage] = server[f"server.receive.{stage}"]
         return outcome
