@@ -434,13 +434,9 @@ def run_ray_rounds(
 
 def _ckks_rounds(n_clients: int, options: Mapping[str, object], rounds: int, threshold: int | None) -> Iterator[dict]:
     from federation.transport.config import synthetic_update
+    from secagg.ckks.mode import dim_and_bound
 
-    dim = int(options.get("dim", 0))
-    if dim <= 0:
-        raise ConfigError("the ckks mode needs a positive `dim` option")
-    if "clip" not in options:
-        raise ConfigError("the ckks mode needs `clip`, the per-coordinate bound every client enforces")
-    bound = float(options["clip"])
+    dim, bound = dim_and_bound(options)
     base, scale = int(options.get("input_seed", 0)), float(options.get("input_scale", 1.0))
     pools = make_pools(tuple(range(n_clients + 1)))  # clients 0..n-1 and the key holder n
     for r in range(rounds):

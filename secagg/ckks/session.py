@@ -645,14 +645,14 @@ def client_from_directory(directory: CkksDirectory, *, round: int, client_id: in
     d = directory
     if d.round != round:
         raise ReplayError(f"directory of round {d.round} sent in round {round}")
+    if client_id not in d.participants:
+        raise ConfigError("this client is not a participant of the round")
+    holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
     if d.min_clients < min_participants or len(d.participants) < min_participants:
         raise MaliciousServerDetected(
             f"the round lets the key holder decrypt a sum of {d.min_clients} of {len(d.participants)} clients; this "
             f"client takes part only in sums of at least {min_participants} (its policy's min_participants). "
             "Refusing the round")
-    if client_id not in d.participants:
-        raise ConfigError("this client is not a participant of the round")
-    holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
     server = check_certificate(d.server_certificate)
     if server.role != "server":
         raise InvalidSignature("the relayed server certificate is not a server certificate")
