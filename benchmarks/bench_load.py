@@ -51,7 +51,7 @@ def worker(root: str, port: int, ids: list[int]) -> None:
 
     dim = int(os.environ["BENCH_DIM"])
     # client 1 holds the CA's key-holder role; every client trusts it for ckks rounds
-    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("plain", "masking", "ckks"),
+    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("none", "masking", "ckks"),
                               keyholder=1)
 
     async def main():
@@ -128,8 +128,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4, help="client processes")
-    ap.add_argument("--modes", default="plain,masking-complete",
-                    help="comma-separated: plain (baseline, always run), masking-complete, masking-sparse, ckks")
+    ap.add_argument("--modes", default="none,masking-complete",
+                    help="comma-separated: none (the unprotected baseline, always run), masking-complete, masking-sparse, ckks")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "load_grpc.json"))
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,7 +147,7 @@ def main() -> None:
         for c in range(1, args.clients + 1):
             issue(root / "ca", client_id=c, role="keyholder" if c == 1 else "client")
         cert_seconds = time.perf_counter() - t
-        modes = ["plain"] + [m for m in args.modes.split(",") if m and m != "plain"]
+        modes = ["none"] + [m for m in args.modes.split(",") if m and m != "none"]
         results = [run_mode(root, m, args.clients, args.dim, args.rounds, args.workers) for m in modes]
     report = {
         "benchmark": "grpc-mtls-loopback-load",
@@ -156,7 +156,7 @@ def main() -> None:
                                       ("workers", args.workers), ("modes", args.modes))),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "certificate_issue_seconds": round(cert_seconds, 2),
-        "baseline": "plain: float32 updates in the clear, summed by the server (insecure)",
+        "baseline": "none: float32 updates in the clear, summed by the server (insecure)",
         "note": "round_seconds: from the first server message to the released sum (connection set-up excluded); server and clients share the same CPUs",
         "results": results,
     }

@@ -1,4 +1,4 @@
-"""The ``plain`` mode: the insecure baseline (the server sees every update).
+"""The ``none`` mode (no protection): the insecure baseline (the server sees every update).
 
 Clients upload float32 vectors in the clear, signed; the server sums them. It exists to
 measure what a link costs on its own, next to the secure modes (load benchmarks,
@@ -109,7 +109,7 @@ class PlainServerRound:
 
 class PlainClientRound:
     def __init__(self, ctx: ClientContext, params: bytes) -> None:
-        log.warning("client %d: round %d is in mode 'plain' -- the server will see this update in the clear",
+        log.warning("client %d: round %d is in mode 'none' (no protection) -- the server will see this update in the clear",
                     ctx.client_id, ctx.round)
         cfg = wire.decode(params, expect=PlainConfig)
         if cfg.round != ctx.round:
@@ -134,8 +134,8 @@ class PlainClientRound:
 def _plain_server(ctx: RoundContext) -> tuple[ServerRound, bytes]:
     dim = int(ctx.options.get("dim", 0))
     if dim <= 0:
-        raise ConfigError("the plain mode needs a positive `dim` option")
+        raise ConfigError("mode 'none' needs a positive `dim` option")
     return PlainServerRound(ctx, dim), wire.encode(PlainConfig(round=ctx.round, dim=dim))
 
 
-register_mode(Mode("plain", _plain_server, PlainClientRound))
+register_mode(Mode("none", _plain_server, PlainClientRound))

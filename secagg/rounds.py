@@ -1,6 +1,6 @@
 """The round seam: protocol modes on one side, links (in process, gRPC, Ray) on the other.
 
-A mode (masking, ckks, plain) builds one :class:`ServerRound` on the server and one
+A mode (masking, ckks, none) builds one :class:`ServerRound` on the server and one
 :class:`ClientRound` per client. Both are sans-IO: bytes in, bytes out, no sockets, clocks
 or threads. A :class:`Link` moves those bytes between the server and the parties and owns
 deadlines and connections. :func:`drive` is the one loop that joins them -- every backend
@@ -26,7 +26,7 @@ Rules the driver keeps and every link relies on:
   messages the stage does not ask for.
 
 Modes are registered by name (:func:`register_mode`, :func:`get_mode`); the built-in ones
-(``masking``: :mod:`secagg.protocol.mode`, ``ckks``: :mod:`secagg.ckks.mode`, ``plain``:
+(``masking``: :mod:`secagg.protocol.mode`, ``ckks``: :mod:`secagg.ckks.mode`, ``none``:
 :mod:`secagg.plain`) load on first use. Certificate checks are callbacks a link hands in
 (:class:`ClientContext.check_certificate`, :class:`RoundContext.read_certificate`), so the
 core never imports a transport's PKI.
@@ -156,7 +156,7 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {}
-BUILTIN_MODES = {"masking": "secagg.protocol.mode", "ckks": "secagg.ckks.mode", "plain": "secagg.plain"}
+BUILTIN_MODES = {"masking": "secagg.protocol.mode", "ckks": "secagg.ckks.mode", "none": "secagg.plain"}
 
 
 def register_mode(mode: Mode) -> None:

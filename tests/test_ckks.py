@@ -20,9 +20,9 @@ import secagg
 from secagg.ckks import (
     HeClient,
     HeParams,
+    HeRoundConfig,
     HeServer,
     KeyHolder,
-    RoundConfig,
     SplitClient,
     aggregate_ckks,
     combine_shares,
@@ -53,7 +53,7 @@ class Round:
     """A key holder, a key-less server and n clients wired together in memory."""
 
     def __init__(self, n: int, dim: int, params: HeParams = CKKS, **kw) -> None:
-        self.config = RoundConfig(new_round_id(), dim, n, params, **kw)
+        self.config = HeRoundConfig(new_round_id(), dim, n, params, **kw)
         self.holder = KeyHolder(self.config)
         self.ids = [IdentityKey.generate() for _ in range(n)]
         self.client_ctx = self.holder.context_for_clients()
@@ -224,11 +224,11 @@ def test_aggregate_under_another_key_is_refused():
 
 def test_mismatched_parameters_are_refused():
     r = Round(2, 10)
-    other = RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(scale_bits=30))
+    other = HeRoundConfig(r.config.round_id, 10, 2, HeParams.ckks(scale_bits=30))
     with pytest.raises(ConfigError, match="mismatched parameters"):
         HeClient(0, other, r.client_ctx, r.holder.public_key)
     with pytest.raises(ConfigError):
-        HeServer(RoundConfig(r.config.round_id, 10, 2, HeParams.ckks(16384, (60, 40))), r.server_ctx,
+        HeServer(HeRoundConfig(r.config.round_id, 10, 2, HeParams.ckks(16384, (60, 40))), r.server_ctx,
                  r.holder.public_key, {})
 
 
@@ -236,7 +236,7 @@ def test_context_signed_by_someone_else_or_for_another_round_is_refused():
     r = Round(2, 10)
     with pytest.raises(ConfigError):
         HeClient(0, r.config, r.client_ctx, IdentityKey.generate().public_bytes)
-    later = RoundConfig(new_round_id(), 10, 2)
+    later = HeRoundConfig(new_round_id(), 10, 2)
     with pytest.raises(ReplayError):
         HeClient(0, later, r.client_ctx, r.holder.public_key)
 
@@ -259,9 +259,9 @@ def test_insecure_or_unusable_parameters_rejected(kwargs):
 
 def test_overflowing_round_rejected():
     with pytest.raises(OverflowRisk):
-        RoundConfig(new_round_id(), 10, 100, CKKS, value_bound=1e4)
+        HeRoundConfig(new_round_id(), 10, 100, CKKS, value_bound=1e4)
     with pytest.raises(OverflowRisk):
-        RoundConfig(new_round_id(), 10, 10_000, BFV)
+        HeRoundConfig(new_round_id(), 10, 10_000, BFV)
 
 
 def test_update_beyond_value_bound_rejected():
@@ -519,7 +519,7 @@ def test_key_holder_catches_a_doubled_upload():
 
 def test_out_of_range_ciphertext_is_caught_at_decryption():
     r = Round(2, 10, value_bound=1.0)
-    cheat = RoundConfig(r.config.round_id, 10, 2, CKKS, value_bound=1e3)  # skips its own range check
+    cheat = HeRoundConfig(r.config.round_id, 10, 2, CKKS, value_bound=1e3)  # skips its own range check
     bad = HeClient(1, cheat, r.client_ctx, r.holder.public_key, r.ids[1]).encrypt(np.full(10, 500.0))
     r.server.receive(r.upload(0, np.zeros(10)))
     r.server.receive(bad)  # the server cannot see values
@@ -586,7 +586,7 @@ class SplitRound:
     """k key holders, one key-less server state per key holder, split clients."""
 
     def __init__(self, n: int, dim: int, k: int = 2, **kw) -> None:
-        self.config = RoundConfig(new_round_id(), dim, n, BFV, key_holders=k, **kw)
+        self.config = HeRoundConfig(new_round_id(), dim, n, BFV, key_holders=k, **kw)
         self.holders = [KeyHolder(self.config) for _ in range(k)]
         self.ids = [IdentityKey.generate() for _ in range(n)]
         self.keys = {i: ident.public_bytes for i, ident in enumerate(self.ids)}
@@ -651,7 +651,7 @@ def test_split_round_refuses_different_client_sets():
 
 def test_split_rounds_need_bfv_and_the_share_uploads_do_not_mix():
     with pytest.raises(ConfigError, match="bfv"):
-        RoundConfig(new_round_id(), 10, 2, CKKS, key_holders=2)
+        HeRoundConfig(new_round_id(), 10, 2, CKKS, key_holders=2)
     r = SplitRound(2, 10)
     first, second = r.upload(0, np.ones(10))
     with pytest.raises(InvalidCiphertext, match="another key"):

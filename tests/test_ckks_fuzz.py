@@ -23,14 +23,14 @@ CHILD = textwrap.dedent(
     import json, random, resource, sys
     import numpy as np
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))   # 2 GiB
-    from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, new_round_id
+    from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, HeRoundConfig, new_round_id
     from secagg.ckks.roles import _load_vector
     from secagg.errors import InvalidCiphertext
     from secagg.keys import IdentityKey
 
     scheme, flips, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     params = HeParams.ckks() if scheme == "ckks" else HeParams.bfv()
-    cfg = RoundConfig(new_round_id(), 300, 2, params)
+    cfg = HeRoundConfig(new_round_id(), 300, 2, params)
     holder = KeyHolder(cfg)
     ident = IdentityKey.generate()
     cctx, sctx = holder.context_for_clients(), holder.context_for_server()

@@ -19,7 +19,7 @@ pytest.importorskip("tenseal")
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, RoundConfig, SplitClient, combine_shares, new_round_id
+from secagg.ckks import HeClient, HeParams, HeServer, KeyHolder, HeRoundConfig, SplitClient, combine_shares, new_round_id
 from secagg.ckks.messages import HeAggregateHeader, HeCiphertexts, chunks_digest
 from secagg.ckks.params import BFV_HEADROOM_BITS
 from secagg.ckks.roles import SERVER_ID
@@ -67,7 +67,7 @@ def forge_chunk(honest_chunk: bytes, ctx, params: HeParams, size: int, c0: np.nd
     return out
 
 
-def forged_aggregate(config: RoundConfig, server: HeServer, key_fingerprint: bytes, chunks) -> bytes:
+def forged_aggregate(config: HeRoundConfig, server: HeServer, key_fingerprint: bytes, chunks) -> bytes:
     """The server signs its own ciphertexts as the sum over every client of the round."""
     chunks = tuple(chunks)
     header = HeAggregateHeader(config.round_id, key_fingerprint, config.dim, config.weighted,
@@ -79,7 +79,7 @@ class Deployment:
     """k key holders, one server state per key holder, n honest clients that all uploaded."""
 
     def __init__(self, params: HeParams, k: int, n: int = 3, dim: int = 100, **kw) -> None:
-        self.config = RoundConfig(new_round_id(), dim, n, params, key_holders=k, **kw)
+        self.config = HeRoundConfig(new_round_id(), dim, n, params, key_holders=k, **kw)
         self.holders = [KeyHolder(self.config) for _ in range(k)]
         self.ids = [IdentityKey.generate() for _ in range(n)]
         self.keys = {i: ident.public_bytes for i, ident in enumerate(self.ids)}
@@ -177,7 +177,7 @@ def test_verified_sum_is_released_once_and_only_by_its_key_holder():
 
 def _round_with_cheater(values_of_cheater: np.ndarray, mutate=None, params: HeParams = BFV):
     """Client 0 honest (zeros), client 1 skips its own range check (or corrupts its bytes)."""
-    config = RoundConfig(new_round_id(), 10, 2, params, value_bound=1.0)
+    config = HeRoundConfig(new_round_id(), 10, 2, params, value_bound=1.0)
     holder = KeyHolder(config)
     ids = [IdentityKey.generate() for _ in range(2)]
     keys = {i: k.public_bytes for i, k in enumerate(ids)}
@@ -239,7 +239,7 @@ def test_bfv_re_signed_bit_flips_are_refused_at_decryption():
 
 def test_bfv_check_slots_catch_a_corrupted_plaintext_polynomial():
     """Changing one coefficient of the plaintext polynomial by d changes every slot, check slots included."""
-    config = RoundConfig(new_round_id(), 10, 2, BFV, value_bound=1.0)
+    config = HeRoundConfig(new_round_id(), 10, 2, BFV, value_bound=1.0)
     assert config.check_slots == 2 and config.chunk_sizes == (12,)
     from secagg.ckks.roles import _bfv_payload
 
@@ -253,7 +253,7 @@ def test_bfv_check_slots_catch_a_corrupted_plaintext_polynomial():
 
 
 def test_split_bfv_out_of_range_is_refused_after_combining():
-    config = RoundConfig(new_round_id(), 10, 2, BFV, value_bound=1.0, key_holders=2)
+    config = HeRoundConfig(new_round_id(), 10, 2, BFV, value_bound=1.0, key_holders=2)
     holders = [KeyHolder(config) for _ in range(2)]
     ids = [IdentityKey.generate() for _ in range(2)]
     keys = {i: k.public_bytes for i, k in enumerate(ids)}

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
 
 from secagg import wire
-from secagg.ckks import HeParams, RoundConfig, new_round_id
+from secagg.ckks import HeParams, HeRoundConfig, new_round_id
 from secagg.ckks.messages import CkksBatchReceived, CkksDecryptRequest, CkksSplitUpload
 from secagg.ckks.session import ClientStage, ServerStage
 from secagg.ckks.simulate import round_sessions, run_round
@@ -26,7 +26,7 @@ DIM = 10
 
 def sessions(n: int = 3, forward_bytes: int | None = None, **kw):
     x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
-    config = RoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
+    config = HeRoundConfig(new_round_id(), DIM, n, kw.pop("params", HeParams.ckks()), **kw)
     server, parties = round_sessions(config, x, **({} if forward_bytes is None else {"forward_bytes": forward_bytes}))
     return x, config, server, parties
 
@@ -184,7 +184,7 @@ def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_th
 
     n = 4
     x = np.linspace(-0.5, 0.5, n * DIM).reshape(n, DIM)
-    config = RoundConfig(new_round_id(), DIM, n, HeParams.ckks())
+    config = HeRoundConfig(new_round_id(), DIM, n, HeParams.ckks())
     ids = [IdentityKey.generate() for _ in range(n)]
     server_id = IdentityKey.generate()
     roster = Roster(0, tuple(range(n)), (0,), {i: k.public_bytes for i, k in enumerate(ids)}, (ids[0].public_bytes,),
@@ -215,3 +215,12 @@ def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_th
     assert np.max(np.abs(result.total - x.sum(0))) <= result.error_bound
     with pytest.raises(ReplayError, match="did not expect"):
         holder_receives(b"a second decryption request")  # resumed DONE: nothing more is answered
+
+
+def test_a_split_round_forwards_each_key_holders_uploads_in_the_same_batches():
+    """Two BFV key holders, one upload per message each: both confirm every batch, the sum is exact."""
+    x, _config, server, parties = sessions(n=4, forward_bytes=1, params=HeParams.bfv(), key_holders=2)
+    out = run_round(server, parties)
+    assert out.included == (0, 1, 2, 3)
+    assert np.max(np.abs(out.total - x.sum(0))) <= out.error_bound
+    assert [parties[h].batches for h in (4, 5)] == [4, 4] and all(parties[h].done for h in (4, 5))

@@ -48,12 +48,12 @@ def test_a_training_client_accepts_only_its_experiments_protection(tmp_path):
     from federation.transport.config import load_client_config
     from federation.transport.join import accepted_modes
 
-    (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nprotections = ["masking", "plain"]\n'
+    (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nprotections = ["masking", "none"]\n'
                                           '[client.input]\nkind = "synthetic"\ndim = 4\n')
     client = load_client_config(tmp_path / "client.toml")
-    assert accepted_modes(client) == ("masking", "plain")  # contributing its own input: its own list
+    assert accepted_modes(client) == ("masking", "none")  # contributing its own input: its own list
     for protection, mode in [("masking", "masking"), ("masking-sparse", "masking"), ("ckks", "ckks"),
-                             ("none", "plain")]:
+                             ("none", "none")]:
         assert accepted_modes(client, config(tmp_path, protection=protection)) == (mode,)
 
 
@@ -71,3 +71,15 @@ def test_the_old_keys_mode_and_modes_still_load_with_a_warning(tmp_path):
     (tmp_path / "both.toml").write_text('[server]\ncredentials = "s"\nmode = "ckks"\nprotection = "masking"\n')
     with pytest.raises(ConfigError, match="keep `protection`"):
         load_server_config(tmp_path / "both.toml")
+
+
+def test_the_old_name_plain_still_loads_as_none_with_a_warning(tmp_path):
+    pytest.importorskip("grpc")
+    from federation.transport.config import load_client_config, load_server_config
+
+    (tmp_path / "server.toml").write_text('[server]\ncredentials = "s"\nprotection = "plain"\n[server.options]\ndim = 4\n')
+    (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nprotections = ["plain"]\n')
+    with pytest.warns(FutureWarning, match='"plain" is now called "none"'):
+        assert load_server_config(tmp_path / "server.toml").settings.mode == "none"
+    with pytest.warns(FutureWarning, match='write "none"'):
+        assert load_client_config(tmp_path / "client.toml").settings.modes == ("none",)

@@ -70,7 +70,7 @@ def test_ray_ckks_round_matches_in_process(local_ray, scheme):
     not, and must not be, seedable), so two runs agree only within the error bound: each
     released value is within ``error_bound`` of the exact sum, and scaling the bound's z
     from its 1e-6 failure rate (over all slots) to 1e-9 over both runs gives the tolerance
-    below (false-failure rate < 1e-9, tail model in secagg.ckks.roles.RoundConfig.error_bound).
+    below (false-failure rate < 1e-9, tail model in secagg.ckks.roles.HeRoundConfig.error_bound).
     """
     import math
 

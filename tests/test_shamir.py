@@ -92,3 +92,10 @@ def test_vandermonde_product_equals_horner_evaluation(n, t):
     top = np.full((t, 3), shamir.PRIME - 1, dtype=np.int64)
     high = np.array([shamir.PRIME - 1, shamir.PRIME - 2, 1 << 30][: max(1, min(3, n))], dtype=np.int64)
     np.testing.assert_array_equal(shamir.evaluate(high, top), _horner(high, top))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 64, 251])
+def test_vectorised_lagrange_weights_equal_the_textbook_formula(t):
+    rng = np.random.default_rng(t)  # public points, test data
+    holders = tuple(sorted(set(rng.integers(1, shamir.PRIME, t).tolist()) | {shamir.PRIME - 1}))[-t:]
+    assert shamir.lagrange_at_zero(holders) == shamir.lagrange_at(holders, 0)

@@ -316,14 +316,14 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
     np.testing.assert_allclose(r1.outcome.total, expected, atol=1e-4)
 
 
-def test_clients_refuse_a_server_that_switches_to_the_plain_mode(pki):
+def test_clients_refuse_a_server_that_switches_to_no_protection(pki):
     async def clients(port):
         return await asyncio.gather(*honest(pki, port, (1, 2)))
 
-    s = settings(mode="plain", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
+    s = settings(mode="none", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
-    assert all(res.failed[0] == "refused mode 'plain'" for res in results)
+    assert all(res.failed[0] == "refused mode 'none'" for res in results)
 
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
@@ -358,6 +358,17 @@ def test_a_server_naming_another_key_holder_is_refused_by_every_client(pki, name
     for why in refusals.values():
         assert why.startswith("MaliciousServerDetected") and f"names client {named}" in why
     assert all(res.rounds.get(0) is None for res in results)  # nothing released
+
+
+def test_every_client_refuses_a_ckks_round_whose_key_holder_would_decrypt_a_sum_below_its_policy(pki):
+    """threshold 2: the key holder would decrypt a sum of 2 updates; the clients' policy asks for 3."""
+    pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
+    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4, threshold=2, stage_timeout=3.0)
+    reports, results, refusals = _ckks_refusals(pki, s, (1, 2, 3, 4), keyholder=1)
+    assert not reports[0].ok
+    assert sorted(refusals) == [1, 2, 3, 4]  # the key holder included: it never decrypts the small sum
+    assert all(why.startswith("MaliciousServerDetected") and "min_participants" in why for why in refusals.values())
+    assert all(res.rounds.get(0) is None for res in results)
 
 
 def test_a_client_whose_certificate_lacks_the_key_holder_role_is_never_a_key_holder(pki):

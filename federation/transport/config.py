@@ -60,10 +60,22 @@ class ServerConfig:
     training: Path | None = None  # experiment TOML: train a model instead of summing given vectors
 
 
+def _mode_name(name: object, path: str | os.PathLike) -> str:
+    """A protection's name as written in a TOML file; the old name "plain" of "none" still
+    loads, with a warning (protection = "none" and dp = "none" in the experiment say "none")."""
+    if name == "plain":
+        warnings.warn(f'{path}: "plain" is now called "none" (no protection); write "none", as '
+                      '"plain" will stop loading in a later release', FutureWarning, stacklevel=3)
+        return "none"
+    return str(name)
+
+
 def load_server_config(path: str | os.PathLike) -> ServerConfig:
     data, base = _load(path)
     table = dict(data.get("server", {}))
     _renamed(table, "mode", "protection", f"{path} [server]")
+    if "protection" in table:
+        table["protection"] = _mode_name(table["protection"], path)
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
@@ -109,7 +121,7 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "protections" in table:
-        table["modes"] = tuple(str(m) for m in table.pop("protections"))
+        table["modes"] = tuple(_mode_name(m, path) for m in table.pop("protections"))
     # Round ids this client signed in survive restarts: by default next to the credentials.
     table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):

@@ -49,7 +49,7 @@ class ClientSettings:
     max_message_bytes: int = 256 << 20
     connect_timeout: float = 30.0
     # Protocol modes this client takes part in. The server names the mode of each round; a
-    # client never lets it pick the insecure "plain" baseline unless listed here.
+    # client never lets it pick the insecure "none" baseline unless listed here.
     modes: tuple[str, ...] = ("masking", "ckks")
     # This client's masking policy (secagg.protocol.plan.ClientPolicy): the smallest sum it
     # accepts to be part of, the fraction of other participants it assumes collude with the

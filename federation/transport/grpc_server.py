@@ -339,8 +339,8 @@ class AggregationServer:
         await self._server.start()
         log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
                  s.host, self.port, s.mode, cap, s.handshake_timeout)
-        if s.mode == "plain":
-            log.warning("mode 'plain' is the INSECURE baseline: the server sees every client's update")
+        if s.mode == "none":
+            log.warning("mode 'none' is the INSECURE baseline: the server sees every client's update")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -2,7 +2,7 @@
 
 :func:`accepted_modes` is the client's policy: which protection it takes part in. A client that
 trains for an experiment accepts only the protection that experiment names (a server cannot
-talk it into a weaker one, e.g. ``plain`` for a ``masking`` experiment); a client contributing
+talk it into a weaker one, e.g. ``none`` for a ``masking`` experiment); a client contributing
 from ``[client.input]`` accepts what its own ``[client] modes`` lists. :func:`join` runs the
 session: it reconnects while the server is unreachable or restarting, and reports each round.
 """

@@ -109,7 +109,7 @@ class _Pool:
         return len(self.sessions)
 
     def begin_ckks(self, config, roster, updates: Mapping[int, bytes], fractions: Mapping[int, float]) -> int:
-        """New ckks round (:class:`~secagg.ckks.roles.RoundConfig`, :class:`~secagg.ckks.session.Roster`):
+        """New ckks round (:class:`~secagg.ckks.roles.HeRoundConfig`, :class:`~secagg.ckks.session.Roster`):
         a key-holder session for each hosted key holder, a client session for each hosted
         participant in ``updates`` (float64 bytes; the others never upload)."""
         from secagg.ckks.session import ClientSession, KeyHolderSession
@@ -329,7 +329,7 @@ def run_ray_ckks_round(
 ):
     """One ckks (or BFV) round with the clients and the key holder(s) on Ray actors.
 
-    Same arguments and result as :func:`secagg.aggregate(updates, protocol="ckks", ...)
+    Same arguments and result as :func:`secagg.aggregate(updates, protection="ckks", ...)
     <secagg.aggregate>` (``options``: ``clip``, ``dropouts``, ``weights``, ``scheme``,
     ``value_bound``, ``min_clients``, ``key_holders``, ...): row ``i`` is party ``i``, the
     key holders are parties ``n``, ``n+1``, ... (as in process), each on the actor that
@@ -434,13 +434,9 @@ def run_ray_rounds(
 
 def _ckks_rounds(n_clients: int, options: Mapping[str, object], rounds: int, threshold: int | None) -> Iterator[dict]:
     from federation.transport.config import synthetic_update
+    from secagg.ckks.mode import dim_and_bound
 
-    dim = int(options.get("dim", 0))
-    if dim <= 0:
-        raise ConfigError("the ckks mode needs a positive `dim` option")
-    if "clip" not in options:
-        raise ConfigError("the ckks mode needs `clip`, the per-coordinate bound every client enforces")
-    bound = float(options["clip"])
+    dim, bound = dim_and_bound(options)
     base, scale = int(options.get("input_seed", 0)), float(options.get("input_scale", 1.0))
     pools = make_pools(tuple(range(n_clients + 1)))  # clients 0..n-1 and the key holder n
     for r in range(rounds):

@@ -37,7 +37,7 @@ from secagg import wire
 from secagg.errors import ConfigError, ReplayError
 from secagg.result import AggregateResult
 
-MODES = {"none": ("plain", {}), "masking": ("masking", {"graph": "complete"}),
+MODES = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
          "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
 
 

@@ -31,7 +31,7 @@ from secagg.bench.limits import check_bench_size
 from secagg.bench.timing import warm_median
 from secagg.ckks.messages import HeCiphertexts
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import HeClient, RoundConfig, SplitClient, new_round_id, ts
+from secagg.ckks.roles import HeClient, HeRoundConfig, SplitClient, new_round_id, ts
 from secagg.ckks.simulate import round_sessions, run_round
 from secagg.rounds import PhaseTimes
 from secagg.wire import decode
@@ -70,7 +70,7 @@ def run_ckks_bench(
     exact = updates.astype(np.float64).sum(axis=0)
 
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
-    config = RoundConfig(new_round_id(), dim, clients, params, value_bound=1.0, key_holders=key_holders, **grid)
+    config = HeRoundConfig(new_round_id(), dim, clients, params, value_bound=1.0, key_holders=key_holders, **grid)
     times = PhaseTimes()
     server, parties = round_sessions(config, updates.astype(np.float64), precompute=precompute, timer=times)
     released = run_round(server, parties)
@@ -133,7 +133,7 @@ def run_ckks_bench(
     }
 
 
-def _oneshot_encrypt_s(config: RoundConfig, client_ctxs, holder_keys, x: np.ndarray) -> float:
+def _oneshot_encrypt_s(config: HeRoundConfig, client_ctxs, holder_keys, x: np.ndarray) -> float:
     """One client's encryption without precomputation (a throwaway client; its upload is not sent)."""
     if config.key_holders == 1:
         client = HeClient(0, config, client_ctxs[0], holder_keys[0])

@@ -1,10 +1,10 @@
 """CKKS (and quantized BFV) homomorphic aggregation with TenSEAL; the server holds no key.
 
 Recipe: ``secagg.aggregate(updates, protection="ckks")``. Building blocks for a deployment:
-:class:`RoundConfig` (public round parameters), :class:`KeyHolder` (decryptor: the only
+:class:`HeRoundConfig` (public round parameters), :class:`KeyHolder` (decryptor: the only
 party with a secret key), :class:`HeClient` (public key: encrypt only) and
 :class:`HeServer` (no key: authenticate and add). Split-trust BFV rounds
-(``RoundConfig(key_holders=k)``) use :class:`SplitClient`, :meth:`KeyHolder.decrypt_share`
+(``HeRoundConfig(key_holders=k)``) use :class:`SplitClient`, :meth:`KeyHolder.decrypt_share`
 and :func:`combine_shares`. One round of these roles, as sans-IO state machines that every
 link (in process, gRPC, benchmark) drives: :mod:`secagg.ckks.session`. Roles, what each
 can learn and what collusion breaks are in docs/threat-model.md; parameters and
@@ -18,9 +18,9 @@ from secagg.ckks.roles import (
     DecryptedShare,
     DecryptedSum,
     HeClient,
+    HeRoundConfig,
     HeServer,
     KeyHolder,
-    RoundConfig,
     SplitClient,
     combine_shares,
     fingerprint,
@@ -35,9 +35,9 @@ __all__ = [
     "DecryptedSum",
     "HeClient",
     "HeParams",
+    "HeRoundConfig",
     "HeServer",
     "KeyHolder",
-    "RoundConfig",
     "SplitClient",
     "aggregate_ckks",
     "combine_shares",

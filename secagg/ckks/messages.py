@@ -134,7 +134,7 @@ def chunks_digest(label: bytes, chunks: tuple[bytes, ...] | list[bytes]) -> byte
 
 @message
 class CkksDirectory(Message):
-    """Server -> every participant: the round's parameters (to rebuild the same RoundConfig),
+    """Server -> every participant: the round's parameters (to rebuild the same HeRoundConfig),
     the key holder's client id, and the CA-signed certificates of the server and of every
     participant (clients check them; the key holder checks each upload against them)."""
 

@@ -20,6 +20,8 @@ default 64 MiB, see :class:`~secagg.ckks.session.ServerSession`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from secagg import wire
 from secagg.ckks.messages import CkksDirectory
 from secagg.ckks.roles import new_round_id
@@ -83,6 +85,8 @@ class CkksClientRound:
             wire.decode(params, expect=CkksDirectory), round=ctx.round, client_id=ctx.client_id,
             identity=ctx.identity, update=ctx.update, trusted_keyholder=ctx.keyholder,
             check_certificate=ctx.check_certificate,
+            # the client's own floor on the sums its update joins (its masking policy's)
+            min_participants=int(getattr(ctx.policy, "min_participants", 2)),
         )
         self.step = 0  # messages received so far
 
@@ -104,19 +108,26 @@ class CkksClientRound:
         return self.session.done
 
 
-def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
-    o = ctx.options
-    dim = int(o.get("dim", 0))  # type: ignore[call-overload]
+def dim_and_bound(options: Mapping[str, object]) -> tuple[int, float]:
+    """The ckks mode's two required options, checked: ``dim`` and ``clip`` (the per-coordinate
+    bound every client enforces). Every link that plans a ckks round from options uses this."""
+    dim = int(options.get("dim", 0))  # type: ignore[call-overload]
     if dim <= 0:
         raise ConfigError("the ckks mode needs a positive `dim` option")
-    if "clip" not in o:
+    if "clip" not in options:
         raise ConfigError("the ckks mode needs `clip`, the per-coordinate bound every client enforces")
+    return dim, float(options["clip"])  # type: ignore[arg-type]
+
+
+def _server(ctx: RoundContext) -> tuple[CkksServerRound, bytes]:
+    o = ctx.options
+    dim, bound = dim_and_bound(o)
     keyholder = int(o["keyholder"]) if "keyholder" in o else _certified_keyholder(ctx)  # type: ignore[call-overload]
     if keyholder not in ctx.participants:
         raise NotEnoughSurvivors(f"the key holder (client {keyholder}) is not connected; the round cannot run")
     directory = CkksDirectory(
         round=ctx.round, round_id=new_round_id(), dim=dim, scheme=str(o.get("scheme", "ckks")),
-        value_bound=float(o["clip"]), min_clients=max(2, int(ctx.threshold)),  # type: ignore[arg-type]
+        value_bound=bound, min_clients=max(2, int(ctx.threshold)),
         participants=tuple(ctx.participants), keyholder=keyholder,
         server_certificate=ctx.server_certificate,
         certificates={cid: ctx.certificates[cid] for cid in ctx.participants},

@@ -81,7 +81,7 @@ def fingerprint(public_context: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class RoundConfig:
+class HeRoundConfig:
     """What every party of one round agrees on before any key exists (all public).
 
     ``n_clients`` is the planned cohort (it bounds the sum); ``value_bound`` bounds every
@@ -299,7 +299,7 @@ def _load_context(data: bytes) -> ts.Context:
         raise ConfigError("the HE context could not be loaded; it is corrupted or not a TenSEAL context") from None
 
 
-def _open_context(data: bytes, keyholder_public_key: bytes, round: RoundConfig, audience: str) -> tuple[ts.Context, bytes]:
+def _open_context(data: bytes, keyholder_public_key: bytes, round: HeRoundConfig, audience: str) -> tuple[ts.Context, bytes]:
     try:
         _, msg = open_sealed(data, {KEYHOLDER_ID: keyholder_public_key}.get,
                              max_bytes=HeContext.FIELD_LIMITS["context"] + 4096, expect=HeContext)
@@ -331,7 +331,7 @@ def _open_context(data: bytes, keyholder_public_key: bytes, round: RoundConfig, 
     return ctx, msg.fingerprint
 
 
-def _open_ciphertexts(data: bytes, public_key_of, round: RoundConfig, header_type, label: bytes):
+def _open_ciphertexts(data: bytes, public_key_of, round: HeRoundConfig, header_type, label: bytes):
     """Decode the envelope, verify the sealed header, then the digest over the chunks.
 
     Raises WireError / InvalidSignature (the callers turn both into InvalidCiphertext).
@@ -345,7 +345,7 @@ def _open_ciphertexts(data: bytes, public_key_of, round: RoundConfig, header_typ
     return sender, header, outer.chunks
 
 
-def _open_upload(upload: bytes, client_keys: Mapping[int, bytes], r: RoundConfig, ctx: ts.Context,
+def _open_upload(upload: bytes, client_keys: Mapping[int, bytes], r: HeRoundConfig, ctx: ts.Context,
                  key_fingerprint: bytes, seen=()) -> tuple[int, list]:
     """Every check an upload must pass, then its parsed vectors (server and auditing key holder)."""
     try:
@@ -373,7 +373,7 @@ def _added(total: list, vectors: list, sender: int) -> list:
         raise InvalidCiphertext(f"upload from client {sender} cannot be added to the sum") from None
 
 
-def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
+def _load_vector(ctx: ts.Context, data: bytes, round: HeRoundConfig, size: int):
     """Check structure first, then let TenSEAL/SEAL parse; every failure is InvalidCiphertext."""
     p = round.params
     check_serialized_vector(data, expected_size=size, raw_bytes=p.ciphertext_bytes,
@@ -393,7 +393,7 @@ def _load_vector(ctx: ts.Context, data: bytes, round: RoundConfig, size: int):
     return vec
 
 
-def _release(r: RoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> DecryptedSum:
+def _release(r: HeRoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> DecryptedSum:
     """Range check (|sum| <= n x bound), CKKS release rounding, split off the weight slot."""
     bound = r.release_bound(len(included)) + r.error_bound(len(included))
     if not np.all(np.abs(plain) <= bound):
@@ -409,7 +409,7 @@ def _release(r: RoundConfig, plain: np.ndarray, included: tuple[int, ...]) -> De
     return DecryptedSum(plain[: r.dim], included, weight_sum, r.error_bound(len(included)))
 
 
-def _bfv_payload(r: RoundConfig, residues: np.ndarray) -> np.ndarray:
+def _bfv_payload(r: HeRoundConfig, residues: np.ndarray) -> np.ndarray:
     """BFV: check the check slots of a decrypted sum (residues mod t), return the centred payload.
 
     Every client encrypts 0 in the check slots, so an honest sum has 0 there exactly. A
@@ -426,7 +426,7 @@ def _bfv_payload(r: RoundConfig, residues: np.ndarray) -> np.ndarray:
     return np.where(payload > t // 2, payload - t, payload)
 
 
-def combine_shares(r: RoundConfig, shares: Sequence[DecryptedShare]) -> DecryptedSum:
+def combine_shares(r: HeRoundConfig, shares: Sequence[DecryptedShare]) -> DecryptedSum:
     """Add the key holders' decrypted shares modulo t into the released sum.
 
     Every key holder must have decrypted a sum over the *same* clients: a server that shows
@@ -483,7 +483,7 @@ class KeyHolder:
     It answers one request per round, whether it decrypts or refuses.
     """
 
-    def __init__(self, round: RoundConfig, identity: IdentityKey | None = None) -> None:
+    def __init__(self, round: HeRoundConfig, identity: IdentityKey | None = None) -> None:
         self.round = round
         self.identity = identity or IdentityKey.generate()
         self._ctx = _new_context(round.params)
@@ -569,7 +569,7 @@ class KeyHolder:
         return secret, self._public_context, self._used
 
     @classmethod
-    def restore(cls, round: RoundConfig, identity: IdentityKey, secret_context: bytes, public_context: bytes,
+    def restore(cls, round: HeRoundConfig, identity: IdentityKey, secret_context: bytes, public_context: bytes,
                 used: bool) -> KeyHolder:
         """The key holder :meth:`export_state` saved (its own state, read back from its own storage)."""
         holder = cls.__new__(cls)
@@ -738,7 +738,7 @@ class SumCheck:
 class HeClient:
     """Client role: holds the public key only; encrypts its update once per round."""
 
-    def __init__(self, client_id: int, round: RoundConfig, context_message: bytes,
+    def __init__(self, client_id: int, round: HeRoundConfig, context_message: bytes,
                  keyholder_public_key: bytes, identity: IdentityKey | None = None) -> None:
         if not 0 <= client_id < round.n_clients:
             raise ConfigError(f"client_id {client_id} is outside the round's {round.n_clients} clients")
@@ -840,7 +840,7 @@ class SplitClient:
     Any key holder alone, even with the server, decrypts only uniform noise.
     """
 
-    def __init__(self, client_id: int, round: RoundConfig, context_messages: Sequence[bytes],
+    def __init__(self, client_id: int, round: HeRoundConfig, context_messages: Sequence[bytes],
                  keyholder_public_keys: Sequence[bytes], identity: IdentityKey | None = None) -> None:
         if round.key_holders < 2:
             raise ConfigError("SplitClient needs a round with key_holders >= 2")
@@ -875,7 +875,7 @@ class SplitClient:
 class HeServer:
     """Server role: no key at all; authenticates uploads and adds ciphertexts."""
 
-    def __init__(self, round: RoundConfig, context_message: bytes, keyholder_public_key: bytes,
+    def __init__(self, round: HeRoundConfig, context_message: bytes, keyholder_public_key: bytes,
                  client_keys: Mapping[int, bytes], identity: IdentityKey | None = None) -> None:
         self.round = round
         self.identity = identity or IdentityKey.generate()

@@ -61,9 +61,9 @@ from secagg.ckks.roles import (
     DecryptedShare,
     DecryptedSum,
     HeClient,
+    HeRoundConfig,
     HeServer,
     KeyHolder,
-    RoundConfig,
     SplitClient,
     SumCheck,
     combine_shares,
@@ -91,7 +91,7 @@ FORWARD_BYTES = 64 << 20  # default bound on the uploads the server forwards to 
 class Roster:
     """Who takes part in one round and the Ed25519 keys their messages are checked against.
 
-    Party ``i`` of the :class:`RoundConfig` is client ``participants[i]``; ``keyholders``
+    Party ``i`` of the :class:`HeRoundConfig` is client ``participants[i]``; ``keyholders``
     (one, or ``config.key_holders`` in a split round) are ids too, in key order. Each party
     builds its roster from a source it trusts (certificates checked against its CA, or its
     own configuration), never from what the server claims unchecked.
@@ -133,9 +133,9 @@ def params_for(scheme: str) -> HeParams:
     raise ConfigError(f"scheme must be 'ckks' or 'bfv', got {scheme!r}")
 
 
-def config_of(d: CkksDirectory) -> RoundConfig:
-    """The RoundConfig every party rebuilds from a directory."""
-    return RoundConfig(d.round_id, d.dim, len(d.participants), params_for(d.scheme), d.value_bound, False,
+def config_of(d: CkksDirectory) -> HeRoundConfig:
+    """The HeRoundConfig every party rebuilds from a directory."""
+    return HeRoundConfig(d.round_id, d.dim, len(d.participants), params_for(d.scheme), d.value_bound, False,
                        d.min_clients)
 
 
@@ -167,7 +167,7 @@ class ServerSession:
     one upload per message).
     """
 
-    def __init__(self, config: RoundConfig, roster: Roster, identity: IdentityKey | None, *,
+    def __init__(self, config: HeRoundConfig, roster: Roster, identity: IdentityKey | None, *,
                  timer: Timer | None = None, forward_bytes: int = FORWARD_BYTES) -> None:
         if forward_bytes < 1:
             raise ConfigError(f"forward_bytes must be positive, got {forward_bytes}")
@@ -433,7 +433,7 @@ class KeyHolderSession(_Sticky):
     and the aggregate against ``roster.server_key``, both from its own trusted roster.
     """
 
-    def __init__(self, config: RoundConfig, roster: Roster, keyholder: int, identity: IdentityKey, *,
+    def __init__(self, config: HeRoundConfig, roster: Roster, keyholder: int, identity: IdentityKey, *,
                  timer: Timer | None = None) -> None:
         if keyholder not in roster.keyholders:
             raise ConfigError(f"{keyholder} is not a key holder of this round")
@@ -528,7 +528,7 @@ class ClientSession(_Sticky):
     :meth:`restore` carry the session from one process to the next.
     """
 
-    def __init__(self, config: RoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
+    def __init__(self, config: HeRoundConfig, roster: Roster, client_id: int, identity: IdentityKey,
                  update: np.ndarray | None, *, weight: float | None = None, precompute: bool = True,
                  timer: Timer | None = None) -> None:
         if client_id not in roster.participants:
@@ -645,14 +645,14 @@ def client_from_directory(directory: CkksDirectory, *, round: int, client_id: in
     d = directory
     if d.round != round:
         raise ReplayError(f"directory of round {d.round} sent in round {round}")
+    if client_id not in d.participants:
+        raise ConfigError("this client is not a participant of the round")
+    holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
     if d.min_clients < min_participants or len(d.participants) < min_participants:
         raise MaliciousServerDetected(
             f"the round lets the key holder decrypt a sum of {d.min_clients} of {len(d.participants)} clients; this "
             f"client takes part only in sums of at least {min_participants} (its policy's min_participants). "
             "Refusing the round")
-    if client_id not in d.participants:
-        raise ConfigError("this client is not a participant of the round")
-    holder_key = _trusted_keyholder_key(d, client_id, identity, trusted_keyholder, check_certificate)
     server = check_certificate(d.server_certificate)
     if server.role != "server":
         raise InvalidSignature("the relayed server certificate is not a server certificate")

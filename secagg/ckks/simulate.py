@@ -17,7 +17,7 @@ import numpy as np
 
 from secagg.ckks.mode import CkksServerRound
 from secagg.ckks.params import HeParams
-from secagg.ckks.roles import RoundConfig, new_round_id
+from secagg.ckks.roles import HeRoundConfig, new_round_id
 from secagg.ckks.session import (
     FORWARD_BYTES,
     ClientSession,
@@ -92,7 +92,7 @@ class CkksPlan:
     builds its parties from this and hands the outcome to :func:`ckks_result`.
     """
 
-    round: RoundConfig
+    round: HeRoundConfig
     x: np.ndarray
     dropped: dict[str, tuple[int, ...]]
     skip: frozenset[int]
@@ -133,7 +133,7 @@ def plan_ckks(
     if bound <= 0:
         bound = 1.0  # all-zero updates
     grid = {} if release_grid_bits is None else {"release_grid_bits": release_grid_bits}
-    round = RoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
+    round = HeRoundConfig(new_round_id(), d, n, params, bound, fractions is not None, min_clients,
                         key_holders=key_holders, **grid)
     return CkksPlan(round, x, dropped, frozenset(skip), fractions, weights)
 
@@ -195,7 +195,7 @@ def run_round(server: ServerSession, parties: Mapping[int, KeyHolderSession | Cl
 
 
 def round_sessions(
-    round: RoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
+    round: HeRoundConfig, updates: np.ndarray, *, skip: AbstractSet[int] = frozenset(),
     fractions: np.ndarray | None = None, precompute: bool = True, keyholders: Sequence[IdentityKey] | None = None,
     timer: Timer | None = None, forward_bytes: int = FORWARD_BYTES,
 ) -> tuple[ServerSession, dict[int, KeyHolderSession | ClientSession]]:

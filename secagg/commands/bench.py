@@ -11,12 +11,12 @@ from pathlib import Path
 def register(sub, name: str, help_text: str) -> None:
     parser = sub.add_parser(
         name, help=help_text,
-        description="Benchmark a protection mode on synthetic updates. Prints one JSON object with --json, "
+        description="Benchmark a protection (masking or ckks) on synthetic updates. Prints one JSON object with --json, "
         "a table otherwise; --out also writes the JSON to a file (e.g. under benchmarks/results/).",
     )
-    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    protections = parser.add_subparsers(dest="protection", metavar="PROTECTION", required=True)
 
-    masking = modes.add_parser("masking", help="pairwise-masking secure aggregation (complete or SecAgg+ graph)",
+    masking = protections.add_parser("masking", help="pairwise-masking secure aggregation (complete or SecAgg+ graph)",
                                description="One real masking round in process: keys, Shamir shares, AES-CTR masks, "
                                "signed consistency check, dropouts, unmasking.")
     masking.add_argument("--clients", type=int, default=100, help="number of clients (default 100)")
@@ -30,7 +30,7 @@ def register(sub, name: str, help_text: str) -> None:
     _common(masking)
     masking.set_defaults(func=_run_masking)
 
-    ckks = modes.add_parser("ckks", help="CKKS homomorphic aggregation (TenSEAL)",
+    ckks = protections.add_parser("ckks", help="CKKS homomorphic aggregation (TenSEAL)",
                             description="Clients encrypt under a public context, the server adds ciphertexts "
                             "without any secret key, the key holder decrypts only the sum.")
     try:
@@ -65,7 +65,7 @@ def _run_ckks(args: argparse.Namespace) -> int:
     from secagg.bench.ckks import run_ckks_bench
 
     options = {k: v for k, v in vars(args).items()
-               if k not in ("func", "command", "mode", "json", "out") and not k.startswith("_")}
+               if k not in ("func", "command", "protection", "json", "out") and not k.startswith("_")}
     from secagg.bench.limits import check_bench_size
 
     check_bench_size(clients=args.clients, dim=args.dim)
