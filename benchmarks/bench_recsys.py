@@ -16,7 +16,7 @@ On the scenario's data and hyper-parameters (``federation.scenarios``, seed 0), 
   counted from the vectors the shops actually handed to the protocol.
 
 ``--preset many-customers`` runs the same parts on the generator's larger preset
-(``federation.recsys.synthetic.PRESETS``) with the options in :data:`PRESET_OPTIONS`.
+(``federation.recsys.synthetic.PRESETS``) with the options in ``federation.scenarios.SHOPS_PRESET_OPTIONS``.
 
 Every finished part is written to ``--out`` at once (JSON).
 """
@@ -41,17 +41,9 @@ from federation.aggregators import make_aggregator
 from federation.recsys.baselines import compute_baselines
 from federation.recsys.federation import L2, ShopsFederation
 from federation.recsys.synthetic import PRESETS, generate_shops
-from federation.scenarios import scenario_config
+from federation.scenarios import SHOPS_PRESET_OPTIONS, shops_preset_config
 
 OUT = ROOT / "benchmarks" / "results" / "recsys.json"
-# the shops scenario's options changed for the larger preset (16 shops, a 300 x 8 item table, 4 local
-# epochs a round, 10 rounds; customer-level DP-SGD at sigma 2)
-PRESET_OPTIONS = {
-    "default": {},
-    "many-customers": {"num_clients": 16, "clients_per_round": 16, "threshold": 12, "hidden": 8, "batch_size": 100,
-                       "lr": 4.0, "server_lr": 2.0, "local_epochs": 4, "rounds": 10, "noise_multiplier": 2.0,
-                       "max_grad_norm": 0.3, "eval_every": 10},
-}
 
 
 class Counting:
@@ -72,12 +64,9 @@ class Counting:
 
 
 def shops_config(*, dp: bool, data_dir: str | None, preset: str):
-    cfg = scenario_config("shops", dp=dp)
+    cfg = shops_preset_config(preset, dp=dp)
     if data_dir:
         cfg.dataset, cfg.data_dir = "movielens", data_dir
-    for key, value in PRESET_OPTIONS[preset].items():
-        if key != "noise_multiplier" or dp:
-            cfg.set(key, value)
     return cfg
 
 
@@ -128,7 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with MovieLens ratings.csv or u.data")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--preset", choices=sorted(PRESET_OPTIONS), default="default",
+    parser.add_argument("--preset", choices=sorted(SHOPS_PRESET_OPTIONS), default="default",
                         help="the synthetic data's preset (federation.recsys.synthetic.PRESETS)")
     parser.add_argument("--parts", default="baselines,plain,masking,masking+dp,ckks,masking+shop-dp")
     parser.add_argument("--markdown", action="store_true", help="print the tables from --out and stop")

@@ -106,6 +106,28 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# The shops scenario's options changed for each preset of the synthetic generator
+# (federation.recsys.synthetic.PRESETS): "many-customers" shares a 300 x 8 table among 16 shops and
+# trains 10 rounds of 4 local epochs (fewer rounds: fewer compositions), customer-level DP-SGD at sigma 2.
+SHOPS_PRESET_OPTIONS: dict[str, dict] = {
+    "default": {},
+    "many-customers": {"num_clients": 16, "clients_per_round": 16, "threshold": 12, "hidden": 8, "batch_size": 100,
+                       "lr": 4.0, "server_lr": 2.0, "local_epochs": 4, "rounds": 10, "noise_multiplier": 2.0,
+                       "max_grad_norm": 0.3, "eval_every": 10},
+}
+
+
+def shops_preset_config(preset: str, *, dp: bool = True) -> ExperimentConfig:
+    """The shops scenario's config for a generator preset (see :data:`SHOPS_PRESET_OPTIONS`)."""
+    if preset not in SHOPS_PRESET_OPTIONS:
+        raise ConfigError(f"unknown shops preset {preset!r}; choose one of {', '.join(SHOPS_PRESET_OPTIONS)}")
+    cfg = scenario_config("shops", dp=dp)
+    for key, value in SHOPS_PRESET_OPTIONS[preset].items():
+        if key != "noise_multiplier" or dp:
+            cfg.set(key, value)
+    return cfg
+
+
 def scenario_config(name: str, *, dp: bool = True) -> ExperimentConfig:
     """A fresh config for scenario ``name``; ``dp=False`` turns DP off with the non-DP settings."""
     if name not in SCENARIOS:
