@@ -122,3 +122,66 @@ def max_steps(
         else:
             hi = mid
     return lo
+
+
+_noise_multiplier_for = noise_multiplier  # plan_budget's parameter of that name shadows the function
+
+
+def plan_budget(
+    *,
+    delta: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    sample_rate: float | None = None,
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accountants: tuple[AccountantName, ...] = ("prv",),
+) -> dict:
+    """`secagg plan`: epsilon per accountant for ``noise_multiplier``, or the smallest noise
+    multiplier per accountant that meets ``target_epsilon`` (exactly one of the two).
+
+    The sampling rate is ``sample_rate``, or ``batch_size / dataset_size``; the number of steps
+    is ``steps``, or ``ceil(epochs / sampling rate)``. ``dataset_size`` also checks delta < 1/n.
+    Returns sample_rate, steps, delta, dataset_size and either noise_multiplier with an
+    ``epsilon`` mapping or target_epsilon with a ``noise_multiplier`` mapping.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ConfigError("give a noise multiplier (to get epsilon) or a target epsilon (to get the noise), not both")
+    q, n_steps = _sampling(sample_rate, batch_size, dataset_size, steps, epochs)
+    out: dict = {"sample_rate": q, "steps": n_steps, "delta": delta, "dataset_size": dataset_size}
+    if noise_multiplier is not None:
+        out["noise_multiplier"] = noise_multiplier
+        out["epsilon"] = {a: epsilon(noise_multiplier=noise_multiplier, sample_rate=q, steps=n_steps, delta=delta,
+                                     accountant=a, dataset_size=dataset_size) for a in accountants}
+    else:
+        out["target_epsilon"] = target_epsilon
+        out["noise_multiplier"] = {a: _noise_multiplier_for(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=n_steps, accountant=a,
+            dataset_size=dataset_size) for a in accountants}
+    return out
+
+
+def _sampling(sample_rate: float | None, batch_size: int | None, dataset_size: int | None,
+              steps: int | None, epochs: float | None) -> tuple[float, int]:
+    """(sampling rate, steps) from the ways a user may state them."""
+    if sample_rate is not None:
+        if batch_size is not None:
+            raise ConfigError("give --sample-rate or --batch-size with --dataset-size, not both")
+        q = sample_rate
+    elif batch_size is not None and dataset_size is not None:
+        if batch_size <= 0 or dataset_size <= 0:
+            raise ConfigError("--batch-size and --dataset-size must be positive")
+        q = batch_size / dataset_size
+    else:
+        raise ConfigError("missing sampling rate: give --sample-rate Q, or --batch-size B --dataset-size N")
+    if steps is not None and epochs is not None:
+        raise ConfigError("give --steps or --epochs, not both")
+    if steps is not None:
+        return q, steps
+    if epochs is None:
+        raise ConfigError("missing length: give --steps N or --epochs E")
+    if not (epochs > 0) or not (0 < q <= 1):
+        raise ConfigError("--epochs must be > 0 and the sampling rate in (0, 1]")
+    return q, math.ceil(epochs / q)

@@ -125,7 +125,8 @@ class SealedBuffer:
         cls = type(msg)
         last = _schema(cls)[1][-1][0]
         if last not in cls.BORROWED_FIELDS or getattr(msg, last) != b"":
-            raise WireError(f"{cls.TYPE}: SealedBuffer writes a borrowed last field, given empty ({last!r})")
+            raise WireError(f"{cls.TYPE}: SealedBuffer writes a borrowed last field: list {last!r} in "
+                            "BORROWED_FIELDS and pass it as b\"\" (its content goes into .tail)")
         payload_head = encode(msg)[:-2] + _bin_header(nbytes)  # drop the empty bin8 (c4 00)
         payload_len = len(payload_head) + nbytes
         envelope = msgpack.packb([MAGIC, WIRE_VERSION, "signed", sender_id, b"", b""], use_bin_type=True)

@@ -215,3 +215,12 @@ def test_a_key_holder_resumed_from_its_snapshot_before_every_message_releases_th
     assert np.max(np.abs(result.total - x.sum(0))) <= result.error_bound
     with pytest.raises(ReplayError, match="did not expect"):
         holder_receives(b"a second decryption request")  # resumed DONE: nothing more is answered
+
+
+def test_a_split_round_forwards_each_key_holders_uploads_in_the_same_batches():
+    """Two BFV key holders, one upload per message each: both confirm every batch, the sum is exact."""
+    x, _config, server, parties = sessions(n=4, forward_bytes=1, params=HeParams.bfv(), key_holders=2)
+    out = run_round(server, parties)
+    assert out.included == (0, 1, 2, 3)
+    assert np.max(np.abs(out.total - x.sum(0))) <= out.error_bound
+    assert [parties[h].batches for h in (4, 5)] == [4, 4] and all(parties[h].done for h in (4, 5))

@@ -166,6 +166,28 @@ def test_planner_impossible_target_is_a_clear_error():
                                  accountant="rdp")
 
 
+def test_plan_budget_states_sampling_either_way_and_answers_either_question():
+    """What `secagg plan` prints, from the library: rate and steps from batch/dataset/epochs."""
+    from privacy.planner import plan_budget
+
+    out = plan_budget(delta=1e-5, noise_multiplier=1.1, batch_size=256, dataset_size=60000, epochs=2,
+                      accountants=("rdp",))
+    q = 256 / 60000
+    assert (out["sample_rate"], out["steps"]) == (q, math.ceil(2 / q))
+    assert out["epsilon"]["rdp"] == privacy.epsilon(noise_multiplier=1.1, sample_rate=q, steps=out["steps"],
+                                                    delta=1e-5, accountant="rdp", dataset_size=60000)
+    back = plan_budget(delta=1e-5, target_epsilon=out["epsilon"]["rdp"], sample_rate=q, steps=out["steps"],
+                       accountants=("rdp",))
+    assert back["noise_multiplier"]["rdp"] == pytest.approx(1.1, rel=1e-2)
+    for bad, match in [({"sample_rate": q, "batch_size": 256, "steps": 1}, "not both"),
+                       ({"steps": 1}, "missing sampling rate"), ({"sample_rate": q}, "missing length"),
+                       ({"sample_rate": q, "steps": 1, "epochs": 1}, "not both")]:
+        with pytest.raises(ConfigError, match=match):
+            plan_budget(delta=1e-5, noise_multiplier=1.0, **bad)
+    with pytest.raises(ConfigError, match="not both"):
+        plan_budget(delta=1e-5, noise_multiplier=1.0, target_epsilon=1.0, sample_rate=q, steps=1)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs,match",

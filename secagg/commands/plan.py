@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
-
-from secagg.errors import ConfigError
 
 _ACCOUNTANTS = ("prv", "pld", "rdp")
 
@@ -50,58 +47,19 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
     p.set_defaults(func=run)
 
 
-def _resolve(args: argparse.Namespace) -> tuple[float, int]:
-    if args.sample_rate is not None:
-        if args.batch_size is not None:
-            raise ConfigError("give --sample-rate or --batch-size with --dataset-size, not both")
-        q = args.sample_rate
-    elif args.batch_size is not None and args.dataset_size is not None:
-        if args.batch_size <= 0 or args.dataset_size <= 0:
-            raise ConfigError("--batch-size and --dataset-size must be positive")
-        q = args.batch_size / args.dataset_size
-    else:
-        raise ConfigError(
-            "missing sampling rate: give --sample-rate Q, or --batch-size B --dataset-size N"
-        )
-    if args.steps is not None and args.epochs is not None:
-        raise ConfigError("give --steps or --epochs, not both")
-    if args.steps is not None:
-        steps = args.steps
-    elif args.epochs is not None:
-        if not (args.epochs > 0) or not (0 < q <= 1):
-            raise ConfigError("--epochs must be > 0 and the sampling rate in (0, 1]")
-        steps = int(math.ceil(args.epochs / q))
-    else:
-        raise ConfigError("missing length: give --steps N or --epochs E")
-    return q, steps
-
-
 def run(args: argparse.Namespace) -> int:
-    import privacy
+    from privacy.planner import plan_budget
 
-    q, steps = _resolve(args)
-    names = list(_ACCOUNTANTS) if args.accountant == "all" else [args.accountant]
-    out: dict[str, Any] = {"sample_rate": q, "steps": steps, "delta": args.delta,
-                           "dataset_size": args.dataset_size}
-    if args.noise_multiplier is not None:
-        out["noise_multiplier"] = args.noise_multiplier
-        out["epsilon"] = {
-            n: privacy.epsilon(noise_multiplier=args.noise_multiplier, sample_rate=q, steps=steps,
-                               delta=args.delta, accountant=n, dataset_size=args.dataset_size)
-            for n in names
-        }
-    else:
-        out["target_epsilon"] = args.target_epsilon
-        out["noise_multiplier"] = {
-            n: privacy.noise_multiplier(target_epsilon=args.target_epsilon, delta=args.delta,
-                                        sample_rate=q, steps=steps, accountant=n,
-                                        dataset_size=args.dataset_size)
-            for n in names
-        }
+    out = plan_budget(
+        delta=args.delta, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+        sample_rate=args.sample_rate, batch_size=args.batch_size, dataset_size=args.dataset_size,
+        steps=args.steps, epochs=args.epochs,
+        accountants=_ACCOUNTANTS if args.accountant == "all" else (args.accountant,),
+    )
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"sampling rate q = {q:.6g}, steps = {steps}, delta = {args.delta:g}")
+    print(f"sampling rate q = {out['sample_rate']:.6g}, steps = {out['steps']}, delta = {args.delta:g}")
     if args.noise_multiplier is not None:
         for n, eps in out["epsilon"].items():
             print(f"  epsilon ({n}) = {eps:.4f}   for noise multiplier {args.noise_multiplier:g}")
