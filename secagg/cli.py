@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 
 
+def log_to_stderr(level: str) -> None:
+    """Timestamped log lines on stderr (stdout carries the command's JSON lines)."""
+    import logging
+
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)

@@ -190,7 +190,7 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
 
 
 #: verified (key, signature, SHA-256 of the message) kept per process: a few signatures per
-#: client per round at N = 1000 (its seals, its consistency signature), about 2 MB at most
+#: client per round at N = 1000 (its seals, its consistency signature); a few MB at most
 VERIFIED_SIGNATURES_KEPT = 1 << 14
 _VERIFIED: dict[tuple[bytes, bytes, bytes], None] = {}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
-import sys
+
+from secagg.cli import log_to_stderr
 
 if importlib.util.find_spec("grpc") is None:  # the CLI lists the command as unavailable, naming the extra
     raise ImportError(f"`secagg {__name__.rsplit('.', 1)[-1]}` needs grpcio: pip install 'secagg[grpc]'")
@@ -43,11 +43,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_to_stderr(args.log_level)
     from federation.transport.serve import serve
 
     return serve(args.config, backend=args.backend, host=args.host, port=args.port, rounds=args.rounds,
