@@ -2,7 +2,7 @@
 
 ``SecAggWorkflow(mode="ckks", credentials=...)`` runs this instead of the masking stages.
 After ``hello`` (identity keys and CA certificates, as for masking) the round is the one
-the gRPC link runs (:mod:`federation.transport.ckks_mode`), with Flower moving the bytes:
+the gRPC link runs (:mod:`secagg.ckks.mode`), with Flower moving the bytes:
 
   1. ``ckks.keys``: the key holder -- the one enrolled node whose certificate carries the
      CA's key-holder role -- makes the round's keys and returns the public context (for
