@@ -173,15 +173,29 @@ async def _garbage(call, c):
     await call.write(os.urandom(200))
 
 
+async def await_stage_request(call):
+    """Read the round start, the mode's parameters and this client's first stage request.
+
+    A message sent before the stage awaits it is discarded unread as unsolicited (the stage
+    opens on the server's loop when the driver hands it over, just before the request goes
+    out), so an attacker that wants its message checked by the stage sends it now.
+    """
+    await call.read()  # RoundStart
+    complete = 0
+    while complete < 2:  # two payloads: the mode's parameters, then the stage request
+        chunk = wire.decode(await call.read(), expect=frames.Chunk)
+        complete += chunk.index == chunk.count - 1
+
+
 async def _flood(call, c):
-    await call.read()
+    await await_stage_request(call)
     data = b"\0" * frames.MIN_CHUNK_BYTES
     for i in range(60):  # well-formed chunks of one payload, faster than the rate limit
         await call.write(wire.encode(frames.Chunk(seq=1, index=i, count=60, data=data)))
 
 
 async def _oversize(call, c):
-    await call.read()
+    await await_stage_request(call)
     data = b"\0" * (600 << 10)
     for i in range(2):  # 2 x 600 KiB, over the test's 1 MiB payload limit
         await call.write(wire.encode(frames.Chunk(seq=1, index=i, count=2, data=data)))
@@ -189,7 +203,7 @@ async def _oversize(call, c):
 
 async def _forged(call, c):
     # a payload sealed as client 9 (with 9's certificate) but sent on client 8's stream
-    await call.read()
+    await await_stage_request(call)
     other = creds_holder["pki"]
     nine = Credentials.load(other / "ca" / "client-9")
     payload = wire.seal(PlainUpdate(round=0, vector=b"\0" * 4 * DIM), 9, nine.identity)

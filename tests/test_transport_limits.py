@@ -19,7 +19,7 @@ from federation.transport.frames import Chunk, Hello
 from federation.transport.grpc_client import ClientSettings, channel_options
 from federation.transport.grpc_server import AggregationServer
 from secagg import wire
-from tests.test_transport_grpc import creds, honest, settings
+from tests.test_transport_grpc import await_stage_request, creds, honest, settings
 
 BIG = frames.MAX_CHUNK_BYTES  # 4 MiB of payload per chunk, the largest a chunk may carry
 
@@ -87,12 +87,12 @@ def test_awaited_client_cannot_declare_more_than_its_stage_limit(pki, caplog):
     caplog.set_level(logging.INFO, logger="secagg.server")
 
     async def big_count(call):
-        await call.read()  # RoundStart; the advertise stage accepts at most 64 KiB + 1 KiB per client
+        await await_stage_request(call)  # the advertise stage accepts at most 64 KiB + 1 KiB per client
         for f in _chunks(1, 60, BIG, send=1):
             await call.write(f)
 
     async def big_chunk(call):
-        await call.read()
+        await await_stage_request(call)
         for f in _chunks(1, 2, BIG, send=1):  # two chunks could fit, but the first is already too big
             await call.write(f)
 
