@@ -72,7 +72,7 @@ def main() -> None:
                             dropouts={"masked_input": [i + 1 for i in dropped_rows]})
         driver_cpu = time.process_time() - driver_cpu
         actor_cpu = [b - a for a, b in zip(actor_cpu, ray.get([p.cpu_seconds.remote() for p, _ in pools]))]
-        total = res["total"]
+        total = res["outcome"].total
         keep = ("round_seconds", "setup_seconds", "client_cpu_seconds", "degree", "threshold",
                 "upload_bytes_per_param", "masked_input_bytes_per_param")
         line = {k: round(res[k], 3) if isinstance(res[k], float) else res[k] for k in keep}
@@ -80,7 +80,7 @@ def main() -> None:
         line["actor_process_cpu_seconds"] = [round(c, 2) for c in actor_cpu]
         line["ray_cpu_seconds"] = round(driver_cpu + sum(actor_cpu), 2)
         line["load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
-        line["included"] = len(res["included"])
+        line["included"] = len(res["outcome"].included)
         line["server_timings"] = {k: round(v, 3) for k, v in res["server_timings"].items()}
         rounds.append(line)
     actor_peaks = ray.get([p.peak_rss_kib.remote() for p, _ in pools])

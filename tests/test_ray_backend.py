@@ -37,11 +37,11 @@ def test_ray_actors_match_in_process_engine_on_same_seed(local_ray, graph):
         updates, options=options, seed=5, num_actors=2,
         dropouts={stage: [r + 1 for r in rows] for stage, rows in drop_rows.items()},
     )
-    assert tuple(c - 1 for c in res["included"]) == ref.included
+    assert tuple(c - 1 for c in res["outcome"].included) == ref.included
     assert {s: tuple(c - 1 for c in ids) for s, ids in res["outcome"].dropped.items()} == ref.dropped
     assert 6 not in ref.included and 2 not in ref.included and 9 in ref.included
-    np.testing.assert_array_equal(res["total"], ref.total)  # bit-identical, not merely close
-    np.testing.assert_allclose(res["total"], updates[list(ref.included)].sum(axis=0), atol=1e-4)
+    np.testing.assert_array_equal(res["outcome"].total, ref.total)  # bit-identical, not merely close
+    np.testing.assert_allclose(res["outcome"].total, updates[list(ref.included)].sum(axis=0), atol=1e-4)
 
 
 def test_ray_sparse_round_matches_in_process_with_chunked_batches(local_ray):
@@ -56,8 +56,8 @@ def test_ray_sparse_round_matches_in_process_with_chunked_batches(local_ray):
     res = run_ray_round(updates, options={"clip": 50.0, "graph": "sparse", "dropout": 2 / 24}, seed=8,
                         pools=pools, dropouts={"masked_input": [5, 18]})
     assert res["degree"] == ref.parameters["degree"] and res["threshold"] == ref.parameters["threshold"]
-    assert tuple(c - 1 for c in res["included"]) == ref.included
-    np.testing.assert_array_equal(res["total"], ref.total)
+    assert tuple(c - 1 for c in res["outcome"].included) == ref.included
+    np.testing.assert_array_equal(res["outcome"].total, ref.total)
     assert res["masked_input_bytes_per_param"] > 4.0  # the link counted every masked upload it moved
 
 

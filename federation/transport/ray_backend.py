@@ -260,7 +260,7 @@ def run_ray_round(
     pools: list | None = None,
     num_actors: int | None = None,
 ) -> dict:
-    """One masking round with clients on Ray actors; returns the released total and figures.
+    """One masking round with clients on Ray actors; returns its :class:`~secagg.rounds.RoundOutcome` (``"outcome"``) and figures.
 
     The round is planned like every other (:func:`~secagg.protocol.mode.plan_from_options`):
     ``threshold`` is a floor, raised to the secure minimum.
@@ -310,8 +310,6 @@ def run_ray_round(
     seconds = time.perf_counter() - t0
     return {
         "outcome": outcome,
-        "total": outcome.total,
-        "included": outcome.included,
         "round_seconds": seconds,
         "setup_seconds": setup_s,
         "client_cpu_seconds": link.client_cpu,
@@ -423,9 +421,9 @@ def run_ray_rounds(
             res = run_ray_round(n_clients=n_clients, dim=dim, options=options, threshold=threshold,
                                 seed=seed, round_=r, pools=pools)
             yield {
-                "round": r, "ok": True, "clients": n_clients, "included": len(res["included"]),
+                "round": r, "ok": True, "clients": n_clients, "included": len(res["outcome"].included),
                 "degree": res["degree"], "threshold": res["threshold"],
-                "seconds": round(res["round_seconds"], 3), "norm": float(np.linalg.norm(res["total"])),
+                "seconds": round(res["round_seconds"], 3), "norm": float(np.linalg.norm(res["outcome"].total)),
             }
     finally:
         if started:
