@@ -13,14 +13,6 @@ from secagg.rounds import InMemoryLink, Reply, StageView, drive
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Stage loops not yet on the seam, each with who is moving it. An entry that no longer
-# closes a stage must be removed here (the test fails until it is).
-NOT_YET_LINKS = {
-    "federation/flower/workflow.py": "the Flower masking workflow (owned by the flower work)",
-    "federation/flower/ckks_server.py": "the Flower ckks server (owned by the flower work)",
-}
-
-
 def _stage_closers() -> set[str]:
     """Files that call ``close_stage()`` other than to delegate to a wrapped session."""
     found: set[str] = set()
@@ -63,8 +55,8 @@ def test_the_data_path_in_the_architecture_doc_names_real_code():
 
 
 def test_one_driver_loop_closes_protocol_stages():
-    """Only secagg.rounds.drive closes a stage: in process, gRPC (and Ray) are links of it."""
-    assert _stage_closers() == {"secagg/rounds.py", *NOT_YET_LINKS}
+    """Only secagg.rounds.drive closes a stage: in process, gRPC, Ray and Flower are links of it."""
+    assert _stage_closers() == {"secagg/rounds.py"}
 
 
 class _Counter:

@@ -7,9 +7,10 @@ Two names replace Flower's own SecAgg+ components; everything else in a Flower a
     from federation.flower import secaggplus_mod          # was: from flwr.client.mod import secaggplus_mod
     from federation.flower import SecAggPlusWorkflow      # was: from flwr.server.workflow import SecAggPlusWorkflow
 
-Flower is one more link of the round seam: the mod runs :class:`secagg.protocol.ClientSession`
-and the workflow runs :class:`secagg.protocol.ServerSession`; Flower messages only carry their
-sealed bytes. See docs/flower.md.
+Flower is one more link of the round seam: the mod runs the client sessions, the workflow
+drives the server's through :func:`secagg.rounds.drive` over a
+:class:`~federation.flower.link.FlowerLink`; Flower messages only carry their sealed bytes.
+See docs/flower.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``SecAggWorkflow(mode="ckks", credentials=...)`` runs this instead of the masking stages.
 After ``hello`` (identity keys and CA certificates, as for masking) the round is the one
-the gRPC link runs (:mod:`secagg.ckks.mode`), with Flower moving the bytes:
+the gRPC link runs (:mod:`secagg.ckks.mode`, through :func:`secagg.rounds.drive`), with Flower
+(:class:`~federation.flower.link.FlowerLink`) moving the bytes:
 
   1. ``ckks.keys``: the key holder -- the one enrolled node whose certificate carries the
      CA's key-holder role -- makes the round's keys and returns the public context (for
@@ -25,16 +26,21 @@ import time
 
 import numpy as np
 
+from federation.flower.link import FlowerLink
 from federation.flower.records import CKKS_DECRYPT, CKKS_KEYS, CKKS_UPLOAD, FlowerCkksDirectory
 from federation.transport.certs import identity_from_pem
 from secagg import wire
 from secagg.ckks import new_round_id
 from secagg.ckks.messages import CkksDirectory
+from secagg.ckks.mode import CkksServerRound
 from secagg.ckks.session import Roster, ServerSession, ServerStage, config_of
-from secagg.errors import ConfigError, NotEnoughSurvivors, SecAggError
+from secagg.errors import ConfigError, NotEnoughSurvivors
 from secagg.protocol import ClientPolicy
+from secagg.rounds import drive
 
-STAGE_NAMES = {ServerStage.CONTEXT: CKKS_KEYS, ServerStage.UPLOAD: CKKS_UPLOAD, ServerStage.DECRYPT: CKKS_DECRYPT}
+# the session's stage names -> the names the nodes' mod expects
+STAGE_NAMES = {ServerStage.CONTEXT.value: CKKS_KEYS, ServerStage.UPLOAD.value: CKKS_UPLOAD,
+               ServerStage.DECRYPT.value: CKKS_DECRYPT}
 
 
 def ckks_mean(workflow, grid, rnd: int, arrays: list[np.ndarray], fitins: dict, report) -> list[np.ndarray]:
@@ -61,33 +67,19 @@ def ckks_mean(workflow, grid, rnd: int, arrays: list[np.ndarray], fitins: dict, 
         round=rnd, nodes=nodes, max_weight=workflow.max_weight,
         dp=() if workflow.privacy is None else workflow.privacy.wire_plan(), ckks=wire.encode(directory),
     ))
-    client_of = {nid: cid for cid, nid in nodes.items()}
-    out = session.start()
-    while not session.done:
-        started = time.perf_counter()
-        stage = STAGE_NAMES[session.stage]
-        sends = {nodes[cid]: (stage, payload) for cid, payload in out.items()}
-        replies = workflow._collect(grid, rnd, sends, report,
-                                    extra={"directory": announced} if stage != CKKS_DECRYPT else None,
-                                    fit=fitins if stage == CKKS_UPLOAD else None)
-        for nid, record in replies.items():
-            try:
-                session.receive(client_of[nid], record["payload"])
-                report.bytes_up += len(record["payload"])
-            except SecAggError as exc:
-                report.dropped[nid] = f"{stage}: {type(exc).__name__}: {exc}"
-        out = session.close_stage()  # fails the round (raises) without the key holder or min_clients uploads
-        report.seconds[stage] = report.seconds.get(stage, 0.0) + time.perf_counter() - started
-    outcome = session.outcome()
+    link = FlowerLink(workflow, grid, rnd, nodes, report, names=STAGE_NAMES, fit_stage=CKKS_UPLOAD, fitins=fitins,
+                      extra=lambda stage: {"directory": announced} if stage != CKKS_DECRYPT else None)
+    # close_stage fails the round (raises) without the key holder or min_clients uploads
+    outcome = drive(CkksServerRound(session), link)
+    link.finish()
     report.included = tuple(nodes[cid] for cid in outcome.included)
     total = np.asarray(outcome.total, dtype=np.float64)
-    weight = float(total[-1])
-    if not weight > outcome.error_bound:
+    weight, error = float(total[-1]), outcome.max_quantization_error
+    if not weight > error:
         raise NotEnoughSurvivors("the surviving updates carry no weight (num_examples summed to 0)")
     flat = total[:-1] / weight
     # |S'/W' - S/W| <= (e + |S'/W'| e) / (W' - e) per coordinate, e the sum's error bound
-    report.max_quantization_error = outcome.error_bound * (1 + float(np.max(np.abs(flat), initial=0.0))) / (
-        weight - outcome.error_bound)
+    report.max_quantization_error = error * (1 + float(np.max(np.abs(flat), initial=0.0))) / (weight - error)
     out_arrays, offset = [], 0
     for a in arrays:
         out_arrays.append(flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype))

@@ -43,6 +43,7 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from federation.flower.link import FlowerLink
 from federation.flower.records import HELLO, RECORD, FlowerDirectory, FlowerPrivacy
 from federation.transport.certs import Credentials, verify_certificate
 from privacy.ledger import Ledger, Spend
@@ -52,6 +53,8 @@ from secagg.errors import ConfigError, InvalidSignature, NotEnoughSurvivors, Sec
 from secagg.keys import IdentityKey
 from secagg.protocol import ServerSession, Stage, plan_round
 from secagg.protocol.common import SERVER_ID
+from secagg.protocol.mode import MaskingServerRound
+from secagg.rounds import drive
 
 log = logging.getLogger("secagg.flower")
 
@@ -217,24 +220,13 @@ class SecAggWorkflow:
             round=rnd, nodes=nodes, identities=ids, certificates=certificates, max_weight=self.max_weight,
             dp=() if self.privacy is None else self.privacy.wire_plan(),
         ))
-        outgoing = session.start()
-        for stage in Stage:
-            started = time.perf_counter()
-            extra = {"directory": directory} if stage is Stage.ADVERTISE else {}
-            sends = {nodes[pid]: (stage.value, payload) for pid, payload in outgoing.items()}
-            replies = self._collect(grid, rnd, sends, report, extra=extra,
-                                    fit=fitins if stage is Stage.MASKED_INPUT else None)
-            for nid, record in replies.items():
-                try:
-                    session.receive(record["payload"])
-                    report.bytes_up += len(record["payload"])
-                except SecAggError as exc:
-                    report.dropped[nid] = f"{stage.value}: {type(exc).__name__}: {exc}"
-            outgoing = session.close_stage()
-            report.seconds[stage.value] = time.perf_counter() - started
-        report.included = tuple(nodes[pid] for pid in session.included)
-        report.max_quantization_error = codec.sum_error_bound(len(session.included))
-        total = np.asarray(session.result, dtype=np.float64)
+        link = FlowerLink(self, grid, rnd, nodes, report, fit_stage=Stage.MASKED_INPUT.value, fitins=fitins,
+                          extra=lambda stage: {"directory": directory} if stage == Stage.ADVERTISE.value else None)
+        outcome = drive(MaskingServerRound(session), link)
+        link.finish()
+        report.included = tuple(nodes[pid] for pid in outcome.included)
+        report.max_quantization_error = codec.sum_error_bound(len(outcome.included))
+        total = np.asarray(outcome.total, dtype=np.float64)
         weight = float(total[-1])
         if not weight > 0:
             raise NotEnoughSurvivors("the surviving updates carry no weight (num_examples summed to 0)")
