@@ -1,6 +1,9 @@
 """The in-process federation: rounds of sample -> train -> protect/aggregate -> update -> account.
 
-One round, step by step (each a method, so another backend can replace one step):
+One round (:meth:`Federation.run_round`, the only round loop of every backend) joins two seams
+chosen at construction: a :class:`RoundExecutor` (who trains) and a :class:`RoundAggregator`
+(how the protected sum is computed and released). In process (also on Ray, through its
+``executor=`` and ``aggregator=``), step by step:
 
 1. :meth:`Federation.sample_clients` -- a fixed count, or Poisson sampling at rate q;
 2. :meth:`Federation.plan_faults` -- which sampled clients drop, and at which protocol stage
@@ -9,14 +12,17 @@ One round, step by step (each a method, so another backend can replace one step)
 3. :meth:`Federation.reserve_budget` -- write-ahead ledger row with the round's spend;
    raises :class:`PrivacyBudgetExceeded` before anyone trains;
 4. :meth:`Federation.train_clients` -- local training through a :class:`ClientExecutor`
-   (in process by default; a Ray or gRPC backend runs :class:`TrainTask` elsewhere);
+   (in process by default; a Ray backend runs :class:`TrainTask` elsewhere);
 5. :meth:`Federation.encode_updates` -- clip, weight, (distributed) noise: the vectors clients
    hand to the protocol;
 6. :meth:`Federation.aggregate` -- the :class:`~federation.aggregators.Aggregator` runs the
    real protocol over all sampled clients and their dropouts; the server learns only the sum;
-7. :meth:`Federation.apply_aggregate` -- decode the mean update, central noise for user-level
-   DP, then the strategy's server step;
-8. ledger commit, checkpoint.
+7. ledger commit, then central noise for user-level DP (the release);
+8. :meth:`Federation.apply_aggregate` -- decode the mean update, the strategy's server step;
+9. evaluation, checkpoint.
+
+Over gRPC (:mod:`federation.transport.training`) steps 1-6 happen on the clients' hosts and
+in the server's protocol round; 3, 7, 8 and 9 are the same code.
 
 Randomness: which clients take part in a round is drawn from the operating system
 (``os.urandom``) at round time -- the ledger's amplification by sampling holds only if the
@@ -36,7 +42,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
@@ -108,6 +114,97 @@ def run_task(task: TrainTask) -> ClientUpdate:
     """Execute one :class:`TrainTask` (what a remote worker calls)."""
     return train_client(task.build, task.global_params, task.x, task.y, task.config,
                         client=task.client, seed=task.seed)
+
+
+# ----------------------------------------------------------------- the round's two seams
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Who a round asks to take part, as its executor decides before the budget is reserved."""
+
+    clients: list[int]  # client ids in row order (empty: whoever is connected when the round starts)
+    faults: dict[str, list[int]]  # simulated dropouts: stage -> rows
+    reserve: int  # participants the ledger's reservation records
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the training step hands the aggregation step."""
+
+    vectors: np.ndarray | None = None  # in process: the rows the clients protect
+    clip: float | None = None  # the L2 bound every row satisfies
+    train_loss: float | None = None
+    broadcast: bytes | None = None  # clients on their own hosts: the model message they train from
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """What the aggregation step did, in client ids (not rows)."""
+
+    clients: list[int]  # who took part
+    dropped: dict[str, list[int]]  # stage -> clients that stopped there
+    outcome: AggregateResult | None = None  # ``total`` as released (central noise included)
+    aborted: str | None = None  # why nothing was released (``outcome`` is then None)
+
+
+#: Commits the round to the ledger and returns the total as it may leave the server; the
+#: aggregator calls it before the sum is used or sent anywhere.
+Release = Callable[[AggregateResult], np.ndarray]
+
+
+class RoundExecutor(Protocol):
+    """Who trains: the round's clients and their training (:class:`LocalClients`, or clients
+    training on their own hosts: :class:`federation.transport.training.HostClients`)."""
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort: ...
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained: ...
+
+
+class RoundAggregator(Protocol):
+    """How the protected sum is computed and released (:class:`LocalAggregation`, or a gRPC
+    server: :class:`federation.transport.training.GrpcAggregation`)."""
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated: ...
+
+
+class LocalClients:
+    """The sampled clients train where the federation's :class:`ClientExecutor` runs them (in
+    this process, or as Ray tasks) and hand it their encoded rows."""
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort:
+        sampled = fed.sample_clients(rnd)
+        return Cohort(sampled, fed.plan_faults(rnd, sampled), len(sampled))
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained:
+        updates = fed.train_clients(rnd, cohort.clients, cohort.faults)
+        vectors, clip = fed.encode_updates(updates)
+        losses = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
+        return Trained(vectors, clip, float(np.mean(losses)) if losses else None)
+
+
+class LocalAggregation:
+    """The protocol runs over the trained rows through the federation's
+    :class:`~federation.aggregators.Aggregator` (in this process, or on Ray actors)."""
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated:
+        sampled, faults = cohort.clients, cohort.faults
+        dropped = {s: [sampled[i] for i in rows] for s, rows in faults.items()}
+        minimum = 1 if fed.config.protection == "none" else max(2, fed.config.threshold or 2)
+        uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
+        if len(sampled) < minimum or uploading < 1:
+            return Aggregated(sampled, dropped, aborted=f"{len(sampled)} client(s) sampled, {uploading} "
+                                                        "uploading: too few for the protocol")
+        try:
+            result = fed.aggregate(trained.vectors, faults, trained.clip)
+        except NotEnoughSurvivors as exc:
+            return Aggregated(sampled, dropped, aborted=f"protocol aborted: {exc}")
+        total = release(result)
+        return Aggregated(sampled, dropped, replace(result, total=total,
+                                                    included=tuple(sampled[i] for i in result.included)))
 
 
 @dataclass(frozen=True)
@@ -262,6 +359,9 @@ class Federation:
             dim=len(self.params),
         )
         self.executor = executor or SequentialExecutor()
+        # the round's two seams; a backend whose clients train elsewhere sets its own pair
+        self.round_executor: RoundExecutor = LocalClients()
+        self.round_aggregator: RoundAggregator = LocalAggregation()
         self.aggregator = aggregator or make_aggregator(
             config.protection, threshold=config.threshold, bits=config.bits,
             seed=config.seed if config.deterministic else None)
@@ -532,42 +632,37 @@ class Federation:
 
     # ----------------------------------------------------------------- loop
     def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
+        """One round: the executor picks and trains the clients, the aggregator computes and
+        releases their protected sum; the budget, the model update, evaluation and the ledger
+        are the same whichever pair runs it."""
         start = time.perf_counter()
-        sampled = self.sample_clients(rnd)
-        faults = self.plan_faults(rnd, sampled)
-        entry, epsilon = self.reserve_budget(ledger, rnd, len(sampled))
-        updates = self.train_clients(rnd, sampled, faults)
-        vectors, clip = self.encode_updates(updates)
-        aborted = None
-        result: AggregateResult | None = None
-        minimum = 1 if self.config.protection == "none" else max(2, self.config.threshold or 2)
-        uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
-        if len(sampled) < minimum or uploading < 1:
-            aborted = f"{len(sampled)} client(s) sampled, {uploading} uploading: too few for the protocol"
-        else:
-            try:
-                result = self.aggregate(vectors, faults, clip)
-            except NotEnoughSurvivors as exc:
-                aborted = f"protocol aborted: {exc}"
-        if result is not None:
-            self.commit_release(ledger, entry, len(result.included))  # before the aggregate is used
-            if not self.apply_aggregate(result):
-                aborted = "no client's update counted"
+        cohort = self.round_executor.cohort(self, rnd)
+        entry, epsilon = self.reserve_budget(ledger, rnd, cohort.reserve)
+        trained = self.round_executor.train(self, rnd, cohort)
+
+        def release(outcome: AggregateResult) -> np.ndarray:
+            # Commit first: the sum is used or shared only once the ledger holds its release. What
+            # leaves is what the model uses (with the central noise of user-level DP).
+            self.commit_release(ledger, entry, len(outcome.included))
+            return self.release_total(outcome.total)
+
+        done = self.round_aggregator.aggregate(self, rnd, cohort, trained, release)
+        outcome, aborted = done.outcome, done.aborted
+        if outcome is not None and not self.apply_aggregate(outcome, noised=True):
+            aborted = "no client's update counted"
         accuracy = loss = None
         metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
             metrics = self.metrics()
-        trained = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
-        included = [sampled[i] for i in result.included] if result is not None else []
-        per_param = result.bytes_up_per_param if result is not None else 0.0
+        included = list(outcome.included) if outcome is not None else []
+        per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
+        width = len(self.params) + int(self.weighted)  # a row: the update (and its weight)
         result_row = RoundResult(
             round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=round(per_param * vectors.shape[1] * len(included)),
-            sampled=list(sampled), included=included,
-            dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
-            train_loss=float(np.mean(trained)) if trained else None, metrics=metrics,
-            max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
+            bytes_up_total=round(per_param * width * len(included)), sampled=list(done.clients),
+            included=included, dropped=done.dropped, train_loss=trained.train_loss, metrics=metrics,
+            max_quantization_error=float(outcome.max_quantization_error) if outcome is not None else 0.0,
             seconds=time.perf_counter() - start, aborted=aborted,
         )
         self.close_reservation(ledger, entry, result_row)

@@ -1,7 +1,8 @@
 """Federated training over gRPC: the federation engine with its clients on other hosts.
 
-:class:`GrpcFederation` is the in-process :class:`~federation.engine.Federation` with one
-step replaced: instead of training clients and aggregating in this process, a round
+:class:`GrpcFederation` is the in-process :class:`~federation.engine.Federation` with the
+round's two seams replaced (:class:`HostClients` trains, :class:`GrpcAggregation`
+aggregates): instead of training clients and aggregating in this process, a round
 broadcasts the global model to the connected clients, each client trains on its own data
 (:class:`TrainingClient`), encodes its update exactly as the engine does
 (``[w * clip(delta), w]``, or ``clip(delta)`` for user-level DP) and hands it to the
@@ -24,18 +25,18 @@ import asyncio
 import math
 import secrets
 import threading
-import time
+from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 
 from federation.config import ExperimentConfig
-from federation.engine import Federation, RoundResult
+from federation.engine import Aggregated, Cohort, Federation, Release, Trained
 from federation.transport.certs import Credentials
 from federation.transport.grpc_server import AggregationServer, ServerSettings
 from secagg import wire
 from secagg.errors import ConfigError, ReplayError
-from secagg.result import AggregateResult
 
 MODES = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
          "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
@@ -77,8 +78,53 @@ def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_pa
     settings.rounds = config.rounds
 
 
+class HostClients:
+    """:class:`~federation.engine.RoundExecutor` whose clients train on their own hosts: every
+    connected client takes part (the ledger reserves ``expected_clients``) and trains from the
+    broadcast global model inside the protocol round."""
+
+    def __init__(self, expected_clients: int) -> None:
+        self.expected_clients = expected_clients
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort:
+        return Cohort([], {}, self.expected_clients)
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained:
+        return Trained(broadcast=wire.encode(TrainingBroadcast(
+            round=rnd, fingerprint=fed.config.fingerprint(),
+            params=np.asarray(fed.params, dtype="<f4").tobytes(), weight_ref=max(fed.sizes),
+        )))
+
+
+class GrpcAggregation:
+    """:class:`~federation.engine.RoundAggregator` of an :class:`AggregationServer`: one
+    :meth:`~AggregationServer.run_one_round` per round, whose ``release`` commits the ledger
+    before any participant receives the sum."""
+
+    def __init__(self, server: AggregationServer, call: Callable) -> None:
+        self.server, self._call, self._first = server, call, True
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated:
+        shared: list[np.ndarray] = []
+
+        def release_once(outcome) -> np.ndarray:
+            shared.append(release(outcome))
+            return shared[0]
+
+        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=trained.broadcast,
+                                                      release=release_once))
+        self._first = False
+        if not report.ok or report.outcome is None:
+            return Aggregated(list(report.participants), {}, aborted=report.reason)
+        outcome = replace(report.outcome, total=shared[0])
+        # stage -> clients that stopped answering there, as the in-process engine records it
+        return Aggregated(list(report.participants), {s: list(ids) for s, ids in outcome.dropped.items()}, outcome)
+
+
 class GrpcFederation(Federation):
-    """The federation engine whose clients train and protect their updates on their own hosts.
+    """The federation engine whose clients train and protect their updates on their own hosts
+    (:class:`HostClients` and :class:`GrpcAggregation`; the round itself is the engine's).
 
     Every connected client takes part in every round, so no amplification by client sampling
     is claimed: the ledger records q = 1 whatever the experiment's ``sampling_rate``.
@@ -96,7 +142,8 @@ class GrpcFederation(Federation):
         self._aio_thread.start()
         self.server = AggregationServer(settings, credentials)
         self.port = self._call(self.server.start())
-        self._first = True
+        self.round_executor = HostClients(settings.expected_clients)
+        self.round_aggregator = GrpcAggregation(self.server, self._call)
         if ready is not None:
             ready(self.port)
 
@@ -110,51 +157,6 @@ class GrpcFederation(Federation):
         finally:
             self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
             self._aio_thread.join(timeout=10)
-
-    def run_round(self, rnd: int, ledger) -> RoundResult:
-        start = time.perf_counter()
-        entry, epsilon = self.reserve_budget(ledger, rnd, self.settings.expected_clients)
-        broadcast = wire.encode(TrainingBroadcast(
-            round=rnd, fingerprint=self.config.fingerprint(),
-            params=np.asarray(self.params, dtype="<f4").tobytes(), weight_ref=max(self.sizes),
-        ))
-        released: list[np.ndarray] = []
-
-        def release(outcome) -> np.ndarray:
-            # Commit first: no participant receives the result of an uncommitted release. What is
-            # shared is what the model uses (with the central noise of user-level DP).
-            self.commit_release(ledger, entry, len(outcome.included))
-            released.append(self.release_total(np.asarray(outcome.total, dtype=np.float64)))
-            return released[0]
-
-        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=broadcast,
-                                                      release=release))
-        self._first = False
-        aborted = None if report.ok else report.reason
-        outcome = report.outcome if report.ok else None
-        included: list[int] = []
-        if outcome is not None and released:
-            included = list(outcome.included)
-            result = AggregateResult(total=released[0], included=tuple(included),
-                                     bytes_up_per_param=outcome.bytes_up_per_param, protocol=self.settings.mode,
-                                     max_quantization_error=outcome.max_quantization_error)
-            if not self.apply_aggregate(result, noised=True):
-                aborted = "no client's update counted"
-        accuracy = loss = None
-        if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
-            accuracy, loss = self.evaluate()
-        per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
-        row = RoundResult(
-            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=round(per_param * int(self.settings.options["dim"]) * len(included)),
-            sampled=list(report.participants), included=included,
-            # stage -> clients that stopped answering there, as the in-process engine records it
-            dropped={s: list(ids) for s, ids in outcome.dropped.items()} if outcome is not None else {},
-            train_loss=None, seconds=time.perf_counter() - start, aborted=aborted,
-            max_quantization_error=outcome.max_quantization_error if outcome is not None else 0.0,
-        )
-        self.close_reservation(ledger, entry, row)
-        return row
 
 
 class TrainingClient:
