@@ -87,7 +87,7 @@ def test_threaded_masks_are_bit_identical_to_the_serial_path(workers, monkeypatc
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_a_filled_accumulator_equals_filling_first_then_adding_the_masks(workers, monkeypatch):
-    import secagg.prg as prg
+    from secagg import prg
 
     monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 1024)
     monkeypatch.setattr(prg, "MASK_CHUNK_ELEMENTS", 1000)
