@@ -144,14 +144,20 @@ class FixedPointCodec:
         return Encoding(self, x, factor, labelled_seed(seed, ROUNDING_LABEL), integer_noise)
 
     def _l2_factor(self, x: np.ndarray) -> float | None:
-        """The factor that scales ``x`` down to L2 norm ``clip``, or None if it is within it."""
-        if x.dtype == np.float64:
-            norm = float(np.linalg.norm(x))
-        else:  # float32: square and sum in float64, a chunk at a time (no float64 copy of x)
-            norm = math.sqrt(sum(
-                float(np.dot(part, part)) for part in
-                (x[i:i + ENCODE_CHUNK].astype(np.float64) for i in range(0, x.shape[0], ENCODE_CHUNK))
-            ))
+        """The factor that scales ``x`` down to L2 norm ``clip``, or None if it is within it.
+
+        The squares are taken in float64 (exact for float32 entries) and summed by numpy's
+        pairwise sum, ``ENCODE_CHUNK`` entries at a time in one scratch buffer. Not a BLAS
+        dot: a multithreaded BLAS waits for its threads when the cores are busy (48 ms
+        against 0.5 ms at d = 10^6 on 2 loaded cores).
+        """
+        scratch = np.empty(min(ENCODE_CHUNK, x.shape[0]), dtype=np.float64)
+        total = 0.0
+        for i in range(0, x.shape[0], ENCODE_CHUNK):
+            part = x[i:i + ENCODE_CHUNK]
+            squares = np.multiply(part, part, out=scratch[:part.shape[0]], dtype=np.float64)
+            total += float(np.add.reduce(squares))
+        norm = math.sqrt(total)
         return self.clip / norm if norm > self.clip else None
 
     def decode_sum(self, residues: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
