@@ -518,19 +518,27 @@ class ClientSession:
     # -- helpers ------------------------------------------------------------------------
 
     def _masked_update(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The masked residues, in ``out`` (uint32, the round's dimension) when given."""
+        """The masked residues, in ``out`` (uint32, the round's dimension) when given.
+
+        The update is encoded chunk by chunk inside the mask loop (``add_many``'s ``fill``):
+        each chunk is encoded, then masked by every seed while it is in cache, so the
+        encoding costs no pass of its own over the vector and shares the mask threads.
+        """
         config = self._config
         codec = codec_of(config)
         noise = None if self._integer_noise is None else self._integer_noise(config.dim, codec.scale)
-        encoded = codec.encode(self._update, rounding_seed=self._rounding_seed, integer_noise=noise, out=out)
+        encoding = codec.encoding(self._update, rounding_seed=self._rounding_seed, integer_noise=noise)
         masks = [(self._self_seed, 1)] + [
             (pairwise_seed(config.round_id, self._mask_keys.private, self.client_id, peer, self._peer_keys[peer][1]),
              pairwise_sign(self.client_id, peer))
             for peer in sorted(self._sharers - {self.client_id})
         ]
-        acc = MaskAccumulator(config.dim, initial=encoded, copy=False, workers=self._workers)  # added in place
-        acc.add_many(masks)
-        return np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
+        value = np.empty(config.dim, dtype=np.uint32) if out is None else out
+        acc = MaskAccumulator(config.dim, initial=value, copy=False, workers=self._workers)  # filled in place
+        acc.add_many(masks, fill=encoding.writer)
+        if config.bits < 32:
+            np.bitwise_and(acc.value, np.uint32(codec.modulus - 1), out=acc.value)
+        return acc.value
 
     def _open_share(self, sender: int, blob: bytes) -> ShareBundle | None:
         """The sender's share bundle for this client, or None if it does not decrypt or is malformed.
