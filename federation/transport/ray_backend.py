@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from secagg.errors import ConfigError, SecAggError
+from secagg.protocol.pool import ClientPool
 
 if TYPE_CHECKING:
     from secagg.rounds import Reply, StageView
@@ -50,27 +51,20 @@ def _require_ray():
     return ray
 
 
-class _Pool:
+class _Pool(ClientPool):
     """Body of the ClientPool actor (a plain class so it can also run without Ray).
 
-    It hosts the sessions of a batch of parties: masking clients
-    (:class:`secagg.protocol.client.ClientSession`), or ckks clients and key holders
-    (:mod:`secagg.ckks.session`). A party's identity key is made here and never leaves.
+    It hosts the sessions of a batch of parties (:class:`secagg.protocol.pool.ClientPool`):
+    masking clients, or ckks clients and key holders (:mod:`secagg.ckks.session`). A
+    party's identity key is made here and never leaves. A party that raises any typed
+    error stops and is reported as gone, as a remote client would be.
     """
 
     def __init__(self, client_ids: Sequence[int], seed: int | None = None) -> None:
-        from secagg.keys import IdentityKey
         from secagg.rounds import PhaseTimes
 
-        self._ids = tuple(int(c) for c in client_ids)
-        self.seed = seed
-        self.identities = {c: IdentityKey.generate() for c in self._ids}
-        self.sessions: dict = {}
-        self.drop: dict[str, set[int]] = {}
+        super().__init__(client_ids, seed=seed, stops=(SecAggError,))
         self.times = PhaseTimes()
-
-    def client_ids(self) -> tuple[int, ...]:
-        return self._ids
 
     def peak_rss_kib(self) -> int:
         """Peak resident memory of this process (Linux /proc), for benchmarks."""
@@ -81,10 +75,7 @@ class _Pool:
         t = os.times()
         return t.user + t.system
 
-    def public_keys(self) -> dict[int, bytes]:
-        return {c: k.public_bytes for c, k in self.identities.items()}
-
-    def begin(
+    def begin(  # type: ignore[override]
         self,
         directory: Mapping[int, bytes],
         updates: Mapping[int, bytes] | None,
@@ -94,19 +85,8 @@ class _Pool:
         """New masking round: one session per hosted client in ``directory``. ``updates`` are
         float64 bytes by client; ``synthetic`` = (dim, base_seed, round, scale) makes them here
         instead. ``drop`` maps a stage to the clients that vanish there."""
-        from secagg.protocol.client import ClientSession
-        from secagg.protocol.simulate import rounding_seed
-
-        self.sessions = {}
-        self.drop = {s: set(ids) & set(self._ids) for s, ids in drop.items()}
-        for c in self._ids:
-            if c not in directory:  # a pool may host more clients than this round uses
-                continue
-            self.sessions[c] = ClientSession(
-                c, self.identities[c], directory, update=_update_of(c, updates, synthetic),
-                rounding_seed=None if self.seed is None else rounding_seed(self.seed, c),
-            )
-        return len(self.sessions)
+        rows = {c: _update_of(c, updates, synthetic) for c in self.client_ids() if c in directory}
+        return super().begin(directory, rows, drop)
 
     def begin_ckks(self, config, roster, updates: Mapping[int, bytes], fractions: Mapping[int, float]) -> int:
         """New ckks round (:class:`~secagg.ckks.roles.HeRoundConfig`, :class:`~secagg.ckks.session.Roster`):
@@ -115,7 +95,7 @@ class _Pool:
         from secagg.ckks.session import ClientSession, KeyHolderSession
 
         self.sessions, self.drop = {}, {}
-        for c in self._ids:
+        for c in self.client_ids():
             if c in roster.keyholders:
                 self.sessions[c] = KeyHolderSession(config, roster, c, self.identities[c], timer=self.times)
             elif c in updates:
@@ -128,30 +108,6 @@ class _Pool:
         seconds = dict(self.times.seconds)
         self.times.seconds.clear()
         return seconds
-
-    def step(self, stage: str, inbox: Mapping[int, bytes]) -> tuple[dict[int, bytes], dict[int, str], float]:
-        """Hand each hosted party its message; return replies, parties that stopped (with the
-        reason: a simulated dropout or an error the party raised) and CPU seconds."""
-        started = time.process_time()
-        out: dict[int, bytes] = {}
-        failed: dict[int, str] = {}
-        for c, data in inbox.items():
-            if c in self.drop.get(stage, ()):
-                self.sessions.pop(c, None)  # simulated dropout: the client vanishes here
-                failed[c] = f"dropped out at stage {stage!r} (simulated)"
-                continue
-            session = self.sessions.get(c)
-            if session is None:
-                continue
-            try:
-                reply = session.receive(data)
-            except SecAggError as exc:
-                failed[c] = f"{type(exc).__name__}: {exc}"
-                self.sessions.pop(c, None)
-                continue
-            if reply is not None:
-                out[c] = reply
-        return out, failed, time.process_time() - started
 
 
 def _update_of(c: int, updates: Mapping[int, bytes] | None, synthetic: tuple[int, int, int, float] | None) -> np.ndarray:
@@ -517,7 +473,7 @@ class RayAggregator:
 
     def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
                   **protocol_options):
-        from secagg.result import AggregateResult
+        from secagg.rounds import RoundOutcome
 
         matrix = np.asarray(vectors, dtype=np.float64)
         n = matrix.shape[0]
@@ -544,12 +500,12 @@ class RayAggregator:
         outcome = res["outcome"]
         timings = dict(res["server_timings"])
         timings["client.cpu_total"] = res["client_cpu_seconds"]
-        return AggregateResult(
+        return RoundOutcome(
             total=outcome.total,
             included=tuple(c - 1 for c in outcome.included),
             bytes_up_per_param=outcome.bytes_up_per_param,
             timings=timings,
-            protocol="masking",
+            protection="masking",
             max_quantization_error=outcome.max_quantization_error,
             dropped={s: tuple(c - 1 for c in ids) for s, ids in outcome.dropped.items()},
         )
