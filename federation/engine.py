@@ -71,7 +71,7 @@ from privacy.dpfedavg import add_gaussian_noise, fixed_sample, poisson_sample
 from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
 from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 LEDGER_FILE = "ledger.db"
 LEDGER_KEY_FILE = "ledger.key"
@@ -144,13 +144,13 @@ class Aggregated:
 
     clients: list[int]  # who took part
     dropped: dict[str, list[int]]  # stage -> clients that stopped there
-    outcome: AggregateResult | None = None  # ``total`` as released (central noise included)
+    outcome: RoundOutcome | None = None  # ``total`` as released (central noise included)
     aborted: str | None = None  # why nothing was released (``outcome`` is then None)
 
 
 #: Commits the round to the ledger and returns the total as it may leave the server; the
 #: aggregator calls it before the sum is used or sent anywhere.
-Release = Callable[[AggregateResult], np.ndarray]
+Release = Callable[[RoundOutcome], np.ndarray]
 
 
 class RoundExecutor(Protocol):
@@ -574,7 +574,7 @@ class Federation:
             return rows, None
         return rows, (math.sqrt(clip**2 + 1.0) if self.weighted else clip)
 
-    def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> AggregateResult:
+    def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> RoundOutcome:
         options = {}
         if self.noise_plan is not None:
             options = dict(scale=self.noise_plan.scale, client_noise=self.noise_plan.sample,
@@ -590,7 +590,7 @@ class Federation:
         return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
                                   rng=self._noise_rng)
 
-    def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
+    def apply_aggregate(self, result: RoundOutcome, *, noised: bool = False) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted.
 
         ``noised``: ``result.total`` already went through :meth:`release_total`.
@@ -640,7 +640,7 @@ class Federation:
         entry, epsilon = self.reserve_budget(ledger, rnd, cohort.reserve)
         trained = self.round_executor.train(self, rnd, cohort)
 
-        def release(outcome: AggregateResult) -> np.ndarray:
+        def release(outcome: RoundOutcome) -> np.ndarray:
             # Commit first: the sum is used or shared only once the ledger holds its release. What
             # leaves is what the model uses (with the central noise of user-level DP).
             self.commit_release(ledger, entry, len(outcome.included))

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from secagg.errors import ConfigError, InputError
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 PROTECTIONS = ("masking", "ckks")
 #: masking options and their defaults: with protection="ckks" a value other than the default
@@ -39,7 +39,7 @@ def aggregate(
     weights: Sequence[float] | None = None,
     protocol: str | None = None,
     **protocol_options,
-) -> AggregateResult:
+) -> RoundOutcome:
     """Securely sum the rows of ``updates`` (an (n, d) float array) over the surviving clients.
 
     ``dropouts`` maps a stage name to the client indices that drop at that stage. For

@@ -473,7 +473,7 @@ class RayAggregator:
 
     def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
                   **protocol_options):
-        from secagg.result import AggregateResult
+        from secagg.rounds import RoundOutcome
 
         matrix = np.asarray(vectors, dtype=np.float64)
         n = matrix.shape[0]
@@ -500,12 +500,12 @@ class RayAggregator:
         outcome = res["outcome"]
         timings = dict(res["server_timings"])
         timings["client.cpu_total"] = res["client_cpu_seconds"]
-        return AggregateResult(
+        return RoundOutcome(
             total=outcome.total,
             included=tuple(c - 1 for c in outcome.included),
             bytes_up_per_param=outcome.bytes_up_per_param,
             timings=timings,
-            protocol="masking",
+            protection="masking",
             max_quantization_error=outcome.max_quantization_error,
             dropped={s: tuple(c - 1 for c in ids) for s, ids in outcome.dropped.items()},
         )

@@ -25,7 +25,6 @@ from secagg.protocol.mode import MaskingServerRound
 from secagg.protocol.plan import ClientPolicy, plan_round
 from secagg.protocol.pool import ProcessLink, rounding_seed
 from secagg.protocol.server import ServerSession
-from secagg.result import AggregateResult
 from secagg.rounds import InMemoryLink, PhaseTimes, RoundOutcome, drive
 
 
@@ -153,7 +152,7 @@ def aggregate_masking(
     client_noise: Callable[[int, int, float], np.ndarray] | None = None,
     noise_headroom: float = 0.0,
     processes: int = 1,
-) -> AggregateResult:
+) -> RoundOutcome:
     """Secure sum by pairwise masking; see :func:`secagg.aggregate` for the arguments.
 
     ``clip=None`` is a simulation convenience: no clipping, and the fixed-point range is
@@ -205,12 +204,12 @@ def aggregate_masking(
         timings[f"client.{stage}"] = seconds
     for stage, seconds in session.server_receive_seconds.items():
         timings[f"server.receive.{stage}"] = seconds
-    return AggregateResult(
+    return RoundOutcome(
         total=outcome.total,
         included=included,
         bytes_up_per_param=outcome.bytes_up_per_param,
         timings=timings,
-        protocol="masking",
+        protection="masking",
         max_quantization_error=outcome.max_quantization_error,
         dropped={stage: tuple(c - 1 for c in ids) for stage, ids in outcome.dropped.items()},
         parameters={
