@@ -38,7 +38,7 @@ def update(cid: int, rnd: int) -> np.ndarray:
 
 def settings(**kw) -> ServerSettings:
     base = {
-        "mode": "masking", "options": {"dim": DIM, "clip": 50.0}, "expected_clients": 5, "threshold": 3,
+        "protection": "masking", "options": {"dim": DIM, "clip": 50.0}, "expected_clients": 5, "threshold": 3,
         "join_timeout": 20.0, "stage_timeout": 10.0, "rounds": 1,
     }
     base.update(kw)
@@ -337,7 +337,7 @@ def test_clients_refuse_a_server_that_switches_to_no_protection(pki):
     s = settings(protection="none", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
-    assert all(res.failed[0] == "refused mode 'none'" for res in results)
+    assert all(res.failed[0] == "refused protection 'none'" for res in results)
 
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
