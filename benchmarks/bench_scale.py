@@ -40,6 +40,9 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
     updates = np.random.default_rng(0).uniform(-1, 1, size=(clients, dim)).astype(np.float32)  # benchmark data
     rate = keystream_rate()
     per_agreement = agreement_seconds()
+    # the same two baselines in CPU time, to price the round's CPU time on a shared machine
+    rate_cpu = keystream_rate(clock=time.process_time)
+    per_agreement_cpu = agreement_seconds(count=2000, clock=time.process_time)
     plain = warm_median(lambda: updates.sum(axis=0, dtype=np.float32))
     codec = FixedPointCodec.for_clients(clip=1.0, max_clients=clients, clip_mode="coordinate")
     n_drop = int(round(dropout * clients))
@@ -72,6 +75,8 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
     share_keys = sum(len(g.neighbours(c)) - 1 for c in session.client_ids)
     mask_seeds = sum(len(g.neighbours(c)) - 1 for c in session.client_ids if c not in lost)
     agreements = share_keys + mask_seeds + masks - len(survivors)
+    keystream = (mask_seeds + clients - len(lost)) * dim * 4 + server_keystream  # every mask of the round
+    floor_cpu = agreements * per_agreement_cpu + keystream / rate_cpu
     row = {
         "clients": clients, "dim": dim, "graph": "complete" if g.complete else "sparse",
         "degree": session.config.degree, "workers": workers, "processes": processes,
@@ -80,7 +85,12 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
         "round_cpu_s of this process": round_cpu_s,
         "round_cpu_s of the worker processes (start-up included)": workers_cpu_s,
         "round_agreements (clients' + server's)": agreements,
-        "round_agreement_floor_cpu_s (agreements x agreement_s)": agreements * per_agreement,
+        "round_mask_keystream_bytes": keystream,
+        "agreement_cpu_s (X25519 + HKDF, warm median of CPU time, same run)": per_agreement_cpu,
+        "aes256_ctr_bytes_per_cpu_s": rate_cpu,
+        "round_floor_cpu_s (agreements x agreement_cpu_s + keystream / its CPU rate)": floor_cpu,
+        "round_cpu_over_floor": (round_cpu_s + workers_cpu_s) / floor_cpu,
+        "round_floor_wall_s on 2 free cores (floor_cpu / 2)": floor_cpu / 2,
         "setup_s (identity keys, not part of a round)": setup_s,
         "server_stage_s": {k: v for k, v in server.timings.items()},
         "server_receive_s": session.server_receive_seconds,

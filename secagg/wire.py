@@ -82,7 +82,8 @@ def encode(msg: Message) -> bytes:
     """Serialise a registered message (unsigned)."""
     if type(msg).TYPE not in _REGISTRY:
         raise WireError(f"{type(msg).__name__} is not a registered wire message")
-    body = {name: _to_wire(getattr(msg, name)) for name, _, _ in _schema(type(msg))[1]}
+    # tuples go out as msgpack arrays, exactly as lists would (msgpack's packer does not tell them apart)
+    body = {name: getattr(msg, name) for name, _, _ in _schema(type(msg))[1]}
     return msgpack.packb([MAGIC, WIRE_VERSION, type(msg).TYPE, body], use_bin_type=True)
 
 
@@ -311,14 +312,6 @@ def verify_envelope(sender_id: int, payload: bytes | memoryview, signature: byte
     verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
 
 
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
-
-
 @functools.cache
 def _schema(cls: type[Message]) -> tuple[frozenset[str], tuple[tuple[str, Any, str], ...]]:
     """``cls``'s field names and, per field, (name, resolved type hint, error label).
@@ -421,6 +414,11 @@ def _check_int_tuple(value: Any, where: str, limit: int) -> tuple[int, ...]:
 def _check_bytes_by_int(value: Any, where: str, limit: int) -> dict[int, bytes]:
     if not isinstance(value, dict):
         raise WireError(f"{where}: expected a mapping")
+    # One C-level pass per property (a share delivery holds hundreds of entries); only a mapping
+    # that fails one is walked entry by entry, to name the first bad entry.
+    if set(map(type, value)) <= {int} and set(map(type, value.values())) <= {bytes} and \
+            max(map(len, value.values()), default=0) <= limit:
+        return value
     for k, v in value.items():
         if type(k) is not int:
             raise WireError(f"{where} key: expected int, got {type(k).__name__}")
