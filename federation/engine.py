@@ -349,7 +349,7 @@ class Federation:
                 sample_rate=1.0,  # fixed cohorts: no amplification by sampling is claimed
                 rng_seed=config.seed if config.deterministic else None)
         self.accountant = RoundAccountant(
-            mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
+            dp=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
             client_sample_rate=(config.sampling_rate
                                 if config.sampling == "poisson" and self.samples_clients else 1.0),

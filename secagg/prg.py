@@ -73,14 +73,15 @@ class KeystreamReader:
     """
 
     def __init__(self, seed: bytes, *, offset: int = 0, capacity: int) -> None:
+        if not 0 < capacity * 8 <= len(_ZEROS):
+            raise ConfigError(f"a keystream reader holds 1 to {len(_ZEROS) // 8} entries at a time, not {capacity}")
         self._cipher = _keystream_cipher(seed, 2 * offset)
         self._raw = bytearray((2 * capacity + _BLOCK_SLACK) * 4)
-        self._zeros = memoryview(bytes(2 * capacity * 4))
         self._words = np.frombuffer(self._raw, dtype="<u8")
 
     def next(self, count: int) -> np.ndarray:
         """The next ``count`` entries (at most the capacity), writable, in the reader's buffer."""
-        self._cipher.update_into(self._zeros[: count * 8], self._raw)
+        self._cipher.update_into(_ZEROS[: count * 8], self._raw)
         return self._words[:count]
 
 

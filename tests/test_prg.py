@@ -122,3 +122,15 @@ def test_a_filled_accumulator_equals_filling_first_then_adding_the_masks(workers
 def test_worker_counts_that_are_not_counts_are_refused(workers):
     with pytest.raises(ConfigError, match="workers"):
         MaskAccumulator(4, workers=workers)
+
+
+def test_a_keystream_reader_reads_the_labelled_stream_piece_by_piece():
+    from secagg.prg import KeystreamReader, expand_uint64, labelled_seed
+
+    seed = os.urandom(32)
+    whole = expand_uint64(seed, 50, label=b"rounding")
+    reader = KeystreamReader(labelled_seed(seed, b"rounding"), offset=10, capacity=16)
+    pieces = [reader.next(n).copy() for n in (16, 1, 7, 16)]  # copies: next() reuses its buffer
+    np.testing.assert_array_equal(np.concatenate(pieces), whole[10:50])
+    with pytest.raises(ConfigError, match="entries at a time"):
+        KeystreamReader(seed, capacity=0)

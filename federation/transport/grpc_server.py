@@ -80,7 +80,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 0
-    mode: str = "masking"
+    protection: str = "masking"  # which protection its rounds run (the name of a core Mode)
     options: dict = field(default_factory=dict)
     rounds: int = 1
     expected_clients: int = 2  # start a round as soon as this many are connected
@@ -281,7 +281,7 @@ class AggregationServer:
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> None:
         settings.check()
-        self._mode = get_mode(settings.mode)  # fail early on an unknown mode
+        self._mode = get_mode(settings.protection)  # fail early on an unknown protection
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
@@ -337,10 +337,10 @@ class AggregationServer:
         if not self.port:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
-        log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
-                 s.host, self.port, s.mode, cap, s.handshake_timeout)
-        if s.mode == "none":
-            log.warning("mode 'none' is the INSECURE baseline: the server sees every client's update")
+        log.info("listening on %s:%d (mutual TLS, protection=%s, at most %d connections, TLS handshake within %gs)",
+                 s.host, self.port, s.protection, cap, s.handshake_timeout)
+        if s.protection == "none":
+            log.warning("protection 'none' is the INSECURE baseline: the server sees every client's update")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -410,7 +410,6 @@ class AggregationServer:
             reason = f"only {len(participants)} clients connected, the threshold is {s.threshold}"
             log.error("round %d not started: %s", number, reason)
             return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
-        mode = get_mode(s.mode)
         ctx = RoundContext(
             round=number, participants=participants,
             identity_keys={cid: self._conns[cid].key for cid in participants},
@@ -419,7 +418,7 @@ class AggregationServer:
             server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
-            driver, params = mode.server(ctx)
+            driver, params = self._mode.server(ctx)
         except SecAggError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("round %d not started: %s", number, reason)
@@ -427,8 +426,8 @@ class AggregationServer:
         state = _RoundState(number, set(participants))
         state.link = GrpcLink(self, state, asyncio.get_running_loop(), s.stage_timeout)
         self._round = state
-        log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
-        start_frame = wire.encode(RoundStart(round=number, mode=s.mode, broadcast=broadcast is not None))
+        log.info("round %d: %d participants, protection=%s", number, len(participants), s.protection)
+        start_frame = wire.encode(RoundStart(round=number, mode=s.protection, broadcast=broadcast is not None))
         for cid in participants:
             self._conns[cid].send_frame(start_frame)
             self._conns[cid].send_payload(params)

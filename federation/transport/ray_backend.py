@@ -349,7 +349,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def run_ray_rounds(
     *,
     n_clients: int,
-    mode: str,
+    protection: str,
     options: Mapping[str, object],
     rounds: int,
     threshold: int | None,
@@ -363,13 +363,14 @@ def run_ray_rounds(
     gRPC), ``scheme`` "ckks" or "bfv"; the key holder is one more party on an actor, and
     the round needs ``max(2, threshold)`` uploads.
     """
-    if mode not in ("masking", "ckks"):
-        raise ConfigError(f"the Ray backend runs the masking and ckks protocols; mode {mode!r} is not supported")
+    if protection not in ("masking", "ckks"):
+        raise ConfigError(f"the Ray backend runs the masking and ckks protocols; protection {protection!r} "
+                          "is not supported")
     ray = _require_ray()
     started = start_ray(address, num_cpus)
     try:
         dim = int(options.get("dim", 0))
-        if mode == "ckks":
+        if protection == "ckks":
             yield from _ckks_rounds(n_clients, options, rounds, threshold)
             return
         pools = make_pools(tuple(range(1, n_clients + 1)), seed=seed)

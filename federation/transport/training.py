@@ -38,8 +38,9 @@ from federation.transport.grpc_server import AggregationServer, ServerSettings
 from secagg import wire
 from secagg.errors import ConfigError, ReplayError
 
-MODES = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
-         "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
+# the experiment's protection -> the server's protection and its options over gRPC
+GRPC_PROTECTIONS = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
+                    "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
 
 
 @wire.message
@@ -58,17 +59,17 @@ def _weighted(config: ExperimentConfig) -> bool:
 
 
 def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_params: int) -> None:
-    """Set the server's mode and options from the experiment (dimension, clip, bits)."""
+    """Set the server's protection and options from the experiment (dimension, clip, bits)."""
     if config.dp == "user-distributed":
         raise ConfigError("dp = 'user-distributed' is not supported over gRPC yet; use 'dpsgd' or 'user'")
     if config.update_clip <= 0:
         raise ConfigError("training over gRPC needs update_clip > 0: the protocol's range is agreed before training")
     try:
-        mode, extra = MODES[config.protection]
+        protection, extra = GRPC_PROTECTIONS[config.protection]
     except KeyError:
-        raise ConfigError(f"protection {config.protection!r} has no gRPC mode") from None
+        raise ConfigError(f"protection {config.protection!r} does not run over gRPC") from None
     weighted = _weighted(config)
-    settings.mode = mode
+    settings.protection = protection
     settings.options = {
         **settings.options, **extra,
         "dim": num_params + int(weighted),
