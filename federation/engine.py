@@ -1,9 +1,8 @@
-"""The in-process federation: rounds of sample -> train -> protect/aggregate -> update -> account.
+"""The federation engine: rounds of sample -> train -> protect/aggregate -> update -> account.
 
-One round (:meth:`Federation.run_round`, the only round loop of every backend) joins two seams
-chosen at construction: a :class:`RoundExecutor` (who trains) and a :class:`RoundAggregator`
-(how the protected sum is computed and released). In process (also on Ray, through its
-``executor=`` and ``aggregator=``), step by step:
+:meth:`Federation.run_round` is the round of every backend; a :class:`RoundExecutor` (who
+trains) and a :class:`RoundAggregator` (how the protected sum is computed and released) plug
+in. In process (and on Ray), step by step:
 
 1. :meth:`Federation.sample_clients` -- a fixed count, or Poisson sampling at rate q;
 2. :meth:`Federation.plan_faults` -- which sampled clients drop, and at which protocol stage
@@ -19,10 +18,8 @@ chosen at construction: a :class:`RoundExecutor` (who trains) and a :class:`Roun
    real protocol over all sampled clients and their dropouts; the server learns only the sum;
 7. ledger commit, then central noise for user-level DP (the release);
 8. :meth:`Federation.apply_aggregate` -- decode the mean update, the strategy's server step;
-9. evaluation, checkpoint.
-
-Over gRPC (:mod:`federation.transport.training`) steps 1-6 happen on the clients' hosts and
-in the server's protocol round; 3, 7, 8 and 9 are the same code.
+9. evaluation, checkpoint. Over gRPC (:mod:`federation.transport.training`) clients train on
+   their hosts and aggregate in the server's round; steps 3, 7, 8 and 9 are the same code.
 
 Randomness: which clients take part in a round is drawn from the operating system
 (``os.urandom``) at round time -- the ledger's amplification by sampling holds only if the
@@ -116,12 +113,9 @@ def run_task(task: TrainTask) -> ClientUpdate:
                         client=task.client, seed=task.seed)
 
 
-# ----------------------------------------------------------------- the round's two seams
-
-
 @dataclass(frozen=True)
 class Cohort:
-    """Who a round asks to take part, as its executor decides before the budget is reserved."""
+    """Who a round asks to take part, decided before the budget is reserved."""
 
     clients: list[int]  # client ids in row order (empty: whoever is connected when the round starts)
     faults: dict[str, list[int]]  # simulated dropouts: stage -> rows
@@ -148,14 +142,11 @@ class Aggregated:
     aborted: str | None = None  # why nothing was released (``outcome`` is then None)
 
 
-#: Commits the round to the ledger and returns the total as it may leave the server; the
-#: aggregator calls it before the sum is used or sent anywhere.
-Release = Callable[[RoundOutcome], np.ndarray]
+Release = Callable[[RoundOutcome], np.ndarray]  # ledger commit; returns the total as it may leave
 
 
 class RoundExecutor(Protocol):
-    """Who trains: the round's clients and their training (:class:`LocalClients`, or clients
-    training on their own hosts: :class:`federation.transport.training.HostClients`)."""
+    """Who trains (:class:`LocalClients`; :class:`federation.transport.training.HostClients`)."""
 
     def cohort(self, fed: Federation, rnd: int) -> Cohort: ...
 
@@ -163,16 +154,16 @@ class RoundExecutor(Protocol):
 
 
 class RoundAggregator(Protocol):
-    """How the protected sum is computed and released (:class:`LocalAggregation`, or a gRPC
-    server: :class:`federation.transport.training.GrpcAggregation`)."""
+    """How the protected sum is computed and released (:class:`LocalAggregation`;
+    :class:`federation.transport.training.GrpcAggregation`); calls ``release`` before the sum
+    is used or sent anywhere."""
 
     def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
                   release: Release) -> Aggregated: ...
 
 
 class LocalClients:
-    """The sampled clients train where the federation's :class:`ClientExecutor` runs them (in
-    this process, or as Ray tasks) and hand it their encoded rows."""
+    """Sampled clients train through the federation's :class:`ClientExecutor` (here, or Ray tasks)."""
 
     def cohort(self, fed: Federation, rnd: int) -> Cohort:
         sampled = fed.sample_clients(rnd)
@@ -187,7 +178,7 @@ class LocalClients:
 
 class LocalAggregation:
     """The protocol runs over the trained rows through the federation's
-    :class:`~federation.aggregators.Aggregator` (in this process, or on Ray actors)."""
+    :class:`~federation.aggregators.Aggregator` (here, or on Ray actors)."""
 
     def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
                   release: Release) -> Aggregated:
@@ -324,19 +315,9 @@ class Federation:
         if custom is not None:
             self.dataset, self.parts, self.build = custom.dataset, custom.parts, custom.build
         else:
-            self.dataset = dataset if dataset is not None else load_dataset(
-                config.dataset, config.data_dir, seed=config.seed)
-            self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
-                                   alpha=config.alpha, seed=config.seed)
-            self.build = partial(build_model, config.model, self.dataset.input_shape,
-                                 self.dataset.num_classes, hidden=config.hidden)
+            self.dataset, self.parts, self.build = builtin_setup(config, dataset)
         self.sizes = [len(p) for p in self.parts]
-        self.local = LocalTraining(
-            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
-            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            loss=loss, train=train, secure_noise=not config.deterministic,
-        )
+        self.local = local_training(config, loss=loss, train=train)
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
             self._model = self.build()
@@ -525,10 +506,7 @@ class Federation:
             if row in gone:
                 continue
             idx = self.parts[client]
-            seed = int(np.random.SeedSequence([self.config.seed, rnd, 3, client]).generate_state(1)[0])
-            if self.local.dp_sgd and not self.config.deterministic:
-                # Batch order may be public, DP noise may not: never derive it from the seed.
-                seed = secrets.randbits(62)
+            seed = batch_seed(self.config, rnd, client, secret=self.local.dp_sgd)
             tasks.append(TrainTask(client, rnd, self.params, self.dataset.x_train[idx],
                                    self.dataset.y_train[idx], self.local, self.build, seed))
             rows.append(row)
@@ -540,7 +518,7 @@ class Federation:
     @property
     def weighted(self) -> bool:
         """Sample-weighted FedAvg (an extra coordinate carries the weight) unless user-level DP."""
-        return self.config.dp not in ("user", "user-distributed")
+        return weighted(self.config)
 
     def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
         """Rows the clients feed to the protocol, and the L2 bound every row satisfies.
@@ -551,25 +529,11 @@ class Federation:
         share is added inside the protocol, after quantization (see DistributedNoisePlan).
         """
         c = self.config
-        d = len(self.params)
-        width = d + 1 if self.weighted else d
-        rows = np.zeros((len(updates), width), dtype=np.float64)
+        rows = np.zeros((len(updates), len(self.params) + int(self.weighted)), dtype=np.float64)
         clip = c.update_clip if c.update_clip > 0 else None
-        n_ref = max(self.sizes)
         for row, update in enumerate(updates):
-            if update is None:
-                continue
-            delta = update.delta.astype(np.float64)
-            if clip is not None:
-                norm = float(np.linalg.norm(delta))
-                if norm > clip:
-                    delta = delta * (clip / norm)
-            if self.weighted:
-                w = update.num_samples / n_ref
-                rows[row, :d] = w * delta
-                rows[row, d] = w
-            else:
-                rows[row] = delta  # a distributed noise share is added by the protocol, after encoding
+            if update is not None:  # a distributed noise share is added by the protocol, after encoding
+                rows[row] = encode_row(update, clip=clip, weight_ref=max(self.sizes), weighted=self.weighted)
         if clip is None:
             return rows, None
         return rows, (math.sqrt(clip**2 + 1.0) if self.weighted else clip)
@@ -738,6 +702,57 @@ class Federation:
 
 
 MAX_REPORTED_SITES = 50
+
+
+def weighted(config: ExperimentConfig) -> bool:
+    """Sample-weighted FedAvg (rows carry their weight) unless the DP protects whole clients."""
+    return config.dp not in ("user", "user-distributed")
+
+
+def batch_seed(config: ExperimentConfig, rnd: int, client: int, *, secret: bool) -> int:
+    """The seed of a client's local training in a round: from the OS when it is ``secret`` (it
+    also seeds DP-SGD noise, which may never derive from the public seed) unless the run is
+    deterministic, else derived from the public ``(seed, round, client)`` (batch order only)."""
+    if secret and not config.deterministic:
+        return secrets.randbits(62)
+    return int(np.random.SeedSequence([config.seed, rnd, 3, client]).generate_state(1)[0])
+
+
+def encode_row(update: ClientUpdate, *, clip: float | None, weight_ref: int, weighted: bool) -> np.ndarray:
+    """The row one client protects: ``clip(delta)``, weighted as ``[w * clip(delta), w]`` with
+    ``w = min(1, n_k / weight_ref)`` (public: ``weight_ref`` is the largest partition's size, so
+    a row stays within the bound the protocol's range is agreed for)."""
+    delta = update.delta.astype(np.float64)
+    if clip is not None:
+        norm = float(np.linalg.norm(delta))
+        if norm > clip:
+            delta = delta * (clip / norm)
+    if not weighted:
+        return delta
+    w = min(1.0, update.num_samples / weight_ref)
+    return np.append(w * delta, w)
+
+
+def builtin_setup(config: ExperimentConfig, dataset: Dataset | None = None
+                  ) -> tuple[Dataset, list[np.ndarray], Callable[[], nn.Module]]:
+    """A built-in scenario's dataset (``dataset``, or loaded), its partition into clients and
+    the model builder: the same on every host that reads the same experiment."""
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition, alpha=config.alpha,
+                      seed=config.seed)
+    return dataset, parts, partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
+                                   hidden=config.hidden)
+
+
+def local_training(config: ExperimentConfig, *, loss: Callable | None = None,
+                   train: TrainHook | None = None) -> LocalTraining:
+    """A client's local-training settings, as the experiment gives them."""
+    return LocalTraining(
+        epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+        proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd", noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm, loss=loss, train=train, secure_noise=not config.deterministic,
+    )
 
 
 @lru_cache(maxsize=1)

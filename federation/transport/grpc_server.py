@@ -406,10 +406,13 @@ class AggregationServer:
                          release: Callable[[RoundOutcome], np.ndarray] | None = None) -> RoundReport:
         s = self.settings
         t0 = time.perf_counter()
-        if len(participants) < s.threshold:
-            reason = f"only {len(participants)} clients connected, the threshold is {s.threshold}"
+
+        def not_started(reason: str) -> RoundReport:
             log.error("round %d not started: %s", number, reason)
             return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
+
+        if len(participants) < s.threshold:
+            return not_started(f"only {len(participants)} clients connected, the threshold is {s.threshold}")
         ctx = RoundContext(
             round=number, participants=participants,
             identity_keys={cid: self._conns[cid].key for cid in participants},
@@ -420,9 +423,7 @@ class AggregationServer:
         try:
             driver, params = self._mode.server(ctx)
         except SecAggError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("round %d not started: %s", number, reason)
-            return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
+            return not_started(f"{type(exc).__name__}: {exc}")
         state = _RoundState(number, set(participants))
         state.link = GrpcLink(self, state, asyncio.get_running_loop(), s.stage_timeout)
         self._round = state
@@ -500,18 +501,26 @@ class AggregationServer:
         the stage's limit; anything else is read and thrown away chunk by chunk, so an
         unsolicited message never costs the server memory.
         """
-        state = self._round
-        link = state.link if state is not None else None
-        if link is None or not link.expects(conn.cid):
-            conn.unexpected += 1
-            if conn.unexpected > self.settings.max_unexpected_messages:
-                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
-            stage = link.stage.name if link is not None and link.stage is not None else None
+        link = self._awaiting(conn)
+        if link is None:
+            current = self._round.link if self._round is not None else None
+            stage = current.stage.name if current is not None and current.stage is not None else None
             where = "no round is running" if stage is None else f"stage {stage!r} does not await it"
             log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
                      first.count, where)
             return None
         return self._stage_limit(link)
+
+    def _awaiting(self, conn: _Conn) -> GrpcLink | None:
+        """The round's link if its stage awaits a message from ``conn``; else None, and the
+        message counts as unsolicited (past ``max_unexpected_messages`` the client is kicked)."""
+        link = self._round.link if self._round is not None else None
+        if link is not None and link.expects(conn.cid):
+            return link
+        conn.unexpected += 1
+        if conn.unexpected > self.settings.max_unexpected_messages:
+            raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+        return None
 
     def _stage_limit(self, link: GrpcLink) -> int:
         """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
@@ -533,12 +542,8 @@ class AggregationServer:
     def _deliver(self, conn: _Conn, payload: bytes | memoryview, reserved: int) -> bool:
         """Hand a complete payload to the round's link. True: the link took it with the
         ``reserved`` in-flight budget it holds (given back once the driver is done with it)."""
-        state = self._round
-        link = state.link if state is not None else None
-        if link is None or not link.expects(conn.cid):
-            conn.unexpected += 1
-            if conn.unexpected > self.settings.max_unexpected_messages:
-                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+        link = self._awaiting(conn)
+        if link is None:
             log.info("client %d: ignored a message outside its stage", conn.cid)
             return False
         if self._mode.sealed_by_sender:

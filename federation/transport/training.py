@@ -23,16 +23,25 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 
 from federation.config import ExperimentConfig
-from federation.engine import Aggregated, Cohort, Federation, Release, Trained
+from federation.engine import (
+    Aggregated,
+    Cohort,
+    Federation,
+    Release,
+    Trained,
+    batch_seed,
+    builtin_setup,
+    encode_row,
+    local_training,
+    weighted,
+)
 from federation.transport.certs import Credentials
 from federation.transport.grpc_server import AggregationServer, ServerSettings
 from secagg import wire
@@ -54,10 +63,6 @@ class TrainingBroadcast(wire.Message):
     weight_ref: int  # public normaliser of sample weights: w_k = n_k / weight_ref
 
 
-def _weighted(config: ExperimentConfig) -> bool:
-    return config.dp not in ("user", "user-distributed")
-
-
 def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_params: int) -> None:
     """Set the server's protection and options from the experiment (dimension, clip, bits)."""
     if config.dp == "user-distributed":
@@ -68,12 +73,12 @@ def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_pa
         protection, extra = GRPC_PROTECTIONS[config.protection]
     except KeyError:
         raise ConfigError(f"protection {config.protection!r} does not run over gRPC") from None
-    weighted = _weighted(config)
+    weighted_rows = weighted(config)
     settings.protection = protection
     settings.options = {
         **settings.options, **extra,
-        "dim": num_params + int(weighted),
-        "clip": math.sqrt(config.update_clip**2 + 1.0) if weighted else config.update_clip,
+        "dim": num_params + int(weighted_rows),
+        "clip": math.sqrt(config.update_clip**2 + 1.0) if weighted_rows else config.update_clip,
         "bits": config.bits,
     }
     settings.rounds = config.rounds
@@ -172,21 +177,10 @@ class TrainingClient:
     """
 
     def __init__(self, config: ExperimentConfig, client_index: int, *, x=None, y=None) -> None:
-        from federation.data import load_dataset, partition
-        from federation.models import build_model
-        from federation.training import LocalTraining
-
         self.config = config
         self.client_index = client_index
-        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition,
-                          alpha=config.alpha, seed=config.seed)
-        self.local = LocalTraining(
-            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
-            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            secure_noise=not config.deterministic,
-        )
+        dataset, parts, self.build = builtin_setup(config)
+        self.local = local_training(config)
         if x is None:
             if not 0 <= client_index < len(parts):
                 raise ConfigError(f"client index {client_index} is outside the experiment's {len(parts)} clients")
@@ -194,8 +188,6 @@ class TrainingClient:
         else:
             _check_private_data(x, y, dataset, [len(p) for p in parts], self.local)
         self.x, self.y = x, y
-        self.build = partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
-                             hidden=config.hidden)
 
     def update(self, round_: int, broadcast: bytes) -> np.ndarray:
         """Train from the broadcast global model; return the row this client protects."""
@@ -209,22 +201,11 @@ class TrainingClient:
                               "use the same experiment TOML on both sides")
         params = np.frombuffer(b.params, dtype="<f4").copy()
         c = self.config
-        if c.deterministic:  # the engine's derivation, for reproducible tests
-            seed = int(np.random.SeedSequence([c.seed, round_, 3, self.client_index]).generate_state(1)[0])
-        else:
-            seed = secrets.randbits(62)
+        seed = batch_seed(c, round_, self.client_index, secret=True)  # the engine's, reproducible only in tests
         upd = train_client(self.build, params, self.x, self.y, self.local, client=self.client_index, seed=seed)
-        # As Federation.encode_updates: clip, then weight by n_k / weight_ref (public).
-        delta = upd.delta.astype(np.float64)
-        norm = float(np.linalg.norm(delta))
-        if norm > c.update_clip:
-            delta = delta * (c.update_clip / norm)
-        if not _weighted(c):
-            return delta
-        # A site with more records than the largest partition counts as that many: the row's
-        # norm must stay within the bound the protocol's range was agreed for.
-        w = min(1.0, upd.num_samples / b.weight_ref)
-        return np.append(w * delta, w)
+        # The engine's encoding; a site with more records than the largest partition counts as
+        # that many, so the row stays within the bound the protocol's range was agreed for.
+        return encode_row(upd, clip=c.update_clip, weight_ref=b.weight_ref, weighted=weighted(c))
 
 
 def _check_private_data(x: np.ndarray, y: np.ndarray, dataset, sizes: list[int], local) -> None:
