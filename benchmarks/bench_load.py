@@ -51,7 +51,7 @@ def worker(root: str, port: int, ids: list[int]) -> None:
 
     dim = int(os.environ["BENCH_DIM"])
     # client 1 holds the CA's key-holder role; every client trusts it for ckks rounds
-    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, modes=("none", "masking", "ckks"),
+    settings = ClientSettings(server=f"localhost:{port}", connect_timeout=120, protections=("none", "masking", "ckks"),
                               keyholder=1)
 
     async def main():

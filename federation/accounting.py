@@ -1,6 +1,6 @@
 """Privacy accounting for a federation: what each round costs, before it runs.
 
-Two DP modes:
+Two kinds of ``dp``:
 
 - ``dpsgd`` (record level): every client runs DP-SGD on its own records. A client with n_k
   samples takes steps_k = epochs * ceil(n_k / B) steps per round at sampling rate q_k = B / n_k.
@@ -39,7 +39,7 @@ class RoundAccountant:
     def __init__(
         self,
         *,
-        mode: str,
+        dp: str,
         delta: float,
         noise_multiplier: float,
         client_sizes: Sequence[int] = (),
@@ -51,21 +51,21 @@ class RoundAccountant:
         distributed_event: SampledGaussianEvent | None = None,
         dim: int | None = None,
     ) -> None:
-        if mode not in DP_MODES:
-            raise ConfigError(f"unknown dp mode {mode!r}; choose one of {', '.join(DP_MODES)}")
-        if mode != "none" and not 0 < delta < 1:
+        if dp not in DP_MODES:
+            raise ConfigError(f"unknown dp {dp!r}; choose one of {', '.join(DP_MODES)}")
+        if dp != "none" and not 0 < delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")
-        self.mode = mode
+        self.dp = dp
         self.delta = delta
         self.noise_multiplier = noise_multiplier
         self.clip = clip
         self._distributed_event = distributed_event
-        if mode == "user-distributed" and distributed_event is None:
+        if dp == "user-distributed" and distributed_event is None:
             raise ConfigError("user-distributed accounting needs the event of the planned noise shares")
-        if mode != "none":
+        if dp != "none":
             # delta must stay below 1/n for the unit protected: records of the largest client
             # (record level) or users (user level); otherwise it allows releasing one outright.
-            units = (max(client_sizes) if mode == "dpsgd" else len(client_sizes)) if client_sizes else None
+            units = (max(client_sizes) if dp == "dpsgd" else len(client_sizes)) if client_sizes else None
             check_delta(delta, dataset_size=units)
         self.accountant = privacy.accountant.check_accountant(accountant)
         # Clients with the same (q, steps) have the same epsilon: keep one of each.
@@ -83,11 +83,11 @@ class RoundAccountant:
         federation's guarantee is the worst client's (parallel composition); composing this
         event round after round bounds that client's DP-SGD accounting, whatever the horizon.
         """
-        if self.mode == "none":
+        if self.dp == "none":
             raise ConfigError("dp = 'none' releases are not accounted; there is no round event")
-        if self.mode == "dpsgd":
+        if self.dp == "dpsgd":
             return self._worst_profile_event
-        if self.mode == "user-distributed":
+        if self.dp == "user-distributed":
             return self._distributed_event
         from privacy.dpfedavg import round_event
 
@@ -108,7 +108,7 @@ class RoundAccountant:
 
     def epsilon_after(self, rounds: int) -> float:
         """Cumulative epsilon after ``rounds`` rounds; 0 without DP (nothing is claimed then)."""
-        if self.mode == "none" or rounds <= 0:
+        if self.dp == "none" or rounds <= 0:
             return 0.0
         return self._epsilon(rounds)
 
@@ -120,11 +120,11 @@ class RoundAccountant:
     @property
     def claims_sampling(self) -> bool:
         """True when the round event claims amplification by user-level client sampling."""
-        return self.mode in ("user", "user-distributed") and self.round_event().sample_rate < 1.0
+        return self.dp in ("user", "user-distributed") and self.round_event().sample_rate < 1.0
 
     @property
     def is_private(self) -> bool:
-        return self.mode != "none"
+        return self.dp != "none"
 
     def rounds_within(self, budget: float, max_rounds: int) -> int:
         """How many rounds (up to ``max_rounds``) fit within ``budget``."""

@@ -2,7 +2,7 @@
 
 An :class:`Aggregator` takes the (n, d) matrix of vectors the sampled clients *would* upload
 (a row per sampled client; rows of clients that drop before uploading are never read) and the
-round's dropouts, and returns a :class:`secagg.AggregateResult` whose ``total`` is the sum over
+round's dropouts, and returns a :class:`secagg.RoundOutcome` whose ``total`` is the sum over
 ``included`` -- the only thing the server learns. Backends:
 
 - ``none``: plain float sum (the baseline; the server sees every update),
@@ -27,7 +27,7 @@ import numpy as np
 from secagg.errors import ConfigError
 from secagg.protocol.common import PRE_UPLOAD_STAGE_NAMES as PRE_UPLOAD_STAGES
 from secagg.protocol.common import STAGE_NAMES as STAGES
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 PROTECTIONS = ("none", "masking", "masking-sparse", "ckks")
 
@@ -40,7 +40,7 @@ class Aggregator(Protocol):
     def aggregate(
         self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
         **protocol_options,
-    ) -> AggregateResult: ...
+    ) -> RoundOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,14 @@ class PlainAggregator:
     def aggregate(
         self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
         **protocol_options,
-    ) -> AggregateResult:
+    ) -> RoundOutcome:
         if protocol_options:
             raise ConfigError(f"protection 'none' takes no protocol options, got {sorted(protocol_options)}")
         gone = {int(i) for stage in PRE_UPLOAD_STAGES for i in dropouts.get(stage, ())}
         included = tuple(i for i in range(len(vectors)) if i not in gone)
         total = vectors[list(included)].astype(np.float64).sum(axis=0)
-        return AggregateResult(
-            total=total, included=included, bytes_up_per_param=4.0, protocol="none",
+        return RoundOutcome(
+            total=total, included=included, bytes_up_per_param=4.0, protection="none",
             dropped={s: tuple(int(i) for i in v) for s, v in dropouts.items() if v},
         )
 
@@ -80,7 +80,7 @@ class SecureAggregator:
     def aggregate(
         self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
         **protocol_options,
-    ) -> AggregateResult:
+    ) -> RoundOutcome:
         """``protocol_options`` go to the protocol unchanged (for masking: ``scale``,
         ``client_noise`` and ``noise_headroom`` of distributed DP noise)."""
         import secagg

@@ -1,6 +1,8 @@
-"""The in-process federation: rounds of sample -> train -> protect/aggregate -> update -> account.
+"""The federation engine: rounds of sample -> train -> protect/aggregate -> update -> account.
 
-One round, step by step (each a method, so another backend can replace one step):
+:meth:`Federation.run_round` is the round of every backend; a :class:`RoundExecutor` (who
+trains) and a :class:`RoundAggregator` (how the protected sum is computed and released) plug
+in. In process (and on Ray), step by step:
 
 1. :meth:`Federation.sample_clients` -- a fixed count, or Poisson sampling at rate q;
 2. :meth:`Federation.plan_faults` -- which sampled clients drop, and at which protocol stage
@@ -9,14 +11,15 @@ One round, step by step (each a method, so another backend can replace one step)
 3. :meth:`Federation.reserve_budget` -- write-ahead ledger row with the round's spend;
    raises :class:`PrivacyBudgetExceeded` before anyone trains;
 4. :meth:`Federation.train_clients` -- local training through a :class:`ClientExecutor`
-   (in process by default; a Ray or gRPC backend runs :class:`TrainTask` elsewhere);
+   (in process by default; a Ray backend runs :class:`TrainTask` elsewhere);
 5. :meth:`Federation.encode_updates` -- clip, weight, (distributed) noise: the vectors clients
    hand to the protocol;
 6. :meth:`Federation.aggregate` -- the :class:`~federation.aggregators.Aggregator` runs the
    real protocol over all sampled clients and their dropouts; the server learns only the sum;
-7. :meth:`Federation.apply_aggregate` -- decode the mean update, central noise for user-level
-   DP, then the strategy's server step;
-8. ledger commit, checkpoint.
+7. ledger commit, then central noise for user-level DP (the release);
+8. :meth:`Federation.apply_aggregate` -- decode the mean update, the strategy's server step;
+9. evaluation, checkpoint. Over gRPC (:mod:`federation.transport.training`) clients train on
+   their hosts and aggregate in the server's round; steps 3, 7, 8 and 9 are the same code.
 
 Randomness: which clients take part in a round is drawn from the operating system
 (``os.urandom``) at round time -- the ledger's amplification by sampling holds only if the
@@ -36,7 +39,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
@@ -65,7 +68,7 @@ from privacy.dpfedavg import add_gaussian_noise, fixed_sample, poisson_sample
 from privacy.ledger import DETERMINISTIC_NOTE, Ledger, LedgerEntry, Spend
 from privacy.ledger_key import load_or_create_key, read_key
 from secagg.errors import ConfigError, NotEnoughSurvivors, PrivacyBudgetExceeded
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 LEDGER_FILE = "ledger.db"
 LEDGER_KEY_FILE = "ledger.key"
@@ -108,6 +111,91 @@ def run_task(task: TrainTask) -> ClientUpdate:
     """Execute one :class:`TrainTask` (what a remote worker calls)."""
     return train_client(task.build, task.global_params, task.x, task.y, task.config,
                         client=task.client, seed=task.seed)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Who a round asks to take part, decided before the budget is reserved."""
+
+    clients: list[int]  # client ids in row order (empty: whoever is connected when the round starts)
+    faults: dict[str, list[int]]  # simulated dropouts: stage -> rows
+    reserve: int  # participants the ledger's reservation records
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the training step hands the aggregation step."""
+
+    vectors: np.ndarray | None = None  # in process: the rows the clients protect
+    clip: float | None = None  # the L2 bound every row satisfies
+    train_loss: float | None = None
+    broadcast: bytes | None = None  # clients on their own hosts: the model message they train from
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """What the aggregation step did, in client ids (not rows)."""
+
+    clients: list[int]  # who took part
+    dropped: dict[str, list[int]]  # stage -> clients that stopped there
+    outcome: RoundOutcome | None = None  # ``total`` as released (central noise included)
+    aborted: str | None = None  # why nothing was released (``outcome`` is then None)
+
+
+Release = Callable[[RoundOutcome], np.ndarray]  # ledger commit; returns the total as it may leave
+
+
+class RoundExecutor(Protocol):
+    """Who trains (:class:`LocalClients`; :class:`federation.transport.training.HostClients`)."""
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort: ...
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained: ...
+
+
+class RoundAggregator(Protocol):
+    """How the protected sum is computed and released (:class:`LocalAggregation`;
+    :class:`federation.transport.training.GrpcAggregation`); calls ``release`` before the sum
+    is used or sent anywhere."""
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated: ...
+
+
+class LocalClients:
+    """Sampled clients train through the federation's :class:`ClientExecutor` (here, or Ray tasks)."""
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort:
+        sampled = fed.sample_clients(rnd)
+        return Cohort(sampled, fed.plan_faults(rnd, sampled), len(sampled))
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained:
+        updates = fed.train_clients(rnd, cohort.clients, cohort.faults)
+        vectors, clip = fed.encode_updates(updates)
+        losses = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
+        return Trained(vectors, clip, float(np.mean(losses)) if losses else None)
+
+
+class LocalAggregation:
+    """The protocol runs over the trained rows through the federation's
+    :class:`~federation.aggregators.Aggregator` (here, or on Ray actors)."""
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated:
+        sampled, faults = cohort.clients, cohort.faults
+        dropped = {s: [sampled[i] for i in rows] for s, rows in faults.items()}
+        minimum = 1 if fed.config.protection == "none" else max(2, fed.config.threshold or 2)
+        uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
+        if len(sampled) < minimum or uploading < 1:
+            return Aggregated(sampled, dropped, aborted=f"{len(sampled)} client(s) sampled, {uploading} "
+                                                        "uploading: too few for the protocol")
+        try:
+            result = fed.aggregate(trained.vectors, faults, trained.clip)
+        except NotEnoughSurvivors as exc:
+            return Aggregated(sampled, dropped, aborted=f"protocol aborted: {exc}")
+        total = release(result)
+        return Aggregated(sampled, dropped, replace(result, total=total,
+                                                    included=tuple(sampled[i] for i in result.included)))
 
 
 @dataclass(frozen=True)
@@ -227,19 +315,9 @@ class Federation:
         if custom is not None:
             self.dataset, self.parts, self.build = custom.dataset, custom.parts, custom.build
         else:
-            self.dataset = dataset if dataset is not None else load_dataset(
-                config.dataset, config.data_dir, seed=config.seed)
-            self.parts = partition(self.dataset, num_clients=config.num_clients, scheme=config.partition,
-                                   alpha=config.alpha, seed=config.seed)
-            self.build = partial(build_model, config.model, self.dataset.input_shape,
-                                 self.dataset.num_classes, hidden=config.hidden)
+            self.dataset, self.parts, self.build = builtin_setup(config, dataset)
         self.sizes = [len(p) for p in self.parts]
-        self.local = LocalTraining(
-            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
-            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            loss=loss, train=train, secure_noise=not config.deterministic,
-        )
+        self.local = local_training(config, loss=loss, train=train)
         with torch.random.fork_rng():  # the initial model comes from the public seed; global RNG untouched
             torch.manual_seed(config.seed)
             self._model = self.build()
@@ -252,7 +330,7 @@ class Federation:
                 sample_rate=1.0,  # fixed cohorts: no amplification by sampling is claimed
                 rng_seed=config.seed if config.deterministic else None)
         self.accountant = RoundAccountant(
-            mode=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
+            dp=config.dp, delta=config.delta, noise_multiplier=config.noise_multiplier,
             client_sizes=self.sizes, batch_size=config.batch_size, epochs=config.local_epochs,
             client_sample_rate=(config.sampling_rate
                                 if config.sampling == "poisson" and self.samples_clients else 1.0),
@@ -262,6 +340,9 @@ class Federation:
             dim=len(self.params),
         )
         self.executor = executor or SequentialExecutor()
+        # the round's two seams; a backend whose clients train elsewhere sets its own pair
+        self.round_executor: RoundExecutor = LocalClients()
+        self.round_aggregator: RoundAggregator = LocalAggregation()
         self.aggregator = aggregator or make_aggregator(
             config.protection, threshold=config.threshold, bits=config.bits,
             seed=config.seed if config.deterministic else None)
@@ -425,10 +506,7 @@ class Federation:
             if row in gone:
                 continue
             idx = self.parts[client]
-            seed = int(np.random.SeedSequence([self.config.seed, rnd, 3, client]).generate_state(1)[0])
-            if self.local.dp_sgd and not self.config.deterministic:
-                # Batch order may be public, DP noise may not: never derive it from the seed.
-                seed = secrets.randbits(62)
+            seed = batch_seed(self.config, rnd, client, secret=self.local.dp_sgd)
             tasks.append(TrainTask(client, rnd, self.params, self.dataset.x_train[idx],
                                    self.dataset.y_train[idx], self.local, self.build, seed))
             rows.append(row)
@@ -440,7 +518,7 @@ class Federation:
     @property
     def weighted(self) -> bool:
         """Sample-weighted FedAvg (an extra coordinate carries the weight) unless user-level DP."""
-        return self.config.dp not in ("user", "user-distributed")
+        return weighted(self.config)
 
     def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
         """Rows the clients feed to the protocol, and the L2 bound every row satisfies.
@@ -451,30 +529,16 @@ class Federation:
         share is added inside the protocol, after quantization (see DistributedNoisePlan).
         """
         c = self.config
-        d = len(self.params)
-        width = d + 1 if self.weighted else d
-        rows = np.zeros((len(updates), width), dtype=np.float64)
+        rows = np.zeros((len(updates), len(self.params) + int(self.weighted)), dtype=np.float64)
         clip = c.update_clip if c.update_clip > 0 else None
-        n_ref = max(self.sizes)
         for row, update in enumerate(updates):
-            if update is None:
-                continue
-            delta = update.delta.astype(np.float64)
-            if clip is not None:
-                norm = float(np.linalg.norm(delta))
-                if norm > clip:
-                    delta = delta * (clip / norm)
-            if self.weighted:
-                w = update.num_samples / n_ref
-                rows[row, :d] = w * delta
-                rows[row, d] = w
-            else:
-                rows[row] = delta  # a distributed noise share is added by the protocol, after encoding
+            if update is not None:  # a distributed noise share is added by the protocol, after encoding
+                rows[row] = encode_row(update, clip=clip, weight_ref=max(self.sizes), weighted=self.weighted)
         if clip is None:
             return rows, None
         return rows, (math.sqrt(clip**2 + 1.0) if self.weighted else clip)
 
-    def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> AggregateResult:
+    def aggregate(self, vectors: np.ndarray, faults: dict[str, list[int]], clip: float | None) -> RoundOutcome:
         options = {}
         if self.noise_plan is not None:
             options = dict(scale=self.noise_plan.scale, client_noise=self.noise_plan.sample,
@@ -490,7 +554,7 @@ class Federation:
         return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
                                   rng=self._noise_rng)
 
-    def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
+    def apply_aggregate(self, result: RoundOutcome, *, noised: bool = False) -> bool:
         """Decode the mean update from the sum and take the server step. False if nothing counted.
 
         ``noised``: ``result.total`` already went through :meth:`release_total`.
@@ -532,42 +596,37 @@ class Federation:
 
     # ----------------------------------------------------------------- loop
     def run_round(self, rnd: int, ledger: Ledger | None) -> RoundResult:
+        """One round: the executor picks and trains the clients, the aggregator computes and
+        releases their protected sum; the budget, the model update, evaluation and the ledger
+        are the same whichever pair runs it."""
         start = time.perf_counter()
-        sampled = self.sample_clients(rnd)
-        faults = self.plan_faults(rnd, sampled)
-        entry, epsilon = self.reserve_budget(ledger, rnd, len(sampled))
-        updates = self.train_clients(rnd, sampled, faults)
-        vectors, clip = self.encode_updates(updates)
-        aborted = None
-        result: AggregateResult | None = None
-        minimum = 1 if self.config.protection == "none" else max(2, self.config.threshold or 2)
-        uploading = len(sampled) - sum(len(faults.get(s, ())) for s in PRE_UPLOAD_STAGES)
-        if len(sampled) < minimum or uploading < 1:
-            aborted = f"{len(sampled)} client(s) sampled, {uploading} uploading: too few for the protocol"
-        else:
-            try:
-                result = self.aggregate(vectors, faults, clip)
-            except NotEnoughSurvivors as exc:
-                aborted = f"protocol aborted: {exc}"
-        if result is not None:
-            self.commit_release(ledger, entry, len(result.included))  # before the aggregate is used
-            if not self.apply_aggregate(result):
-                aborted = "no client's update counted"
+        cohort = self.round_executor.cohort(self, rnd)
+        entry, epsilon = self.reserve_budget(ledger, rnd, cohort.reserve)
+        trained = self.round_executor.train(self, rnd, cohort)
+
+        def release(outcome: RoundOutcome) -> np.ndarray:
+            # Commit first: the sum is used or shared only once the ledger holds its release. What
+            # leaves is what the model uses (with the central noise of user-level DP).
+            self.commit_release(ledger, entry, len(outcome.included))
+            return self.release_total(outcome.total)
+
+        done = self.round_aggregator.aggregate(self, rnd, cohort, trained, release)
+        outcome, aborted = done.outcome, done.aborted
+        if outcome is not None and not self.apply_aggregate(outcome, noised=True):
+            aborted = "no client's update counted"
         accuracy = loss = None
         metrics: dict[str, float] = {}
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             accuracy, loss = self.evaluate()
             metrics = self.metrics()
-        trained = [u.loss for u in updates if u is not None and not math.isnan(u.loss)]
-        included = [sampled[i] for i in result.included] if result is not None else []
-        per_param = result.bytes_up_per_param if result is not None else 0.0
+        included = list(outcome.included) if outcome is not None else []
+        per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
+        width = len(self.params) + int(self.weighted)  # a row: the update (and its weight)
         result_row = RoundResult(
             round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=round(per_param * vectors.shape[1] * len(included)),
-            sampled=list(sampled), included=included,
-            dropped={s: [sampled[i] for i in rows] for s, rows in faults.items()},
-            train_loss=float(np.mean(trained)) if trained else None, metrics=metrics,
-            max_quantization_error=float(result.max_quantization_error) if result is not None else 0.0,
+            bytes_up_total=round(per_param * width * len(included)), sampled=list(done.clients),
+            included=included, dropped=done.dropped, train_loss=trained.train_loss, metrics=metrics,
+            max_quantization_error=float(outcome.max_quantization_error) if outcome is not None else 0.0,
             seconds=time.perf_counter() - start, aborted=aborted,
         )
         self.close_reservation(ledger, entry, result_row)
@@ -643,6 +702,57 @@ class Federation:
 
 
 MAX_REPORTED_SITES = 50
+
+
+def weighted(config: ExperimentConfig) -> bool:
+    """Sample-weighted FedAvg (rows carry their weight) unless the DP protects whole clients."""
+    return config.dp not in ("user", "user-distributed")
+
+
+def batch_seed(config: ExperimentConfig, rnd: int, client: int, *, secret: bool) -> int:
+    """The seed of a client's local training in a round: from the OS when it is ``secret`` (it
+    also seeds DP-SGD noise, which may never derive from the public seed) unless the run is
+    deterministic, else derived from the public ``(seed, round, client)`` (batch order only)."""
+    if secret and not config.deterministic:
+        return secrets.randbits(62)
+    return int(np.random.SeedSequence([config.seed, rnd, 3, client]).generate_state(1)[0])
+
+
+def encode_row(update: ClientUpdate, *, clip: float | None, weight_ref: int, weighted: bool) -> np.ndarray:
+    """The row one client protects: ``clip(delta)``, weighted as ``[w * clip(delta), w]`` with
+    ``w = min(1, n_k / weight_ref)`` (public: ``weight_ref`` is the largest partition's size, so
+    a row stays within the bound the protocol's range is agreed for)."""
+    delta = update.delta.astype(np.float64)
+    if clip is not None:
+        norm = float(np.linalg.norm(delta))
+        if norm > clip:
+            delta = delta * (clip / norm)
+    if not weighted:
+        return delta
+    w = min(1.0, update.num_samples / weight_ref)
+    return np.append(w * delta, w)
+
+
+def builtin_setup(config: ExperimentConfig, dataset: Dataset | None = None
+                  ) -> tuple[Dataset, list[np.ndarray], Callable[[], nn.Module]]:
+    """A built-in scenario's dataset (``dataset``, or loaded), its partition into clients and
+    the model builder: the same on every host that reads the same experiment."""
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition, alpha=config.alpha,
+                      seed=config.seed)
+    return dataset, parts, partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
+                                   hidden=config.hidden)
+
+
+def local_training(config: ExperimentConfig, *, loss: Callable | None = None,
+                   train: TrainHook | None = None) -> LocalTraining:
+    """A client's local-training settings, as the experiment gives them."""
+    return LocalTraining(
+        epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+        proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd", noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm, loss=loss, train=train, secure_noise=not config.deterministic,
+    )
 
 
 @lru_cache(maxsize=1)

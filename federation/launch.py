@@ -66,16 +66,10 @@ def open_federation(config: ExperimentConfig, *, backend: str = "inprocess", ray
     if backend == "inprocess":
         yield Federation(config)
         return
-    import ray
+    from federation.transport.ray_backend import ray_federation, ray_session
 
-    from federation.transport.ray_backend import ray_federation, start_ray
-
-    started = start_ray(ray_address, num_cpus)
-    try:
+    with ray_session(ray_address, num_cpus):
         yield ray_federation(config)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_experiment(config: ExperimentConfig | str | Path, *, options: Mapping[str, Any] | None = None,
@@ -109,12 +103,10 @@ def run_demo(name: str, *, options: Mapping[str, Any] | None = None, sets: Seque
     folder (so the demo can be run again); ``resume`` continues the latest one."""
     from federation.scenarios import SCENARIOS, scenario_config
 
-    if name not in SCENARIOS:
-        raise ConfigError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
-    scenario = SCENARIOS[name]
     options = dict(options or {})
     dp_off = options.get("dp") == "none" or any(s.replace(" ", "") == "dp=none" for s in sets)
-    config = scenario_config(name, dp=not dp_off)
+    config = scenario_config(name, dp=not dp_off)  # an unknown name is a ConfigError here
+    scenario = SCENARIOS[name]
     if options.get("out_dir") is None:
         base = Path(config.out_dir)
         if resume:

@@ -6,7 +6,7 @@ Hazardous materials (building blocks): ``secagg.prg``, ``secagg.keys``, ``secagg
 """
 
 from secagg.api import aggregate
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
-__all__ = ["aggregate", "AggregateResult"]
+__all__ = ["aggregate", "RoundOutcome"]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from secagg.errors import ConfigError, InputError
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 PROTECTIONS = ("masking", "ckks")
 #: masking options and their defaults: with protection="ckks" a value other than the default
@@ -39,7 +39,7 @@ def aggregate(
     weights: Sequence[float] | None = None,
     protocol: str | None = None,
     **protocol_options,
-) -> AggregateResult:
+) -> RoundOutcome:
     """Securely sum the rows of ``updates`` (an (n, d) float array) over the surviving clients.
 
     ``dropouts`` maps a stage name to the client indices that drop at that stage. For
@@ -48,6 +48,9 @@ def aggregate(
     ``seed`` makes the decoded result reproducible by fixing the (non-secret) stochastic
     rounding; keys, masks and shares always come from the OS CSPRNG. ``protection`` is
     "masking" (pairwise masks) or "ckks" (homomorphic encryption); ``protocol=`` is its old name.
+    ``processes=2`` (masking) runs the simulated clients in two worker processes: the same sum,
+    bit for bit, in less wall time at hundreds of clients (call it under an
+    ``if __name__ == "__main__":`` guard; see :func:`secagg.protocol.simulate.aggregate_masking`).
     """
     if protocol is not None:
         warnings.warn(f"aggregate(protocol={protocol!r}) is now aggregate(protection={protocol!r}) (the name "

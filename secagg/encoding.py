@@ -14,16 +14,25 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from secagg.errors import ConfigError, InputError, OverflowRisk
-from secagg.prg import expand_uint64
+from secagg.prg import KeystreamReader, labelled_seed
 
 CLIP_MODES = ("l2", "coordinate")
-ENCODE_CHUNK = 1 << 18  # entries encoded per pass: 2 MiB float64 temporaries (a multiple of 2: rounding-stream
-# offsets stay block-aligned)
+ENCODE_CHUNK = 1 << 18  # entries checked or decoded per pass: 2 MiB float64 temporaries
+#: entries encoded at once into preallocated scratch (800 KiB: L2 and L3-resident); smaller blocks
+#: pay more in per-call overhead than they save in cache misses (CPU per 10^6 float32 entries,
+#: best of 12: 6.0 ms at 2^13, 5.2 ms at 2^14, 4.6 ms at 2^15)
+ENCODE_BLOCK = 1 << 15
+#: the label of the rounding stream: ``expand_uint64(seed, label=ROUNDING_LABEL)`` is the rounding words
+ROUNDING_LABEL = b"rounding"
+#: rounding words are 64-bit; their top 53 bits are a uniform double in [0, 1): u = (w >> 11) / 2^53
+_UNIFORM_SHIFT = np.uint64(11)
+_TWO_53 = float(1 << 53)
 SUPPORTED_BITS = range(8, 33)
 
 
@@ -101,61 +110,56 @@ class FixedPointCodec:
     ) -> np.ndarray:
         """Clip, scale, stochastically round, add ``integer_noise`` and map to residues mod 2^bits.
 
-        Works through the vector ``ENCODE_CHUNK`` entries at a time, so the float64 and
-        int64 temporaries stay a few MiB whatever the dimension; the output is the same
-        as encoding the whole vector at once (the rounding stream is read at each chunk's
-        offset). ``out`` (a uint32 vector of the same length) receives the residues, e.g.
-        the slot of a message being built, instead of a new array.
+        One pass over the vector, ``ENCODE_BLOCK`` entries at a time (see
+        :class:`Encoding`). ``out`` (a uint32 vector of the same length) receives the
+        residues, e.g. the slot of a message being built, instead of a new array.
+        """
+        encoding = self.encoding(x, rounding_seed=rounding_seed, integer_noise=integer_noise)
+        if out is None:
+            out = np.empty(encoding.dim, dtype=np.uint32)
+        elif out.dtype != np.uint32 or out.shape != (encoding.dim,):
+            raise InputError(f"the output of encode must be a uint32 vector of {encoding.dim} entries")
+        encoding.writer(0)(out)
+        return out
+
+    def encoding(
+        self, x: np.ndarray, *, rounding_seed: bytes | None = None, integer_noise: np.ndarray | None = None
+    ) -> Encoding:
+        """``x`` checked and ready to be encoded a chunk at a time, from any even offset (see :class:`Encoding`).
+
+        Everything that can refuse the input is checked here, before any entry is encoded:
+        the vector, and integer noise beyond the headroom the codec reserved for it.
         """
         x = check_vector(x)
         if integer_noise is not None:
             integer_noise = np.asarray(integer_noise)
             if integer_noise.shape != x.shape or not np.issubdtype(integer_noise.dtype, np.integer):
                 raise InputError(f"integer noise must be an integer vector of {x.shape[0]} entries")
+            bound = self.headroom * self.scale
+            for i in range(0, x.shape[0], ENCODE_CHUNK):
+                part = integer_noise[i:i + ENCODE_CHUNK]
+                if np.any(part > bound) or np.any(part < -bound):  # no abs(): abs(int64 min) < 0
+                    raise OverflowRisk("noise exceeds the headroom reserved in the encoding; raise `noise_headroom`")
         factor = None if self.clip_mode == "coordinate" else self._l2_factor(x)
         seed = rounding_seed if rounding_seed is not None else os.urandom(32)
-        if out is None:
-            out = np.empty(x.shape[0], dtype=np.uint32)
-        elif out.dtype != np.uint32 or out.shape != x.shape:
-            raise InputError(f"the output of encode must be a uint32 vector of {x.shape[0]} entries")
-        for start in range(0, x.shape[0], ENCODE_CHUNK):
-            stop = min(start + ENCODE_CHUNK, x.shape[0])
-            noise = None if integer_noise is None else integer_noise[start:stop]
-            out[start:stop] = self._encode_chunk(x[start:stop], factor, _uniform01(seed, start, stop - start), noise)
-        return out
-
-    def _encode_chunk(
-        self, x: np.ndarray, factor: float | None, uniform: np.ndarray, noise: np.ndarray | None
-    ) -> np.ndarray:
-        scaled = x.astype(np.float64)  # always a fresh copy, worked on in place
-        if self.clip_mode == "coordinate":
-            np.clip(scaled, -self.clip, self.clip, out=scaled)
-        elif factor is not None:
-            scaled *= factor
-        scaled *= self.scale
-        floor = np.floor(scaled)
-        frac = np.subtract(scaled, floor, out=scaled)
-        integers = (floor + (uniform < frac)).astype(np.int64)
-        if noise is not None:
-            if np.any(np.abs(noise) > self.headroom * self.scale):
-                raise OverflowRisk("noise exceeds the headroom reserved in the encoding; raise `noise_headroom`")
-            integers += noise.astype(np.int64)
-        return self.to_ring(integers)
+        return Encoding(self, x, factor, labelled_seed(seed, ROUNDING_LABEL), integer_noise)
 
     def _l2_factor(self, x: np.ndarray) -> float | None:
-        """The factor that scales ``x`` down to L2 norm ``clip``, or None if it is within it."""
-        if x.dtype == np.float64:
-            norm = float(np.linalg.norm(x))
-        else:  # float32: square and sum in float64, a chunk at a time (no float64 copy of x)
-            norm = math.sqrt(sum(
-                float(np.dot(part, part)) for part in
-                (x[i:i + ENCODE_CHUNK].astype(np.float64) for i in range(0, x.shape[0], ENCODE_CHUNK))
-            ))
-        return self.clip / norm if norm > self.clip else None
+        """The factor that scales ``x`` down to L2 norm ``clip``, or None if it is within it.
 
-    def to_ring(self, integers: np.ndarray) -> np.ndarray:
-        """Signed integers -> residues mod 2^bits stored as uint32."""
-        return (integers.astype(np.int64) & (self.modulus - 1)).astype(np.uint32)
+        The squares are taken in float64 (exact for float32 entries) and summed by numpy's
+        pairwise sum, ``ENCODE_CHUNK`` entries at a time in one scratch buffer. Not a BLAS
+        dot: a multithreaded BLAS waits for its threads when the cores are busy (48 ms
+        against 0.5 ms at d = 10^6 on 2 loaded cores).
+        """
+        scratch = np.empty(min(ENCODE_CHUNK, x.shape[0]), dtype=np.float64)
+        total = 0.0
+        for i in range(0, x.shape[0], ENCODE_CHUNK):
+            part = x[i:i + ENCODE_CHUNK]
+            squares = np.multiply(part, part, out=scratch[:part.shape[0]], dtype=np.float64)
+            total += float(np.add.reduce(squares))
+        norm = math.sqrt(total)
+        return self.clip / norm if norm > self.clip else None
 
     def decode_sum(self, residues: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Residues of a sum of encodings -> float sum (centred lift, then unscale).
@@ -237,7 +241,78 @@ def check_vector(x: np.ndarray, dim: int | None = None) -> np.ndarray:
     return arr
 
 
-def _uniform01(seed: bytes, offset: int, count: int) -> np.ndarray:
-    """Uniform [0,1) doubles (53-bit resolution): entries ``offset..offset+count`` of the seed's rounding stream."""
-    words = expand_uint64(seed, count, label=b"rounding", offset=offset)
-    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+class Encoding:
+    """One update's encoding, produced a chunk at a time (:meth:`FixedPointCodec.encoding`).
+
+    Entry i encodes as, in float64 (the reference definition, which the tests check
+    exactly)::
+
+        v = clip(x[i]) * scale             # coordinate mode; l2: (x[i] * factor) * scale
+        f = floor(v)
+        u = (w[i] >> 11) / 2^53            # w = the seed's rounding stream (uint64 words)
+        residue = (f + (u < v - f) + noise[i]) mod 2^bits
+
+    P(u < v - f) = v - f, so E[f + (u < v - f)] = v: the rounding is unbiased (to 2^-53).
+    A :meth:`writer` works through its chunks ``ENCODE_BLOCK`` entries at a time with its
+    own preallocated scratch: no temporary of the whole vector, and each block's float64
+    values, rounding words and residues are in cache from one step to the next. The
+    rounding stream is read from the writer's offset, so writers that start at different
+    (even) offsets, e.g. one per mask thread, together write what one writer would.
+    """
+
+    def __init__(self, codec: FixedPointCodec, x: np.ndarray, factor: float | None, rounding_seed: bytes,
+                 noise: np.ndarray | None) -> None:
+        self.codec = codec
+        self.dim = x.shape[0]
+        self._x = x
+        self._factor = factor
+        self._rounding_seed = rounding_seed
+        self._noise = noise
+
+    def writer(self, start: int) -> Callable[[np.ndarray], None]:
+        """A function that writes the residues of entries ``start, start+1, ...`` into each uint32 chunk it
+        is handed, in order (``start`` even: two rounding words are one AES block)."""
+        if start % 2 or not 0 <= start <= self.dim:
+            raise ConfigError(f"an encoding writer starts at an even entry within 0..{self.dim}, got {start}")
+        rounding = KeystreamReader(self._rounding_seed, offset=start, capacity=ENCODE_BLOCK)
+        scaled = np.empty(ENCODE_BLOCK, dtype=np.float64)
+        floor = np.empty(ENCODE_BLOCK, dtype=np.float64)
+        up = np.empty(ENCODE_BLOCK, dtype=np.bool_)
+        position = start
+
+        def write(out: np.ndarray) -> None:
+            nonlocal position
+            if position + out.shape[0] > self.dim:
+                raise ConfigError(f"an encoding writer was asked for entries beyond the update's {self.dim}")
+            for begin in range(0, out.shape[0], ENCODE_BLOCK):
+                n = min(ENCODE_BLOCK, out.shape[0] - begin)
+                self._block(out[begin:begin + n], position, rounding.next(n), scaled[:n], floor[:n], up[:n])
+                position += n
+
+        return write
+
+    def _block(self, out: np.ndarray, at: int, words: np.ndarray, scaled: np.ndarray, floor: np.ndarray,
+               up: np.ndarray) -> None:
+        """Entries ``at .. at+len(out)`` into ``out``; ``words`` are their rounding words (overwritten)."""
+        codec, x = self.codec, self._x[at:at + out.shape[0]]
+        if codec.clip_mode == "coordinate":
+            np.clip(x, -codec.clip, codec.clip, out=scaled, dtype=np.float64)
+        elif self._factor is not None:
+            np.multiply(x, self._factor, out=scaled, dtype=np.float64)
+        else:
+            np.copyto(scaled, x)
+        np.multiply(scaled, codec.scale, out=scaled)
+        np.floor(scaled, out=floor)
+        np.subtract(scaled, floor, out=scaled)  # the fraction v - f, in [0, 1]
+        np.multiply(scaled, _TWO_53, out=scaled)  # exact (a power of two): u < v - f  <=>  w >> 11 < (v - f) 2^53
+        np.right_shift(words, _UNIFORM_SHIFT, out=words)
+        np.less(words, scaled, out=up)  # compared as float64: w >> 11 < 2^53 converts exactly
+        # |f| + 1 < 2^31 (the codec's range check), so f converts to int32 exactly; int32 addition
+        # wraps mod 2^32, a multiple of 2^bits, so the low bits are the residue.
+        signed = out.view(np.int32)
+        np.copyto(signed, floor, casting="unsafe")
+        np.add(signed, up, out=signed)
+        if self._noise is not None:
+            np.add(signed, self._noise[at:at + out.shape[0]], out=signed, dtype=np.int64, casting="unsafe")
+        if codec.bits < 32:
+            np.bitwise_and(out, np.uint32(codec.modulus - 1), out=out)

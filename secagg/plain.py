@@ -104,7 +104,7 @@ class PlainServerRound:
         total = np.zeros(self._dim, dtype=np.float64)
         for cid in ids:
             total += self._received[cid]
-        return RoundOutcome(total=total, included=ids)
+        return RoundOutcome(total=total, included=ids, protection="none")
 
 
 class PlainClientRound:

@@ -12,7 +12,7 @@ and memory stays bounded whatever the dimension.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,8 +54,35 @@ def expand_uint32(seed: bytes, count: int, *, offset: int = 0) -> np.ndarray:
 def expand_uint64(seed: bytes, count: int, *, label: bytes = b"", offset: int = 0) -> np.ndarray:
     """``count`` uniform uint64 values, entries ``offset ..`` of the stream (for rounding, not masks)."""
     if label:
-        seed = derive(seed, label=b"secagg/v1/prg|" + label, context=b"")
+        seed = labelled_seed(seed, label)
     return expand_uint32(seed, 2 * count, offset=2 * offset).view("<u8")
+
+
+def labelled_seed(seed: bytes, label: bytes) -> bytes:
+    """The seed of ``seed``'s stream for one purpose (``expand_uint64(seed, label=...)`` reads it)."""
+    return derive(seed, label=b"secagg/v1/prg|" + label, context=b"")
+
+
+class KeystreamReader:
+    """Consecutive uint64 entries of a seed's stream, from entry ``offset`` on, into one reused buffer.
+
+    What ``expand_uint64`` returns, read piece by piece: :meth:`next` gives the following
+    ``count`` entries as a view of a buffer the reader owns (valid until its next call),
+    so a loop over cache-sized pieces allocates nothing and the keystream stays in cache.
+    ``offset`` must be even (two entries are one AES block).
+    """
+
+    def __init__(self, seed: bytes, *, offset: int = 0, capacity: int) -> None:
+        if not 0 < capacity * 8 <= len(_ZEROS):
+            raise ConfigError(f"a keystream reader holds 1 to {len(_ZEROS) // 8} entries at a time, not {capacity}")
+        self._cipher = _keystream_cipher(seed, 2 * offset)
+        self._raw = bytearray((2 * capacity + _BLOCK_SLACK) * 4)
+        self._words = np.frombuffer(self._raw, dtype="<u8")
+
+    def next(self, count: int) -> np.ndarray:
+        """The next ``count`` entries (at most the capacity), writable, in the reader's buffer."""
+        self._cipher.update_into(_ZEROS[: count * 8], self._raw)
+        return self._words[:count]
 
 
 #: entries of the vector worked on at once by :class:`MaskAccumulator` (256 KiB: the chunk and its
@@ -66,6 +93,10 @@ SEEDS_PER_PASS = 256
 #: a worker thread gets at least this many entries (1 MiB of keystream); below it, one thread
 #: is faster than starting several
 MIN_ELEMENTS_PER_WORKER = 1 << 18
+
+
+#: ``fill(start)`` -> a writer of the starting values of entries start, start+1, ... into the chunks it is handed
+ChunkFill = Callable[[int], Callable[[np.ndarray], None]]
 
 
 def check_workers(workers: object) -> int:
@@ -112,20 +143,27 @@ class MaskAccumulator:
         """value += sign * PRG(seed) (mod 2^32); sign is +1 or -1."""
         self.add_many([(seed, sign)])
 
-    def add_many(self, masks: Sequence[tuple[bytes, int]]) -> None:
-        """value += sum of sign * PRG(seed) over ``masks`` (seed, sign) pairs, on up to ``workers`` threads."""
+    def add_many(self, masks: Sequence[tuple[bytes, int]], *, fill: ChunkFill | None = None) -> None:
+        """value += sum of sign * PRG(seed) over ``masks`` (seed, sign) pairs, on up to ``workers`` threads.
+
+        ``fill``, when given, first writes each chunk's starting value, just before the masks
+        are added to it (``fill(start)`` returns a writer that fills the chunks it is handed,
+        in order, with entries ``start, start+1, ...``; ``start`` is a multiple of 4). The
+        client encodes its update this way: each chunk is encoded and masked while it is in
+        cache, and the encoding is split over the threads with the masks.
+        """
         ops = [(seed, _op(sign)) for seed, sign in masks]  # every sign checked before any work
         threads = max(1, min(self.workers, self.dim // MIN_ELEMENTS_PER_WORKER))
         if threads == 1:
-            self._add_range(ops, 0, self.dim)
+            self._add_range(ops, 0, self.dim, fill)
             return
         step = -(-self.dim // (4 * threads)) * 4  # a multiple of 4 entries: one AES block
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="secagg-mask") as pool:
             # list(): re-raises a worker's error
-            list(pool.map(lambda start: self._add_range(ops, start, min(start + step, self.dim)),
+            list(pool.map(lambda start: self._add_range(ops, start, min(start + step, self.dim), fill),
                           range(0, self.dim, step)))
 
-    def _add_range(self, ops: list[tuple[bytes, np.ufunc]], start: int, stop: int) -> None:
+    def _add_range(self, ops: list[tuple[bytes, np.ufunc]], start: int, stop: int, fill: ChunkFill | None) -> None:
         """value[start:stop] op= PRG(seed)[start:stop] for every (seed, op), one chunk of the vector at a time.
 
         Chunk-major: a chunk of ``value`` stays in cache while the keystream of every seed
@@ -137,11 +175,14 @@ class MaskAccumulator:
         """
         raw = bytearray((MASK_CHUNK_ELEMENTS + _BLOCK_SLACK) * 4)
         words = np.frombuffer(raw, dtype="<u4")
-        for first in range(0, len(ops), SEEDS_PER_PASS):
+        write = None if fill is None else fill(start)
+        for first in range(0, max(len(ops), 1), SEEDS_PER_PASS):
             ciphers = [(_keystream_cipher(seed, start), op) for seed, op in ops[first:first + SEEDS_PER_PASS]]
             for begin in range(start, stop, MASK_CHUNK_ELEMENTS):
                 n = min(MASK_CHUNK_ELEMENTS, stop - begin)
                 part, zeros, keystream = self.value[begin:begin + n], _ZEROS[: n * 4], words[:n]
+                if write is not None and first == 0:  # the first pass over the chunk starts from its filled value
+                    write(part)
                 for enc, op in ciphers:
                     enc.update_into(zeros, raw)
                     op(part, keystream, out=part)

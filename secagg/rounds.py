@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -52,14 +53,17 @@ from secagg.keys import IdentityKey
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What the server releases at the end of one round, whatever mode and link ran it.
+    """What the server releases at the end of one round, whatever mode and link ran it: the
+    one outcome type of the code base (:func:`secagg.aggregate`, the engine, every link).
 
-    ``included``: the clients whose input is in ``total``. ``dropped``: stage -> clients
-    that stopped answering at that stage (the shape of
-    :attr:`secagg.result.AggregateResult.dropped`); ``reasons``: client -> why it was
-    dropped. ``bytes_up_per_param``: mean bytes an included client sent over the whole
-    round, per coordinate. ``max_quantization_error``: per-coordinate bound on
-    |total - exact sum| from the encoding alone.
+    ``total`` is the decoded float sum over the clients in ``included`` (the only thing the
+    server learns). ``dropped``: stage -> clients that stopped answering at that stage;
+    ``reasons``: client -> why it was dropped. ``bytes_up_per_param``: mean bytes an
+    included client sent over the whole round, per coordinate. ``max_quantization_error``:
+    per-coordinate bound on |total - exact sum| from the encoding alone (fixed-point
+    rounding for masking, the CKKS noise estimate for ckks). ``protection``: the protection
+    that ran ("masking", "ckks", "none"). ``timings`` maps "<side>.<phase>" to seconds;
+    ``parameters``: what the round was planned with (threshold, degree, scheme, ...).
     """
 
     total: np.ndarray
@@ -68,6 +72,21 @@ class RoundOutcome:
     reasons: dict[int, str] = field(default_factory=dict)
     bytes_up_per_param: float = 0.0
     max_quantization_error: float = 0.0
+    protection: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    parameters: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Unweighted mean over the included clients."""
+        return self.total / max(len(self.included), 1)
+
+    @property
+    def protocol(self) -> str:
+        """The old name of :attr:`protection`."""
+        warnings.warn("RoundOutcome.protocol is now RoundOutcome.protection; `protocol` will be removed",
+                      FutureWarning, stacklevel=2)
+        return self.protection
 
 
 # --------------------------------------------------------------------------- the two sides

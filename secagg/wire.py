@@ -82,7 +82,8 @@ def encode(msg: Message) -> bytes:
     """Serialise a registered message (unsigned)."""
     if type(msg).TYPE not in _REGISTRY:
         raise WireError(f"{type(msg).__name__} is not a registered wire message")
-    body = {name: _to_wire(getattr(msg, name)) for name, _, _ in _schema(type(msg))[1]}
+    # tuples go out as msgpack arrays, exactly as lists would (msgpack's packer does not tell them apart)
+    body = {name: getattr(msg, name) for name, _, _ in _schema(type(msg))[1]}
     return msgpack.packb([MAGIC, WIRE_VERSION, type(msg).TYPE, body], use_bin_type=True)
 
 
@@ -224,9 +225,9 @@ def _unpack_frame(data: bytes | memoryview, max_bytes: int) -> tuple[list, dict[
             f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit; "
             "send large vectors in chunks or raise the limit on both sides"
         )
-    if len(data) <= SHAPE_MEMO_BYTES:  # far below BORROW_MIN_BYTES: nothing to borrow
+    if len(data) < BORROW_MIN_BYTES:  # nothing to borrow
         small = bytes(data)
-        _small_shape_checked(small)
+        _shape_checked(small)
         return _unpack_small(small), {}
     view = memoryview(data).cast("B").toreadonly()
     types: list[str] = []
@@ -262,17 +263,28 @@ def _unpack_small(data: bytes) -> list:
         raise WireError(f"malformed message: {type(exc).__name__}") from None
 
 
-#: frames up to this size have their shape check remembered (see ``_small_shape_checked``)
-SHAPE_MEMO_BYTES = 1024
+def _shape_checked(data: bytes) -> None:
+    """:func:`check_shape` of a frame below :data:`BORROW_MIN_BYTES`, remembered by its SHA-256.
 
-
-@functools.lru_cache(maxsize=8192)  # at most 8 MiB of remembered frames
-def _small_shape_checked(data: bytes) -> None:
-    """:func:`check_shape` of a small frame, remembered: the same signed advert or server
-    message reaches every client of an in-process round, and the check is a pure function of
-    the bytes (the registry only grows, and only a frame that passed is remembered: a failure
-    raises, which ``lru_cache`` does not keep)."""
+    The same signed advert, key directory or server message reaches every client of an
+    in-process round, and the check is a pure function of the bytes (the registry only
+    grows): walking a 1,000-advert key directory takes 2 ms, hashing it 0.2 ms. Only a
+    frame that passed is remembered (a failure raises and is checked again next time); a
+    false hit would need a SHA-256 collision, the assumption every seal already makes
+    (``_signed_bytes``).
+    """
+    key = hashlib.sha256(data).digest()
+    if key in _SHAPES_CHECKED:
+        return
     check_shape(data, _fields_of, magic=MAGIC, version=WIRE_VERSION)
+    _SHAPES_CHECKED[key] = None
+    if len(_SHAPES_CHECKED) > SHAPES_KEPT:
+        _SHAPES_CHECKED.pop(next(iter(_SHAPES_CHECKED)))  # the oldest first (dicts keep insertion order)
+
+
+#: frames whose shape check is remembered (32-byte digests: 256 kB at most)
+SHAPES_KEPT = 8192
+_SHAPES_CHECKED: dict[bytes, None] = {}
 
 
 def _fields_of(type_name: str):
@@ -298,14 +310,6 @@ def verify_envelope(sender_id: int, payload: bytes | memoryview, signature: byte
     signature over this sender and payload.
     """
     verify_signature(public_key, signature, _signed_bytes(sender_id, payload))
-
-
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
 
 
 @functools.cache
@@ -410,6 +414,11 @@ def _check_int_tuple(value: Any, where: str, limit: int) -> tuple[int, ...]:
 def _check_bytes_by_int(value: Any, where: str, limit: int) -> dict[int, bytes]:
     if not isinstance(value, dict):
         raise WireError(f"{where}: expected a mapping")
+    # One C-level pass per property (a share delivery holds hundreds of entries); only a mapping
+    # that fails one is walked entry by entry, to name the first bad entry.
+    if set(map(type, value)) <= {int} and set(map(type, value.values())) <= {bytes} and \
+            max(map(len, value.values()), default=0) <= limit:
+        return value
     for k, v in value.items():
         if type(k) is not int:
             raise WireError(f"{where} key: expected int, got {type(k).__name__}")

@@ -91,7 +91,7 @@ def test_ckks_sum_matches_float_sum(n, dim, data):
     assert result.included == tuple(range(n))
     assert err <= result.max_quantization_error
     assert result.max_quantization_error < 1e-6  # defaults: below 1e-6 for few clients
-    assert result.protocol == "ckks"
+    assert result.protection == "ckks"
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])

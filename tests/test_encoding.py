@@ -1,11 +1,15 @@
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from secagg import encoding
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InputError, OverflowRisk
+from secagg.prg import expand_uint64
 from secagg.protocol.common import pack_residues, unpack_residues
 
 finite = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False, width=64)
@@ -90,3 +94,90 @@ def test_residue_packing_round_trips(bits, dim, data):
     packed = pack_residues(values, bits)
     assert len(packed) == dim * ((bits + 7) // 8)
     np.testing.assert_array_equal(unpack_residues(packed, dim, bits), values)
+
+
+# -- the streaming encoder against its definition, entry by entry --------------------------
+
+def reference_encode(codec: FixedPointCodec, x: np.ndarray, seed: bytes, noise: np.ndarray | None) -> np.ndarray:
+    """The encoding's definition, one Python float at a time (slow and plain on purpose).
+
+    v = clip(x) * scale (l2: (x * factor) * scale), f = floor(v), u = (w >> 11) / 2^53 for
+    the entry's 64-bit rounding word w; the residue is f + [u < v - f] + noise mod 2^bits.
+    The l2 factor is the codec's own (its norm is checked by test_l2_clipping_bounds_the_norm);
+    the rounding words are read in one piece from the stream (expand_uint64), not in blocks.
+    """
+    words = expand_uint64(seed, x.shape[0], label=b"rounding")
+    factor = codec._l2_factor(x) if codec.clip_mode == "l2" else None
+    out = []
+    for i, value in enumerate(x.tolist()):  # float32 entries become the same doubles
+        if codec.clip_mode == "coordinate":
+            value = min(max(value, -codec.clip), codec.clip)
+        elif factor is not None:
+            value = value * factor
+        v = value * codec.scale
+        f = math.floor(v)
+        u = (int(words[i]) >> 11) / 2**53  # exact: a 53-bit integer over a power of two
+        integer = f + (u < v - f) + (0 if noise is None else int(noise[i]))
+        out.append(integer % codec.modulus)
+    return np.array(out, dtype=np.uint32)
+
+
+def _edge_floats(clip: float, dtype: type) -> st.SearchStrategy[float]:
+    """Entries of a test update: 0, +-clip, beyond the clip, tiny and subnormal magnitudes, and any."""
+    edges = [0.0, -0.0, clip, -clip, 2 * clip, -3 * clip, 1e-30, -1e-30, 1e-300, 5e-324, -5e-324]
+    width = 32 if dtype == np.float32 else 64
+    return st.one_of(
+        st.sampled_from([float(dtype(e)) for e in edges]),  # as the dtype holds them (0.1 is not a float32)
+        st.floats(-8.0, 8.0, allow_nan=False, allow_infinity=False, width=width),
+        st.floats(-2.0**-20, 2.0**-20, allow_nan=False, allow_infinity=False, width=width),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    clip_mode=st.sampled_from(["coordinate", "l2"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    bits=st.sampled_from([8, 16, 24, 31, 32]),
+    clip=st.sampled_from([0.1, 0.3, 1.0, 3.0]),  # 0.1 and 0.3 are not float32 values
+    with_noise=st.booleans(),
+    block=st.integers(1, 9),
+    data=st.data(),
+)
+def test_streaming_encoder_equals_the_reference_definition(clip_mode, dtype, bits, clip, with_noise, block, data):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoding, "ENCODE_BLOCK", block)  # many blocks, ragged ends
+        _check_against_reference(clip_mode, dtype, bits, clip, with_noise, data)
+
+
+def _check_against_reference(clip_mode, dtype, bits, clip, with_noise, data):
+    x = data.draw(hnp.arrays(dtype, st.integers(1, 40), elements=_edge_floats(clip, dtype)))
+    codec = FixedPointCodec.for_clients(clip=clip, max_clients=3, bits=bits, clip_mode=clip_mode,
+                                        headroom=1.0 if with_noise else 0.0)
+    bound = int(codec.headroom * codec.scale)
+    noise = data.draw(hnp.arrays(np.int64, x.shape[0], elements=st.integers(-bound, bound))) if with_noise else None
+    seed = data.draw(st.binary(min_size=32, max_size=32))
+    expected = reference_encode(codec, x, seed, noise)
+    np.testing.assert_array_equal(codec.encode(x, rounding_seed=seed, integer_noise=noise), expected)
+    # Writers starting at any even entry (as mask threads do) write the same residues.
+    cut = 2 * data.draw(st.integers(0, x.shape[0] // 2))
+    parts = np.empty(x.shape[0], dtype=np.uint32)
+    stream = codec.encoding(x, rounding_seed=seed, integer_noise=noise)
+    stream.writer(cut)(parts[cut:])
+    head = stream.writer(0)
+    for start in range(0, cut, 3):  # the chunks of one writer come in any sizes
+        head(parts[start:min(start + 3, cut)])
+    np.testing.assert_array_equal(parts, expected)
+    # The decoded value of each entry is within one step of the clipped input (no wrap-around).
+    if not with_noise and clip_mode == "coordinate":
+        decoded = codec.decode_sum(expected)
+        assert np.all(np.abs(decoded - np.clip(x.astype(np.float64), -clip, clip)) <= codec.resolution)
+
+
+def test_an_encoding_writer_starts_at_an_even_entry_and_stays_within_the_vector():
+    codec = FixedPointCodec.for_clients(clip=1.0, max_clients=2)
+    stream = codec.encoding(np.zeros(10, dtype=np.float32), rounding_seed=bytes(32))
+    with pytest.raises(ConfigError, match="even entry"):
+        stream.writer(3)
+    write = stream.writer(8)
+    with pytest.raises(ConfigError, match="beyond"):
+        write(np.empty(4, dtype=np.uint32))

@@ -248,7 +248,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_record_level_accounting_is_the_worst_clients_dpsgd_epsilon():
     sizes = [100, 40, 95]
-    acct = RoundAccountant(mode="dpsgd", delta=1e-5, noise_multiplier=1.2, client_sizes=sizes,
+    acct = RoundAccountant(dp="dpsgd", delta=1e-5, noise_multiplier=1.2, client_sizes=sizes,
                            batch_size=10, epochs=1, accountant="rdp")
     # largest sampling rate (40-sample client) and most steps (100-sample client) bound every client
     expected = privacy.epsilon(noise_multiplier=1.2, sample_rate=10 / 40, steps=5 * 10, delta=1e-5, accountant="rdp")
@@ -262,7 +262,7 @@ def test_record_level_accounting_is_the_worst_clients_dpsgd_epsilon():
 
 
 def test_user_level_accounting_is_dpfedavg():
-    acct = RoundAccountant(mode="user", delta=1e-5, noise_multiplier=1.0, client_sample_rate=0.1,
+    acct = RoundAccountant(dp="user", delta=1e-5, noise_multiplier=1.0, client_sample_rate=0.1,
                            clip=1.0, accountant="rdp")
     expected = privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=1e-5, accountant="rdp")
     assert acct.epsilon_after(20) == pytest.approx(expected)

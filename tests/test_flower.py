@@ -300,7 +300,7 @@ def _ckks_error_bound(workflow, plain_rounds) -> float:
 def test_ckks_rounds_equal_plain_fedavg_with_the_uploads_forwarded_one_per_message(ckks_deployment, tmp_path):
     nodes, drop = 5, (2, 3)
     plain, _ = run_in_process(secure=False, num_nodes=nodes, rounds=2, drop=[drop], kind="lsq", claimed=_claims(nodes))
-    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"], forward_bytes=1,
+    workflow = SecAggPlusWorkflow(protection="ckks", credentials=ckks_deployment["server"], forward_bytes=1,
                                   privacy=_plan(tmp_path))
     secure, grid = run_in_process(secure=True, num_nodes=nodes, rounds=2, fit_workflow=workflow, drop=[drop],
                                   kind="lsq", claimed=_claims(nodes), node_config=_ckks_node_config(ckks_deployment))
@@ -357,7 +357,7 @@ class ForgingCkksWorkflow(SecAggWorkflow):
 
 
 def test_the_ckks_key_holder_refuses_a_ciphertext_the_server_built(ckks_deployment, tmp_path):
-    workflow = ForgingCkksWorkflow(mode="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
+    workflow = ForgingCkksWorkflow(protection="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
     params, grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
                                   claimed=_claims(4), node_config=_ckks_node_config(ckks_deployment))
     report = workflow.reports[0]
@@ -380,7 +380,7 @@ def test_flower_simulation_with_the_ckks_option_equals_plain_fedavg(ckks_deploym
     nodes, rounds, drop = 10, 2, (2, 4)
     plain, _ = run_in_process(secure=False, num_nodes=nodes, rounds=rounds, drop=[drop], kind="lsq",
                               claimed=_claims(nodes))
-    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
+    workflow = SecAggPlusWorkflow(protection="ckks", credentials=ckks_deployment["server"], privacy=_plan(tmp_path))
     # the simulation engine gives a node only its partition id: the mod maps it to the node's credentials
     configure = _ckks_node_config(ckks_deployment)
     mod = make_secagg_mod(node_config=lambda ctxt: configure(int(ctxt.node_config["partition-id"])))
@@ -404,7 +404,7 @@ def test_a_node_refuses_a_ckks_round_below_its_policys_minimum_sum(ckks_deployme
     from federation.flower.mod import make_secagg_mod
     from secagg.protocol import ClientPolicy
 
-    workflow = SecAggPlusWorkflow(mode="ckks", credentials=ckks_deployment["server"])
+    workflow = SecAggPlusWorkflow(protection="ckks", credentials=ckks_deployment["server"])
     params, grid = run_in_process(secure=True, num_nodes=4, rounds=1, fit_workflow=workflow, kind="lsq",
                                   mod=make_secagg_mod(policy=ClientPolicy(min_participants=5)),
                                   node_config=_ckks_node_config(ckks_deployment))

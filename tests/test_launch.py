@@ -46,15 +46,15 @@ def test_the_recommender_runs_in_process_only(tmp_path):
 def test_a_training_client_accepts_only_its_experiments_protection(tmp_path):
     pytest.importorskip("grpc")
     from federation.transport.config import load_client_config
-    from federation.transport.join import accepted_modes
+    from federation.transport.join import accepted_protections
 
     (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nprotections = ["masking", "none"]\n'
                                           '[client.input]\nkind = "synthetic"\ndim = 4\n')
     client = load_client_config(tmp_path / "client.toml")
-    assert accepted_modes(client) == ("masking", "none")  # contributing its own input: its own list
-    for protection, mode in [("masking", "masking"), ("masking-sparse", "masking"), ("ckks", "ckks"),
-                             ("none", "none")]:
-        assert accepted_modes(client, config(tmp_path, protection=protection)) == (mode,)
+    assert accepted_protections(client) == ("masking", "none")  # contributing its own input: its own list
+    for protection, served in [("masking", "masking"), ("masking-sparse", "masking"), ("ckks", "ckks"),
+                               ("none", "none")]:
+        assert accepted_protections(client, config(tmp_path, protection=protection)) == (served,)
 
 
 def test_the_old_keys_mode_and_modes_still_load_with_a_warning(tmp_path):
@@ -65,9 +65,9 @@ def test_the_old_keys_mode_and_modes_still_load_with_a_warning(tmp_path):
     (tmp_path / "server.toml").write_text('[server]\ncredentials = "s"\nmode = "ckks"\n')
     (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nmodes = ["ckks"]\n')
     with pytest.warns(FutureWarning, match="`mode` is now called `protection`"):
-        assert load_server_config(tmp_path / "server.toml").settings.mode == "ckks"
+        assert load_server_config(tmp_path / "server.toml").settings.protection == "ckks"
     with pytest.warns(FutureWarning, match="`modes` is now called `protections`"):
-        assert load_client_config(tmp_path / "client.toml").settings.modes == ("ckks",)
+        assert load_client_config(tmp_path / "client.toml").settings.protections == ("ckks",)
     (tmp_path / "both.toml").write_text('[server]\ncredentials = "s"\nmode = "ckks"\nprotection = "masking"\n')
     with pytest.raises(ConfigError, match="keep `protection`"):
         load_server_config(tmp_path / "both.toml")
@@ -80,6 +80,6 @@ def test_the_old_name_plain_still_loads_as_none_with_a_warning(tmp_path):
     (tmp_path / "server.toml").write_text('[server]\ncredentials = "s"\nprotection = "plain"\n[server.options]\ndim = 4\n')
     (tmp_path / "client.toml").write_text('[client]\ncredentials = "c"\nprotections = ["plain"]\n')
     with pytest.warns(FutureWarning, match='"plain" is now called "none"'):
-        assert load_server_config(tmp_path / "server.toml").settings.mode == "none"
+        assert load_server_config(tmp_path / "server.toml").settings.protection == "none"
     with pytest.warns(FutureWarning, match='write "none"'):
-        assert load_client_config(tmp_path / "client.toml").settings.modes == ("none",)
+        assert load_client_config(tmp_path / "client.toml").settings.protections == ("none",)

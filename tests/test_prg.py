@@ -85,7 +85,52 @@ def test_threaded_masks_are_bit_identical_to_the_serial_path(workers, monkeypatc
     np.testing.assert_array_equal(threaded.value, serial.value)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_filled_accumulator_equals_filling_first_then_adding_the_masks(workers, monkeypatch):
+    from secagg import prg
+
+    monkeypatch.setattr(prg, "MIN_ELEMENTS_PER_WORKER", 1024)
+    monkeypatch.setattr(prg, "MASK_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(prg, "SEEDS_PER_PASS", 2)  # the fill comes before the first pass only
+    dim = 4 * 1024 + 6
+    base = np.arange(dim, dtype=np.uint32) * np.uint32(2654435761)
+    starts = []
+
+    def fill(start):
+        starts.append(start)
+        position = start
+
+        def write(chunk):
+            nonlocal position
+            chunk[:] = base[position:position + chunk.shape[0]]
+            position += chunk.shape[0]
+        return write
+
+    masks = [(os.urandom(32), sign) for sign in (1, -1, 1, -1, 1)]
+    expected = MaskAccumulator(dim, initial=base)
+    expected.add_many(masks)
+    filled = MaskAccumulator(dim, initial=np.zeros(dim, dtype=np.uint32), copy=False, workers=workers)
+    filled.add_many(masks, fill=fill)
+    np.testing.assert_array_equal(filled.value, expected.value)
+    assert len(starts) == min(workers, dim // 1024) and all(s % 4 == 0 for s in starts)
+    only = MaskAccumulator(dim, workers=workers)
+    only.add_many([], fill=fill)  # no masks: the fill alone
+    np.testing.assert_array_equal(only.value, base)
+
+
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_worker_counts_that_are_not_counts_are_refused(workers):
     with pytest.raises(ConfigError, match="workers"):
         MaskAccumulator(4, workers=workers)
+
+
+def test_a_keystream_reader_reads_the_labelled_stream_piece_by_piece():
+    from secagg.prg import KeystreamReader, expand_uint64, labelled_seed
+
+    seed = os.urandom(32)
+    whole = expand_uint64(seed, 50, label=b"rounding")
+    reader = KeystreamReader(labelled_seed(seed, b"rounding"), offset=10, capacity=16)
+    pieces = [reader.next(n).copy() for n in (16, 1, 7, 16)]  # copies: next() reuses its buffer
+    np.testing.assert_array_equal(np.concatenate(pieces), whole[10:50])
+    with pytest.raises(ConfigError, match="entries at a time"):
+        KeystreamReader(seed, capacity=0)

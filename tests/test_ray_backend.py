@@ -80,7 +80,7 @@ def test_ray_ckks_round_matches_in_process(local_ray, scheme):
     ref = secagg.aggregate(x, protection="ckks", scheme=scheme, clip=10.0, dropouts=drops)
     res = run_ray_ckks_round(x, scheme=scheme, clip=10.0, dropouts=drops, num_actors=2)
     assert res.included == ref.included == (0, 1, 3, 4, 5)
-    assert res.protocol == "ckks" and res.parameters == ref.parameters
+    assert res.protection == "ckks" and res.parameters == ref.parameters
     exact = x[list(ref.included)].sum(axis=0)
     if scheme == "bfv":
         np.testing.assert_array_equal(res.total, ref.total)

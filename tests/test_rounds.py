@@ -59,6 +59,28 @@ def test_one_driver_loop_closes_protocol_stages():
     assert _stage_closers() == {"secagg/rounds.py"}
 
 
+def test_one_federation_round_loop():
+    """``Federation.run_round`` is the only round of every federation class (in process, Ray,
+    gRPC, shops): a backend plugs in an executor and an aggregator, it does not copy the round."""
+    classes: dict[str, tuple[str, list[str], bool]] = {}  # name -> (file, base names, defines run_round)
+    for pkg in ("secagg", "privacy", "federation", "benchmarks", "examples"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ClassDef):
+                    bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+                    defines = any(isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == "run_round"
+                                  for f in node.body)
+                    classes[node.name] = (str(path.relative_to(ROOT)), bases, defines)
+
+    def is_federation(name: str) -> bool:
+        return name == "Federation" or any(is_federation(b) for b in classes.get(name, ("", [], False))[1])
+
+    federations = {name for name in classes if is_federation(name)}
+    assert {"Federation", "GrpcFederation", "ShopsFederation"} <= federations
+    defining = {(classes[n][0], n) for n in federations if classes[n][2]}
+    assert defining == {("federation/engine.py", "Federation")}
+
+
 class _Counter:
     """A two-stage server round: each client sends one integer per stage; the total is their sum."""
 

@@ -154,7 +154,8 @@ def test_chunked_encoding_equals_encoding_in_one_pass(monkeypatch, clip_mode, dt
     codec = FixedPointCodec.for_clients(clip=4.0, max_clients=8, clip_mode=clip_mode, bits=24, headroom=1.0)
     seed = bytes(range(32))
     whole = codec.encode(x, rounding_seed=seed, integer_noise=noise)
-    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 8)
+    monkeypatch.setattr(encoding, "ENCODE_BLOCK", 8)
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 8)  # the noise check's chunks
     np.testing.assert_array_equal(codec.encode(x, rounding_seed=seed, integer_noise=noise), whole)
     bad = noise.copy()
     bad[-1] = 10**9  # beyond the headroom, in the last chunk
@@ -253,3 +254,48 @@ def test_a_round_with_mask_threads_unmasks_exactly_like_the_serial_one(monkeypat
     np.testing.assert_array_equal(sums[0], sums[1])
     included = [0, 2, 3, 4, 5]
     assert np.max(np.abs(sums[1] - updates[included].sum(axis=0))) <= codec.sum_error_bound(5)
+
+
+def test_a_key_directory_is_opened_once_per_process_and_any_difference_is_checked_in_full(monkeypatch):
+    from secagg import wire
+    from secagg.errors import MaliciousServerDetected
+    from secagg.protocol.messages import AdvertiseKeys, KeyDirectory
+    from tests.protocol_harness import server_seal
+
+    opened = []
+    real_open = wire.open_sealed
+
+    def counting_open(data, key_of, **kwargs):
+        if kwargs.get("expect") is AdvertiseKeys:
+            opened.append(data)
+        return real_open(data, key_of, **kwargs)
+
+    monkeypatch.setattr(wire, "open_sealed", counting_open)
+    session, _ = make_round(n=8, graph="sparse", degree=6)
+    outgoing = step(session, session.server.start())
+    _, directory = real_open(outgoing[1], lambda p: session.identities[p])
+    for c in (1, 2, 3):  # the same directory: its 8 adverts are opened by the first client only
+        session.clients[c].receive(outgoing[c])
+    assert len(opened) == 8
+    assert session.clients[2]._digest == session.clients[1]._digest == session.server._digest
+
+    # One advert signed by another key: refused, though the other adverts were seen before.
+    forged = dict(directory.adverts)
+    forged[5] = wire.seal(AdvertiseKeys(directory.round_id, 5, KeyPair.generate().public_bytes,
+                                        KeyPair.generate().public_bytes), 5, IdentityKey.generate())
+    with pytest.raises(InvalidSignature):
+        session.clients[4].receive(server_seal(session, KeyDirectory(directory.round_id, forged)))
+    # The very same directory, but this client knows client 6 by another identity key: refused.
+    session.clients[6]._identities[5] = IdentityKey.generate().public_bytes
+    with pytest.raises(InvalidSignature):
+        session.clients[6].receive(outgoing[6])
+    # A low-order key, properly signed by its client: refused as the server's doing.
+    low = dict(directory.adverts)
+    low[3] = wire.seal(AdvertiseKeys(directory.round_id, 3, bytes(32), KeyPair.generate().public_bytes), 3,
+                       session.clients[3]._identity)
+    with pytest.raises(MaliciousServerDetected, match="low-order"):
+        session.clients[7].receive(server_seal(session, KeyDirectory(directory.round_id, low)))
+    # The honest directory still opens for the last client, from the remembered result.
+    before = len(opened)
+    session.clients[8].receive(outgoing[8])
+    assert len(opened) == before and session.clients[8]._digest == session.server._digest

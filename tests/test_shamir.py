@@ -94,6 +94,19 @@ def test_vandermonde_product_equals_horner_evaluation(n, t):
     np.testing.assert_array_equal(shamir.evaluate(high, top), _horner(high, top))
 
 
+def test_power_rows_kept_across_holder_sets_give_the_same_evaluation():
+    """Each x's powers are kept per threshold; sets that share x's (sparse-graph neighbourhoods
+    drawn from one id range), in any order, still evaluate exactly like Horner's rule."""
+    rng = np.random.default_rng(3)  # test data
+    coefficients = rng.integers(0, shamir.PRIME, (40, 6), dtype=np.int64)
+    for _ in range(5):
+        xs = rng.permutation(np.arange(1, 120))[:70]  # overlapping sets, unsorted
+        np.testing.assert_array_equal(shamir.evaluate(xs, coefficients), _horner(xs, coefficients))
+    shamir._vandermonde.cache_clear()
+    shamir._POWER_ROWS.clear()
+    np.testing.assert_array_equal(shamir.evaluate(xs, coefficients), _horner(xs, coefficients))
+
+
 @pytest.mark.parametrize("t", [1, 2, 3, 64, 251])
 def test_vectorised_lagrange_weights_equal_the_textbook_formula(t):
     rng = np.random.default_rng(t)  # public points, test data

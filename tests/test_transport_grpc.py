@@ -38,7 +38,7 @@ def update(cid: int, rnd: int) -> np.ndarray:
 
 def settings(**kw) -> ServerSettings:
     base = {
-        "mode": "masking", "options": {"dim": DIM, "clip": 50.0}, "expected_clients": 5, "threshold": 3,
+        "protection": "masking", "options": {"dim": DIM, "clip": 50.0}, "expected_clients": 5, "threshold": 3,
         "join_timeout": 20.0, "stage_timeout": 10.0, "rounds": 1,
     }
     base.update(kw)
@@ -284,7 +284,7 @@ def test_large_update_streams_in_chunks(pki):
             run_client(cs, creds(pki, c), lambda r, c=c: np.full(dim, c, dtype=np.float32)) for c in (1, 2, 3)
         ])
 
-    s = settings(mode="masking", options={"dim": dim, "clip": 1e4, "clip_mode": "coordinate"},
+    s = settings(protection="masking", options={"dim": dim, "clip": 1e4, "clip_mode": "coordinate"},
                  expected_clients=3, threshold=2, max_message_bytes=8 << 20)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     np.testing.assert_allclose(reports[0].outcome.total, np.full(dim, 6.0), atol=1e-2)
@@ -319,7 +319,7 @@ def test_ckks_round_fails_closed_when_the_key_holder_vanishes(pki):
         tasks += honest(pki, port, (2, 3, 4))
         return await asyncio.gather(*tasks)
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4,
+    s = settings(protection="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4,
                  threshold=3, rounds=2, stage_timeout=4.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     r0, r1 = reports
@@ -334,10 +334,10 @@ def test_clients_refuse_a_server_that_switches_to_no_protection(pki):
     async def clients(port):
         return await asyncio.gather(*honest(pki, port, (1, 2)))
 
-    s = settings(mode="none", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
+    s = settings(protection="none", options={"dim": DIM}, expected_clients=2, threshold=2, stage_timeout=2.0)
     reports, results = asyncio.run(with_server(pki, s, clients))
     assert not reports[0].ok and "NotEnoughSurvivors" in reports[0].reason
-    assert all(res.failed[0] == "refused mode 'none'" for res in results)
+    assert all(res.failed[0] == "refused protection 'none'" for res in results)
 
 
 def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
@@ -364,7 +364,7 @@ def _ckks_refusals(pki, s: ServerSettings, cids, keyholder):
 def test_a_server_naming_another_key_holder_is_refused_by_every_client(pki, named):
     """Clients trust client 1 (CA key-holder role, their own config); the server names another."""
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": named}, expected_clients=4,
+    s = settings(protection="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": named}, expected_clients=4,
                  threshold=3, stage_timeout=3.0)
     reports, results, refusals = _ckks_refusals(pki, s, (1, 2, 3, 4), keyholder=1)
     assert not reports[0].ok and reports[0].outcome is None
@@ -377,7 +377,7 @@ def test_a_server_naming_another_key_holder_is_refused_by_every_client(pki, name
 def test_every_client_refuses_a_ckks_round_whose_key_holder_would_decrypt_a_sum_below_its_policy(pki):
     """threshold 2: the key holder would decrypt a sum of 2 updates; the clients' policy asks for 3."""
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4, threshold=2, stage_timeout=3.0)
+    s = settings(protection="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=4, threshold=2, stage_timeout=3.0)
     reports, results, refusals = _ckks_refusals(pki, s, (1, 2, 3, 4), keyholder=1)
     assert not reports[0].ok
     assert sorted(refusals) == [1, 2, 3, 4]  # the key holder included: it never decrypts the small sum
@@ -388,7 +388,7 @@ def test_every_client_refuses_a_ckks_round_whose_key_holder_would_decrypt_a_sum_
 def test_a_client_whose_certificate_lacks_the_key_holder_role_is_never_a_key_holder(pki):
     """Even if every client's config names client 3, its certificate was not issued as a key holder."""
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 3}, expected_clients=3,
+    s = settings(protection="ckks", options={"dim": DIM, "clip": 10.0, "keyholder": 3}, expected_clients=3,
                  threshold=2, stage_timeout=3.0)
     reports, _, refusals = _ckks_refusals(pki, s, (1, 2, 3), keyholder=3)
     assert not reports[0].ok
@@ -398,7 +398,7 @@ def test_a_client_whose_certificate_lacks_the_key_holder_role_is_never_a_key_hol
 
 def test_a_client_that_trusts_no_key_holder_refuses_ckks_rounds(pki):
     pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    s = settings(mode="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=2, threshold=2, stage_timeout=3.0)
+    s = settings(protection="ckks", options={"dim": DIM, "clip": 10.0}, expected_clients=2, threshold=2, stage_timeout=3.0)
     reports, _, refusals = _ckks_refusals(pki, s, (1, 2), keyholder=None)
     assert not reports[0].ok
     assert sorted(refusals) == [1, 2]
@@ -428,7 +428,7 @@ def test_ckks_in_process_and_grpc_give_bit_identical_totals(pki, scheme, forward
         cs = ClientSettings(server=f"localhost:{port}", keyholder=1)
         return await asyncio.gather(*[run_client(cs, creds(pki, c), lambda r, c=c: updates[c]) for c in cids])
 
-    s = settings(mode="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme, **forward}, expected_clients=4,
+    s = settings(protection="ckks", options={"dim": DIM, "clip": bound, "scheme": scheme, **forward}, expected_clients=4,
                  threshold=3)
     reports, _ = asyncio.run(with_server(pki, s, clients))
     assert reports[0].ok and reports[0].outcome.included == cids

@@ -51,7 +51,7 @@ def procs():
 
 
 def make_deployment(make_pki, root: Path, n_clients: int, *, rounds: int, expected: int, threshold: int,
-                    state: bool = False, mode: str = "masking", extra_options: str = "") -> Path:
+                    state: bool = False, protection: str = "masking", extra_options: str = "") -> Path:
     make_pki(root / "ca", range(1, n_clients + 1), keyholders=(1,))
     for cid in range(1, n_clients + 1):
         (root / f"client-{cid}.toml").write_text(
@@ -61,7 +61,7 @@ def make_deployment(make_pki, root: Path, n_clients: int, *, rounds: int, expect
     (root / "server.toml").write_text(
         "[server]\n"
         'credentials = "ca/server"\n'
-        f'protection = "{mode}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
+        f'protection = "{protection}"\nrounds = {rounds}\nexpected_clients = {expected}\nthreshold = {threshold}\n'
         "join_timeout = 60\nrejoin_timeout = 1.5\nstage_timeout = 20\n"
         + ('state_dir = "state"\n' if state else "")
         + f"[server.options]\ndim = {DIM}\nclip = 100.0\n{extra_options}"
@@ -89,7 +89,7 @@ DIE_AFTER = {"masking": 3, "ckks": 1}
 def test_server_and_six_client_processes_one_killed_mid_round(tmp_path, procs, make_pki, mode):
     if mode == "ckks":
         pytest.importorskip("tenseal", reason="the ckks mode needs TenSEAL (extra: he)")
-    root = make_deployment(make_pki, tmp_path, 6, rounds=2, expected=6, threshold=4, mode=mode)
+    root = make_deployment(make_pki, tmp_path, 6, rounds=2, expected=6, threshold=4, protection=mode)
     port = free_port()
     server = subprocess.Popen(
         secagg("serve", "--config", str(root / "server.toml"), "--port", str(port)),

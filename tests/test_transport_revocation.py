@@ -34,7 +34,7 @@ def ca(tmp_path, make_pki):
 
 
 def _settings(ca, **kw) -> ServerSettings:
-    base = dict(mode="masking", options={"dim": DIM, "clip": 10.0}, expected_clients=3, threshold=2,
+    base = dict(protection="masking", options={"dim": DIM, "clip": 10.0}, expected_clients=3, threshold=2,
                 join_timeout=20.0, stage_timeout=10.0, rounds=1, crl=str(ca / "server" / "crl.pem"))
     base.update(kw)
     return ServerSettings(**base)

@@ -1,6 +1,6 @@
 """The workflow's CKKS option: one fit round of :mod:`secagg.ckks.session` through Flower messages.
 
-``SecAggWorkflow(mode="ckks", credentials=...)`` runs this instead of the masking stages.
+``SecAggWorkflow(protection="ckks", credentials=...)`` runs this instead of the masking stages.
 After ``hello`` (identity keys and CA certificates, as for masking) the round is the one
 the gRPC link runs (:mod:`secagg.ckks.mode`, through :func:`secagg.rounds.drive`), with Flower
 (:class:`~federation.flower.link.FlowerLink`) moving the bytes:
@@ -106,7 +106,7 @@ def check_options(workflow) -> None:
     """What the ckks option needs, checked when the workflow is built."""
     if workflow._credentials is None:
         raise ConfigError(
-            "mode='ckks' needs the deployment's CA: pass credentials= (secagg certs issue --server); the nodes "
+            "protection='ckks' needs the deployment's CA: pass credentials= (secagg certs issue --server); the nodes "
             "take the key holder from its certificate, so without one no node can trust a key holder")
     if workflow.scheme not in ("ckks", "bfv"):
         raise ConfigError(f"scheme must be 'ckks' or 'bfv', got {workflow.scheme!r}")

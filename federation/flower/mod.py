@@ -15,7 +15,7 @@ threshold below the client's policy, too few live neighbours) raises, which Flow
 into an error reply; the session is then aborted for the rest of the round and reveals
 nothing more.
 
-The same mod takes part in the workflow's CKKS rounds (``mode="ckks"``; stages
+The same mod takes part in the workflow's CKKS rounds (``protection="ckks"``; stages
 ``ckks.*``, see :mod:`federation.flower.ckks_client`): the same hello, the same trained row,
 encrypted under the round's key instead of masked.
 """

@@ -14,7 +14,7 @@ stops other clients but not a server that substitutes keys from the start. With 
 party's certificate, and a node checks each one against the CA before it uses a key. A node
 with credentials refuses a directory without certificates. See docs/flower.md.
 
-CKKS (``SecAggWorkflow(mode="ckks")``) runs the stages :data:`CKKS_STAGES` after ``hello``;
+CKKS (``SecAggWorkflow(protection="ckks")``) runs the stages :data:`CKKS_STAGES` after ``hello``;
 their first messages carry ``directory``: a :class:`FlowerCkksDirectory`. It needs the CA:
 the clients take the key holder's role from its certificate, and each node names the key
 holder it trusts in its node config (:data:`KEYHOLDER`).

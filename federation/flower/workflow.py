@@ -21,7 +21,7 @@ the same place in a legacy Flower app (``DefaultWorkflow(fit_workflow=...)`` wit
 A node that errors or does not answer within ``timeout`` is dropped at that stage; the
 protocol recovers its masks as long as ``threshold`` neighbours remain.
 
-``mode="ckks"`` replaces the masking stages by a CKKS round (:mod:`federation.flower.ckks_server`):
+``protection="ckks"`` replaces the masking stages by a CKKS round (:mod:`federation.flower.ckks_server`):
 the same hello, the same weighted row, the same strategy step and ledger; a certified key
 holder among the nodes decrypts, the server holds no key.
 """
@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,7 +93,8 @@ class SecAggWorkflow:
     then only nodes with a certificate of the same CA take part, and every node checks its
     peers' certificates (see :mod:`federation.flower.records`).
 
-    ``mode``: "masking" (default) or "ckks" (needs ``credentials``). CKKS options:
+    ``protection``: "masking" (default) or "ckks" (needs ``credentials``; ``mode=`` is its old
+    name). CKKS options:
     ``scheme`` ("ckks" or "bfv"), ``keyholder`` (the key holder's client id; default: the
     one enrolled node whose certificate carries the key-holder role -- nodes refuse any
     other than the one their node config names), ``forward_bytes`` (bound on the uploads
@@ -114,11 +116,16 @@ class SecAggWorkflow:
         timeout: float | None = None,
         privacy: FlowerPrivacy | None = None,
         credentials: str | os.PathLike | None = None,
-        mode: str = "masking",
+        protection: str = "masking",
         scheme: str = "ckks",
         keyholder: int | None = None,
         forward_bytes: int = 64 << 20,
+        mode: str | None = None,
     ) -> None:
+        if mode is not None:
+            warnings.warn(f"SecAggWorkflow(mode={mode!r}) is now SecAggWorkflow(protection={mode!r}); `mode=` will "
+                          "be removed", FutureWarning, stacklevel=2)
+            protection = mode
         if isinstance(num_shares, bool) or not isinstance(num_shares, (int, float)) or num_shares <= 0:
             raise ConfigError("num_shares must be a positive count or fraction")
         if isinstance(reconstruction_threshold, bool) or not isinstance(reconstruction_threshold, (int, float)):
@@ -146,10 +153,10 @@ class SecAggWorkflow:
             self._credentials = Credentials.load(credentials)
             if self._credentials.check_binding().role != "server":
                 raise ConfigError(f"{credentials} holds a client certificate; issue one with `secagg certs issue --server`")
-        if mode not in ("masking", "ckks"):
-            raise ConfigError(f"mode must be 'masking' or 'ckks', got {mode!r}")
-        self.mode, self.scheme, self.keyholder, self.forward_bytes = mode, scheme, keyholder, forward_bytes
-        if mode == "ckks":
+        if protection not in ("masking", "ckks"):
+            raise ConfigError(f"protection must be 'masking' or 'ckks', got {protection!r}")
+        self.protection, self.scheme, self.keyholder, self.forward_bytes = protection, scheme, keyholder, forward_bytes
+        if protection == "ckks":
             from federation.flower import ckks_server  # TenSEAL only for the ckks option
 
             ckks_server.check_options(self)
@@ -196,7 +203,7 @@ class SecAggWorkflow:
 
     def _secure_mean(self, grid, rnd: int, arrays: list[np.ndarray], fitins: dict[int, RecordDict],
                      report: RoundReport) -> list[np.ndarray]:
-        if self.mode == "ckks":
+        if self.protection == "ckks":
             from federation.flower import ckks_server
 
             return ckks_server.ckks_mean(self, grid, rnd, arrays, fitins, report)
@@ -352,5 +359,5 @@ class SecAggWorkflow:
             self._ledger = Ledger(p.ledger, budget_epsilon=p.budget_epsilon, delta=p.delta,
                                   accountant=p.accountant, track=(p.accountant,))
         entry = self._ledger.reserve(Spend(p.event(), round=rnd, participants=participants,
-                                           note=f"flower: dpsgd, {self.mode}"))
+                                           note=f"flower: dpsgd, {self.protection}"))
         return self._ledger, entry

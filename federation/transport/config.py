@@ -18,9 +18,7 @@ from federation.transport.grpc_client import ClientSettings
 from federation.transport.grpc_server import ServerSettings
 from secagg.errors import ConfigError
 
-# TOML key -> settings field: the file says `protection` (as the experiment config and
-# `secagg run --protection` do); the settings, like the core's modes, say `mode`.
-SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)} - {"mode"} | {"protection"}
+SERVER_KEYS = {f.name for f in dataclasses.fields(ServerSettings)}
 
 
 def _renamed(table: dict, old: str, new: str, where: str) -> None:
@@ -60,7 +58,7 @@ class ServerConfig:
     training: Path | None = None  # experiment TOML: train a model instead of summing given vectors
 
 
-def _mode_name(name: object, path: str | os.PathLike) -> str:
+def _protection_name(name: object, path: str | os.PathLike) -> str:
     """A protection's name as written in a TOML file; the old name "plain" of "none" still
     loads, with a warning (protection = "none" and dp = "none" in the experiment say "none")."""
     if name == "plain":
@@ -75,7 +73,7 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
     table = dict(data.get("server", {}))
     _renamed(table, "mode", "protection", f"{path} [server]")
     if "protection" in table:
-        table["protection"] = _mode_name(table["protection"], path)
+        table["protection"] = _protection_name(table["protection"], path)
     creds = _resolve(base, table.pop("credentials", None))
     if creds is None:
         raise ConfigError(f"{path}: [server] needs `credentials`, the directory written by `secagg certs issue --server`")
@@ -85,8 +83,6 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
     unknown = sorted(set(table) - SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [server] keys {unknown}; known: {sorted(SERVER_KEYS)}")
-    if "protection" in table:
-        table["mode"] = table.pop("protection")
     settings = ServerSettings(**table, crl=str(crl))
     settings.options = dict(settings.options)
     settings.check()
@@ -116,12 +112,12 @@ def load_client_config(path: str | os.PathLike) -> ClientConfig:
         if "experiment" not in training:
             raise ConfigError(f"{path}: [client.training] needs `experiment`, the experiment TOML the server trains")
         training["experiment"] = _resolve(base, training["experiment"])
-    known = {f.name for f in dataclasses.fields(ClientSettings)} - {"modes"} | {"protections"}
+    known = {f.name for f in dataclasses.fields(ClientSettings)}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [client] keys {unknown}; known: {sorted(known)} and [client.input]")
     if "protections" in table:
-        table["modes"] = tuple(_mode_name(m, path) for m in table.pop("protections"))
+        table["protections"] = tuple(_protection_name(m, path) for m in table["protections"])
     # Round ids this client signed in survive restarts: by default next to the credentials.
     table["round_ids"] = str(_resolve(base, table.get("round_ids")) or creds / "round-ids.txt")
     if "keyholder" in table and (type(table["keyholder"]) is not int or table["keyholder"] < 1):

@@ -44,7 +44,8 @@ class Hello(wire.Message):
 
 @wire.message
 class RoundStart(wire.Message):
-    """Server -> client: a round begins in ``mode``.
+    """Server -> client: a round begins; ``mode`` names the core :class:`~secagg.rounds.Mode`
+    that runs it (the server's protection; the field keeps its name on the wire).
 
     The next payload (chunked) is the mode's parameters (e.g. the CA-signed certificates
     of the other participants); with ``broadcast`` the one after it is the round's

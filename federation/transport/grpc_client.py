@@ -48,9 +48,9 @@ class ClientSettings:
     chunk_bytes: int = frames.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 256 << 20
     connect_timeout: float = 30.0
-    # Protocol modes this client takes part in. The server names the mode of each round; a
+    # Protections this client takes part in. The server names the protection of each round; a
     # client never lets it pick the insecure "none" baseline unless listed here.
-    modes: tuple[str, ...] = ("masking", "ckks")
+    protections: tuple[str, ...] = ("masking", "ckks")
     # This client's masking policy (secagg.protocol.plan.ClientPolicy): the smallest sum it
     # accepts to be part of, the fraction of other participants it assumes collude with the
     # server, and the file of round ids it already signed in (kept across restarts).
@@ -132,7 +132,7 @@ async def run_client(
     reassembler = Reassembler(settings.max_message_bytes)
     seq = 0
     session = None
-    current, mode_name = -1, ""
+    current, protection = -1, ""
     expecting: list[str] = []  # payloads that precede the protocol's: "params", "broadcast"
     got: dict[str, bytes] = {}
     pending_end: RoundEnd | None = None
@@ -147,13 +147,13 @@ async def run_client(
                     break
                 frame = wire.decode(data, max_bytes=frames.MAX_CHUNK_BYTES + frames.FRAME_OVERHEAD)
                 if isinstance(frame, RoundStart):
-                    current, mode_name, session = frame.round, frame.mode, None
+                    current, protection, session = frame.round, frame.mode, None
                     expecting, got = ["params", "broadcast"] if frame.broadcast else ["params"], {}
-                    if mode_name not in settings.modes:
-                        log.error("client %d: refusing round %d: mode %r is not in this client's modes %s",
-                                  cid, current, mode_name, list(settings.modes))
-                        report.failed[current] = f"refused mode {mode_name!r}"
-                        mode_name = ""  # payloads of this round are read and ignored
+                    if protection not in settings.protections:
+                        log.error("client %d: refusing round %d: protection %r is not in this client's protections %s",
+                                  cid, current, protection, list(settings.protections))
+                        report.failed[current] = f"refused protection {protection!r}"
+                        protection = ""  # payloads of this round are read and ignored
                 elif isinstance(frame, Chunk):
                     payload = reassembler.feed(frame)
                     if payload is None:
@@ -169,7 +169,7 @@ async def run_client(
                         got[expecting.pop(0)] = payload
                         if expecting:
                             continue
-                        if not mode_name:
+                        if not protection:
                             continue
                         try:
                             if "broadcast" in got:
@@ -186,9 +186,9 @@ async def run_client(
                                 keyholder=settings.keyholder,
                             )
                             if make_round is not None:
-                                session = make_round(mode_name, ctx, got["params"])
+                                session = make_round(protection, ctx, got["params"])
                             else:
-                                session = get_mode(mode_name).client(ctx, got["params"])
+                                session = get_mode(protection).client(ctx, got["params"])
                         except SecAggError as exc:
                             log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
                             report.failed[current] = f"{type(exc).__name__}: {exc}"

@@ -80,7 +80,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 0
-    mode: str = "masking"
+    protection: str = "masking"  # which protection its rounds run (the name of a core Mode)
     options: dict = field(default_factory=dict)
     rounds: int = 1
     expected_clients: int = 2  # start a round as soon as this many are connected
@@ -281,7 +281,7 @@ class AggregationServer:
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> None:
         settings.check()
-        self._mode = get_mode(settings.mode)  # fail early on an unknown mode
+        self._mode = get_mode(settings.protection)  # fail early on an unknown protection
         self.settings = settings
         self.credentials = credentials
         self.on_round = on_round
@@ -337,10 +337,10 @@ class AggregationServer:
         if not self.port:
             raise ConfigError(f"could not listen on {s.host}:{s.port} (address in use or not local)")
         await self._server.start()
-        log.info("listening on %s:%d (mutual TLS, mode=%s, at most %d connections, TLS handshake within %gs)",
-                 s.host, self.port, s.mode, cap, s.handshake_timeout)
-        if s.mode == "none":
-            log.warning("mode 'none' is the INSECURE baseline: the server sees every client's update")
+        log.info("listening on %s:%d (mutual TLS, protection=%s, at most %d connections, TLS handshake within %gs)",
+                 s.host, self.port, s.protection, cap, s.handshake_timeout)
+        if s.protection == "none":
+            log.warning("protection 'none' is the INSECURE baseline: the server sees every client's update")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -406,11 +406,13 @@ class AggregationServer:
                          release: Callable[[RoundOutcome], np.ndarray] | None = None) -> RoundReport:
         s = self.settings
         t0 = time.perf_counter()
-        if len(participants) < s.threshold:
-            reason = f"only {len(participants)} clients connected, the threshold is {s.threshold}"
+
+        def not_started(reason: str) -> RoundReport:
             log.error("round %d not started: %s", number, reason)
             return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
-        mode = get_mode(s.mode)
+
+        if len(participants) < s.threshold:
+            return not_started(f"only {len(participants)} clients connected, the threshold is {s.threshold}")
         ctx = RoundContext(
             round=number, participants=participants,
             identity_keys={cid: self._conns[cid].key for cid in participants},
@@ -419,16 +421,14 @@ class AggregationServer:
             server_certificate=self.credentials.cert_pem, read_certificate=identity_from_pem,
         )
         try:
-            driver, params = mode.server(ctx)
+            driver, params = self._mode.server(ctx)
         except SecAggError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("round %d not started: %s", number, reason)
-            return RoundReport(number, False, reason, None, participants, {}, time.perf_counter() - t0)
+            return not_started(f"{type(exc).__name__}: {exc}")
         state = _RoundState(number, set(participants))
         state.link = GrpcLink(self, state, asyncio.get_running_loop(), s.stage_timeout)
         self._round = state
-        log.info("round %d: %d participants, mode=%s", number, len(participants), s.mode)
-        start_frame = wire.encode(RoundStart(round=number, mode=s.mode, broadcast=broadcast is not None))
+        log.info("round %d: %d participants, protection=%s", number, len(participants), s.protection)
+        start_frame = wire.encode(RoundStart(round=number, mode=s.protection, broadcast=broadcast is not None))
         for cid in participants:
             self._conns[cid].send_frame(start_frame)
             self._conns[cid].send_payload(params)
@@ -501,18 +501,26 @@ class AggregationServer:
         the stage's limit; anything else is read and thrown away chunk by chunk, so an
         unsolicited message never costs the server memory.
         """
-        state = self._round
-        link = state.link if state is not None else None
-        if link is None or not link.expects(conn.cid):
-            conn.unexpected += 1
-            if conn.unexpected > self.settings.max_unexpected_messages:
-                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
-            stage = link.stage.name if link is not None and link.stage is not None else None
+        link = self._awaiting(conn)
+        if link is None:
+            current = self._round.link if self._round is not None else None
+            stage = current.stage.name if current is not None and current.stage is not None else None
             where = "no round is running" if stage is None else f"stage {stage!r} does not await it"
             log.info("client %d (%s): discarding an unsolicited %d-chunk message: %s", conn.cid, conn.peer,
                      first.count, where)
             return None
         return self._stage_limit(link)
+
+    def _awaiting(self, conn: _Conn) -> GrpcLink | None:
+        """The round's link if its stage awaits a message from ``conn``; else None, and the
+        message counts as unsolicited (past ``max_unexpected_messages`` the client is kicked)."""
+        link = self._round.link if self._round is not None else None
+        if link is not None and link.expects(conn.cid):
+            return link
+        conn.unexpected += 1
+        if conn.unexpected > self.settings.max_unexpected_messages:
+            raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+        return None
 
     def _stage_limit(self, link: GrpcLink) -> int:
         """Largest payload the current stage accepts from one client (the mode's bound if it has one)."""
@@ -534,12 +542,8 @@ class AggregationServer:
     def _deliver(self, conn: _Conn, payload: bytes | memoryview, reserved: int) -> bool:
         """Hand a complete payload to the round's link. True: the link took it with the
         ``reserved`` in-flight budget it holds (given back once the driver is done with it)."""
-        state = self._round
-        link = state.link if state is not None else None
-        if link is None or not link.expects(conn.cid):
-            conn.unexpected += 1
-            if conn.unexpected > self.settings.max_unexpected_messages:
-                raise _Kick(f"flooding: {conn.unexpected} messages the protocol did not ask for")
+        link = self._awaiting(conn)
+        if link is None:
             log.info("client %d: ignored a message outside its stage", conn.cid)
             return False
         if self._mode.sealed_by_sender:

@@ -1,9 +1,9 @@
 """`secagg join`: one client's session with a `secagg serve` server, and its security policy.
 
-:func:`accepted_modes` is the client's policy: which protection it takes part in. A client that
+:func:`accepted_protections` is the client's policy: which protection it takes part in. A client that
 trains for an experiment accepts only the protection that experiment names (a server cannot
 talk it into a weaker one, e.g. ``none`` for a ``masking`` experiment); a client contributing
-from ``[client.input]`` accepts what its own ``[client] modes`` lists. :func:`join` runs the
+from ``[client.input]`` accepts what its own ``[client] protections`` lists. :func:`join` runs the
 session: it reconnects while the server is unreachable or restarting, and reports each round.
 """
 
@@ -24,16 +24,17 @@ if TYPE_CHECKING:  # the experiment config pulls in torch: a client without trai
     from federation.transport.config import ClientConfig
 
 
-def accepted_modes(client: ClientConfig, experiment: ExperimentConfig | None = None) -> tuple[str, ...]:
-    """The protocol modes this client takes part in: the one ``experiment`` names when it trains
-    for one (never a weaker one), else those of its ``[client] modes``."""
+def accepted_protections(client: ClientConfig, experiment: ExperimentConfig | None = None) -> tuple[str, ...]:
+    """The protections this client takes part in: the one ``experiment`` names when it trains
+    for one (never a weaker one), else those of its ``[client] protections``."""
     if experiment is None:
-        return tuple(client.settings.modes)
-    from federation.transport.training import MODES
+        return tuple(client.settings.protections)
+    from federation.transport.training import GRPC_PROTECTIONS
 
-    if experiment.protection not in MODES:
-        raise ConfigError(f"protection {experiment.protection!r} has no gRPC mode; use one of {', '.join(MODES)}")
-    return (MODES[experiment.protection][0],)
+    if experiment.protection not in GRPC_PROTECTIONS:
+        raise ConfigError(f"protection {experiment.protection!r} does not run over gRPC; use one of "
+                          f"{', '.join(GRPC_PROTECTIONS)}")
+    return (GRPC_PROTECTIONS[experiment.protection][0],)
 
 
 def join(config_path: str | Path, *, server: str | None = None, server_name: str | None = None,
@@ -71,7 +72,7 @@ def join(config_path: str | Path, *, server: str | None = None, server_name: str
 
             private = dict(zip(("x", "y"), site_data(app)))
         trainer = TrainingClient(experiment, int(cfg.training.get("index", peer.client_id - 1)), **private)
-        cfg.settings.modes = accepted_modes(cfg, experiment)
+        cfg.settings.protections = accepted_protections(cfg, experiment)
     folder = Path(out) if out else None
 
     def on_round_end(r: int, total) -> None:

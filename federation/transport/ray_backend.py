@@ -30,11 +30,15 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from federation.transport.ray_cluster import connect, require_ray
 from secagg.errors import ConfigError, SecAggError
+from secagg.protocol.pool import ClientPool
 
 if TYPE_CHECKING:
     from secagg.rounds import Reply, StageView
@@ -42,35 +46,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("secagg.ray")
 
 
-def _require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("the Ray backend needs Ray: pip install 'secagg[ray]'") from None
-    return ray
-
-
-class _Pool:
+class _Pool(ClientPool):
     """Body of the ClientPool actor (a plain class so it can also run without Ray).
 
-    It hosts the sessions of a batch of parties: masking clients
-    (:class:`secagg.protocol.client.ClientSession`), or ckks clients and key holders
-    (:mod:`secagg.ckks.session`). A party's identity key is made here and never leaves.
+    It hosts the sessions of a batch of parties (:class:`secagg.protocol.pool.ClientPool`):
+    masking clients, or ckks clients and key holders (:mod:`secagg.ckks.session`). A
+    party's identity key is made here and never leaves. A party that raises any typed
+    error stops and is reported as gone, as a remote client would be.
     """
 
     def __init__(self, client_ids: Sequence[int], seed: int | None = None) -> None:
-        from secagg.keys import IdentityKey
         from secagg.rounds import PhaseTimes
 
-        self._ids = tuple(int(c) for c in client_ids)
-        self.seed = seed
-        self.identities = {c: IdentityKey.generate() for c in self._ids}
-        self.sessions: dict = {}
-        self.drop: dict[str, set[int]] = {}
+        super().__init__(client_ids, seed=seed, stops=(SecAggError,))
         self.times = PhaseTimes()
-
-    def client_ids(self) -> tuple[int, ...]:
-        return self._ids
 
     def peak_rss_kib(self) -> int:
         """Peak resident memory of this process (Linux /proc), for benchmarks."""
@@ -81,10 +70,7 @@ class _Pool:
         t = os.times()
         return t.user + t.system
 
-    def public_keys(self) -> dict[int, bytes]:
-        return {c: k.public_bytes for c, k in self.identities.items()}
-
-    def begin(
+    def begin(  # type: ignore[override]
         self,
         directory: Mapping[int, bytes],
         updates: Mapping[int, bytes] | None,
@@ -94,19 +80,8 @@ class _Pool:
         """New masking round: one session per hosted client in ``directory``. ``updates`` are
         float64 bytes by client; ``synthetic`` = (dim, base_seed, round, scale) makes them here
         instead. ``drop`` maps a stage to the clients that vanish there."""
-        from secagg.protocol.client import ClientSession
-        from secagg.protocol.simulate import rounding_seed
-
-        self.sessions = {}
-        self.drop = {s: set(ids) & set(self._ids) for s, ids in drop.items()}
-        for c in self._ids:
-            if c not in directory:  # a pool may host more clients than this round uses
-                continue
-            self.sessions[c] = ClientSession(
-                c, self.identities[c], directory, update=_update_of(c, updates, synthetic),
-                rounding_seed=None if self.seed is None else rounding_seed(self.seed, c),
-            )
-        return len(self.sessions)
+        rows = {c: _update_of(c, updates, synthetic) for c in self.client_ids() if c in directory}
+        return super().begin(directory, rows, drop)
 
     def begin_ckks(self, config, roster, updates: Mapping[int, bytes], fractions: Mapping[int, float]) -> int:
         """New ckks round (:class:`~secagg.ckks.roles.HeRoundConfig`, :class:`~secagg.ckks.session.Roster`):
@@ -115,7 +90,7 @@ class _Pool:
         from secagg.ckks.session import ClientSession, KeyHolderSession
 
         self.sessions, self.drop = {}, {}
-        for c in self._ids:
+        for c in self.client_ids():
             if c in roster.keyholders:
                 self.sessions[c] = KeyHolderSession(config, roster, c, self.identities[c], timer=self.times)
             elif c in updates:
@@ -128,30 +103,6 @@ class _Pool:
         seconds = dict(self.times.seconds)
         self.times.seconds.clear()
         return seconds
-
-    def step(self, stage: str, inbox: Mapping[int, bytes]) -> tuple[dict[int, bytes], dict[int, str], float]:
-        """Hand each hosted party its message; return replies, parties that stopped (with the
-        reason: a simulated dropout or an error the party raised) and CPU seconds."""
-        started = time.process_time()
-        out: dict[int, bytes] = {}
-        failed: dict[int, str] = {}
-        for c, data in inbox.items():
-            if c in self.drop.get(stage, ()):
-                self.sessions.pop(c, None)  # simulated dropout: the client vanishes here
-                failed[c] = f"dropped out at stage {stage!r} (simulated)"
-                continue
-            session = self.sessions.get(c)
-            if session is None:
-                continue
-            try:
-                reply = session.receive(data)
-            except SecAggError as exc:
-                failed[c] = f"{type(exc).__name__}: {exc}"
-                self.sessions.pop(c, None)
-                continue
-            if reply is not None:
-                out[c] = reply
-        return out, failed, time.process_time() - started
 
 
 def _update_of(c: int, updates: Mapping[int, bytes] | None, synthetic: tuple[int, int, int, float] | None) -> np.ndarray:
@@ -208,7 +159,7 @@ class RayLink:
     def replies(self, stage: StageView) -> Iterator[Reply]:
         from secagg.rounds import Reply
 
-        ray = _require_ray()
+        ray = require_ray()
         while self._pending:
             done, self._pending = ray.wait(self._pending, num_returns=1)
             replies, stopped, cpu = ray.get(done[0])
@@ -226,7 +177,7 @@ class RayLink:
 
 def _hosts(pools: list, ids: Sequence[int]) -> tuple[dict[int, bytes], dict[int, object]]:
     """Identity keys and hosting actor of every party in ``ids``."""
-    ray = _require_ray()
+    ray = require_ray()
     keys: dict[int, bytes] = {}
     owners: dict[int, object] = {}
     wanted = set(ids)
@@ -269,7 +220,7 @@ def run_ray_round(
     ``dim`` for synthetic updates generated inside the actors. ``dropouts`` maps a stage
     name to client ids that vanish at that stage. ``pools`` reuses actors across rounds.
     """
-    ray = _require_ray()
+    ray = require_ray()
     from secagg.keys import IdentityKey
     from secagg.protocol.common import SERVER_ID
     from secagg.protocol.mode import MaskingServerRound, plan_from_options
@@ -334,7 +285,7 @@ def run_ray_ckks_round(
     hosts its id, and the server runs in this process. ``pools`` (from :func:`make_pools`
     over ids ``0 .. n+key_holders-1``) reuses actors across rounds.
     """
-    ray = _require_ray()
+    ray = require_ray()
     from secagg.ckks.mode import CkksServerRound
     from secagg.ckks.session import Roster, ServerSession
     from secagg.ckks.simulate import ckks_result, plan_ckks
@@ -373,9 +324,7 @@ def run_ray_ckks_round(
 
 def make_pools(ids: Sequence[int], *, num_actors: int | None = None, seed: int | None = None) -> list:
     """Start the client-pool actors and split ``ids`` among them; return (actor, ids) pairs."""
-    ray = _require_ray()
-    if not ray.is_initialized():
-        raise ConfigError("Ray is not initialised; call start_ray() or ray.init() first")
+    ray = require_ray(initialized=True)
     k = num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
     k = min(k, len(ids))
     batches = [tuple(b) for b in np.array_split(np.asarray(ids), k) if len(b)]
@@ -385,15 +334,24 @@ def make_pools(ids: Sequence[int], *, num_actors: int | None = None, seed: int |
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start a new local Ray or join the cluster at ``address`` (see :mod:`.ray_cluster`); True if this call did."""
-    from federation.transport.ray_cluster import connect
-
     return connect(address, num_cpus)
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the ``with`` block: :func:`start_ray`, and a Ray this call started stops after it."""
+    started = start_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            require_ray().shutdown()
 
 
 def run_ray_rounds(
     *,
     n_clients: int,
-    mode: str,
+    protection: str,
     options: Mapping[str, object],
     rounds: int,
     threshold: int | None,
@@ -407,47 +365,35 @@ def run_ray_rounds(
     gRPC), ``scheme`` "ckks" or "bfv"; the key holder is one more party on an actor, and
     the round needs ``max(2, threshold)`` uploads.
     """
-    if mode not in ("masking", "ckks"):
-        raise ConfigError(f"the Ray backend runs the masking and ckks protocols; mode {mode!r} is not supported")
-    ray = _require_ray()
-    started = start_ray(address, num_cpus)
-    try:
-        dim = int(options.get("dim", 0))
-        if mode == "ckks":
-            yield from _ckks_rounds(n_clients, options, rounds, threshold)
-            return
-        pools = make_pools(tuple(range(1, n_clients + 1)), seed=seed)
-        for r in range(rounds):
-            res = run_ray_round(n_clients=n_clients, dim=dim, options=options, threshold=threshold,
-                                seed=seed, round_=r, pools=pools)
-            yield {
-                "round": r, "ok": True, "clients": n_clients, "included": len(res["outcome"].included),
-                "degree": res["degree"], "threshold": res["threshold"],
-                "seconds": round(res["round_seconds"], 3), "norm": float(np.linalg.norm(res["outcome"].total)),
-            }
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _ckks_rounds(n_clients: int, options: Mapping[str, object], rounds: int, threshold: int | None) -> Iterator[dict]:
+    if protection not in ("masking", "ckks"):
+        raise ConfigError(f"the Ray backend runs the masking and ckks protocols; protection {protection!r} "
+                          "is not supported")
     from federation.transport.config import synthetic_update
-    from secagg.ckks.mode import dim_and_bound
 
-    dim, bound = dim_and_bound(options)
+    ckks = protection == "ckks"
+    dim, bound = int(options.get("dim", 0)), None
+    if ckks:
+        from secagg.ckks.mode import dim_and_bound
+
+        dim, bound = dim_and_bound(options)
     base, scale = int(options.get("input_seed", 0)), float(options.get("input_scale", 1.0))
-    pools = make_pools(tuple(range(n_clients + 1)))  # clients 0..n-1 and the key holder n
-    for r in range(rounds):
-        # client c's synthetic update is the one `secagg join` client c would send (ids from 1)
-        x = np.stack([np.clip(synthetic_update(dim, base + c + 1, r, scale), -bound, bound) for c in range(n_clients)])
-        started = time.perf_counter()
-        res = run_ray_ckks_round(x, pools=pools, value_bound=bound, scheme=str(options.get("scheme", "ckks")),
-                                 min_clients=max(2, int(threshold or 2)))
-        yield {
-            "round": r, "ok": True, "clients": n_clients, "included": len(res.included),
-            "seconds": round(time.perf_counter() - started, 3), "norm": float(np.linalg.norm(res.total)),
-            "max_error": res.max_quantization_error,
-        }
+    with ray_session(address, num_cpus):
+        # masking: clients 1..n; ckks: clients 0..n-1 and the key holder n
+        pools = make_pools(tuple(range(n_clients + 1)) if ckks else tuple(range(1, n_clients + 1)), seed=seed)
+        for r in range(rounds):
+            started, figures = time.perf_counter(), {}
+            if ckks:  # client c's synthetic update is the one `secagg join` client c would send (ids from 1)
+                x = np.stack([np.clip(synthetic_update(dim, base + c + 1, r, scale), -bound, bound)
+                              for c in range(n_clients)])
+                out = run_ray_ckks_round(x, pools=pools, value_bound=bound, scheme=str(options.get("scheme", "ckks")),
+                                         min_clients=max(2, int(threshold or 2)))
+                figures["max_error"] = out.max_quantization_error
+            else:
+                res = run_ray_round(n_clients=n_clients, dim=dim, options=options, threshold=threshold,
+                                    seed=seed, round_=r, pools=pools)
+                out, figures = res["outcome"], {"degree": res["degree"], "threshold": res["threshold"]}
+            yield {"round": r, "ok": True, "clients": n_clients, "included": len(out.included), **figures,
+                   "seconds": round(time.perf_counter() - started, 3), "norm": float(np.linalg.norm(out.total))}
 
 
 # --------------------------------------------------------------------------- federation engine
@@ -461,15 +407,13 @@ class RayExecutor:
     """
 
     def __init__(self, *, num_cpus_per_task: float = 1.0) -> None:
-        ray = _require_ray()
-        if not ray.is_initialized():
-            raise ConfigError("Ray is not initialised; call start_ray() or ray.init() first")
+        ray = require_ray(initialized=True)
         from federation.engine import run_task
 
         self._run = ray.remote(num_cpus=num_cpus_per_task)(run_task)
 
     def run(self, tasks):
-        ray = _require_ray()
+        ray = require_ray()
         return ray.get([self._run.remote(t) for t in tasks])
 
 
@@ -517,8 +461,6 @@ class RayAggregator:
 
     def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
                   **protocol_options):
-        from secagg.result import AggregateResult
-
         matrix = np.asarray(vectors, dtype=np.float64)
         n = matrix.shape[0]
         if self.name == "ckks":
@@ -541,15 +483,8 @@ class RayAggregator:
             matrix, options=options, threshold=self.threshold, pools=self._pools_for(range(1, n + 1)),
             seed=self.seed, dropouts={s: [int(r) + 1 for r in rows] for s, rows in dropouts.items() if rows},
         )
-        outcome = res["outcome"]
-        timings = dict(res["server_timings"])
-        timings["client.cpu_total"] = res["client_cpu_seconds"]
-        return AggregateResult(
-            total=outcome.total,
-            included=tuple(c - 1 for c in outcome.included),
-            bytes_up_per_param=outcome.bytes_up_per_param,
-            timings=timings,
-            protocol="masking",
-            max_quantization_error=outcome.max_quantization_error,
-            dropped={s: tuple(c - 1 for c in ids) for s, ids in outcome.dropped.items()},
-        )
+        outcome = res["outcome"]  # client c is row c - 1
+        return replace(outcome, included=tuple(c - 1 for c in outcome.included),
+                       dropped={s: tuple(c - 1 for c in ids) for s, ids in outcome.dropped.items()},
+                       reasons={c - 1: why for c, why in outcome.reasons.items()},
+                       timings={**res["server_timings"], "client.cpu_total": res["client_cpu_seconds"]})

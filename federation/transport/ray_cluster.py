@@ -61,12 +61,20 @@ def init_kwargs(address: str | None, num_cpus: int | None, env: dict[str, str] |
     return {**kwargs, "address": address, "runtime_env": {"py_modules": [secagg, federation, privacy]}}
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start a local Ray or join the cluster at ``address``; True if this call started or joined it."""
+def require_ray(*, initialized: bool = False):
+    """The ``ray`` module (``initialized``: and Ray running), or a ConfigError saying what to do."""
     try:
         import ray
     except ImportError:
         raise ConfigError("the Ray backend needs Ray: pip install 'secagg[ray]'") from None
+    if initialized and not ray.is_initialized():
+        raise ConfigError("Ray is not initialised; call start_ray() or ray.init() first")
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start a local Ray or join the cluster at ``address``; True if this call started or joined it."""
+    ray = require_ray()
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

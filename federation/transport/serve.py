@@ -44,7 +44,7 @@ def serve(config_path: str | Path, *, backend: str = "grpc", host: str | None = 
         from federation.transport.ray_backend import run_ray_rounds
 
         for report in run_ray_rounds(
-            n_clients=clients or s.expected_clients, mode=s.mode, options=s.options, rounds=s.rounds,
+            n_clients=clients or s.expected_clients, protection=s.protection, options=s.options, rounds=s.rounds,
             threshold=s.threshold, address=ray_address, num_cpus=num_cpus, seed=seed,
         ):
             on_line(report)

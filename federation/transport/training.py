@@ -1,7 +1,8 @@
 """Federated training over gRPC: the federation engine with its clients on other hosts.
 
-:class:`GrpcFederation` is the in-process :class:`~federation.engine.Federation` with one
-step replaced: instead of training clients and aggregating in this process, a round
+:class:`GrpcFederation` is the in-process :class:`~federation.engine.Federation` with the
+round's two seams replaced (:class:`HostClients` trains, :class:`GrpcAggregation`
+aggregates): instead of training clients and aggregating in this process, a round
 broadcasts the global model to the connected clients, each client trains on its own data
 (:class:`TrainingClient`), encodes its update exactly as the engine does
 (``[w * clip(delta), w]``, or ``clip(delta)`` for user-level DP) and hands it to the
@@ -22,23 +23,33 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import threading
-import time
-from functools import partial
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from federation.config import ExperimentConfig
-from federation.engine import Federation, RoundResult
+from federation.engine import (
+    Aggregated,
+    Cohort,
+    Federation,
+    Release,
+    Trained,
+    batch_seed,
+    builtin_setup,
+    encode_row,
+    local_training,
+    weighted,
+)
 from federation.transport.certs import Credentials
 from federation.transport.grpc_server import AggregationServer, ServerSettings
 from secagg import wire
 from secagg.errors import ConfigError, ReplayError
-from secagg.result import AggregateResult
 
-MODES = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
-         "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
+# the experiment's protection -> the server's protection and its options over gRPC
+GRPC_PROTECTIONS = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
+                    "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
 
 
 @wire.message
@@ -52,33 +63,74 @@ class TrainingBroadcast(wire.Message):
     weight_ref: int  # public normaliser of sample weights: w_k = n_k / weight_ref
 
 
-def _weighted(config: ExperimentConfig) -> bool:
-    return config.dp not in ("user", "user-distributed")
-
-
 def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_params: int) -> None:
-    """Set the server's mode and options from the experiment (dimension, clip, bits)."""
+    """Set the server's protection and options from the experiment (dimension, clip, bits)."""
     if config.dp == "user-distributed":
         raise ConfigError("dp = 'user-distributed' is not supported over gRPC yet; use 'dpsgd' or 'user'")
     if config.update_clip <= 0:
         raise ConfigError("training over gRPC needs update_clip > 0: the protocol's range is agreed before training")
     try:
-        mode, extra = MODES[config.protection]
+        protection, extra = GRPC_PROTECTIONS[config.protection]
     except KeyError:
-        raise ConfigError(f"protection {config.protection!r} has no gRPC mode") from None
-    weighted = _weighted(config)
-    settings.mode = mode
+        raise ConfigError(f"protection {config.protection!r} does not run over gRPC") from None
+    weighted_rows = weighted(config)
+    settings.protection = protection
     settings.options = {
         **settings.options, **extra,
-        "dim": num_params + int(weighted),
-        "clip": math.sqrt(config.update_clip**2 + 1.0) if weighted else config.update_clip,
+        "dim": num_params + int(weighted_rows),
+        "clip": math.sqrt(config.update_clip**2 + 1.0) if weighted_rows else config.update_clip,
         "bits": config.bits,
     }
     settings.rounds = config.rounds
 
 
+class HostClients:
+    """:class:`~federation.engine.RoundExecutor` whose clients train on their own hosts: every
+    connected client takes part (the ledger reserves ``expected_clients``) and trains from the
+    broadcast global model inside the protocol round."""
+
+    def __init__(self, expected_clients: int) -> None:
+        self.expected_clients = expected_clients
+
+    def cohort(self, fed: Federation, rnd: int) -> Cohort:
+        return Cohort([], {}, self.expected_clients)
+
+    def train(self, fed: Federation, rnd: int, cohort: Cohort) -> Trained:
+        return Trained(broadcast=wire.encode(TrainingBroadcast(
+            round=rnd, fingerprint=fed.config.fingerprint(),
+            params=np.asarray(fed.params, dtype="<f4").tobytes(), weight_ref=max(fed.sizes),
+        )))
+
+
+class GrpcAggregation:
+    """:class:`~federation.engine.RoundAggregator` of an :class:`AggregationServer`: one
+    :meth:`~AggregationServer.run_one_round` per round, whose ``release`` commits the ledger
+    before any participant receives the sum."""
+
+    def __init__(self, server: AggregationServer, call: Callable) -> None:
+        self.server, self._call, self._first = server, call, True
+
+    def aggregate(self, fed: Federation, rnd: int, cohort: Cohort, trained: Trained,
+                  release: Release) -> Aggregated:
+        shared: list[np.ndarray] = []
+
+        def release_once(outcome) -> np.ndarray:
+            shared.append(release(outcome))
+            return shared[0]
+
+        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=trained.broadcast,
+                                                      release=release_once))
+        self._first = False
+        if not report.ok or report.outcome is None:
+            return Aggregated(list(report.participants), {}, aborted=report.reason)
+        outcome = replace(report.outcome, total=shared[0])
+        # stage -> clients that stopped answering there, as the in-process engine records it
+        return Aggregated(list(report.participants), {s: list(ids) for s, ids in outcome.dropped.items()}, outcome)
+
+
 class GrpcFederation(Federation):
-    """The federation engine whose clients train and protect their updates on their own hosts.
+    """The federation engine whose clients train and protect their updates on their own hosts
+    (:class:`HostClients` and :class:`GrpcAggregation`; the round itself is the engine's).
 
     Every connected client takes part in every round, so no amplification by client sampling
     is claimed: the ledger records q = 1 whatever the experiment's ``sampling_rate``.
@@ -96,7 +148,8 @@ class GrpcFederation(Federation):
         self._aio_thread.start()
         self.server = AggregationServer(settings, credentials)
         self.port = self._call(self.server.start())
-        self._first = True
+        self.round_executor = HostClients(settings.expected_clients)
+        self.round_aggregator = GrpcAggregation(self.server, self._call)
         if ready is not None:
             ready(self.port)
 
@@ -111,51 +164,6 @@ class GrpcFederation(Federation):
             self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
             self._aio_thread.join(timeout=10)
 
-    def run_round(self, rnd: int, ledger) -> RoundResult:
-        start = time.perf_counter()
-        entry, epsilon = self.reserve_budget(ledger, rnd, self.settings.expected_clients)
-        broadcast = wire.encode(TrainingBroadcast(
-            round=rnd, fingerprint=self.config.fingerprint(),
-            params=np.asarray(self.params, dtype="<f4").tobytes(), weight_ref=max(self.sizes),
-        ))
-        released: list[np.ndarray] = []
-
-        def release(outcome) -> np.ndarray:
-            # Commit first: no participant receives the result of an uncommitted release. What is
-            # shared is what the model uses (with the central noise of user-level DP).
-            self.commit_release(ledger, entry, len(outcome.included))
-            released.append(self.release_total(np.asarray(outcome.total, dtype=np.float64)))
-            return released[0]
-
-        report = self._call(self.server.run_one_round(rnd, first=self._first, broadcast=broadcast,
-                                                      release=release))
-        self._first = False
-        aborted = None if report.ok else report.reason
-        outcome = report.outcome if report.ok else None
-        included: list[int] = []
-        if outcome is not None and released:
-            included = list(outcome.included)
-            result = AggregateResult(total=released[0], included=tuple(included),
-                                     bytes_up_per_param=outcome.bytes_up_per_param, protocol=self.settings.mode,
-                                     max_quantization_error=outcome.max_quantization_error)
-            if not self.apply_aggregate(result, noised=True):
-                aborted = "no client's update counted"
-        accuracy = loss = None
-        if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
-            accuracy, loss = self.evaluate()
-        per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
-        row = RoundResult(
-            round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=round(per_param * int(self.settings.options["dim"]) * len(included)),
-            sampled=list(report.participants), included=included,
-            # stage -> clients that stopped answering there, as the in-process engine records it
-            dropped={s: list(ids) for s, ids in outcome.dropped.items()} if outcome is not None else {},
-            train_loss=None, seconds=time.perf_counter() - start, aborted=aborted,
-            max_quantization_error=outcome.max_quantization_error if outcome is not None else 0.0,
-        )
-        self.close_reservation(ledger, entry, row)
-        return row
-
 
 class TrainingClient:
     """A client's local training for :class:`GrpcFederation` rounds.
@@ -169,21 +177,10 @@ class TrainingClient:
     """
 
     def __init__(self, config: ExperimentConfig, client_index: int, *, x=None, y=None) -> None:
-        from federation.data import load_dataset, partition
-        from federation.models import build_model
-        from federation.training import LocalTraining
-
         self.config = config
         self.client_index = client_index
-        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        parts = partition(dataset, num_clients=config.num_clients, scheme=config.partition,
-                          alpha=config.alpha, seed=config.seed)
-        self.local = LocalTraining(
-            epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-            momentum=config.momentum, proximal_mu=config.proximal_mu, dp_sgd=config.dp == "dpsgd",
-            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            secure_noise=not config.deterministic,
-        )
+        dataset, parts, self.build = builtin_setup(config)
+        self.local = local_training(config)
         if x is None:
             if not 0 <= client_index < len(parts):
                 raise ConfigError(f"client index {client_index} is outside the experiment's {len(parts)} clients")
@@ -191,8 +188,6 @@ class TrainingClient:
         else:
             _check_private_data(x, y, dataset, [len(p) for p in parts], self.local)
         self.x, self.y = x, y
-        self.build = partial(build_model, config.model, dataset.input_shape, dataset.num_classes,
-                             hidden=config.hidden)
 
     def update(self, round_: int, broadcast: bytes) -> np.ndarray:
         """Train from the broadcast global model; return the row this client protects."""
@@ -206,22 +201,11 @@ class TrainingClient:
                               "use the same experiment TOML on both sides")
         params = np.frombuffer(b.params, dtype="<f4").copy()
         c = self.config
-        if c.deterministic:  # the engine's derivation, for reproducible tests
-            seed = int(np.random.SeedSequence([c.seed, round_, 3, self.client_index]).generate_state(1)[0])
-        else:
-            seed = secrets.randbits(62)
+        seed = batch_seed(c, round_, self.client_index, secret=True)  # the engine's, reproducible only in tests
         upd = train_client(self.build, params, self.x, self.y, self.local, client=self.client_index, seed=seed)
-        # As Federation.encode_updates: clip, then weight by n_k / weight_ref (public).
-        delta = upd.delta.astype(np.float64)
-        norm = float(np.linalg.norm(delta))
-        if norm > c.update_clip:
-            delta = delta * (c.update_clip / norm)
-        if not _weighted(c):
-            return delta
-        # A site with more records than the largest partition counts as that many: the row's
-        # norm must stay within the bound the protocol's range was agreed for.
-        w = min(1.0, upd.num_samples / b.weight_ref)
-        return np.append(w * delta, w)
+        # The engine's encoding; a site with more records than the largest partition counts as
+        # that many, so the row stays within the bound the protocol's range was agreed for.
+        return encode_row(upd, clip=c.update_clip, weight_ref=b.weight_ref, weighted=weighted(c))
 
 
 def _check_private_data(x: np.ndarray, y: np.ndarray, dataset, sizes: list[int], local) -> None:

@@ -68,7 +68,8 @@ class CkksServerRound:
 
     def outcome(self) -> RoundOutcome:
         out = self.session.outcome()
-        return RoundOutcome(total=out.total, included=out.included, max_quantization_error=float(out.error_bound))
+        return RoundOutcome(total=out.total, included=out.included, max_quantization_error=float(out.error_bound),
+                            protection="ckks")
 
 
 class CkksClientRound:

@@ -28,7 +28,7 @@ from secagg.ckks.session import (
 )
 from secagg.errors import ConfigError, InputError
 from secagg.keys import IdentityKey
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 from secagg.rounds import InMemoryLink, PhaseTimes, Timer, drive
 
 # A client listed under any of these stages never uploads and is left out of the sum.
@@ -52,7 +52,7 @@ def aggregate_ckks(
     key_holders: int = 1,
     keyholders: Sequence[IdentityKey] | None = None,
     **unsupported,
-) -> AggregateResult:
+) -> RoundOutcome:
     """Sum the rows of ``updates`` under homomorphic encryption; see :func:`secagg.aggregate`.
 
     ``scheme`` picks the default parameters of "ckks" (poly 8192, [60, 40], scale 2^40) or
@@ -138,8 +138,8 @@ def plan_ckks(
     return CkksPlan(round, x, dropped, frozenset(skip), fractions, weights)
 
 
-def ckks_result(plan: CkksPlan, server: ServerSession, out: Outcome, times: PhaseTimes) -> AggregateResult:
-    """The :class:`AggregateResult` of a finished round; ``times`` holds every party's phases."""
+def ckks_result(plan: CkksPlan, server: ServerSession, out: Outcome, times: PhaseTimes) -> RoundOutcome:
+    """The :class:`RoundOutcome` of a finished round; ``times`` holds every party's phases."""
     round, params = plan.round, plan.round.params
     n, d = plan.x.shape
     total, error, weight_sum = out.total, out.error_bound, out.weight_sum
@@ -161,12 +161,12 @@ def ckks_result(plan: CkksPlan, server: ServerSession, out: Outcome, times: Phas
         total, error = total * w_total, error * w_total
         # the included clients' weight sum, as decrypted from the weight slots
         extra["weight_sum"] = float(weight_sum) * w_total
-    return AggregateResult(
+    return RoundOutcome(
         total=total,
         included=out.included,
         bytes_up_per_param=upload_bytes / d,
         timings=timings,
-        protocol="ckks",
+        protection="ckks",
         max_quantization_error=float(error),
         dropped=plan.dropped,
         parameters={

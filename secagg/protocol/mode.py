@@ -128,7 +128,8 @@ class MaskingServerRound:
     def outcome(self) -> RoundOutcome:
         included = self.session.included
         error = codec_of(self.session.config).sum_error_bound(len(included))
-        return RoundOutcome(total=self.session.result, included=included, max_quantization_error=error)
+        return RoundOutcome(total=self.session.result, included=included, max_quantization_error=error,
+                            protection="masking")
 
 
 class MaskingClientRound:

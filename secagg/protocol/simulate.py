@@ -4,7 +4,9 @@ The round runs through the one driver, :func:`secagg.rounds.drive`, over an
 :class:`~secagg.rounds.InMemoryLink`: sealed bytes pass between one :class:`ServerSession`
 and n :class:`ClientSession` objects, and the clients the caller asks to drop vanish at
 the stage the caller names. What the server learns here is exactly what a deployed server
-would learn.
+would learn. :class:`ProcessRound` runs the same round with the clients spread over worker
+processes (``aggregate(..., processes=2)``), for rounds whose clients' key agreements need
+more than one core; its sum is bit-identical.
 """
 
 from __future__ import annotations
@@ -16,17 +18,51 @@ import numpy as np
 
 from secagg.encoding import FixedPointCodec
 from secagg.errors import ConfigError, InputError
-from secagg.keys import IdentityKey, derive
+from secagg.keys import IdentityKey
 from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID, STAGE_NAMES
 from secagg.protocol.mode import MaskingServerRound
 from secagg.protocol.plan import ClientPolicy, plan_round
+from secagg.protocol.pool import ProcessLink, rounding_seed
 from secagg.protocol.server import ServerSession
-from secagg.result import AggregateResult
 from secagg.rounds import InMemoryLink, PhaseTimes, RoundOutcome, drive
 
 
-class InMemoryRound:
+class _SimulatedRound:
+    """What the simulated rounds share: the plan, the server, and the timings they report.
+
+    ``client_seconds`` / ``client_total_seconds``: each stage's client work, as a mean per
+    answering client and summed over them; ``server_receive_seconds``: the server's time to
+    take in each stage's messages (signature check, decoding and, for masked inputs, adding
+    to the sum), summed over clients.
+    """
+
+    def _setup(self, n: int, dim: int, codec: FixedPointCodec, client_keys: Mapping[int, bytes], *, graph: str,
+               threshold: int | None, degree: int | None, dropout_hint: float, policy: ClientPolicy | None,
+               workers: int) -> None:
+        self.client_ids = tuple(range(1, n + 1))
+        self.server_identity = IdentityKey.generate()
+        self.identities = {SERVER_ID: self.server_identity.public_bytes}
+        self.identities.update({c: client_keys[c] for c in self.client_ids})
+        self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
+                                 dropout=dropout_hint, degree=degree, policy=policy)
+        if self.config.threshold > n:
+            raise ConfigError(f"threshold {self.config.threshold} exceeds the number of clients {n}")
+        self.server = ServerSession(self.config, self.server_identity, self.identities, workers=workers)
+        self.client_seconds: dict[str, float] = {}
+        self.client_total_seconds: dict[str, float] = {}
+        self.server_receive_seconds: dict[str, float] = {}
+        self.gone: set[int] = set()
+
+    def _record(self, answered: Mapping[str, int], client_seconds: Mapping[str, float], server: PhaseTimes) -> None:
+        for stage, count in answered.items():
+            if count:
+                self.client_total_seconds[stage] = client_seconds.get(stage, 0.0)
+                self.client_seconds[stage] = client_seconds.get(stage, 0.0) / count
+                self.server_receive_seconds[stage] = server[f"server.receive.{stage}"]
+
+
+class InMemoryRound(_SimulatedRound):
     """One server and its clients joined by an in-memory link (a test and simulation harness)."""
 
     def __init__(self, updates: np.ndarray, codec: FixedPointCodec, *, graph: str = "complete",
@@ -37,14 +73,9 @@ class InMemoryRound:
         """``policy`` is every client's (the library default when None); the plan follows it.
         ``workers``: threads each party may use to expand masks (results are bit-identical)."""
         n, dim = updates.shape
-        self.client_ids = tuple(range(1, n + 1))
-        self.server_identity = IdentityKey.generate()
-        client_identities = {c: IdentityKey.generate() for c in self.client_ids}
-        self.identities = {SERVER_ID: self.server_identity.public_bytes}
-        self.identities.update({c: k.public_bytes for c, k in client_identities.items()})
-        self.config = plan_round(self.client_ids, dim, codec, graph=graph, threshold=threshold,
-                                 dropout=dropout_hint, degree=degree, policy=policy)
-        self.server = ServerSession(self.config, self.server_identity, self.identities, workers=workers)
+        client_identities = {c: IdentityKey.generate() for c in range(1, n + 1)}
+        self._setup(n, dim, codec, {c: k.public_bytes for c, k in client_identities.items()}, graph=graph,
+                    threshold=threshold, degree=degree, dropout_hint=dropout_hint, policy=policy, workers=workers)
         self.clients = {
             c: ClientSession(
                 c, client_identities[c], self.identities, update=updates[c - 1],
@@ -54,29 +85,54 @@ class InMemoryRound:
             )
             for c in self.client_ids
         }
-        # Timed through the driver's public hooks (secagg.rounds.PhaseTimes): each stage's client
-        # work, as a mean per answering client and summed over them.
-        self.client_seconds: dict[str, float] = {}
-        self.client_total_seconds: dict[str, float] = {}
-        # The server's time to take in each stage's messages (signature check, decoding and,
-        # for masked inputs, adding to the sum), summed over clients.
-        self.server_receive_seconds: dict[str, float] = {}
-        self.gone: set[int] = set()
 
     def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> RoundOutcome:
         """Drive every stage through :func:`secagg.rounds.drive`; ``dropouts`` maps stage -> client
-        ids that vanish at that stage."""
+        ids that vanish at that stage. Client times are each party's wall time, summed."""
         clients, server = PhaseTimes(), PhaseTimes()
         # receive_view: a masked input reaches the server as a view of the buffer it was sealed in
         parties = {c: SimpleNamespace(receive=s.receive_view) for c, s in self.clients.items()}
         link = InMemoryLink(parties, vanish=dropouts, timer=clients)
         outcome = drive(MaskingServerRound(self.server), link, timer=server)
         self.gone |= link.gone
-        for stage, answered in link.answered.items():
-            if answered:
-                self.client_total_seconds[stage] = clients[f"client.{stage}"]
-                self.client_seconds[stage] = clients[f"client.{stage}"] / answered
-                self.server_receive_seconds[stage] = server[f"server.receive.{stage}"]
+        self._record(link.answered, {stage: clients[f"client.{stage}"] for stage in link.answered}, server)
+        return outcome
+
+
+class ProcessRound(_SimulatedRound):
+    """:class:`InMemoryRound` with the clients spread over ``processes`` worker processes.
+
+    The server runs here; each worker hosts a slice of the clients (their identity keys are
+    made there) and only sealed wire bytes pass between them (:class:`~secagg.protocol.pool.ProcessLink`).
+    With the same ``seed`` the released sum is bit-identical to :class:`InMemoryRound`'s.
+    The workers start here (a second or so each, not part of a round's time) and stop when
+    :meth:`run` returns; client times are the workers' CPU seconds per stage. Clients use the
+    library's default :class:`ClientPolicy` and add no distributed-DP noise (a callback
+    would have to be sent to the workers).
+    """
+
+    def __init__(self, updates: np.ndarray, codec: FixedPointCodec, *, graph: str = "complete",
+                 threshold: int | None = None, degree: int | None = None, dropout_hint: float = 0.1,
+                 seed: int | None = None, workers: int = 1, processes: int = 2) -> None:
+        n, dim = updates.shape
+        self._updates, self._workers = updates, workers
+        self._link = ProcessLink(range(1, n + 1), processes=processes, seed=seed)
+        keys = self._link.start()
+        try:
+            self._setup(n, dim, codec, keys, graph=graph, threshold=threshold, degree=degree,
+                        dropout_hint=dropout_hint, policy=None, workers=workers)
+        except BaseException:
+            self._link.close()
+            raise
+
+    def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> RoundOutcome:
+        """As :meth:`InMemoryRound.run`; the workers stop when it returns."""
+        server = PhaseTimes()
+        with self._link:
+            self._link.begin(self.identities, self._updates, dropouts or {}, workers=self._workers)
+            outcome = drive(MaskingServerRound(self.server), self._link, timer=server)
+        self.gone |= self._link.gone
+        self._record(self._link.answered, self._link.cpu_seconds, server)
         return outcome
 
 
@@ -95,7 +151,8 @@ def aggregate_masking(
     degree: int | None = None,
     client_noise: Callable[[int, int, float], np.ndarray] | None = None,
     noise_headroom: float = 0.0,
-) -> AggregateResult:
+    processes: int = 1,
+) -> RoundOutcome:
     """Secure sum by pairwise masking; see :func:`secagg.aggregate` for the arguments.
 
     ``clip=None`` is a simulation convenience: no clipping, and the fixed-point range is
@@ -106,7 +163,18 @@ def aggregate_masking(
     noise in integer units (see ``privacy.distributed``); ``noise_headroom`` is the
     per-coordinate range (in update units) the encoding reserves for it, e.g. ten noise
     standard deviations, so the noisy sum cannot wrap around.
+
+    ``processes`` > 1 spreads the simulated clients over that many worker processes
+    (:class:`ProcessRound`; the server stays in this one): the same sum, bit for bit, in
+    less wall time when a round's key agreements are its bulk (hundreds of clients). It
+    starts processes ("spawn"), so a script that calls it needs an ``if __name__ ==
+    "__main__":`` guard, and it cannot run a ``client_noise`` callback.
     """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(f"processes must be a whole number >= 1, got {processes!r}")
+    if processes > 1 and client_noise is not None:
+        raise ConfigError("processes > 1 cannot run a client_noise callback in the worker processes; "
+                          "use processes=1 for distributed DP noise")
     matrix = _check_updates(updates)
     n, dim = matrix.shape
     if weights is not None:
@@ -121,11 +189,13 @@ def aggregate_masking(
         codec = _codec(clip, n, bits, clip_mode, scale, noise_headroom)
     rows_by_stage = _check_dropouts(dropouts, n)
     total_dropped = len(set().union(*rows_by_stage.values())) if rows_by_stage else 0
-    session = InMemoryRound(matrix, codec, graph=graph, threshold=threshold, degree=degree,
-                            dropout_hint=min(max(total_dropped / n, 0.0), 0.5), seed=seed,
-                            client_noise=client_noise)
-    if session.config.threshold > n:
-        raise ConfigError(f"threshold {session.config.threshold} exceeds the number of clients {n}")
+    hint = min(max(total_dropped / n, 0.0), 0.5)
+    if processes > 1:
+        session: _SimulatedRound = ProcessRound(matrix, codec, graph=graph, threshold=threshold, degree=degree,
+                                                dropout_hint=hint, seed=seed, processes=processes)
+    else:
+        session = InMemoryRound(matrix, codec, graph=graph, threshold=threshold, degree=degree, dropout_hint=hint,
+                                seed=seed, client_noise=client_noise)
     outcome = session.run({stage: [r + 1 for r in rows] for stage, rows in rows_by_stage.items()})
     server = session.server
     included = tuple(c - 1 for c in outcome.included)
@@ -134,12 +204,12 @@ def aggregate_masking(
         timings[f"client.{stage}"] = seconds
     for stage, seconds in session.server_receive_seconds.items():
         timings[f"server.receive.{stage}"] = seconds
-    return AggregateResult(
+    return RoundOutcome(
         total=outcome.total,
         included=included,
         bytes_up_per_param=outcome.bytes_up_per_param,
         timings=timings,
-        protocol="masking",
+        protection="masking",
         max_quantization_error=outcome.max_quantization_error,
         dropped={stage: tuple(c - 1 for c in ids) for stage, ids in outcome.dropped.items()},
         parameters={
@@ -197,9 +267,3 @@ def _check_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dic
         seen |= set(rows)
         out[stage] = rows
     return out
-
-
-def rounding_seed(seed: int, client: int) -> bytes:
-    """Client ``client``'s stochastic-rounding seed from a simulation's public ``seed`` (tests and
-    benchmarks only): every link that simulates clients derives it here, so their sums agree."""
-    return derive(seed.to_bytes(16, "big", signed=True), label=b"secagg/v1/test-rounding", context=client.to_bytes(8, "big"))
