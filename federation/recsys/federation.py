@@ -37,7 +37,7 @@ from federation.recsys.metrics import EMPTY, Ranking, mf_scorer, rank_customers
 from federation.recsys.model import LocalSteps, TableShape, init_users, train_customers
 from federation.training import ClientUpdate
 from secagg.errors import ConfigError
-from secagg.result import AggregateResult
+from secagg.rounds import RoundOutcome
 
 L2 = 1e-3  # weight decay of the customer embeddings
 
@@ -126,6 +126,10 @@ class ShopsFederation(Federation):
             return "customer-level: one customer and all their purchases (DP-SGD in every shop)"
         return "shop-level: one shop and all its customers (DP-FedAvg)"
 
+    @property
+    def upload_width(self) -> int:
+        return super().upload_width + (self.data.num_items if self.weighted else 0)
+
     def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
         """The engine's rows ``[w_k * delta_k, w_k]``, followed in the weighted modes by
         ``w_k * c_k``: shop k's catalogue as 0/1 per item, times its FedAvg weight.
@@ -145,7 +149,7 @@ class ShopsFederation(Federation):
         widest = int(self.data.catalogues.sum(axis=1).max())  # w_k <= 1: the indicators' norm is at most this root
         return np.hstack([rows, carries]), None if bound is None else float(np.sqrt(bound**2 + widest))
 
-    def apply_aggregate(self, result: AggregateResult, *, noised: bool = False) -> bool:
+    def apply_aggregate(self, result: RoundOutcome, *, noised: bool = False) -> bool:
         """Per-item FedAvg: every row of the item table moves by the weighted mean update of the
         shops that **sell** that item, not of all shops -- plain FedAvg would dilute an item's update
         by the shops that cannot touch it (their rows are exact zeros), so items sold by a few shops
