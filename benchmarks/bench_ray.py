@@ -7,7 +7,9 @@ and, with --compare-in-process, the in-process engine on the same updates and se
 totals must be identical). CPU seconds are reported beside wall seconds (the driver's and
 every actor process's, Ray's own work included; the in-process round's): on a shared
 machine the wall time follows the load, the CPU time much less, and Ray CPU / in-process
-CPU is what the Ray link costs. Writes benchmarks/results/ray_sparse.json.
+CPU is what the Ray link costs. The round's compute floor (its key agreements and mask keystream, priced at
+their CPU cost measured in the same run, as in bench_scale.py) is reported beside it.
+Writes benchmarks/results/ray_sparse.json.
 
     python benchmarks/bench_ray.py --clients 1000 --dim 10000 --num-cpus 2 --compare-in-process
 """
@@ -45,6 +47,7 @@ def main() -> None:
 
     import secagg
     from federation.transport.ray_backend import _peak_rss_kib, make_pools, run_ray_round, start_ray
+    from secagg.bench.timing import agreement_seconds, keystream_rate, round_floor
 
     n, d = args.clients, args.dim
     rng = np.random.default_rng(args.seed)
@@ -54,6 +57,8 @@ def main() -> None:
     plain = updates[[i for i in range(n) if i not in set(dropped_rows)]].astype(np.float32).sum(axis=0)
     plain_s = time.perf_counter() - t
 
+    per_agreement_cpu = agreement_seconds(count=2000, clock=time.process_time)
+    rate_cpu = keystream_rate(clock=time.process_time)
     t = time.perf_counter()
     start_ray(num_cpus=args.num_cpus)
     ray_start_s = time.perf_counter() - t
@@ -81,6 +86,12 @@ def main() -> None:
         line["ray_cpu_seconds"] = round(driver_cpu + sum(actor_cpu), 2)
         line["load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         line["included"] = len(res["outcome"].included)
+        agreements, keystream = round_floor(res["graph"], range(1, n + 1), [i + 1 for i in dropped_rows],
+                                            res["outcome"].included, d)
+        floor_cpu = agreements * per_agreement_cpu + keystream / rate_cpu
+        line["floor"] = {"agreements": agreements, "mask_keystream_bytes": keystream,
+                         "cpu_s": round(floor_cpu, 2), "wall_s_on_2_free_cores": round(floor_cpu / 2, 2)}
+        line["ray_cpu_over_floor"] = round(line["ray_cpu_seconds"] / floor_cpu, 2)
         line["server_timings"] = {k: round(v, 3) for k, v in res["server_timings"].items()}
         rounds.append(line)
     actor_peaks = ray.get([p.peak_rss_kib.remote() for p, _ in pools])
@@ -93,6 +104,8 @@ def main() -> None:
                     "platform": platform.platform()},
         "clients": n, "dim": d, "actors": len(pools), "dropped_before_upload": len(dropped_rows),
         "ray_start_seconds": round(ray_start_s, 2), "actor_start_seconds": round(actors_s, 2),
+        "agreement_cpu_s (X25519 + HKDF, warm median)": per_agreement_cpu,
+        "aes256_ctr_bytes_per_cpu_s": rate_cpu,
         "rounds": rounds,
         "max_abs_error_vs_float_sum": float(np.max(np.abs(total - plain.astype(np.float64)))),
         "baseline_plain_float32_sum_seconds": round(plain_s, 5),
@@ -110,6 +123,7 @@ def main() -> None:
         report["in_process_load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         report["identical_to_in_process"] = bool(np.array_equal(ref.total, total))
         last = rounds[-1]
+        report["in_process_cpu_over_floor"] = round(report["in_process_cpu_seconds"] / last["floor"]["cpu_s"], 2)
         report["ray_over_in_process"] = {
             "wall": round(last["round_seconds"] / report["in_process_round_seconds"], 3),
             "cpu": round(last["ray_cpu_seconds"] / report["in_process_cpu_seconds"], 3),

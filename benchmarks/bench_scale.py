@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from secagg.bench.timing import agreement_seconds, keystream_rate, warm_median
+from secagg.bench.timing import agreement_seconds, keystream_rate, round_floor, warm_median
 from secagg.encoding import FixedPointCodec
 from secagg.protocol.common import Stage
 from secagg.protocol.simulate import InMemoryRound, ProcessRound
@@ -70,12 +70,8 @@ def run(clients: int, dim: int, graph: str, dropout: float, profile: bool, worke
     masks = len(survivors) + sum(len(g.neighbours(o) & survivors) for o in lost)
     server_keystream = masks * dim * 4
     unmask_s = server.timings.get("server.unmask", 0.0)
-    # the clients' agreements: one share key per neighbour, and one mask seed per neighbour for
-    # those that reached the masked-input stage (every client here shares; the dropped ones vanish there)
-    share_keys = sum(len(g.neighbours(c)) - 1 for c in session.client_ids)
-    mask_seeds = sum(len(g.neighbours(c)) - 1 for c in session.client_ids if c not in lost)
-    agreements = share_keys + mask_seeds + masks - len(survivors)
-    keystream = (mask_seeds + clients - len(lost)) * dim * 4 + server_keystream  # every mask of the round
+    # every client here shares; the dropped ones vanish at the masked-input stage
+    agreements, keystream = round_floor(g, session.client_ids, lost, survivors, dim)
     floor_cpu = agreements * per_agreement_cpu + keystream / rate_cpu
     row = {
         "clients": clients, "dim": dim, "graph": "complete" if g.complete else "sparse",

@@ -560,11 +560,9 @@ class Federation:
         return add_gaussian_noise(total, noise_multiplier=c.noise_multiplier, clip_norm=c.update_clip,
                                   rng=self._noise_rng)
 
-    def apply_aggregate(self, result: RoundOutcome, *, noised: bool = False) -> bool:
-        """Decode the mean update from the sum and take the server step. False if nothing counted.
-
-        ``noised``: ``result.total`` already went through :meth:`release_total`.
-        """
+    def apply_aggregate(self, result: RoundOutcome) -> bool:
+        """Decode the mean update from the released sum (after :meth:`release_total`) and take
+        the server step. False if nothing counted."""
         c = self.config
         d = len(self.params)
         total = np.asarray(result.total, dtype=np.float64)
@@ -574,8 +572,6 @@ class Federation:
                 return False
             mean = total[:d] / weight
         else:
-            if not noised:
-                total = self.release_total(total)
             mean = total / max(c.expected_clients_per_round, 1.0)
         self.params = self.strategy.apply(self.params, mean.astype(np.float32)).astype(np.float32)
         return True
@@ -618,7 +614,7 @@ class Federation:
 
         done = self.round_aggregator.aggregate(self, rnd, cohort, trained, release)
         outcome, aborted = done.outcome, done.aborted
-        if outcome is not None and not self.apply_aggregate(outcome, noised=True):
+        if outcome is not None and not self.apply_aggregate(outcome):
             aborted = "no client's update counted"
         accuracy = loss = None
         metrics: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -279,7 +280,8 @@ def test_central_user_level_noise_is_added_to_the_sum(tmp_path):
     noise = []
     for _ in range(3):  # three fresh OS-drawn noise vectors on the same sum (FedAvg keeps no state)
         fed.params = before.copy()
-        fed.apply_aggregate(result)
+        # the round's release adds the central noise (Federation.run_round), then the update applies it
+        fed.apply_aggregate(replace(result, total=fed.release_total(result.total)))
         noise.append((fed.params - before) - vectors.sum(axis=0) / 12)
     # 3 x 650 draws: the sample std is within 15 % except with probability 2e-20 (chi-square), a
     # false-failure rate below 1e-9

@@ -221,6 +221,10 @@ def test_masking_bench_counts_the_keystream_each_side_needs_and_the_upload_check
     rate = row["aes256_ctr_bytes_per_s"]
     server_masks = round(row["server_unmask_keystream_limit_s"] * rate / (4 * d))
     client_masks = row["client_mask_keystream_limit_s"] * rate / (4 * d)
+    # The CPU view prices the same keystream at the keystream's CPU rate, measured in the same run.
+    cpu_limit = row["client_mask_cpu_s"] / row["client_mask_cpu_over_keystream_limit"]
+    assert cpu_limit * row["aes256_ctr_bytes_per_cpu_s"] / (4 * d) == pytest.approx(client_masks)
+    assert row["client_mask_cpu_s"] > 0
     if row["graph"] == "complete":  # a self mask per survivor, a pairwise mask per (lost, survivor)
         assert server_masks == kept + lost * kept
         assert round(client_masks) == n + 2  # self mask, n - 1 pairwise, 2 rounding words

@@ -112,3 +112,28 @@ def test_vectorised_lagrange_weights_equal_the_textbook_formula(t):
     rng = np.random.default_rng(t)  # public points, test data
     holders = tuple(sorted(set(rng.integers(1, shamir.PRIME, t).tolist()) | {shamir.PRIME - 1}))[-t:]
     assert shamir.lagrange_at_zero(holders) == shamir.lagrange_at(holders, 0)
+
+
+def test_batched_lagrange_weights_equal_one_set_at_a_time(monkeypatch):
+    rng = np.random.default_rng(3)  # public points, test data
+    sets = [tuple(sorted(rng.choice(np.arange(1, 2000), size, replace=False).tolist()))
+            for size in (1, 2, 5, 5, 5, 5, 5, 163, 163, 251, 5)]
+    sets.append((1, shamir.PRIME - 1))  # the largest holder id next to the smallest
+    monkeypatch.setattr(shamir, "_LAGRANGE_BATCH_ENTRIES", 60)  # batches of two 5-point sets: crosses batch edges
+    batched = shamir.lagrange_at_zero_many(sets)
+    assert [tuple(w.tolist()) for w in batched] == [shamir.lagrange_at(xs, 0) for xs in sets]
+    with pytest.raises(ConfigError):
+        shamir.lagrange_at_zero_many([(3, 3)])
+
+
+def test_interpolation_with_given_weights_recovers_the_secret():
+    secrets = [os.urandom(32) for _ in range(3)]
+    holders = tuple(range(1, 9))
+    shares = shamir.split(secrets, threshold=5, holders=holders)
+    chosen = (2, 4, 5, 7, 8)
+    stacked = np.stack([shares[holders.index(h)] for h in chosen])
+    weights = shamir.lagrange_at_zero_many([chosen])[0]
+    limbs = shamir.interpolate_at_zero(chosen, stacked, secret_bytes=32, weights=weights)
+    assert shamir.secrets_from_limbs(limbs, 32) == secrets
+    with pytest.raises(ConfigError):
+        shamir.interpolate_at_zero(chosen, stacked, secret_bytes=32, weights=weights[:4])

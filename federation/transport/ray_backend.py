@@ -267,6 +267,7 @@ def run_ray_round(
         "server_timings": {**server.session.timings, **times.seconds},
         "degree": config.degree,
         "threshold": config.threshold,
+        "graph": server.session.graph,  # public: what a benchmark prices the round's floor from
         # the in-process engine's definition: all sealed bytes a counted client sent, per parameter
         "upload_bytes_per_param": outcome.bytes_up_per_param,
         "masked_input_bytes_per_param": link.received_bytes.get("masked_input", 0) / max(len(outcome.included), 1) / dim,

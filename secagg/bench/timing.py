@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from secagg.graph import Graph
 from secagg.keys import LABEL_PAIRWISE_MASK, KeyPair, agree
 
 BASELINE_RUNS = 5
@@ -62,3 +63,24 @@ def agreement_seconds(count: int = 200, runs: int = BASELINE_RUNS,
             agree(mine.private, peer, label=LABEL_PAIRWISE_MASK, context=i.to_bytes(8, "big"))
 
     return warm_median(agree_all, runs, clock) / count
+
+
+def round_floor(graph: Graph, clients: Collection[int], lost: Collection[int], survivors: Collection[int],
+                dim: int) -> tuple[int, int]:
+    """(pairwise key agreements, mask keystream bytes) a masking round cannot do without.
+
+    The clients agree one share key per neighbour, and one mask seed per neighbour when they
+    reach the masked-input stage (``lost``: the clients that vanish there); the server agrees
+    one seed per mask it rebuilds (a lost client's mask towards each surviving neighbour) and
+    expands every self mask of a survivor. Priced at :func:`agreement_seconds` and
+    :func:`keystream_rate` measured in the same run, this is the round's compute floor, so a
+    benchmark's round time reads as a multiple of it.
+    """
+    survivors = frozenset(survivors)
+    lost = frozenset(lost)
+    rebuilt = len(survivors) + sum(len(graph.neighbours(o) & survivors) for o in lost)  # graph.neighbours holds the client itself
+    share_keys = sum(len(graph.neighbours(c)) - 1 for c in clients)
+    mask_seeds = sum(len(graph.neighbours(c)) - 1 for c in clients if c not in lost)
+    agreements = share_keys + mask_seeds + rebuilt - len(survivors)
+    keystream = (mask_seeds + len(clients) - len(lost)) * dim * 4 + rebuilt * dim * 4
+    return agreements, keystream

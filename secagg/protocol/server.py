@@ -387,7 +387,8 @@ class ServerSession:
         """Recover one secret per owner from every share received, decoding around wrong ones.
 
         Fast path: owners whose first t share holders coincide are interpolated together in
-        one vectorised pass (one Lagrange weight vector per holder set). Each secret is then
+        one vectorised pass (one Lagrange weight vector per holder set, the sets' weights
+        computed in batches: on a sparse graph every owner has its own set). Each secret is then
         checked with ``valid(owner, secret)``; for the few that fail, Berlekamp-Welch over
         all their shares finds the holders whose shares fit the polynomial.
         """
@@ -406,9 +407,9 @@ class ServerSession:
         secrets: dict[int, bytes] = {}
         failed: list[int] = []
         table, row, column = self._share_table(field, owners)
-        for holders, group in by_holders.items():
+        for (holders, group), weights in zip(by_holders.items(), shamir.lagrange_at_zero_many(list(by_holders))):
             shares = table[np.ix_([row[h] for h in holders], [column[o] for o in group])]
-            limbs = shamir.interpolate_at_zero(holders, shares, secret_bytes=SECRET_BYTES)
+            limbs = shamir.interpolate_at_zero(holders, shares, secret_bytes=SECRET_BYTES, weights=weights)
             for owner, secret in zip(group, shamir.secrets_from_limbs(limbs, SECRET_BYTES)):
                 if secret is not None and valid(owner, secret):
                     secrets[owner] = secret

@@ -11,6 +11,7 @@ more than one core; its sum is bit-identical.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 
@@ -50,6 +51,7 @@ class _SimulatedRound:
             raise ConfigError(f"threshold {self.config.threshold} exceeds the number of clients {n}")
         self.server = ServerSession(self.config, self.server_identity, self.identities, workers=workers)
         self.client_seconds: dict[str, float] = {}
+        self.client_cpu_seconds: dict[str, float] = {}  # as client_seconds, in CPU time
         self.client_total_seconds: dict[str, float] = {}
         self.server_receive_seconds: dict[str, float] = {}
         self.gone: set[int] = set()
@@ -89,13 +91,17 @@ class InMemoryRound(_SimulatedRound):
     def run(self, dropouts: Mapping[str, Sequence[int]] | None = None) -> RoundOutcome:
         """Drive every stage through :func:`secagg.rounds.drive`; ``dropouts`` maps stage -> client
         ids that vanish at that stage. Client times are each party's wall time, summed."""
-        clients, server = PhaseTimes(), PhaseTimes()
+        clients_cpu = PhaseTimes(time.process_time)
+        clients, server = PhaseTimes(also=clients_cpu), PhaseTimes()
         # receive_view: a masked input reaches the server as a view of the buffer it was sealed in
         parties = {c: SimpleNamespace(receive=s.receive_view) for c, s in self.clients.items()}
         link = InMemoryLink(parties, vanish=dropouts, timer=clients)
         outcome = drive(MaskingServerRound(self.server), link, timer=server)
         self.gone |= link.gone
         self._record(link.answered, {stage: clients[f"client.{stage}"] for stage in link.answered}, server)
+        # CPU beside wall: only the client being served runs, so the process's CPU time is its own
+        self.client_cpu_seconds = {stage: clients_cpu[f"client.{stage}"] / count
+                                   for stage, count in link.answered.items() if count}
         return outcome
 
 
@@ -133,6 +139,7 @@ class ProcessRound(_SimulatedRound):
             outcome = drive(MaskingServerRound(self.server), self._link, timer=server)
         self.gone |= self._link.gone
         self._record(self._link.answered, self._link.cpu_seconds, server)
+        self.client_cpu_seconds = dict(self.client_seconds)  # the workers' times are CPU times already
         return outcome
 
 
