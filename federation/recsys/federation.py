@@ -149,14 +149,14 @@ class ShopsFederation(Federation):
         widest = int(self.data.catalogues.sum(axis=1).max())  # w_k <= 1: the indicators' norm is at most this root
         return np.hstack([rows, carries]), None if bound is None else float(np.sqrt(bound**2 + widest))
 
-    def apply_aggregate(self, result: RoundOutcome, *, noised: bool = False) -> bool:
+    def apply_aggregate(self, result: RoundOutcome) -> bool:
         """Per-item FedAvg: every row of the item table moves by the weighted mean update of the
         shops that **sell** that item, not of all shops -- plain FedAvg would dilute an item's update
         by the shops that cannot touch it (their rows are exact zeros), so items sold by a few shops
         would learn a few times slower than in a shop alone. Without the weights (shop-level DP) it
         is the engine's step."""
         if not self.weighted:
-            return super().apply_aggregate(result, noised=noised)
+            return super().apply_aggregate(result)
         d = len(self.params)
         total = np.asarray(result.total, dtype=np.float64)
         if total[d] <= 0:
