@@ -29,7 +29,10 @@ from secagg.protocol.common import PRE_UPLOAD_STAGE_NAMES as PRE_UPLOAD_STAGES
 from secagg.protocol.common import STAGE_NAMES as STAGES
 from secagg.rounds import RoundOutcome
 
-PROTECTIONS = ("none", "masking", "masking-sparse", "ckks")
+#: an experiment's protection -> the core Mode that runs it (secagg.rounds.get_mode) and its options
+PROTECTION_MODES = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
+                    "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
+PROTECTIONS = tuple(PROTECTION_MODES)
 
 
 class Aggregator(Protocol):
@@ -89,7 +92,7 @@ class SecureAggregator:
         if self.name == "ckks":
             return secagg.aggregate(vectors, protection="ckks", dropouts=drops, clip=clip, **protocol_options)
         return secagg.aggregate(
-            vectors, protection="masking", graph="sparse" if self.name == "masking-sparse" else "complete",
+            vectors, protection="masking", **PROTECTION_MODES[self.name][1],
             threshold=self.threshold, dropouts=drops, clip=clip, clip_mode="l2", bits=self.bits,
             seed=self.seed, **protocol_options,
         )

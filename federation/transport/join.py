@@ -29,12 +29,12 @@ def accepted_protections(client: ClientConfig, experiment: ExperimentConfig | No
     for one (never a weaker one), else those of its ``[client] protections``."""
     if experiment is None:
         return tuple(client.settings.protections)
-    from federation.transport.training import GRPC_PROTECTIONS
+    from federation.aggregators import PROTECTION_MODES
 
-    if experiment.protection not in GRPC_PROTECTIONS:
+    if experiment.protection not in PROTECTION_MODES:
         raise ConfigError(f"protection {experiment.protection!r} does not run over gRPC; use one of "
-                          f"{', '.join(GRPC_PROTECTIONS)}")
-    return (GRPC_PROTECTIONS[experiment.protection][0],)
+                          f"{', '.join(PROTECTION_MODES)}")
+    return (PROTECTION_MODES[experiment.protection][0],)
 
 
 def join(config_path: str | Path, *, server: str | None = None, server_name: str | None = None,

@@ -462,6 +462,8 @@ class RayAggregator:
 
     def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
                   **protocol_options):
+        from federation.aggregators import PROTECTION_MODES
+
         matrix = np.asarray(vectors, dtype=np.float64)
         n = matrix.shape[0]
         if self.name == "ckks":
@@ -477,7 +479,7 @@ class RayAggregator:
             options = {"clip": float(np.max(np.abs(matrix))) or 1.0, "clip_mode": "coordinate"}
         else:
             options = {"clip": float(clip), "clip_mode": "l2"}
-        options.update(bits=self.bits, graph="sparse" if self.name == "masking-sparse" else "complete")
+        options.update(bits=self.bits, **PROTECTION_MODES[self.name][1])
         gone = len({int(r) for rows in dropouts.values() for r in rows})
         options["dropout"] = min(max(gone / n, 0.0), 0.5)
         res = run_ray_round(

@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from federation.aggregators import PROTECTION_MODES
 from federation.config import ExperimentConfig
 from federation.engine import (
     Aggregated,
@@ -47,9 +48,6 @@ from federation.transport.grpc_server import AggregationServer, ServerSettings
 from secagg import wire
 from secagg.errors import ConfigError, ReplayError
 
-# the experiment's protection -> the server's protection and its options over gRPC
-GRPC_PROTECTIONS = {"none": ("none", {}), "masking": ("masking", {"graph": "complete"}),
-                    "masking-sparse": ("masking", {"graph": "sparse"}), "ckks": ("ckks", {})}
 
 
 @wire.message
@@ -70,7 +68,7 @@ def protocol_settings(config: ExperimentConfig, settings: ServerSettings, num_pa
     if config.update_clip <= 0:
         raise ConfigError("training over gRPC needs update_clip > 0: the protocol's range is agreed before training")
     try:
-        protection, extra = GRPC_PROTECTIONS[config.protection]
+        protection, extra = PROTECTION_MODES[config.protection]
     except KeyError:
         raise ConfigError(f"protection {config.protection!r} does not run over gRPC") from None
     weighted_rows = weighted(config)
