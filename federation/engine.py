@@ -520,6 +520,12 @@ class Federation:
         """Sample-weighted FedAvg (an extra coordinate carries the weight) unless user-level DP."""
         return weighted(self.config)
 
+    @property
+    def upload_width(self) -> int:
+        """Coordinates in the row one client protects: the update (and its weight); a subclass
+        that appends coordinates in :meth:`encode_updates` counts them here (bytes per round)."""
+        return len(self.params) + int(self.weighted)
+
     def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
         """Rows the clients feed to the protocol, and the L2 bound every row satisfies.
 
@@ -617,10 +623,9 @@ class Federation:
             metrics = self.metrics()
         included = list(outcome.included) if outcome is not None else []
         per_param = outcome.bytes_up_per_param if outcome is not None else 0.0
-        width = len(self.params) + int(self.weighted)  # a row: the update (and its weight)
         result_row = RoundResult(
             round=rnd, accuracy=accuracy, loss=loss, epsilon=epsilon, bytes_up_per_param=per_param,
-            bytes_up_total=round(per_param * width * len(included)), sampled=list(done.clients),
+            bytes_up_total=round(per_param * self.upload_width * len(included)), sampled=list(done.clients),
             included=included, dropped=done.dropped, train_loss=trained.train_loss, metrics=metrics,
             max_quantization_error=float(outcome.max_quantization_error) if outcome is not None else 0.0,
             seconds=time.perf_counter() - start, aborted=aborted,

@@ -11,10 +11,10 @@ import pytest
 
 from federation.aggregators import PlainAggregator
 from federation.config import ExperimentConfig
-from federation.recsys.baselines import train_mf
+from federation.recsys.baselines import tune_mf
 from federation.recsys.federation import L2, ShopsFederation
-from federation.recsys.synthetic import SyntheticShops, generate_shops
-from federation.scenarios import scenario_config
+from federation.recsys.synthetic import PRESETS, SyntheticShops, generate_shops
+from federation.scenarios import scenario_config, shops_preset_config
 from secagg.cli import main
 from secagg.errors import ConfigError
 
@@ -53,13 +53,39 @@ def test_a_shop_uploads_only_the_item_table_and_keeps_its_customers(tmp_path):
     fed.run()
     table = data.num_items * (4 + 1)
     for vectors in recorder.seen:
-        assert vectors.shape == (4, table + 1)  # item factors + biases + the FedAvg weight, nothing else
+        # item factors + biases + the FedAvg weight + the weighted catalogue indicators, nothing else
+        assert vectors.shape == (4, table + 1 + data.num_items)
         for shop in range(4):
             factors = vectors[shop, :data.num_items * 4].reshape(data.num_items, 4)
             # items the shop does not sell are exact zeros: a dense vector with a sparse support
             assert not factors[~data.catalogues[shop]].any() and factors[data.catalogues[shop]].any()
+            # the per-item counts are the shop's public catalogue times its weight, nothing about a customer
+            weight = vectors[shop, table]
+            assert weight > 0 and np.array_equal(vectors[shop, table + 1:], weight * data.catalogues[shop])
     for shop in range(4):  # customer embeddings exist only in the shop's own state
         assert fed.shops.users[shop].shape == (len(data.customers_of(shop)), 4)
+
+
+def test_every_item_row_moves_by_the_mean_update_of_the_shops_that_sell_it(tmp_path):
+    """Per-item FedAvg: an item's row is averaged over the shops whose catalogue holds it (weighted
+    by customers), not over all shops -- plain FedAvg would shrink the update of an item sold by one
+    shop in four by a factor of about four."""
+    data = generate_shops(TINY, seed=2)
+    recorder = Recording()
+    fed = federation(config(tmp_path, rounds=1, server_lr=2.0), data, aggregator=recorder)
+    before = fed.params.astype(np.float64)
+    fed.run()
+    (vectors,) = recorder.seen
+    table = data.num_items * (4 + 1)
+    weights = vectors[:, table]
+    sellers = weights @ data.catalogues  # the weight of the shops selling each item
+    assert (sellers < weights.sum() - 1e-9).any()  # some items are not sold everywhere: the case that matters
+    sellers = np.where(sellers > 0, sellers, 1.0)  # items nobody sells: a zero row, which must stay put
+    expected = np.zeros(table)
+    for rows, cut in ((slice(0, data.num_items * 4), 4), (slice(data.num_items * 4, table), 1)):
+        summed = vectors[:, rows].sum(axis=0).reshape(data.num_items, cut)
+        expected[rows] = (summed / sellers[:, None]).ravel()
+    assert np.allclose(fed.params - before, 2.0 * expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("protection", ["masking", "ckks"])
@@ -109,10 +135,13 @@ def test_shops_demo_runs_through_the_cli_with_ledger_report_and_comparison(tmp_p
 
 @pytest.mark.slow
 def test_masked_federation_beats_every_shop_alone_on_the_scenario_data(tmp_path):
-    """The reason to federate, on the scenario's synthetic data with masking (no DP: at this size
-    customer-level DP costs more than federating gains; docs/recommendation.md has the figures).
-    Deterministic: the data, batches and masks come from the fixed seeds, so the margins are fixed
-    numbers for these seeds, not statistics."""
+    """The reason to federate, on the demo's synthetic data with masking (no DP: at this size
+    customer-level DP costs more than federating gains; docs/recommendation.md has the figures),
+    against every shop alone **tuned** as in federation.recsys.baselines (learning rates 1, 2, 4,
+    best of 1-40 epochs, every shop at its own best point). Until per-item FedAvg this only held
+    against shops trained with the federation's own learning rate and epochs; now it holds against
+    the tuned baseline. Deterministic: the data, batches and masks come from the fixed seeds, so
+    the margins are fixed numbers for these seeds, not statistics."""
     cfg = scenario_config("shops", dp=False)
     cfg.set("deterministic", True)
     cfg.set("eval_every", 20)
@@ -120,13 +149,11 @@ def test_masked_federation_beats_every_shop_alone_on_the_scenario_data(tmp_path)
     fed = federation(cfg, None)
     summary = fed.run()
     assert summary.rounds[-1].included == list(range(8)) and summary.config.protection == "masking"
-    # each shop alone with the federation's learning rate and epochs (not the tuned baseline of
-    # federation.recsys.baselines: against that, see docs/recommendation.md)
-    alone = [train_mf(fed.data, fed.data.customers_of(s), dim=cfg.hidden, checkpoints=(cfg.rounds,),
-                      batch_size=cfg.batch_size, lr=cfg.lr, l2=L2, seed=cfg.seed + s)[cfg.rounds] for s in range(8)]
+    alone = [tune_mf(fed.data, fed.data.customers_of(s), dim=cfg.hidden, epochs=cfg.rounds * cfg.local_epochs,
+                     batch_size=cfg.batch_size, l2=L2, seed=cfg.seed + s).ranking for s in range(8)]
     pooled_alone = sum(r.hits for r in alone) / fed.data.num_customers
-    assert fed.last_ranking.hr >= pooled_alone + 0.03  # measured: 0.347 against 0.298
-    assert all(f.hr >= a.hr for f, a in zip(fed.last_per_shop, alone))  # and in every shop
+    assert fed.last_ranking.hr >= pooled_alone + 0.02  # measured: 0.3619 against 0.3323
+    assert all(f.hr > a.hr for f, a in zip(fed.last_per_shop, alone))  # and in every shop (by 0.002-0.071)
 
 
 @pytest.mark.slow
@@ -136,10 +163,8 @@ def test_with_many_customers_customer_level_dp_costs_no_accuracy(tmp_path):
     federation without DP (docs/recommendation.md; it still trails each tuned shop alone there).
     Deterministic: data, batches, masks and the DP noise come from the fixed seeds (the noise is
     not private in this mode, the engine says so), so the margin is a fixed number for these
-    seeds, not a statistic: HR@10 0.4701 against 0.4032 (with noise from the OS, one run: 0.4714)."""
-    from federation.recsys.synthetic import PRESETS
-    from federation.scenarios import shops_preset_config
-
+    seeds, not a statistic: HR@10 0.4774 against 0.4012 with per-item FedAvg (0.4701 against 0.4032
+    with plain FedAvg)."""
     data = generate_shops(PRESETS["many-customers"], seed=0)
     runs = {}
     for dp in (True, False):
@@ -156,3 +181,35 @@ def test_with_many_customers_customer_level_dp_costs_no_accuracy(tmp_path):
     epsilon = private.open_ledger().spent()["prv"]  # the ledger's epsilon at delta 1e-5; unit: one customer
     assert 0 < epsilon <= 10 and summary.rounds[-1].epsilon == pytest.approx(epsilon)
     assert private.last_ranking.hr >= plain.last_ranking.hr + 0.03
+
+
+@pytest.mark.slow
+def test_small_shops_with_masking_and_customer_dp_beat_each_shop_alone(tmp_path):
+    """The reason to federate, with every protection on: on the generator's small-shops preset
+    (50 shops of 200 customers, 300 items), the federation with real masking and customer-level
+    DP-SGD, at the ledger's epsilon <= 10, ranks the held-out items better than each shop alone
+    **tuned as in federation.recsys.baselines** (learning rates 1, 2, 4; batch sizes 100 -- the
+    federation's -- and 50; best of 1-80 epochs, twice the federation's 40; every shop at its own
+    best point, chosen on the held-out items). About 75 s of CPU (user time, pytest included)
+    measured on a 2-core machine shared with other jobs (not the minute aimed at); the federation's
+    part is mostly the engine's masking among 50 shops and its ledger, not the training. Deterministic: the data, batches, masks and the DP noise come from
+    the fixed seeds (the noise is not private in this mode; the engine warns), so the margins
+    are fixed numbers for these seeds, not statistics."""
+    data = generate_shops(PRESETS["small-shops"], seed=0)
+    cfg = shops_preset_config("small-shops", dp=True)
+    cfg.set("deterministic", True)
+    cfg.set("out_dir", str(tmp_path / "run"))
+    fed = federation(cfg, data)
+    summary = fed.run()
+    assert summary.config.protection == "masking" and summary.config.dp == "dpsgd"
+    assert summary.rounds[-1].included == list(range(50))
+    epsilon = fed.open_ledger().spent()["prv"]  # the ledger's epsilon at delta 1e-5; unit: one customer
+    assert 0 < epsilon <= 10 and summary.rounds[-1].epsilon == pytest.approx(epsilon)
+    # the shops alone are tuned at the federation's batch of 100 and at 50, which suits them better
+    alone = [tune_mf(data, data.customers_of(s), dim=cfg.hidden, epochs=cfg.rounds * cfg.local_epochs,
+                     batch_size=cfg.batch_size, batch_sizes=(50,), l2=L2, seed=cfg.seed + s).ranking
+             for s in range(50)]
+    pooled_alone = sum(r.hits for r in alone) / data.num_customers
+    assert fed.last_ranking.hr >= pooled_alone + 0.03  # measured: 0.4258 against 0.3776
+    wins = sum(f.hr > a.hr for f, a in zip(fed.last_per_shop, alone))
+    assert wins >= 35  # measured: 40 of the 50 shops above their best alone, 2 ties, 8 below

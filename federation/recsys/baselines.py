@@ -6,10 +6,11 @@
   anything, so no DP is needed) -- what federating must beat to be worth it;
 - **popularity**: each shop recommends its own best-sellers (no learning at all) -- the floor.
 
-Central and shop-alone models use the federation's dimension and batch size and are **tuned at
-least as hard as the federation**: each is trained along one trajectory per learning rate of a
-grid (:data:`LEARNING_RATES`) and ranked after each number of epochs of a grid
-(:func:`epoch_grid`: up to twice what the federation trains); every shop keeps its best point, and
+Central and shop-alone models use the federation's dimension and batch size (and, where given,
+smaller batch sizes too) and are **tuned at least as hard as the federation**: each is trained
+along one trajectory per learning rate of a grid (:data:`LEARNING_RATES`) and batch size and
+ranked after each number of epochs of a grid (:func:`epoch_grid`: up to twice what the federation
+trains); every shop keeps its best point, and
 so does the central model. The best point is chosen on the held-out items themselves -- an
 optimistic (oracle) choice that favours the baselines, so "federated beats each shop alone" is
 claimed against the best a shop alone could have reached with any of those settings. All figures
@@ -38,9 +39,10 @@ class Tuned:
     ranking: Ranking
     lr: float
     epochs: int
+    batch_size: int
 
     def as_dict(self) -> dict:
-        return {**self.ranking.as_dict(), "lr": self.lr, "epochs": self.epochs}
+        return {**self.ranking.as_dict(), "lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size}
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,15 @@ def train_mf(data: Interactions, customers: np.ndarray, *, dim: int, checkpoints
 
 
 def tune_mf(data: Interactions, customers: np.ndarray, *, dim: int, epochs: int, batch_size: int, l2: float,
-            seed: int, lrs: Sequence[float] = LEARNING_RATES) -> Tuned:
-    """The best (HR@10, then NDCG@10) of :func:`train_mf` over ``lrs`` x :func:`epoch_grid`."""
+            seed: int, lrs: Sequence[float] = LEARNING_RATES, batch_sizes: Sequence[int] = ()) -> Tuned:
+    """The best (HR@10, then NDCG@10) of :func:`train_mf` over ``lrs`` x :func:`epoch_grid` x the
+    batch sizes ``batch_size`` and ``batch_sizes`` (a federation with large batches still has its
+    shops alone tuned at smaller ones, which take more steps per epoch)."""
     if not lrs:
         raise ConfigError("tune_mf needs at least one learning rate in lrs")
-    points = [Tuned(ranking, lr, count) for lr in lrs
+    points = [Tuned(ranking, lr, count, batch) for batch in sorted({batch_size, *batch_sizes}) for lr in lrs
               for count, ranking in train_mf(data, customers, dim=dim, checkpoints=epoch_grid(epochs),
-                                             batch_size=batch_size, lr=lr, l2=l2, seed=seed).items()]
+                                             batch_size=batch, lr=lr, l2=l2, seed=seed).items()]
     return max(points, key=lambda t: (t.ranking.hits, t.ranking.ndcg_sum))
 
 
@@ -114,10 +118,11 @@ def popularity(data: Interactions, customers: np.ndarray) -> Ranking:
 
 
 def compute_baselines(data: Interactions, *, dim: int, epochs: int, batch_size: int, l2: float, seed: int,
-                      lrs: Sequence[float] = LEARNING_RATES) -> Baselines:
+                      lrs: Sequence[float] = LEARNING_RATES, batch_sizes: Sequence[int] = ()) -> Baselines:
     """Central, every shop alone (each tuned; see the module docstring) and popularity."""
     everyone = np.arange(data.num_customers)
-    tune = {"dim": dim, "epochs": epochs, "batch_size": batch_size, "l2": l2, "lrs": lrs}
+    tune = {"dim": dim, "epochs": epochs, "batch_size": batch_size, "l2": l2, "lrs": lrs,
+            "batch_sizes": batch_sizes}
     central = tune_mf(data, everyone, seed=seed, **tune)
     per_shop = tuple(tune_mf(data, data.customers_of(s), seed=seed + s, **tune) for s in range(data.num_shops))
     return Baselines(central=central, alone_per_shop=per_shop, popularity=popularity(data, everyone))

@@ -2,7 +2,7 @@
 
 :class:`ShopsFederation` is a :class:`federation.engine.Federation` whose global model is the
 item table (:class:`~federation.recsys.model.ItemTable`) and whose clients are shops. It changes
-two steps of the round and nothing else:
+three steps of the round and nothing else:
 
 - **local training** runs in a :class:`ShopExecutor`, which stands for the shops' own machines:
   it holds each shop's customer embeddings between rounds, trains them and the item table on the
@@ -11,7 +11,10 @@ two steps of the round and nothing else:
   :class:`~federation.training.ClientUpdate`, the aggregator or the checkpoint;
 - **evaluation** asks every shop to rank its customers' held-out items with its own customer
   embeddings and the current item table (HR@10, NDCG@10; :mod:`federation.recsys.metrics`) and
-  adds up the shops' counts.
+  adds up the shops' counts;
+- **the server step** is per-item FedAvg: every shop also uploads, inside the masked vector, its
+  (public) catalogue as 0/1 per item times its FedAvg weight, and every row of the item table moves
+  by the mean update of the shops that sell that item (:meth:`ShopsFederation.apply_aggregate`).
 
 Sampling, fault planning, the write-ahead ledger, clipping and weighting, secure aggregation
 (masking, SecAgg+ or CKKS), the server strategy, checkpoints and the report are the engine's.
@@ -34,6 +37,7 @@ from federation.recsys.metrics import EMPTY, Ranking, mf_scorer, rank_customers
 from federation.recsys.model import LocalSteps, TableShape, init_users, train_customers
 from federation.training import ClientUpdate
 from secagg.errors import ConfigError
+from secagg.rounds import RoundOutcome
 
 L2 = 1e-3  # weight decay of the customer embeddings
 
@@ -121,6 +125,50 @@ class ShopsFederation(Federation):
         if self.config.dp == "dpsgd":
             return "customer-level: one customer and all their purchases (DP-SGD in every shop)"
         return "shop-level: one shop and all its customers (DP-FedAvg)"
+
+    @property
+    def upload_width(self) -> int:
+        return super().upload_width + (self.data.num_items if self.weighted else 0)
+
+    def encode_updates(self, updates: Sequence[ClientUpdate | None]) -> tuple[np.ndarray, float | None]:
+        """The engine's rows ``[w_k * delta_k, w_k]``, followed in the weighted modes by
+        ``w_k * c_k``: shop k's catalogue as 0/1 per item, times its FedAvg weight.
+
+        The protocol sums these too, so the server learns for every item only the total weight of
+        the shops that sell it (not which shops do) and can average an item's row over those shops
+        (:meth:`apply_aggregate`). The indicators depend on the catalogue, not on any customer, so
+        under customer-level DP they have sensitivity zero and cost no epsilon.
+        """
+        rows, bound = super().encode_updates(updates)
+        if not self.weighted:
+            return rows, bound
+        carries = np.zeros((len(updates), self.data.num_items))
+        for row, update in enumerate(updates):
+            if update is not None:
+                carries[row] = rows[row, -1] * self.data.catalogues[update.client]
+        widest = int(self.data.catalogues.sum(axis=1).max())  # w_k <= 1: the indicators' norm is at most this root
+        return np.hstack([rows, carries]), None if bound is None else float(np.sqrt(bound**2 + widest))
+
+    def apply_aggregate(self, result: RoundOutcome) -> bool:
+        """Per-item FedAvg: every row of the item table moves by the weighted mean update of the
+        shops that **sell** that item, not of all shops -- plain FedAvg would dilute an item's update
+        by the shops that cannot touch it (their rows are exact zeros), so items sold by a few shops
+        would learn a few times slower than in a shop alone. Without the weights (shop-level DP) it
+        is the engine's step."""
+        if not self.weighted:
+            return super().apply_aggregate(result)
+        d = len(self.params)
+        total = np.asarray(result.total, dtype=np.float64)
+        if total[d] <= 0:
+            return False
+        carried = total[d + 1:]
+        # weights are at least min(n_k) / max(n_k); below half of that the sum is quantisation error
+        sold = carried > 0.5 * min(self.sizes) / max(self.sizes)
+        scale = np.divide(1.0, carried, out=np.zeros_like(carried), where=sold)
+        factors, bias = self.shops.shape.split(total[:d])
+        mean = self.shops.shape.join(factors * scale[:, None], bias * scale)
+        self.params = self.strategy.apply(self.params, mean).astype(np.float32)
+        return True
 
     def evaluate(self) -> tuple[float | None, float]:
         """Every shop evaluates locally; returns (None, held-out loss): the recommender's figures

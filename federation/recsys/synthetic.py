@@ -21,8 +21,11 @@ redistributed, so the shops scenario runs by default on data drawn from this mod
 Presets (:data:`PRESETS`): ``default`` is :class:`SyntheticShops` as it stands (8 shops of about
 430 customers, 1,000 items; the demo's data); ``many-customers`` is 16 shops of about 1,400
 customers (22,124 in all, 874-2,027 a shop), 300 items and 5 purchases a customer on average --
-the size at which customer-level DP noise on the item table becomes small against the signal
-(docs/recommendation.md has the figures).
+the size at which customer-level DP noise on the item table becomes small against the signal;
+``small-shops`` is 50 shops of 200 customers (10,000 in all), 300 items (188-218 in a shop's
+catalogue), 6 purchases a customer on average and shop tastes closer together (``shop_shift`` 0.3):
+every shop alone is short of purchases per item, the federation as a whole is not -- the case
+federating is for (docs/recommendation.md has the figures).
 
 Every draw comes from ``numpy.random.default_rng(seed)``: the same seed gives the same data,
 byte for byte. This is public, simulated data; nothing secret is drawn here.
@@ -113,4 +116,6 @@ PRESETS = {
     "default": SyntheticShops(),
     "many-customers": SyntheticShops(num_shops=16, customers_per_shop=1200, min_customers=600, num_items=300,
                                      mean_interactions=5.0),
+    "small-shops": SyntheticShops(num_shops=50, customers_per_shop=200, min_customers=200, size_spread=0.0,
+                                  num_items=300, mean_interactions=6.0, shop_shift=0.3),
 }
