@@ -185,10 +185,8 @@ async def run_client(
                                 update=update, check_certificate=credentials.verify_peer, policy=policy,
                                 keyholder=settings.keyholder,
                             )
-                            if make_round is not None:
-                                session = make_round(protection, ctx, got["params"])
-                            else:
-                                session = get_mode(protection).client(ctx, got["params"])
+                            build = make_round or (lambda name, ctx, params: get_mode(name).client(ctx, params))
+                            session = build(protection, ctx, got["params"])
                         except SecAggError as exc:
                             log.error("client %d: cannot take part in round %d: %s", cid, current, exc)
                             report.failed[current] = f"{type(exc).__name__}: {exc}"

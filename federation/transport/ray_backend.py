@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from federation.aggregators import PROTECTION_MODES
 from federation.transport.ray_cluster import connect, require_ray
 from secagg.errors import ConfigError, SecAggError
 from secagg.protocol.pool import ClientPool
@@ -462,8 +463,6 @@ class RayAggregator:
 
     def aggregate(self, vectors: np.ndarray, *, dropouts: Mapping[str, Sequence[int]], clip: float | None,
                   **protocol_options):
-        from federation.aggregators import PROTECTION_MODES
-
         matrix = np.asarray(vectors, dtype=np.float64)
         n = matrix.shape[0]
         if self.name == "ckks":
