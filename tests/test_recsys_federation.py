@@ -217,14 +217,14 @@ def test_with_many_customers_customer_level_dp_costs_no_accuracy(tmp_path):
 def test_small_shops_with_masking_and_customer_dp_beat_each_shop_alone(tmp_path):
     """The reason to federate, with every protection on: on the generator's small-shops preset
     (50 shops of 200 customers, 300 items), the federation with real masking and customer-level
-    DP-SGD, at the ledger's epsilon <= 10, ranks the held-out items better than each shop alone
-    **tuned as in federation.recsys.baselines** (learning rates 1, 2, 4; batch sizes 100 -- the
-    federation's -- and 50; best of 1-80 epochs, twice the federation's 40; every shop at its own
-    best point, chosen on the held-out items). About 75 s of CPU (user time, pytest included)
-    measured on a 2-core machine shared with other jobs (not the minute aimed at); the federation's
-    part is mostly the engine's masking among 50 shops and its ledger, not the training. Deterministic: the data, batches, masks and the DP noise come from
-    the fixed seeds (the noise is not private in this mode; the engine warns), so the margins
-    are fixed numbers for these seeds, not statistics."""
+    DP-SGD (40 rounds at sigma 4), at the ledger's epsilon <= 10, ranks the held-out items better
+    than each shop alone **tuned as in federation.recsys.baselines** (learning rates 1, 2, 4; batch
+    sizes 100 -- the federation's -- and 50; best of 1-160 epochs, twice the federation's 80; every
+    shop at its own best point, chosen on the held-out items). A few minutes of CPU, mostly the
+    tuned baseline (300 training runs of up to 160 epochs) and the engine's masking among 50 shops and
+    its ledger. Deterministic: the data, batches, masks and the DP noise come from the fixed seeds
+    (the noise is not private in this mode; the engine warns), so the margins are fixed numbers for
+    these seeds, not statistics."""
     data = generate_shops(PRESETS["small-shops"], seed=0)
     cfg = shops_preset_config("small-shops", dp=True)
     cfg.set("deterministic", True)
@@ -240,6 +240,6 @@ def test_small_shops_with_masking_and_customer_dp_beat_each_shop_alone(tmp_path)
                      batch_size=cfg.batch_size, batch_sizes=(50,), l2=L2, seed=cfg.seed + s).ranking
              for s in range(50)]
     pooled_alone = sum(r.hits for r in alone) / data.num_customers
-    assert fed.last_ranking.hr >= pooled_alone + 0.03  # measured: 0.4258 against 0.3776
+    assert fed.last_ranking.hr >= pooled_alone + 0.08  # measured: 0.5085 against 0.4058 (epsilon 7.73)
     wins = sum(f.hr > a.hr for f, a in zip(fed.last_per_shop, alone))
-    assert wins >= 35  # measured: 40 of the 50 shops above their best alone, 2 ties, 8 below
+    assert wins >= 48  # measured: 49 of the 50 shops above their best alone, 1 below by 0.015
