@@ -14,8 +14,9 @@ from federation.config import ExperimentConfig
 from federation.recsys.baselines import tune_mf
 from federation.recsys.federation import L2, ShopsFederation
 from federation.recsys.synthetic import PRESETS, SyntheticShops, generate_shops
-from federation.scenarios import scenario_config, shops_preset_config
+from federation.scenarios import SHOPS_PRESET_OPTIONS, scenario_config, shops_preset_config
 from secagg.cli import main
+from secagg.commands.demo import SHOPS_PRESETS
 from secagg.errors import ConfigError
 
 TINY = SyntheticShops(num_shops=4, customers_per_shop=40, min_customers=30, num_items=60)
@@ -131,6 +132,35 @@ def test_shops_demo_runs_through_the_cli_with_ledger_report_and_comparison(tmp_p
     for key in ("central", "shop_alone", "popularity", "federated"):
         assert 0 <= comparison[key]["hr@10"] <= 1
     assert json.loads((out / "recommendation.json").read_text())["customers"] == comparison["customers"]
+
+
+def test_demo_help_names_the_synthetic_presets_and_the_cli_knows_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {default,many-customers,small-shops}" in text and "synthetic data" in text
+    assert set(SHOPS_PRESETS) == set(SHOPS_PRESET_OPTIONS)  # the CLI's list (kept import-light) matches
+
+
+def test_small_shops_preset_runs_through_the_demo_cli(tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["demo", "--scenario", "shops", "--preset", "small-shops", "--rounds", "1", "--out", str(out),
+                 "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = next(e for e in events if e["event"] == "summary")
+    comparison = next(e for e in events if e["event"] == "recommendation")
+    assert summary["protection"] == "masking" and summary["dp"] == "dpsgd" and 0 < summary["epsilon"] <= 10
+    assert next(e for e in events if e["event"] == "round")["included"] == list(range(50))
+    assert comparison["synthetic"] is True and comparison["shops"] == 50 and comparison["items"] == 300
+    assert comparison["customers"] == 50 * 200 and len(comparison["federated_per_shop"]) == 50
+
+
+@pytest.mark.parametrize("argv", [["--scenario", "hospitals", "--preset", "small-shops"],
+                                  ["--scenario", "shops", "--preset", "many-customers", "--data-dir", "x"]])
+def test_a_preset_without_synthetic_shops_is_refused(tmp_path, capsys, argv):
+    assert main(["demo", *argv, "--out", str(tmp_path / "run")]) == 1
+    assert "picks synthetic shops: use it with --scenario shops" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
