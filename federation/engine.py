@@ -668,7 +668,8 @@ class Federation:
                 raise ConfigError(f"the checkpoint in {self.out_dir} is not bound to a privacy ledger "
                                   "(written by an older version); start a new run in another out_dir")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.toml").write_text(_to_toml(c))
+        import tomli_w  # the "fl" extra
+        (self.out_dir / "config.toml").write_text(tomli_w.dumps(c.to_sections()))
         ledger = self.open_ledger()
         try:
             if existing is not None and ledger is not None:
@@ -782,12 +783,6 @@ def _head(ledger: Ledger | None) -> dict | None:
         return None
     count, head_hash, genesis = ledger.head()
     return {"genesis": genesis, "count": count, "hash": head_hash}
-
-
-def _to_toml(config: ExperimentConfig) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(config.to_sections())
 
 
 def _write_summary(fed: Federation, summary: RunSummary, ledger: Ledger | None) -> None:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
 
 from privacy._checks import check_delta, check_noise_multiplier, check_sample_rate, check_steps
 from privacy.events import (
@@ -37,6 +39,9 @@ from privacy.events import (
     SampledGaussianEvent,
 )
 from secagg.errors import ConfigError, PrivacyError, UnsupportedEventError
+
+if TYPE_CHECKING:  # numpy is imported where it is used, as the libraries are
+    import numpy as np
 
 AccountantName = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
@@ -61,46 +66,126 @@ def _group(events: Iterable[SampledGaussianEvent]) -> list[tuple[float, float, i
     return runs
 
 
-def _dp_event(runs: Sequence[tuple[float, float, int]]):
-    import dp_accounting
-
-    parts = []
-    for sigma, q, steps in runs:
-        inner = dp_accounting.GaussianDpEvent(sigma)
-        if q < 1.0:
-            inner = dp_accounting.PoissonSampledDpEvent(q, inner)
-        parts.append(dp_accounting.SelfComposedDpEvent(inner, steps))
-    return dp_accounting.ComposedDpEvent(parts)
+# The costly part of every accountant is per (sigma, q) and independent of the step count: the
+# RDP curve of one step, the discretised PLD of one step. A ledger recomputes the cumulative
+# epsilon of a growing run of the same event every round, so these pieces are cached and the
+# composition is done with the libraries' own calls, in the order their accountants use: the
+# epsilon is bit-for-bit the accountants' (tests/test_privacy_accountant.py checks it).
+_CACHE_SIZE = 64
 
 
-def _epsilon_rdp(runs: Sequence[tuple[float, float, int]], delta: float) -> float:
+def _read_only(values: np.ndarray) -> np.ndarray:
+    values.setflags(write=False)
+    return values
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """For large q, a few fractional orders do not converge; dp_accounting then drops those
+    orders (the bound stays valid, from the remaining orders) and logs a warning per order."""
     from absl import logging as absl_logging
-    from dp_accounting.rdp import RdpAccountant
 
-    acc = RdpAccountant()
-    # For large q, a few fractional orders do not converge; dp_accounting then drops those
-    # orders (the bound stays valid, from the remaining orders) and logs a warning per order.
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        acc.compose(_dp_event(runs))
-        return float(acc.get_epsilon(delta))
+        yield
     finally:
         absl_logging.set_verbosity(level)
 
 
-def _epsilon_pld(runs: Sequence[tuple[float, float, int]], delta: float) -> float:
-    from dp_accounting.pld import PLDAccountant
+@lru_cache(maxsize=_CACHE_SIZE)
+def _rdp_of_one_step(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
+    """dp_accounting's RDP curve of one Poisson-sampled Gaussian step at ``orders``."""
+    import numpy as np
+    from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian
 
-    acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
-    acc.compose(_dp_event(runs))
-    return float(acc.get_epsilon(delta))
+    with _quiet_absl():
+        rdp = _compute_rdp_poisson_subsampled_gaussian(q=q, noise_multiplier=sigma, orders=np.array(orders))
+    return _read_only(np.array(rdp, dtype=np.float64))
+
+
+def _epsilon_rdp(runs: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """As ``dp_accounting.rdp.RdpAccountant``: ``rdp += steps * rdp_of_one_step`` per run."""
+    import numpy as np
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
+
+    orders = tuple(DEFAULT_RDP_ORDERS)
+    rdp = np.zeros(len(orders), dtype=np.float64)
+    for sigma, q, steps in runs:
+        rdp += steps * _rdp_of_one_step(sigma, q, orders)
+    with _quiet_absl():
+        eps, _ = compute_epsilon(np.array(orders), rdp, delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _pld_of_one_step(sigma: float, q: float):
+    """dp_accounting's discretised PLD of one Poisson-sampled Gaussian step (immutable)."""
+    from dp_accounting.pld.privacy_loss_distribution import from_gaussian_mechanism
+
+    return from_gaussian_mechanism(standard_deviation=sigma, sampling_prob=q,
+                                   value_discretization_interval=PLD_DISCRETIZATION)
+
+
+def _epsilon_pld(runs: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """As ``dp_accounting.pld.PLDAccountant`` composing ``SelfComposedDpEvent`` runs in order."""
+    from dp_accounting.pld.privacy_loss_distribution import from_gaussian_mechanism, identity
+
+    pld = identity(value_discretization_interval=PLD_DISCRETIZATION)
+    for sigma, q, steps in runs:
+        if q < 1.0:
+            part = _pld_of_one_step(sigma, q).self_compose(steps)
+        else:  # an unsampled Gaussian: the accountant folds the steps into the noise
+            part = from_gaussian_mechanism(standard_deviation=sigma / math.sqrt(steps),
+                                           value_discretization_interval=PLD_DISCRETIZATION)
+        pld = pld.compose(part)
+    return float(pld.get_epsilon_for_delta(delta))
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _opacus_rdp_of_one_step(sigma: float, q: float) -> np.ndarray:
+    """Opacus' RDP curve of one step at its default orders (sizes the PRV domain)."""
+    from opacus.accountants.analysis import rdp as privacy_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    return _read_only(privacy_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
+def _prv_accountant():
+    """Opacus' PRVAccountant whose domain sizing reuses the cached RDP curve of each event.
+
+    ``_get_domain`` is Opacus' ``compute_safe_domain_size`` (Gopi et al., remark 5.6) with
+    ``RDPAccountant.get_epsilon`` written out: ``compute_rdp(steps=s)`` is the one-step curve
+    times ``s``, summed over the runs as Opacus sums them, so the domain is the same.
+    """
+    import numpy as np
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis import rdp as privacy_analysis
+    from opacus.accountants.analysis.prv import Domain
+    from opacus.accountants.rdp import RDPAccountant
+
+    def rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+        rdp = sum([_opacus_rdp_of_one_step(sigma, q) * steps for sigma, q, steps in history])
+        eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
+
+    class CachedDomainPRVAccountant(PRVAccountant):
+        def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):
+            total = sum(num_self_compositions)
+            history = [(prv.noise_multiplier, prv.sample_rate, n) for prv, n in zip(prvs, num_self_compositions)]
+            l_max = rdp_epsilon(history, delta_error / 4)
+            for sigma, q, _ in history:
+                l_max = max(l_max, rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
+            half_width = max(l_max, eps_error) + 3
+            mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+            return Domain.create_aligned(-half_width, half_width, mesh_size)
+
+    return CachedDomainPRVAccountant()
 
 
 def _epsilon_prv(runs: Sequence[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import PRVAccountant
-
-    acc = PRVAccountant()
+    acc = _prv_accountant()
     acc.history = [(sigma, q, steps) for sigma, q, steps in runs]
     import numpy as np
 

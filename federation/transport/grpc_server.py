@@ -734,10 +734,6 @@ def server_memory_bound(clients: int, dim: int, bits: int = 32, inflight: int | 
     return 8 * dim + arriving + clients * frames.CONNECTION_BYTES
 
 
-def total_from_bytes(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<f8").copy()
-
-
 def report_summary(report: RoundReport, stage_timeout: float | None = None) -> dict:
     """One JSON-able line per round: what was released, who was dropped (and why), or why it failed."""
     line = {

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from federation.aggregators import PROTECTION_MODES
-from federation.transport.ray_cluster import connect, require_ray
+from federation.transport.ray_cluster import connect as start_ray  # public: start or join Ray
+from federation.transport.ray_cluster import require_ray
 from secagg.errors import ConfigError, SecAggError
 from secagg.protocol.pool import ClientPool
 
@@ -332,11 +333,6 @@ def make_pools(ids: Sequence[int], *, num_actors: int | None = None, seed: int |
     batches = [tuple(b) for b in np.array_split(np.asarray(ids), k) if len(b)]
     actor = ray.remote(num_cpus=0)(_Pool)
     return [(actor.remote([int(c) for c in b], seed), tuple(int(c) for c in b)) for b in batches]
-
-
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start a new local Ray or join the cluster at ``address`` (see :mod:`.ray_cluster`); True if this call did."""
-    return connect(address, num_cpus)
 
 
 @contextmanager
