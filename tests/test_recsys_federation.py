@@ -220,9 +220,9 @@ def test_small_shops_with_masking_and_customer_dp_beat_each_shop_alone(tmp_path)
     DP-SGD (40 rounds at sigma 4), at the ledger's epsilon <= 10, ranks the held-out items better
     than each shop alone **tuned as in federation.recsys.baselines** (learning rates 1, 2, 4; batch
     sizes 100 -- the federation's -- and 50; best of 1-160 epochs, twice the federation's 80; every
-    shop at its own best point, chosen on the held-out items). A few minutes of CPU, mostly the
-    tuned baseline (300 training runs of up to 160 epochs) and the engine's masking among 50 shops and
-    its ledger. Deterministic: the data, batches, masks and the DP noise come from the fixed seeds
+    shop at its own best point, chosen on the held-out items). About 100 s of CPU (user time,
+    pytest included, load average about 1-2 on a 2-core machine), mostly the tuned baseline (300
+    training runs of up to 160 epochs) and the engine's masking among 50 shops and its ledger. Deterministic: the data, batches, masks and the DP noise come from the fixed seeds
     (the noise is not private in this mode; the engine warns), so the margins are fixed numbers for
     these seeds, not statistics."""
     data = generate_shops(PRESETS["small-shops"], seed=0)
