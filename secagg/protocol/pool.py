@@ -44,6 +44,12 @@ def rounding_seed(seed: int, client: int) -> bytes:
     return derive(seed.to_bytes(16, "big", signed=True), label=b"secagg/v1/test-rounding", context=client.to_bytes(8, "big"))
 
 
+def check_processes(processes: int) -> None:
+    """Refuse a worker-process count that is not a whole number >= 1 (``True`` included)."""
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(f"processes must be a whole number >= 1, got {processes!r}")
+
+
 class ClientPool:
     """The sessions of a batch of simulated parties, answering a stage for all of them at once.
 
@@ -150,7 +156,7 @@ def _worker(conn: Connection, client_ids: list[int], seed: int | None) -> None:
                 replies, stopped, seconds = pool.step(request["stage"], dict(items[start:start + size]))
                 _send(conn, {"replies": replies, "stopped": stopped, "seconds": seconds,
                              "last": start + size >= len(items)})
-        except Exception as exc:  # the parent raises it: a worker must not die silently
+        except Exception as exc:  # noqa: BLE001 -- the parent raises it: a worker must not die silently
             _send(conn, {"error": type(exc).__name__, "message": str(exc)})
 
 
@@ -174,8 +180,7 @@ class ProcessLink:
     """
 
     def __init__(self, client_ids: Sequence[int], *, processes: int = 2, seed: int | None = None) -> None:
-        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-            raise ConfigError(f"processes must be a whole number >= 1, got {processes!r}")
+        check_processes(processes)
         self._batches = [[int(c) for c in b] for b in np.array_split(np.asarray(client_ids), processes) if len(b)]
         self._seed = seed
         self._conns: list[Connection] = []

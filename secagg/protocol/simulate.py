@@ -24,7 +24,7 @@ from secagg.protocol.client import ClientSession
 from secagg.protocol.common import SERVER_ID, STAGE_NAMES
 from secagg.protocol.mode import MaskingServerRound
 from secagg.protocol.plan import ClientPolicy, plan_round
-from secagg.protocol.pool import ProcessLink, rounding_seed
+from secagg.protocol.pool import ProcessLink, check_processes, rounding_seed
 from secagg.protocol.server import ServerSession
 from secagg.rounds import InMemoryLink, PhaseTimes, RoundOutcome, drive
 
@@ -177,8 +177,7 @@ def aggregate_masking(
     starts processes ("spawn"), so a script that calls it needs an ``if __name__ ==
     "__main__":`` guard, and it cannot run a ``client_noise`` callback.
     """
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ConfigError(f"processes must be a whole number >= 1, got {processes!r}")
+    check_processes(processes)
     if processes > 1 and client_noise is not None:
         raise ConfigError("processes > 1 cannot run a client_noise callback in the worker processes; "
                           "use processes=1 for distributed DP noise")
